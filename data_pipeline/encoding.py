@@ -1,0 +1,369 @@
+"""MIDI <-> notes <-> tokens: the MuseNet encoding, vectorised with numpy.
+
+Encoding a file runs these steps, all deterministic:
+
+1. Read (`midi_io.read_midi`): notes in ticks, the tempo map, sustain-pedal events.
+2. Time: ticks -> seconds through every tempo change -> time units (`time_unit_ms`, rounded to the
+   nearest unit, halves up).
+3. Sustain (`sustain='extend'`, the default): while a track's pedal (CC64) is >= 64, a note that is
+   released is held until the pedal is lifted. `sustain='ignore'` drops pedal information.
+4. Instruments: each note's GM program maps to its class (`instruments.py`); channel 10 is drums.
+   Pitched notes outside `pitch_min..pitch_max` are dropped and counted.
+5. One voice per key: for each (instrument class, pitch) the key sounds while any note on it sounds.
+   Every note-on (re-)attacks the key; the sounding note then lasts until the next attack of the
+   same key or until the key falls silent. So overlapping same-pitch notes become consecutive notes
+   (as a piano re-strikes a key), and several attacks within one unit keep the loudest. Notes shorter
+   than one unit (zero-length notes included) last one unit. This canonical form does not depend on
+   how a parser pairs note-offs with overlapping note-ons, so both readers agree.
+6. Tokens: at each time, releases first, then attacks (pitched and drums), each group sorted by
+   (instrument, pitch); `wait:N` tokens advance time between event times (several for long rests).
+   A release is written only when the key is not re-attacked at that same time, because a note-on on
+   a sounding key ends the sounding note. Drums are onsets only. The body is preceded by the
+   conditioning prefix and followed by `end`.
+
+Decoding inverts step 6 exactly (`encode_notes(decode_tokens(t)) == t` for any encoded `t`); drum hits
+get `drum_duration_units` (shortened if the same drum is hit again sooner).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from data_pipeline import midi_io
+from data_pipeline.vocab import END, TokenKind, Vocab
+
+# Sort and grouping keys pack (instrument, pitch) into one int; times get the bits above.
+_KEY_SHIFT = 40
+
+
+@dataclasses.dataclass
+class Notes:
+    """Notes in time units, one row each (N). For drums `end` is only the written length.
+
+    Attributes:
+      instrument: int32[N] class index (the drums index for drum hits).
+      pitch: int32[N] MIDI pitch (drum note for drums).
+      velocity: int32[N] 1..127.
+      start, end: int64[N] time units; end > start.
+    """
+
+    instrument: np.ndarray
+    pitch: np.ndarray
+    velocity: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def sorted(self) -> Notes:
+        order = np.lexsort((self.velocity, self.end, self.pitch, self.instrument, self.start))
+        return Notes(*(getattr(self, f.name)[order] for f in dataclasses.fields(self)))
+
+    @classmethod
+    def empty(cls) -> Notes:
+        i32, i64 = np.zeros(0, np.int32), np.zeros(0, np.int64)
+        return cls(i32, i32.copy(), i32.copy(), i64, i64.copy())
+
+
+@dataclasses.dataclass
+class Stats:
+    """What encoding kept and dropped, per piece."""
+
+    notes_in: int = 0
+    notes_out: int = 0
+    dropped_pitch_range: int = 0
+    merged_attacks: int = 0  # several attacks of one key within one time unit
+
+
+@dataclasses.dataclass
+class EncodedPiece:
+    """A tokenised piece.
+
+    Attributes:
+      tokens: int32[T] `[label] instruments.. start body.. end`.
+      prefix_len: tokens before the body (label, instruments and `start`).
+      duration_units: length of the piece in time units (time of the last event).
+      instruments: instrument class indices that play, ascending.
+      num_notes: notes (attacks) in the body.
+      stats: what was dropped on the way.
+    """
+
+    tokens: np.ndarray
+    prefix_len: int
+    duration_units: int
+    instruments: tuple[int, ...]
+    num_notes: int
+    stats: Stats
+
+    @property
+    def body(self) -> np.ndarray:
+        """Tokens after `start`, up to and including `end`."""
+        return self.tokens[self.prefix_len:]
+
+
+# -- MIDI -> notes ---------------------------------------------------------------------------------
+def _round_half_up(x: np.ndarray) -> np.ndarray:
+    return np.floor(x + 0.5).astype(np.int64)
+
+
+def _apply_sustain(score: midi_io.RawScore, end_ticks: np.ndarray) -> np.ndarray:
+    """Holds each note released while its track's pedal is down until the pedal lifts (ticks)."""
+    if len(score.pedal_tick) == 0:
+        return end_ticks
+    end_ticks = end_ticks.copy()
+    for track in np.unique(score.pedal_track):
+        sel = score.pedal_track == track
+        order = np.argsort(score.pedal_tick[sel], kind="stable")
+        ticks, down = score.pedal_tick[sel][order], score.pedal_value[sel][order] >= 64
+        # Collapse repeated values: keep only changes of state (the first event at each state).
+        change = np.concatenate([[down[0]], down[1:] != down[:-1]])
+        ticks, down = ticks[change], down[change]
+        if not down.any():
+            continue
+        presses = ticks[down]
+        # A release follows each press; a press never released holds until the end of the file.
+        releases = np.append(ticks[~down], np.iinfo(np.int64).max)
+        releases = releases[np.searchsorted(ticks[~down], presses, side="right")]
+        notes = np.nonzero(score.track == track)[0]
+        if len(notes) == 0:
+            continue
+        # The press in effect at each note-off (the last press at or before it).
+        k = np.searchsorted(presses, end_ticks[notes], side="right") - 1
+        held = (k >= 0) & (end_ticks[notes] < releases[np.maximum(k, 0)])
+        release = releases[np.maximum(k, 0)]
+        last_tick = max(int(score.end.max()), int(ticks.max()))
+        release = np.minimum(release, last_tick)
+        end_ticks[notes[held]] = np.maximum(end_ticks[notes[held]], release[held])
+    return end_ticks
+
+
+def score_to_notes(score: midi_io.RawScore, vocab: Vocab) -> tuple[Notes, Stats]:
+    """Steps 2-5 of the module docstring: a `RawScore` -> canonical `Notes` (sorted by start)."""
+    cfg = vocab.config
+    stats = Stats(notes_in=score.num_notes)
+    end_ticks = score.end if cfg.sustain == "ignore" else _apply_sustain(score, score.end)
+    units_per_second = 1000.0 / cfg.time_unit_ms
+    n = score.num_notes
+    both = _round_half_up(midi_io.ticks_to_seconds(np.concatenate([score.start, end_ticks]), score)
+                          * units_per_second)
+    start, end = both[:n], both[n:]
+
+    instrument = np.where(score.is_drum, vocab.drums_index,
+                          vocab.instruments.program_class[np.clip(score.program, 0, 127)])
+    pitch, velocity = score.pitch, score.velocity
+    keep = (velocity > 0) & ((pitch >= cfg.pitch_min) & (pitch <= cfg.pitch_max) | score.is_drum)
+    keep &= (pitch >= 0) & (pitch <= 127)
+    stats.dropped_pitch_range = int((~keep).sum())
+    notes = canonical_notes(Notes(instrument[keep].astype(np.int32), pitch[keep].astype(np.int32),
+                                  velocity[keep].astype(np.int32), start[keep], end[keep]), vocab)
+    stats.merged_attacks = int(keep.sum()) - len(notes)
+    stats.notes_out = len(notes)
+    return notes, stats
+
+
+def canonical_notes(notes: Notes, vocab: Vocab) -> Notes:
+    """Step 5: one voice per key (see module docstring). Input times in units; output sorted by
+    (start, instrument, pitch)."""
+    if len(notes) == 0:
+        return Notes.empty()
+    key = notes.instrument.astype(np.int64) * 128 + notes.pitch
+    start = notes.start
+    end = np.maximum(notes.end, start + 1)
+    # Sort by key, then start, then loudest first, so that the first attack of a run is the loudest;
+    # all three packed into one int64 (key < 2^15, start < 2^40 units, 7 bits of velocity).
+    order = np.argsort((key << 47) | (start << 7) | (127 - notes.velocity), kind="stable")
+    key, start, end, velocity = key[order], start[order], end[order], notes.velocity[order]
+    same_key_prev = key[1:] == key[:-1]
+
+    # A key sounds while any of its notes sounds: running max of `end` within each key, reset per
+    # key by offsetting with the key (keys ascend, so the offset running max never crosses keys).
+    offset = key << _KEY_SHIFT
+    reach = np.maximum.accumulate(end + offset) - offset
+    new_component = np.empty(len(key), bool)
+    new_component[0] = True
+    new_component[1:] = ~same_key_prev | (start[1:] >= reach[:-1])
+    comp_id = np.cumsum(new_component) - 1
+    starts = np.flatnonzero(new_component)
+    comp_end = reach[np.append(starts[1:] - 1, len(key) - 1)]
+
+    # Several attacks of one key in one unit: keep the first (loudest).
+    attack = np.empty(len(key), bool)
+    attack[0] = True
+    attack[1:] = ~same_key_prev | (start[1:] != start[:-1])
+    if not attack.all():
+        key, start, velocity, comp_id = key[attack], start[attack], velocity[attack], comp_id[attack]
+    next_start = np.empty_like(start)
+    next_start[:-1], next_start[-1] = start[1:], 0
+    same_comp_next = np.zeros(len(key), bool)
+    same_comp_next[:-1] = comp_id[1:] == comp_id[:-1]
+    end = np.where(same_comp_next, next_start, comp_end[comp_id])
+    drums = key >= vocab.drums_index * 128
+    if drums.any():
+        # Drum hits sound for a fixed length, cut short by the next hit of the same drum.
+        same_key_next = np.zeros(len(key), bool)
+        same_key_next[:-1] = key[1:] == key[:-1]
+        drum_end = start + vocab.config.drum_duration_units
+        drum_end = np.where(same_key_next, np.minimum(drum_end, next_start), drum_end)
+        end = np.where(drums, drum_end, end)
+    order = np.argsort((start << 15) | key, kind="stable")
+    key = key[order]
+    return Notes((key >> 7).astype(np.int32), (key & 127).astype(np.int32),
+                 velocity[order].astype(np.int32), start[order], end[order])
+
+
+# -- notes -> tokens -------------------------------------------------------------------------------
+def encode_notes(notes: Notes, vocab: Vocab, label: str | None = None,
+                 canonical: bool = False) -> EncodedPiece:
+    """Step 6: `Notes` -> tokens with the conditioning prefix and `end`.
+
+    Args:
+      notes: notes in time units; made canonical first unless `canonical` says they already are
+        (the output of `canonical_notes` or `score_to_notes`).
+    """
+    if not canonical:
+        notes = canonical_notes(notes, vocab)
+    n = len(notes)
+    drums = notes.instrument == vocab.drums_index
+    vbin = vocab.velocity_bin(notes.velocity)
+    key = notes.instrument.astype(np.int64) * 128 + notes.pitch
+
+    # Releases: pitched notes whose key is not re-attacked exactly at their end time.
+    by_key = np.argsort((key << _KEY_SHIFT) | notes.start, kind="stable")
+    k_sorted, s_sorted, e_sorted = key[by_key], notes.start[by_key], notes.end[by_key]
+    reattacked = np.zeros(n, bool)
+    reattacked[:-1] = (k_sorted[1:] == k_sorted[:-1]) & (s_sorted[1:] == e_sorted[:-1])
+    released = np.empty(n, bool)
+    released[by_key] = ~reattacked
+    released &= ~drums
+
+    # Pitched rows get note-on ids, drum rows drum ids (the other formula's value is discarded).
+    on_ids = np.where(drums, vocab.drum(notes.pitch, vbin), vocab.note_on(notes.instrument, vbin, notes.pitch))
+    off_ids = vocab.note_off(notes.instrument[released], notes.pitch[released])
+    times = np.concatenate([notes.start, notes.end[released]])
+    ids = np.concatenate([on_ids, off_ids]).astype(np.int32)
+    # Event order: time, then releases before attacks, then (instrument, pitch).
+    phase = np.concatenate([np.full(n, 1 << 15, np.int64), np.zeros(len(off_ids), np.int64)])
+    order = np.argsort((times << 16) | phase | np.concatenate([key, key[released]]), kind="stable")
+    times, ids = times[order], ids[order]
+
+    instruments = tuple(np.unique(notes.instrument).tolist())
+    prefix = vocab.prefix(label, instruments)
+    body, duration = _interleave_waits(times, ids, vocab.config.max_wait, vocab)
+    tokens = np.concatenate([prefix, body, [END]]).astype(np.int32)
+    return EncodedPiece(tokens=tokens, prefix_len=len(prefix), duration_units=duration,
+                        instruments=instruments, num_notes=n, stats=Stats(notes_out=n))
+
+
+def _interleave_waits(times: np.ndarray, ids: np.ndarray, max_wait: int, vocab: Vocab):
+    """Sorted event times and ids -> body tokens with `wait:N` before each new time."""
+    if len(times) == 0:
+        return np.zeros(0, np.int32), 0
+    new_time = np.concatenate([[True], times[1:] != times[:-1]])
+    group_time = times[new_time]
+    gaps = np.diff(np.concatenate([[0], group_time]))
+    n_waits = gaps // max_wait + (gaps % max_wait > 0)
+    cum_waits = np.cumsum(n_waits)
+    group_of_event = np.cumsum(new_time) - 1
+    total = len(ids) + int(cum_waits[-1])
+    out = np.empty(total, np.int32)
+    out[np.arange(len(ids)) + cum_waits[group_of_event]] = ids
+
+    first_event = np.nonzero(new_time)[0]
+    wait_group = np.repeat(np.arange(len(gaps)), n_waits)
+    within = np.arange(int(cum_waits[-1])) - (cum_waits - n_waits)[wait_group]
+    wait_pos = first_event[wait_group] + (cum_waits - n_waits)[wait_group] + within
+    full = within < gaps[wait_group] // max_wait
+    units = np.where(full, max_wait, gaps[wait_group] % max_wait)
+    out[wait_pos] = vocab.wait(units)
+    return out, int(group_time[-1])
+
+
+# -- tokens -> notes -------------------------------------------------------------------------------
+def decode_tokens(tokens, vocab: Vocab) -> tuple[Notes, int]:
+    """Tokens (any sequence, with or without prefix) -> (`Notes`, duration in units).
+
+    Reads up to the first `end`. Tolerant of sequences a model writes: a release of a silent key is
+    ignored, an attack on a sounding key re-attacks it, notes still sounding at the end are released
+    there (lasting at least one unit).
+    """
+    tokens = np.asarray(tokens, np.int64)
+    if len(tokens) and (tokens.min() < 0 or tokens.max() >= vocab.size):
+        bad = tokens[(tokens < 0) | (tokens >= vocab.size)][0]
+        raise ValueError(f"token id {bad} is outside the vocabulary (size {vocab.size})")
+    ends = np.nonzero(tokens == END)[0]
+    if len(ends):
+        tokens = tokens[: ends[0]]
+    kinds = vocab.kind[tokens].tolist()
+    inst, pitch, vbin = vocab.instrument[tokens].tolist(), vocab.pitch[tokens].tolist(), vocab.velocity_bin_of[tokens].tolist()
+    waits = vocab.wait_units[tokens].tolist()
+    velocity_of_bin = vocab._bin_to_velocity.tolist()
+    sounding: dict[tuple[int, int], tuple[int, int]] = {}
+    rows: list[tuple[int, int, int, int, int]] = []
+    drums: list[tuple[int, int, int]] = []
+    t = 0
+    for kind, i, p, b, w in zip(kinds, inst, pitch, vbin, waits):
+        if kind == TokenKind.WAIT:
+            t += w
+        elif kind == TokenKind.NOTE_ON:
+            held = sounding.get((i, p))
+            if held is not None and held[0] < t:
+                rows.append((i, p, held[1], held[0], t))
+            sounding[(i, p)] = (t, velocity_of_bin[b])
+        elif kind == TokenKind.NOTE_OFF:
+            held = sounding.pop((i, p), None)
+            if held is not None and held[0] < t:
+                rows.append((i, p, held[1], held[0], t))
+        elif kind == TokenKind.DRUM:
+            drums.append((p, velocity_of_bin[b], t))
+    for (i, p), (s, v) in sounding.items():
+        rows.append((i, p, v, s, max(t, s + 1)))
+    for p, v, s in drums:
+        rows.append((vocab.drums_index, p, v, s, s + vocab.config.drum_duration_units))
+    if not rows:
+        return Notes.empty(), t
+    arr = np.array(rows, np.int64)
+    notes = Notes(arr[:, 0].astype(np.int32), arr[:, 1].astype(np.int32), arr[:, 2].astype(np.int32),
+                  arr[:, 3], arr[:, 4])
+    return canonical_notes(notes, vocab), t
+
+
+# -- files ------------------------------------------------------------------------------------------
+def encode_midi(source, vocab: Vocab, label: str | None = None, reader: str = "symusic",
+                path=None) -> EncodedPiece:
+    """MIDI bytes or path -> `EncodedPiece`; raises `midi_io.MidiError` for unusable files."""
+    if path is None and isinstance(source, (str, os.PathLike)):
+        path = source
+    score = midi_io.read_midi(source, reader=reader, path=path)
+    if score.num_notes == 0:
+        raise midi_io.MidiError(path, "no notes")
+    notes, stats = score_to_notes(score, vocab)
+    if len(notes) == 0:
+        raise midi_io.MidiError(path, f"no notes in this vocabulary's range "
+                                      f"({stats.dropped_pitch_range} dropped)")
+    piece = encode_notes(notes, vocab, label, canonical=True)
+    piece.stats = stats
+    return piece
+
+
+def notes_to_midi(notes: Notes, vocab: Vocab, path: str | os.PathLike) -> None:
+    """Writes `Notes` as a format-1 MIDI file: one track per instrument class, drums on channel 10."""
+    unit_ms = vocab.config.time_unit_ms
+    tracks = []
+    for i in np.unique(notes.instrument):
+        sel = notes.instrument == i
+        is_drum = int(i) == vocab.drums_index
+        tracks.append(dict(name=vocab.instruments.names[i], program=vocab.instruments.class_program[i],
+                           is_drum=is_drum, start_ms=notes.start[sel] * unit_ms,
+                           end_ms=notes.end[sel] * unit_ms, pitch=notes.pitch[sel],
+                           velocity=notes.velocity[sel]))
+    midi_io.write_midi(path, tracks)
+
+
+def tokens_to_midi(tokens, vocab: Vocab, path: str | os.PathLike) -> Notes:
+    notes, _ = decode_tokens(tokens, vocab)
+    notes_to_midi(notes, vocab, path)
+    return notes

@@ -1,0 +1,97 @@
+"""Per-token structural features for the model's extra embeddings (MuseNet's timing, chord, part and
+countdown embeddings), computed from the tokens alone.
+
+For tokens [T] of one piece (prefix, body, end) and its length D time units:
+
+- `timing`: int32[T], the time in units at which the token sits: the sum of the waits before it. All
+  tokens of one time step (a chord, its releases) share it; a wait token carries the time it leaves.
+- `chord`: int32[T], how many attacks (note-on or drum tokens) precede the token within its time
+  step, so the notes of a chord count 0, 1, 2, ...; clipped to `max_chord - 1`.
+- `part`: int32[T], floor(num_parts * timing / D), in 0..num_parts-1: which of `num_parts` equal
+  spans of the piece the token falls in.
+- `countdown`: int32[T], remaining time D - timing in `countdown_unit_ms` steps, clipped to
+  `countdown_max`: it counts down to 0 as the end approaches.
+
+Generation computes the same values incrementally (`step_features`) from the target length D.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from data_pipeline.vocab import TokenKind, Vocab
+
+FEATURE_NAMES = ("timing", "chord", "part", "countdown")
+
+
+@dataclasses.dataclass
+class Features:
+    """int32[T] arrays, one value per token (see module docstring)."""
+
+    timing: np.ndarray
+    chord: np.ndarray
+    part: np.ndarray
+    countdown: np.ndarray
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in FEATURE_NAMES}
+
+
+def part_and_countdown(timing, duration_units: int, vocab: Vocab):
+    """part and countdown (int32 arrays) for token times `timing` in a piece of `duration_units`."""
+    cfg = vocab.config
+    timing = np.asarray(timing, np.int64)
+    duration = max(int(duration_units), 1)
+    part = np.clip(cfg.num_parts * np.minimum(timing, duration) // duration, 0, cfg.num_parts - 1)
+    remaining_ms = np.maximum(duration_units - timing, 0) * cfg.time_unit_ms
+    countdown = np.minimum(remaining_ms // cfg.countdown_unit_ms, cfg.countdown_max)
+    return part.astype(np.int32), countdown.astype(np.int32)
+
+
+def compute_features(tokens, vocab: Vocab, duration_units: int | None = None) -> Features:
+    """Structural features of one piece's tokens [T].
+
+    Args:
+      tokens: int[T] token ids.
+      vocab: the vocabulary the ids belong to.
+      duration_units: the piece's length in time units; defaults to the sum of all waits.
+    """
+    tokens = np.asarray(tokens, np.int64)
+    waits = vocab.wait_units[tokens].astype(np.int64)
+    timing = np.cumsum(waits) - waits
+    if duration_units is None:
+        duration_units = int(waits.sum())
+    kind = vocab.kind[tokens]
+    attack = ((kind == TokenKind.NOTE_ON) | (kind == TokenKind.DRUM)).astype(np.int64)
+    attacks_before = np.cumsum(attack) - attack
+    is_wait = waits > 0
+    step = np.cumsum(is_wait) - is_wait  # a wait closes the step it follows
+    step_start = np.concatenate([[True], step[1:] != step[:-1]]) if len(tokens) else np.zeros(0, bool)
+    base = attacks_before[step_start][step] if len(tokens) else attacks_before
+    chord = np.minimum(attacks_before - base, vocab.config.max_chord - 1)
+    part, countdown = part_and_countdown(timing, duration_units, vocab)
+    return Features(timing.astype(np.int32), chord.astype(np.int32), part, countdown)
+
+
+def step_features(token: int, state: tuple[int, int], duration_units: int, vocab: Vocab):
+    """Incremental form for decoding one token at a time.
+
+    Args:
+      token: the token just placed at this position.
+      state: (timing, chord) of this token, as returned for it by the previous call ((0, 0) first).
+      duration_units: target length of the piece.
+    Returns:
+      ((timing, chord, part, countdown) of `token`, state for the next token).
+    """
+    timing, chord = state
+    part, countdown = part_and_countdown(np.array([timing]), duration_units, vocab)
+    kind = vocab.kind[token]
+    wait = int(vocab.wait_units[token])
+    clipped = min(chord, vocab.config.max_chord - 1)
+    if wait:
+        next_state = (timing + wait, 0)
+    else:
+        next_state = (timing, chord + int(kind in (TokenKind.NOTE_ON, TokenKind.DRUM)))
+    return (timing, clipped, int(part[0]), int(countdown[0])), next_state

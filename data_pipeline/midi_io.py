@@ -1,0 +1,266 @@
+"""Reading MIDI bytes into note arrays (two interchangeable readers) and writing MIDI files.
+
+Readers turn a Standard MIDI File into a `RawScore`: every note as a row of tick-valued arrays, the
+tempo map and the sustain-pedal controls. Everything after that (ticks -> time, sustain, instrument
+classes, quantisation) is shared numpy code in `data_pipeline.encoding`, so the two readers give the
+same tokens whenever they parse the same notes:
+
+- `symusic` (default): a C++ parser, thousands of times faster than a pure-Python one; the bulk path.
+- `miditoolkit`: the project's reference MIDI library (pure Python on top of mido).
+
+Both are strict: a file with broken chunk lengths or data bytes > 127 is rejected, not guessed at.
+Format 2 files (independent sequences) are rejected; SMPTE time division is supported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import struct
+
+import numpy as np
+
+DEFAULT_TEMPO_US = 500_000  # MIDI's default: 120 quarter notes per minute
+SUSTAIN_CC = 64
+READERS = ("symusic", "miditoolkit")
+
+
+class MidiError(ValueError):
+    """A MIDI file that cannot be used; str() is one line naming the file and the reason."""
+
+    def __init__(self, path: str | os.PathLike | None, reason: str):
+        self.path = None if path is None else os.fspath(path)
+        self.reason = reason
+        super().__init__(f"{self.path or '<bytes>'}: {reason}")
+
+
+@dataclasses.dataclass
+class RawScore:
+    """A parsed MIDI file, in ticks. One row per note (N), per tempo change (K), per pedal event (M).
+
+    Attributes:
+      ticks_per_quarter: metrical time division (unused when `ticks_per_second` is set).
+      ticks_per_second: SMPTE time division (frames/s x ticks/frame), else None.
+      tempo_tick, tempo_us: int64[K], tempo changes: tick and microseconds per quarter note.
+      track, program, is_drum: int32[N], int32[N], bool[N]: the note's track (reader-specific
+        grouping), its GM program and whether it is on MIDI channel 10.
+      start, end: int64[N], note-on and note-off ticks.
+      pitch, velocity: int32[N].
+      pedal_track, pedal_tick, pedal_value: sustain pedal (CC64) events of each track.
+    """
+
+    ticks_per_quarter: int
+    ticks_per_second: float | None
+    tempo_tick: np.ndarray
+    tempo_us: np.ndarray
+    track: np.ndarray
+    program: np.ndarray
+    is_drum: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+    pitch: np.ndarray
+    velocity: np.ndarray
+    pedal_track: np.ndarray
+    pedal_tick: np.ndarray
+    pedal_value: np.ndarray
+
+    @property
+    def num_notes(self) -> int:
+        return len(self.start)
+
+
+def _check_header(data: bytes, path) -> float | None:
+    """Validates the MThd chunk; returns SMPTE ticks per second, or None for metrical time."""
+    if len(data) == 0:
+        raise MidiError(path, "empty file")
+    if len(data) < 14:
+        raise MidiError(path, f"file is too short to be MIDI ({len(data)} bytes)")
+    if data[:4] != b"MThd":
+        if data[:4] == b"RIFF" and data[8:12] == b"RMID":
+            raise MidiError(path, "RIFF RMID wrapper is not supported; extract the MIDI data first")
+        raise MidiError(path, "not a MIDI file (no MThd header)")
+    length, fmt, num_tracks, division = struct.unpack(">IHHH", data[4:14])
+    if length < 6:
+        raise MidiError(path, f"bad MThd header length {length}")
+    if fmt == 2:
+        raise MidiError(path, "MIDI format 2 (independent sequences) is not supported")
+    if fmt > 2:
+        raise MidiError(path, f"unknown MIDI format {fmt}")
+    if num_tracks == 0:
+        raise MidiError(path, "header declares no tracks")
+    if division & 0x8000:
+        fps = -struct.unpack(">b", data[12:13])[0]
+        ticks_per_frame = data[13]
+        if fps not in (24, 25, 29, 30) or ticks_per_frame == 0:
+            raise MidiError(path, f"bad SMPTE time division ({fps} fps, {ticks_per_frame} ticks/frame)")
+        return (29.97 if fps == 29 else fps) * ticks_per_frame
+    if division == 0:
+        raise MidiError(path, "time division is 0 ticks per quarter note")
+    return None
+
+
+def _empty(dtype) -> np.ndarray:
+    return np.zeros(0, dtype)
+
+
+def _tempo_arrays(ticks, us_per_quarter) -> tuple[np.ndarray, np.ndarray]:
+    ticks = np.asarray(ticks, np.int64)
+    us = np.asarray(us_per_quarter, np.int64)
+    if len(ticks) == 0 or ticks.min() > 0:
+        ticks = np.concatenate([[0], ticks])
+        us = np.concatenate([[DEFAULT_TEMPO_US], us])
+    # Stable sort by tick; of several changes at one tick the last one written wins.
+    order = np.argsort(ticks, kind="stable")
+    ticks, us = ticks[order], us[order]
+    keep = np.append(ticks[1:] != ticks[:-1], True)
+    us = np.where(us > 0, us, DEFAULT_TEMPO_US)
+    return ticks[keep], us[keep]
+
+
+def _read_symusic(data: bytes, path, smpte) -> RawScore:
+    import symusic
+
+    try:
+        score = symusic.Score.from_midi(data)
+    except Exception as e:  # symusic raises RuntimeError with the parser's reason
+        raise MidiError(path, f"bad MIDI data ({str(e).splitlines()[0]})") from None
+    counts, programs, drums, columns = [], [], [], []
+    pedals = {k: [] for k in ("track", "tick", "value")}
+    for t, track in enumerate(score.tracks):
+        notes = track.notes.numpy()
+        counts.append(len(notes["time"]))
+        programs.append(track.program)
+        drums.append(track.is_drum)
+        columns.append(notes)
+        if len(track.controls):
+            controls = track.controls.numpy()
+            sustain = controls["number"] == SUSTAIN_CC
+            if sustain.any():
+                pedals["track"].append(np.full(int(sustain.sum()), t, np.int32))
+                pedals["tick"].append(controls["time"][sustain])
+                pedals["value"].append(controls["value"][sustain])
+    counts = np.array(counts, np.int64)
+    cols = {k: [np.concatenate([c[k] for c in columns])] if columns else []
+            for k in ("time", "duration", "pitch", "velocity")}
+    start = cols.pop("time")
+    cols = {"track": [np.repeat(np.arange(len(counts), dtype=np.int32), counts)],
+            "program": [np.repeat(np.array(programs, np.int32), counts)],
+            "is_drum": [np.repeat(np.array(drums, bool), counts)],
+            "start": start,
+            "end": [start[0].astype(np.int64) + cols["duration"][0]] if start else [],
+            "pitch": cols["pitch"], "velocity": cols["velocity"]}
+    tempos = score.tempos.numpy()
+    tempo_tick, tempo_us = _tempo_arrays(tempos["time"], tempos["mspq"])
+    return _make_score(int(score.ticks_per_quarter), smpte, tempo_tick, tempo_us, cols, pedals)
+
+
+def _read_miditoolkit(data: bytes, path, smpte) -> RawScore:
+    import miditoolkit
+
+    try:
+        midi = miditoolkit.MidiFile(file=io.BytesIO(data))
+    except Exception as e:  # mido raises OSError, EOFError, ValueError, KeyError...
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise MidiError(path, f"bad MIDI data ({reason})") from None
+    cols = {k: [] for k in ("track", "program", "is_drum", "start", "end", "pitch", "velocity")}
+    pedals = {k: [] for k in ("track", "tick", "value")}
+    for t, inst in enumerate(midi.instruments):
+        if inst.notes:
+            arr = np.array([(n.start, n.end, n.pitch, n.velocity) for n in inst.notes], np.int64)
+            n = len(arr)
+            cols["track"].append(np.full(n, t, np.int32))
+            cols["program"].append(np.full(n, inst.program, np.int32))
+            cols["is_drum"].append(np.full(n, inst.is_drum, bool))
+            for k, col in zip(("start", "end", "pitch", "velocity"), arr.T):
+                cols[k].append(col)
+        sustain = [(c.time, c.value) for c in inst.control_changes if c.number == SUSTAIN_CC]
+        if sustain:
+            arr = np.array(sustain, np.int64)
+            pedals["track"].append(np.full(len(arr), t, np.int32))
+            pedals["tick"].append(arr[:, 0])
+            pedals["value"].append(arr[:, 1])
+    # miditoolkit keeps tempo as float BPM = 6e7 / us_per_quarter; rounding recovers the integer.
+    tempo_tick = [tc.time for tc in midi.tempo_changes]
+    tempo_us = [round(6e7 / tc.tempo) if tc.tempo > 0 else DEFAULT_TEMPO_US for tc in midi.tempo_changes]
+    tempo_tick, tempo_us = _tempo_arrays(tempo_tick, tempo_us)
+    return _make_score(int(midi.ticks_per_beat), smpte, tempo_tick, tempo_us, cols, pedals)
+
+
+def _make_score(tpq, smpte, tempo_tick, tempo_us, cols, pedals) -> RawScore:
+    dtypes = {"track": np.int32, "program": np.int32, "is_drum": bool, "start": np.int64,
+              "end": np.int64, "pitch": np.int32, "velocity": np.int32}
+    notes = {k: (np.concatenate(v).astype(dtypes[k], copy=False) if v else _empty(dtypes[k]))
+             for k, v in cols.items()}
+    ped = {k: (np.concatenate(v).astype(np.int64 if k != "track" else np.int32, copy=False) if v
+               else _empty(np.int64)) for k, v in pedals.items()}
+    return RawScore(ticks_per_quarter=tpq, ticks_per_second=smpte, tempo_tick=tempo_tick,
+                    tempo_us=tempo_us, pedal_track=ped["track"], pedal_tick=ped["tick"],
+                    pedal_value=ped["value"], **notes)
+
+
+def read_midi(source: bytes | str | os.PathLike, reader: str = "symusic", path=None) -> RawScore:
+    """Parses MIDI bytes (or a file path) into a `RawScore`; raises `MidiError` on bad input."""
+    if not isinstance(source, (bytes, bytearray, memoryview)):
+        path = source
+        try:
+            with open(source, "rb") as f:
+                source = f.read()
+        except OSError as e:
+            raise MidiError(path, f"cannot read file ({e.strerror or e})") from None
+    data = bytes(source)
+    smpte = _check_header(data, path)
+    if reader == "symusic":
+        return _read_symusic(data, path, smpte)
+    if reader == "miditoolkit":
+        return _read_miditoolkit(data, path, smpte)
+    raise ValueError(f"unknown MIDI reader {reader!r}; valid: {', '.join(READERS)}")
+
+
+def ticks_to_seconds(ticks: np.ndarray, score: RawScore) -> np.ndarray:
+    """Converts ticks to seconds through every tempo change of the score's tempo map (float64)."""
+    ticks = np.asarray(ticks, np.int64)
+    if score.ticks_per_second is not None:
+        return ticks / score.ticks_per_second
+    tt, us = score.tempo_tick, score.tempo_us.astype(np.float64)
+    seconds_per_tick = us / (1e6 * score.ticks_per_quarter)
+    seg_start = np.concatenate([[0.0], np.cumsum(np.diff(tt) * seconds_per_tick[:-1])])
+    idx = np.searchsorted(tt, ticks, side="right") - 1
+    return seg_start[idx] + (ticks - tt[idx]) * seconds_per_tick[idx]
+
+
+# -- writing ---------------------------------------------------------------------------------------
+WRITE_TICKS_PER_QUARTER = 500  # with 120 BPM, one tick is exactly one millisecond
+WRITE_TEMPO_BPM = 120.0
+
+
+def write_midi(path: str | os.PathLike, tracks: list[dict]) -> None:
+    """Writes a clean format-1 file atomically: one track per instrument, drums on channel 10.
+
+    Args:
+      path: output file; written to a temporary name first, so a failure leaves no partial file.
+      tracks: dicts with `name`, `program`, `is_drum`, and int arrays `start_ms`, `end_ms`,
+        `pitch`, `velocity` (times in milliseconds).
+    """
+    import miditoolkit
+
+    midi = miditoolkit.MidiFile(ticks_per_beat=WRITE_TICKS_PER_QUARTER)
+    midi.tempo_changes = [miditoolkit.TempoChange(WRITE_TEMPO_BPM, 0)]
+    midi.time_signature_changes = [miditoolkit.TimeSignature(4, 4, 0)]
+    ticks_per_ms = WRITE_TICKS_PER_QUARTER * WRITE_TEMPO_BPM / 60_000
+    for spec in tracks:
+        inst = miditoolkit.Instrument(program=int(spec["program"]), is_drum=bool(spec["is_drum"]),
+                                      name=spec["name"])
+        rows = zip(spec["start_ms"].tolist(), spec["end_ms"].tolist(), spec["pitch"].tolist(),
+                   spec["velocity"].tolist())
+        inst.notes = [miditoolkit.Note(velocity=v, pitch=p, start=round(s * ticks_per_ms),
+                                       end=round(e * ticks_per_ms)) for s, e, p, v in rows]
+        midi.instruments.append(inst)
+    path = os.fspath(path)
+    tmp = f"{path}.partial"
+    try:
+        midi.dump(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

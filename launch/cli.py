@@ -1,0 +1,59 @@
+"""What every command-line entry point shares: one-line errors, exit codes and atomic output files."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+from absl import app
+
+from data_pipeline.midi_io import MidiError
+
+# Errors a user can cause (bad files, bad flags, missing paths): reported in one line, exit code 1.
+USER_ERRORS = (MidiError, ValueError, OSError, KeyError)
+
+
+class UsageError(ValueError):
+    """A wrong or missing flag or argument."""
+
+
+def fail(message: str, code: int = 1):
+    """Prints `error: message` on one line to stderr and exits."""
+    first_line = " ".join(str(message).split("\n")[0].split())
+    print(f"error: {first_line}", file=sys.stderr)
+    sys.exit(code)
+
+
+def guarded(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+    """Wraps an absl `main` so that user errors exit with one line instead of a traceback."""
+
+    def wrapper(argv):
+        try:
+            main(argv)
+        except UsageError as e:
+            fail(f"{e} (see --help)", code=2)
+        except USER_ERRORS as e:
+            if isinstance(e, OSError) and e.filename and e.strerror:
+                fail(f"{e.filename}: {e.strerror}")
+            fail(str(e) or type(e).__name__)
+
+    return wrapper
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+    """`absl.app.run` for a guarded main."""
+    app.run(guarded(main))
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Writes a whole file or nothing: a temporary file renamed into place."""
+    path = os.fspath(path)
+    tmp = f"{path}.partial"
+    try:
+        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,43 @@
+"""musenet-jax: train, evaluate, export and sample MuseNet-class music models in JAX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="musenet-jax",
+    version="0.1.0",
+    description="JAX-native MuseNet-class music models: MIDI tokens, sparse transformer, Pallas kernels",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["data_pipeline*", "musenet_jax*", "pallas_kernels*", "launch*"]),
+    include_package_data=True,
+    package_data={"data_pipeline": ["corpus/**/*", "corpus/*"]},
+    install_requires=[
+        "numpy>=2.0,<3",
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "tensorflow-datasets>=4.9.10,<4.10",
+        "grain>=0.2.18,<0.3",
+        "array_record>=0.8.6,<0.9",
+        "miditoolkit>=1.0.1,<1.1",
+        "symusic>=0.6.0,<0.7",
+        "absl-py>=2.1,<3",
+        "ml_collections>=1.1,<1.2",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8.0,<10",
+            "hypothesis>=6.100,<7",
+            "ruff>=0.8,<1",
+            "miditok>=3.0.4,<4",  # reference tokenizer for benchmarks/tokenize.py
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "musenet-tokenize=launch.tokenize_midi:run",
+            "musenet-detokenize=launch.detokenize_midi:run",
+        ],
+    },
+)
