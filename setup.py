@@ -32,6 +32,7 @@ setup(
             "hypothesis>=6.100,<7",
             "ruff>=0.8,<1",
             "miditok>=3.0.4,<4",  # reference tokenizer for benchmarks/tokenize.py
+            "mido>=1.3,<2",  # hand-made MIDI files in tests
         ],
     },
     entry_points={

@@ -298,9 +298,9 @@ def decode_tokens(tokens, vocab: Vocab) -> tuple[Notes, int]:
     if len(ends):
         tokens = tokens[: ends[0]]
     kinds = vocab.kind[tokens].tolist()
-    inst, pitch, vbin = vocab.instrument[tokens].tolist(), vocab.pitch[tokens].tolist(), vocab.velocity_bin_of[tokens].tolist()
-    waits = vocab.wait_units[tokens].tolist()
-    velocity_of_bin = vocab._bin_to_velocity.tolist()
+    inst, pitch = vocab.instrument[tokens].tolist(), vocab.pitch[tokens].tolist()
+    vbin, waits = vocab.velocity_bin_of[tokens].tolist(), vocab.wait_units[tokens].tolist()
+    velocity_of_bin = vocab.bin_velocity(np.arange(vocab.config.velocity_bins)).tolist()
     sounding: dict[tuple[int, int], tuple[int, int]] = {}
     rows: list[tuple[int, int, int, int, int]] = []
     drums: list[tuple[int, int, int]] = []

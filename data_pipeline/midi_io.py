@@ -210,6 +210,10 @@ def read_midi(source: bytes | str | os.PathLike, reader: str = "symusic", path=N
             raise MidiError(path, f"cannot read file ({e.strerror or e})") from None
     data = bytes(source)
     smpte = _check_header(data, path)
+    if smpte is not None:
+        # Neither parser accepts SMPTE division. Tick values do not depend on it, so parse with a
+        # metrical division in its place and time the ticks with `ticks_per_second` (tempo is moot).
+        data = data[:12] + b"\x01\xe0" + data[14:]
     if reader == "symusic":
         return _read_symusic(data, path, smpte)
     if reader == "miditoolkit":

@@ -1,0 +1,47 @@
+"""Structural features: timing, chord index, part, countdown."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from data_pipeline import encoding
+from data_pipeline.features import compute_features, step_features
+from data_pipeline.vocab import Vocab, VocabConfig
+
+
+def test_features_of_a_small_piece():
+    vocab = Vocab(VocabConfig(countdown_unit_ms=100, num_parts=4))
+    text = ("piano drums start piano:v68:C4 piano:v68:E4 drums:v68:C2 wait:50 piano:v0:C4 piano:v0:E4 "
+            "piano:v68:G4 wait:50 piano:v0:G4 end")
+    f = compute_features(vocab.from_text(text), vocab)
+    np.testing.assert_array_equal(f.timing, [0, 0, 0, 0, 0, 0, 0, 50, 50, 50, 50, 100, 100])
+    np.testing.assert_array_equal(f.chord, [0, 0, 0, 0, 1, 2, 3, 0, 0, 0, 1, 0, 0])
+    np.testing.assert_array_equal(f.part, [0] * 7 + [2] * 4 + [3, 3])
+    # 100 units = 1 s left at the start = 10 countdown steps of 100 ms.
+    np.testing.assert_array_equal(f.countdown, [10] * 7 + [5] * 4 + [0, 0])
+
+
+def test_chord_index_is_clipped():
+    vocab = Vocab(VocabConfig(max_chord=3))
+    text = "start " + " ".join(f"piano:v68:{n}4" for n in "CDEFGAB") + " end"
+    f = compute_features(vocab.from_text(text), vocab)
+    assert f.chord.max() == 2
+
+
+def test_step_features_match_the_batch_form(midi_fixtures):
+    vocab = Vocab()
+    piece = encoding.encode_midi(midi_fixtures / "freedoom1_D_E1M6.mid", vocab)
+    full = compute_features(piece.tokens, vocab)
+    state = (0, 0)
+    for t, token in enumerate(piece.tokens[:400]):
+        values, state = step_features(int(token), state, piece.duration_units, vocab)
+        assert values == (full.timing[t], full.chord[t], full.part[t], full.countdown[t])
+
+
+def test_countdown_falls_to_zero_and_part_rises(midi_fixtures):
+    vocab = Vocab()
+    piece = encoding.encode_midi(midi_fixtures / "bach_bwv1.6.mid", vocab)
+    f = compute_features(piece.tokens, vocab)
+    assert np.all(np.diff(f.timing) >= 0) and np.all(np.diff(f.part) >= 0) and np.all(np.diff(f.countdown) <= 0)
+    assert f.part[-1] == vocab.config.num_parts - 1 and f.countdown[-1] == 0
+    assert f.timing[-1] == piece.duration_units

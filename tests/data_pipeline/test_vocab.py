@@ -1,0 +1,125 @@
+"""The vocabulary: id layout, text form, velocity bins, labels, vocab.json."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from data_pipeline import instruments
+from data_pipeline.vocab import (
+    END,
+    PAD,
+    START,
+    TokenKind,
+    Vocab,
+    VocabConfig,
+    normalize_label,
+    parse_pitch,
+    pitch_name,
+)
+
+
+def test_default_layout_sizes():
+    vocab = Vocab()
+    i, v, p, w = 9, 16, 128, 128
+    assert vocab.size == 3 + w + i * v * p + i * p + v * 128 + 10
+    assert (PAD, START, END) == (0, 1, 2)
+    counts = np.bincount(vocab.kind, minlength=7)
+    assert counts[TokenKind.NOTE_ON] == i * v * p
+    assert counts[TokenKind.NOTE_OFF] == i * p
+    assert counts[TokenKind.DRUM] == v * 128
+    assert counts[TokenKind.INSTRUMENT] == 10
+
+
+@pytest.mark.parametrize("config", [VocabConfig(), VocabConfig(labels=("bach", "chopin")),
+                                    VocabConfig(instrument_set="gm", velocity_bins=4, pitch_min=21, pitch_max=108),
+                                    VocabConfig(velocity_bins=1, max_wait=7)])
+def test_every_id_has_one_text_form(config):
+    vocab = Vocab(config)
+    texts = [vocab.id_to_text(t) for t in range(vocab.size)]
+    assert len(set(texts)) == vocab.size
+    np.testing.assert_array_equal(vocab.from_text(" ".join(texts)), np.arange(vocab.size))
+
+
+def test_labels_come_last_so_other_ids_do_not_move():
+    plain, labelled = Vocab(), Vocab(VocabConfig(labels=("bach", "mozart")))
+    assert labelled.size == plain.size + 2
+    np.testing.assert_array_equal(labelled.kind[: plain.size], plain.kind)
+    assert labelled.to_text([labelled.label_token("mozart")]) == "mozart"
+
+
+def test_musenet_text_form_parses():
+    vocab = Vocab(VocabConfig(labels=("bach",)))
+    ids = vocab.from_text("bach piano violin start piano:v72:G1 violin:v80:G4 wait:12 piano:v0:G1 end")
+    kinds = [TokenKind(k) for k in vocab.kind[ids]]
+    assert kinds == [TokenKind.LABEL, TokenKind.INSTRUMENT, TokenKind.INSTRUMENT, TokenKind.SPECIAL,
+                     TokenKind.NOTE_ON, TokenKind.NOTE_ON, TokenKind.WAIT, TokenKind.NOTE_OFF, TokenKind.SPECIAL]
+    assert vocab.pitch[ids[4]] == 31 and vocab.instrument[ids[5]] == 1
+    # Velocities print as their bin's centre and parse back to the same id.
+    text = vocab.to_text(ids)
+    np.testing.assert_array_equal(vocab.from_text(text), ids)
+
+
+@pytest.mark.parametrize("bad", ["piano:v200:C4", "piano:vx:C4", "kazoo:v10:C4", "wait:0", "wait:129",
+                                 "drums:v0:C2", "piano:v10:H4", "mozart", "piano:v10"])
+def test_bad_text_tokens_are_rejected(bad):
+    with pytest.raises(ValueError):
+        Vocab().from_text(bad)
+
+
+def test_velocity_bins_cover_1_to_127_and_centres_sit_in_their_bin():
+    for bins in (1, 2, 7, 16, 32, 127):
+        vocab = Vocab(VocabConfig(velocity_bins=bins))
+        b = vocab.velocity_bin(np.arange(1, 128))
+        assert b.min() == 0 and b.max() == bins - 1 and np.all(np.diff(b) >= 0)
+        np.testing.assert_array_equal(vocab.velocity_bin(vocab.bin_velocity(np.arange(bins))), np.arange(bins))
+
+
+def test_pitch_names():
+    assert pitch_name(60) == "C4" and pitch_name(0) == "C-1" and pitch_name(127) == "G9"
+    assert parse_pitch("C#4") == parse_pitch("Db4") == 61
+    assert all(parse_pitch(pitch_name(p)) == p for p in range(128))
+    with pytest.raises(ValueError):
+        parse_pitch("G#9")
+
+
+def test_labels_are_validated():
+    assert normalize_label("Johann Sebastian Bach") == "johann_sebastian_bach"
+    for bad in (("piano",), ("start",), ("Bach",), ("a", "a"), ("has space",)):
+        with pytest.raises(ValueError):
+            VocabConfig(labels=bad)
+
+
+def test_vocab_json_round_trip(tmp_path):
+    vocab = Vocab(VocabConfig(instrument_set="gm", velocity_bins=8, labels=("bach", "freedoom")))
+    vocab.save(tmp_path / "vocab.json")
+    again = Vocab.load(tmp_path / "vocab.json")
+    assert again == vocab and again.size == vocab.size
+    (tmp_path / "bad.json").write_text('{"format": "something-else"}')
+    with pytest.raises(ValueError, match="musenet-vocab-v1"):
+        Vocab.load(tmp_path / "bad.json")
+
+
+def test_instrument_tables():
+    m10 = instruments.get_instrument_set("musenet10")
+    assert m10.names == ("piano", "violin", "cello", "bass", "guitar", "flute", "clarinet", "trumpet", "harp",
+                         "drums")
+    assert len(m10.program_class) == 128 and m10.program_class.max() < m10.drums_index
+    # Spot checks of the documented GM family mapping.
+    for program, name in [(0, "piano"), (24, "guitar"), (33, "bass"), (40, "violin"), (42, "cello"),
+                          (46, "harp"), (56, "trumpet"), (65, "clarinet"), (73, "flute"), (110, "violin")]:
+        assert m10.names[m10.program_class[program]] == name
+    for cls, program in enumerate(m10.class_program[:-1]):
+        assert m10.program_class[program] == cls  # the program written for a class maps back to it
+    gm = instruments.get_instrument_set("gm")
+    assert gm.num_classes == 129 and gm.names[0] == "acoustic_grand_piano" and gm.names[-1] == "drums"
+    with pytest.raises(ValueError, match="musenet10"):
+        instruments.get_instrument_set("nope")
+
+
+def test_prefix_order():
+    vocab = Vocab(VocabConfig(labels=("bach",)))
+    assert vocab.to_text(vocab.prefix("bach", [9, 1, 0, 1])) == "bach piano violin drums start"
+    assert vocab.to_text(vocab.prefix(None, [])) == "start"
+    with pytest.raises(ValueError, match="unknown label"):
+        vocab.prefix("mozart", [0])
