@@ -25,6 +25,7 @@ setup(
         "symusic>=0.6.0,<0.7",
         "absl-py>=2.1,<3",
         "ml_collections>=1.1,<1.2",
+        "tensorboardX>=2.6,<3",
     ],
     extras_require={
         "dev": [
@@ -39,6 +40,8 @@ setup(
         "console_scripts": [
             "musenet-tokenize=launch.tokenize_midi:run",
             "musenet-detokenize=launch.detokenize_midi:run",
+            "musenet-build-data=launch.build_data:run",
+            "musenet-train=launch.train:run",
         ],
     },
 )

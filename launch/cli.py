@@ -6,7 +6,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from absl import app
+from absl import app, flags, logging
 
 from data_pipeline.midi_io import MidiError
 
@@ -29,6 +29,9 @@ def guarded(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
     """Wraps an absl `main` so that user errors exit with one line instead of a traceback."""
 
     def wrapper(argv):
+        if not flags.FLAGS["verbosity"].present:
+            # Library INFO logs (orbax, TFDS, grain) drown the tools' own output; -v 0 brings them back.
+            logging.set_verbosity(logging.WARNING)
         try:
             main(argv)
         except UsageError as e:

@@ -1,0 +1,711 @@
+"""The MuseNet-class Sparse Transformer (Flax NNX): embeddings, pre-LayerNorm blocks, logits.
+
+Shapes: B batch, T length (tokens), D d_model, N heads, H head_dim, F mlp_dim, V vocab_size,
+Vp padded vocab (V rounded up to `vocab_multiple`), L layers.
+
+Input embedding (each extra table switchable, all summed, MuseNet-style):
+  token [Vp, D] + learned position [T_max, D] + timing [timing_buckets, D] + chord [chord_size, D]
+  + part [part_size, D] + countdown [countdown_size, D].
+Tables start as normal(init_std) for tokens and normal(init_std / 2) for the others (GPT-2's 0.02 /
+0.01). Feature values (int32[B, T] from `data_pipeline.features`) are clipped into their table; timing (in
+time units, 10 ms by default, unbounded) is first bucketed linearly:
+  bucket = min(timing // timing_bucket_units, timing_buckets - 1),
+so with the defaults (50 units = 0.5 s, 1024 buckets) the table covers the first 512 s of a piece and
+every later token shares the last row.
+
+Block (pre-LN, GPT-2 style): x += Drop(Attn(LN(x))); x += Drop(MLP(LN(x))), MLP = W2 gelu(W1 x).
+Output projections of both sublayers start with std init_std / sqrt(2 L) so the residual stream's
+variance stays O(1) at init whatever the depth. Parameters are `param_dtype` (fp32); matmuls run in
+`dtype` (bf16 or fp32); LayerNorm statistics and logits are fp32 (the head matmul accumulates in fp32
+via preferred_element_type, so a softmax / cross-entropy on the returned logits is fp32).
+
+Attention per layer. Every layer has a kind, from the config:
+  'dense'   causal attention over all earlier tokens;
+  'both'    the sparse pattern's A1 ∪ A2 in one softmax (Sparse Transformer "merged head");
+  'local'   A1 only, 'summary' A2 only (alternated over layers: "interleaved");
+  'heads'   the first N - N//2 heads attend with A1, the other N//2 with A2 ("multi-head").
+`attention_combination` ('merged' | 'interleaved' | 'heads') and `dense_every` (every k-th layer
+dense) generate the per-layer schedule; `attention_schedule` gives it explicitly (repeated cyclically).
+
+Scanning a heterogeneous stack. `nnx.scan` needs one body for all iterations, so the schedule's
+period p (smallest p with kind[i] == kind[i mod p]) becomes one scanned "period" module holding p
+blocks, each with its own fixed kind; the scan runs floor(L / p) times and any remaining L mod p
+layers run unscanned after it. We chose this over a per-layer `lax.switch` on the kind because the
+structure stays static: no runtime conditional inside the loop, XLA (and a Pallas kernel) sees one
+fixed attention call per position in the period, and remat policies apply per block as usual. The
+cost is that the stacked parameter layout depends on p (`stack.blocks[j]` with leading axis
+'layers' = floor(L / p), then `layers[k]` for the remainder); `scan_layers=False` puts all L blocks in
+`layers`.
+
+Rematerialisation (`remat_policy`): 'off' (store everything), 'nothing' (save nothing, recompute the
+block), 'dots' (save weight matmuls without batch dims), 'names' (save only the values tagged with
+`checkpoint_name` that are listed in `remat_names`: 'qkv_proj', 'attn_context', 'attn_out',
+'mlp_hidden', 'mlp_out').
+
+Embedding mixup (MuseNet's augmentation; the blog says only "mixup on the token embeddings"): in
+training, each token's embedding is, with probability `mixup_prob`, replaced by
+lam * E[x] + (1 - lam) * E[x'] with x' the token at a random position of the batch and
+lam ~ Beta(alpha, alpha) folded to [0.5, 1] so the real token dominates. Targets are unchanged, so it is
+input noise shaped like the data, and the trainer's loss needs no mixed targets.
+
+Sharding: every parameter carries logical axis names (`out_sharding` metadata) and activations are
+constrained with logical names; `musenet_jax.sharding` maps them onto a (data, fsdp, tensor) mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from musenet_jax import attention as attention_lib
+from musenet_jax import sharding as sharding_lib
+
+PATTERNS = ("dense", "strided", "fixed")
+COMBINATIONS = ("merged", "interleaved", "heads")
+LAYER_KINDS = ("dense", "both", "local", "summary", "heads")
+REMAT_POLICIES = ("off", "nothing", "dots", "names")
+CHECKPOINT_NAMES = ("qkv_proj", "attn_context", "attn_out", "mlp_hidden", "mlp_out")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+_ACT = ("batch", "length", "embed")
+_ACT_HEADS = ("batch", "length", "heads", "kv")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything the model depends on (and nothing else).
+
+    Attributes:
+      vocab_size: V, token ids 0..V-1 (from the dataset's vocab.json).
+      d_model, num_heads, head_dim, mlp_dim, num_layers: D, N, H, F, L.
+      max_len: T_max, rows of the learned positional table (longest sequence, in tokens).
+      vocab_multiple: embedding / head rows are padded to a multiple of this (e.g. 128) so matmuls
+        tile and the vocab axis shards; the padded logits are dropped before returning.
+      tie_embeddings: logits use the token embedding table (GPT-2 style) instead of a separate head.
+      use_bias: biases on the q/k/v/output and MLP projections.
+      use_positional, use_timing, use_chord, use_part, use_countdown: which extra embeddings to add.
+      timing_buckets, timing_bucket_units: timing table rows and time units per row (see module doc).
+      chord_size, part_size, countdown_size: rows of those tables (values are clipped into them).
+      dropout_rate: on the summed embedding and each sublayer's output, in training only.
+      mixup_prob, mixup_alpha: token embedding mixup (see module doc); 0 disables.
+      dtype: compute dtype name ('bfloat16' or 'float32'); param_dtype: parameter dtype name.
+      init_std: std of the normal init of embeddings and input projections.
+      layer_norm_eps: LayerNorm epsilon.
+      attention_pattern: 'dense' | 'strided' | 'fixed'.
+      attention_stride, attention_summary: l and c in tokens (ignored where the pattern has none).
+      attention_combination: 'merged' | 'interleaved' | 'heads'.
+      dense_every: k > 0 makes layers k-1, 2k-1, ... dense (0: none).
+      attention_schedule: explicit per-layer kinds (see module doc), repeated over the layers;
+        overrides attention_combination and dense_every.
+      attention_impl: 'reference' | 'xla' | 'pallas' (see `musenet_jax.attention.attend`).
+      scan_layers: scan over stacked layers (fast compiles) or unroll them.
+      remat_policy: 'off' | 'nothing' | 'dots' | 'names'; remat_names: saved names for 'names'.
+      axis_rules: logical axis -> mesh axes rules (`musenet_jax.sharding.DEFAULT_RULES`).
+    """
+
+    vocab_size: int
+    d_model: int = 512
+    num_heads: int = 8
+    head_dim: int = 64
+    mlp_dim: int = 2048
+    num_layers: int = 6
+    max_len: int = 1024
+    vocab_multiple: int = 1
+    tie_embeddings: bool = True
+    use_bias: bool = True
+    use_positional: bool = True
+    use_timing: bool = True
+    timing_buckets: int = 1024
+    timing_bucket_units: int = 50
+    use_chord: bool = True
+    chord_size: int = 64
+    use_part: bool = True
+    part_size: int = 128
+    use_countdown: bool = True
+    countdown_size: int = 128
+    dropout_rate: float = 0.0
+    mixup_prob: float = 0.0
+    mixup_alpha: float = 0.4
+    dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+    init_std: float = 0.02
+    layer_norm_eps: float = 1e-5
+    attention_pattern: str = "dense"
+    attention_stride: int | None = None
+    attention_summary: int | None = None
+    attention_combination: str = "merged"
+    dense_every: int = 0
+    attention_schedule: tuple[str, ...] = ()
+    attention_impl: str = "xla"
+    scan_layers: bool = True
+    remat_policy: str = "nothing"
+    remat_names: tuple[str, ...] = ("attn_context",)
+    axis_rules: sharding_lib.LogicalRules = sharding_lib.DEFAULT_RULES
+
+    def __post_init__(self):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "num_heads",
+            "head_dim",
+            "mlp_dim",
+            "num_layers",
+            "max_len",
+            "vocab_multiple",
+            "timing_buckets",
+            "timing_bucket_units",
+            "chord_size",
+            "part_size",
+            "countdown_size",
+        ):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"model.{name} must be one of {tuple(DTYPES)}, got {getattr(self, name)!r}")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"model.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        if not 0.0 <= self.mixup_prob <= 1.0:
+            raise ValueError(f"model.mixup_prob must be in [0, 1], got {self.mixup_prob}")
+        if self.mixup_prob > 0 and self.mixup_alpha <= 0:
+            raise ValueError(f"model.mixup_alpha must be > 0, got {self.mixup_alpha}")
+        if self.attention_pattern not in PATTERNS:
+            raise ValueError(
+                f"model.attention_pattern must be one of {PATTERNS}, got {self.attention_pattern!r}"
+            )
+        if self.attention_combination not in COMBINATIONS:
+            raise ValueError(
+                f"model.attention_combination must be one of {COMBINATIONS}, "
+                f"got {self.attention_combination!r}"
+            )
+        if self.attention_impl not in attention_lib.IMPLS:
+            raise ValueError(
+                f"model.attention_impl must be one of {attention_lib.IMPLS}, got {self.attention_impl!r}"
+            )
+        if self.dense_every < 0:
+            raise ValueError(f"model.dense_every must be >= 0, got {self.dense_every}")
+        bad = [k for k in self.attention_schedule if k not in LAYER_KINDS]
+        if bad:
+            raise ValueError(f"model.attention_schedule entries must be in {LAYER_KINDS}, got {bad}")
+        if self.attention_schedule and self.dense_every:
+            raise ValueError(
+                "model.attention_schedule and model.dense_every are exclusive; put 'dense' in the schedule"
+            )
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"model.remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+        bad = [n for n in self.remat_names if n not in CHECKPOINT_NAMES]
+        if bad:
+            raise ValueError(f"model.remat_names must be in {CHECKPOINT_NAMES}, got {bad}")
+        if "heads" in self.layer_kinds() and self.num_heads < 2:
+            raise ValueError("attention_combination 'heads' needs num_heads >= 2")
+        for kind in set(self.layer_kinds()):
+            self.attention_groups(kind)  # Raises ValueError on a bad stride / summary.
+
+    # --- Derived values. -----------------------------------------------------------------------------
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def params_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Vp: vocab_size rounded up to a multiple of vocab_multiple."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+    def layer_kinds(self) -> tuple[str, ...]:
+        """The attention kind of each of the L layers (see module doc)."""
+        if self.attention_pattern == "dense":  # No sparse parts to alternate or split.
+            return ("dense",) * self.num_layers
+        if self.attention_schedule:
+            s = self.attention_schedule
+            return tuple(s[i % len(s)] for i in range(self.num_layers))
+        kinds = []
+        for i in range(self.num_layers):
+            if self.dense_every and i % self.dense_every == self.dense_every - 1:
+                kinds.append("dense")
+            elif self.attention_combination == "merged":
+                kinds.append("both")
+            elif self.attention_combination == "interleaved":
+                kinds.append("local" if i % 2 == 0 else "summary")
+            else:
+                kinds.append("heads")
+        return tuple(kinds)
+
+    def layer_period(self) -> int:
+        """Smallest p with kind[i] == kind[i mod p] for all layers: the scanned period."""
+        kinds = self.layer_kinds()
+        return next(
+            p for p in range(1, len(kinds) + 1) if all(k == kinds[i % p] for i, k in enumerate(kinds))
+        )
+
+    def attention_groups(self, kind: str) -> tuple[tuple[attention_lib.AttentionSpec, int], ...]:
+        """(spec, number of heads) per head group of a layer of this kind, covering the N heads in order."""
+        if kind == "dense" or self.attention_pattern == "dense":
+            return ((attention_lib.AttentionSpec("dense"), self.num_heads),)
+        stride = self.attention_stride
+        summary = self.attention_summary if self.attention_pattern == "fixed" else None
+
+        def spec(part):
+            return attention_lib.AttentionSpec(self.attention_pattern, stride, summary, part)
+
+        if kind == "heads":
+            n_summary = self.num_heads // 2
+            return ((spec("local"), self.num_heads - n_summary), (spec("summary"), n_summary))
+        return ((spec(kind), self.num_heads),)
+
+    # --- Conversion. ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_config_dict(cls, config: Mapping[str, Any] | Any, **overrides) -> ModelConfig:
+        """From a `config.model` section (ml_collections ConfigDict or mapping) plus overrides.
+
+        Typical use: `ModelConfig.from_config_dict(config.model, vocab_size=vocab.size)`.
+        Unknown keys raise ValueError (a typo in a config must not be silently ignored).
+        """
+        values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+        values.update(overrides)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+        for name in ("attention_schedule", "remat_names"):
+            if name in values:
+                values[name] = tuple(values[name])
+        if "axis_rules" in values:
+            values["axis_rules"] = tuple(
+                (str(n), tuple(t) if isinstance(t, list | tuple) else t) for n, t in values["axis_rules"]
+            )
+        for name in ("attention_stride", "attention_summary"):
+            if values.get(name) == 0:
+                values[name] = None  # 0 reads as "not set", so configs can keep plain ints.
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict; `ModelConfig.from_config_dict(d)` inverts it."""
+        return dataclasses.asdict(self)
+
+
+# --- Building blocks. -------------------------------------------------------------------------------------
+
+
+def _param(
+    rngs: nnx.Rngs, shape, std: float | None, axes, config: ModelConfig, fill: float = 0.0
+) -> nnx.Param:
+    """A parameter with logical axis names; normal(std) init, or constant `fill` when std is None.
+
+    eager_sharding=False: the model can be built anywhere (no mesh needed); `init_model` places
+    parameters on the mesh through jit's out_shardings instead.
+    """
+    dtype = config.params_dtype
+    if std is None:
+        value = jnp.full(shape, fill, dtype)
+    else:
+        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, eager_sharding=False, out_sharding=tuple(axes))
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; identity when key is None (deterministic) or rate is 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over D with fp32 statistics; [..., D] -> [..., D] in the compute dtype."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.scale = _param(rngs, (config.d_model,), None, ("embed",), config, fill=1.0)
+        self.bias = _param(rngs, (config.d_model,), None, ("embed",), config)
+        self.eps = config.layer_norm_eps
+        self.dtype = config.compute_dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head causal (sparse) self-attention: [B, T, D] -> [B, T, D].
+
+    Heads are split into `groups` (spec, count); each group calls `attend` with its own spec.
+    """
+
+    def __init__(self, config: ModelConfig, kind: str, *, rngs: nnx.Rngs):
+        d, n, h = config.d_model, config.num_heads, config.head_dim
+        out_std = config.init_std / math.sqrt(2 * config.num_layers)
+        self.query = _param(rngs, (d, n, h), config.init_std, ("embed", "heads", "kv"), config)
+        self.key = _param(rngs, (d, n, h), config.init_std, ("embed", "heads", "kv"), config)
+        self.value = _param(rngs, (d, n, h), config.init_std, ("embed", "heads", "kv"), config)
+        self.out = _param(rngs, (n, h, d), out_std, ("heads", "kv", "embed"), config)
+        if config.use_bias:
+            self.query_bias = _param(rngs, (n, h), None, ("heads", "kv"), config)
+            self.key_bias = _param(rngs, (n, h), None, ("heads", "kv"), config)
+            self.value_bias = _param(rngs, (n, h), None, ("heads", "kv"), config)
+            self.out_bias = _param(rngs, (d,), None, ("embed",), config)
+        else:
+            self.query_bias = self.key_bias = self.value_bias = self.out_bias = None
+        self.kind = kind
+        self.groups = config.attention_groups(kind)
+        self.impl = config.attention_impl
+        self.dtype = config.compute_dtype
+        self.rules = config.axis_rules
+
+    def _project(self, x, kernel, bias):
+        y = jnp.einsum("btd,dnh->btnh", x, kernel[...].astype(self.dtype))
+        if bias is not None:
+            y = y + bias[...].astype(self.dtype)
+        return sharding_lib.constrain(checkpoint_name(y, "qkv_proj"), _ACT_HEADS, self.rules)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        q = self._project(x, self.query, self.query_bias)
+        k = self._project(x, self.key, self.key_bias)
+        v = self._project(x, self.value, self.value_bias)
+        outs, start = [], 0
+        for spec, count in self.groups:
+            sl = slice(start, start + count)
+            outs.append(attention_lib.attend(q[:, :, sl], k[:, :, sl], v[:, :, sl], spec, impl=self.impl))
+            start += count
+        ctx = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+        ctx = sharding_lib.constrain(checkpoint_name(ctx, "attn_context"), _ACT_HEADS, self.rules)
+        y = jnp.einsum("btnh,nhd->btd", ctx, self.out[...].astype(self.dtype))
+        if self.out_bias is not None:
+            y = y + self.out_bias[...].astype(self.dtype)
+        return checkpoint_name(y, "attn_out")
+
+
+class Mlp(nnx.Module):
+    """Position-wise GELU MLP: [B, T, D] -> [B, T, F] -> [B, T, D]."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = config.d_model, config.mlp_dim
+        out_std = config.init_std / math.sqrt(2 * config.num_layers)
+        self.wi = _param(rngs, (d, f), config.init_std, ("embed", "mlp"), config)
+        self.wo = _param(rngs, (f, d), out_std, ("mlp", "embed"), config)
+        if config.use_bias:
+            self.bi = _param(rngs, (f,), None, ("mlp",), config)
+            self.bo = _param(rngs, (d,), None, ("embed",), config)
+        else:
+            self.bi = self.bo = None
+        self.dtype = config.compute_dtype
+        self.rules = config.axis_rules
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jnp.einsum("btd,df->btf", x, self.wi[...].astype(self.dtype))
+        if self.bi is not None:
+            h = h + self.bi[...].astype(self.dtype)
+        h = jax.nn.gelu(h)
+        h = sharding_lib.constrain(checkpoint_name(h, "mlp_hidden"), ("batch", "length", "mlp"), self.rules)
+        y = jnp.einsum("btf,fd->btd", h, self.wo[...].astype(self.dtype))
+        if self.bo is not None:
+            y = y + self.bo[...].astype(self.dtype)
+        return checkpoint_name(y, "mlp_out")
+
+
+class Block(nnx.Module):
+    """Pre-LN residual block with attention of one fixed kind: [B, T, D] -> [B, T, D]."""
+
+    def __init__(self, config: ModelConfig, kind: str, *, rngs: nnx.Rngs):
+        self.attention_norm = LayerNorm(config, rngs=rngs)
+        self.attention = Attention(config, kind, rngs=rngs)
+        self.mlp_norm = LayerNorm(config, rngs=rngs)
+        self.mlp = Mlp(config, rngs=rngs)
+        self.dropout_rate = config.dropout_rate
+        self.rules = config.axis_rules
+
+    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        """key: dropout key for this layer, None when deterministic."""
+        keys = (None, None) if key is None else tuple(jax.random.split(key))
+        x = x + _dropout(self.attention(self.attention_norm(x)), self.dropout_rate, keys[0])
+        x = x + _dropout(self.mlp(self.mlp_norm(x)), self.dropout_rate, keys[1])
+        return sharding_lib.constrain(x, _ACT, self.rules)
+
+
+class Period(nnx.Module):
+    """One period of the layer schedule: p blocks of (possibly) different attention kinds, run in order."""
+
+    def __init__(self, config: ModelConfig, kinds: tuple[str, ...], *, rngs: nnx.Rngs):
+        self.blocks = nnx.List([Block(config, kind, rngs=rngs) for kind in kinds])
+
+
+def _remat_policy(config: ModelConfig):
+    if config.remat_policy == "nothing":
+        return jax.checkpoint_policies.nothing_saveable
+    if config.remat_policy == "dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    if config.remat_policy == "names":
+        return jax.checkpoint_policies.save_only_these_names(*config.remat_names)
+    return None
+
+
+def _run_block(block: Block, x: jax.Array, key: jax.Array | None) -> jax.Array:
+    return block(x, key)
+
+
+# --- The model. -------------------------------------------------------------------------------------------
+
+
+class MuseNet(nnx.Module):
+    """Token + feature embeddings, L pre-LN blocks, final LayerNorm, logits over the vocabulary.
+
+    Build with `MuseNet(config, rngs=nnx.Rngs(params=seed))` (anywhere, no mesh needed) or, placed on a
+    mesh, with `init_model(config, mesh, rng)`.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        d, std, table_std = config.d_model, config.init_std, config.init_std / 2
+        vp = config.padded_vocab_size
+        self.token_embed = _param(rngs, (vp, d), std, ("vocab", "embed"), config)
+
+        def table(enabled, rows):
+            return _param(rngs, (rows, d), table_std, ("table", "embed"), config) if enabled else None
+
+        self.position_embed = table(config.use_positional, config.max_len)
+        self.timing_embed = table(config.use_timing, config.timing_buckets)
+        self.chord_embed = table(config.use_chord, config.chord_size)
+        self.part_embed = table(config.use_part, config.part_size)
+        self.countdown_embed = table(config.use_countdown, config.countdown_size)
+
+        kinds = config.layer_kinds()
+        period = config.layer_period()
+        repeats = config.num_layers // period if config.scan_layers else 0
+        if repeats:
+
+            @nnx.split_rngs(splits=repeats)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make_stack(layer_rngs: nnx.Rngs) -> Period:
+                return Period(config, kinds[:period], rngs=layer_rngs)
+
+            self.stack = make_stack(rngs)
+        else:
+            self.stack = None
+        self.num_stacked = repeats * period
+        self.layers = nnx.List(
+            [Block(config, kinds[i], rngs=rngs) for i in range(self.num_stacked, len(kinds))]
+        )
+        self.final_norm = LayerNorm(config, rngs=rngs)
+        self.head = None if config.tie_embeddings else _param(rngs, (d, vp), std, ("embed", "vocab"), config)
+
+    # --- Embedding. ----------------------------------------------------------------------------------
+
+    def _feature(self, features, name: str, shape) -> jax.Array:
+        if features is None or name not in features:
+            raise ValueError(
+                f"feature {name!r} is required by this model (model.use_{name}=True) but was not given"
+            )
+        value = jnp.asarray(features[name], jnp.int32)
+        if value.shape != shape:
+            raise ValueError(f"feature {name!r} has shape {value.shape}, tokens have {shape}")
+        return value
+
+    def embed(self, tokens: jax.Array, features=None, positions=None, mixup_key=None) -> jax.Array:
+        """Summed input embedding, float32[B, T, D] in param dtype (see module doc)."""
+        cfg = self.config
+        table = self.token_embed[...]
+        x = jnp.take(table, tokens, axis=0, mode="clip")
+        if mixup_key is not None and cfg.mixup_prob > 0:
+            k_partner, k_lam, k_apply = jax.random.split(mixup_key, 3)
+            flat = tokens.reshape(-1)
+            partner = flat[jax.random.randint(k_partner, tokens.shape, 0, flat.shape[0])]
+            lam = jax.random.beta(k_lam, cfg.mixup_alpha, cfg.mixup_alpha, tokens.shape + (1,))
+            lam = jnp.maximum(lam, 1.0 - lam)
+            lam = jnp.where(jax.random.bernoulli(k_apply, cfg.mixup_prob, tokens.shape + (1,)), lam, 1.0)
+            x = lam * x + (1.0 - lam) * jnp.take(table, partner, axis=0, mode="clip")
+        if self.position_embed is not None:
+            if positions is None:
+                positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+            x = x + jnp.take(self.position_embed[...], positions, axis=0, mode="clip")
+        lookups = (
+            (self.timing_embed, "timing", lambda t: t // cfg.timing_bucket_units),
+            (self.chord_embed, "chord", lambda c: c),
+            (self.part_embed, "part", lambda p: p),
+            (self.countdown_embed, "countdown", lambda c: c),
+        )
+        for param, name, to_row in lookups:
+            if param is not None:
+                rows = to_row(self._feature(features, name, tokens.shape))
+                # mode="clip": values past the table (and negatives) share its last (first) row.
+                x = x + jnp.take(param[...], rows, axis=0, mode="clip")
+        return x
+
+    # --- Forward. ------------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        features: Mapping[str, jax.Array] | None = None,
+        *,
+        positions: jax.Array | None = None,
+        deterministic: bool = True,
+        rng: jax.Array | None = None,
+        return_hidden: bool = False,
+    ):
+        """Next-token logits.
+
+        Args:
+          tokens: int32[B, T] token ids, T <= max_len.
+          features: dict of int32[B, T]: 'timing' (time units), 'chord', 'part', 'countdown'; only the
+            enabled embeddings' entries are read.
+          positions: int32[B, T] or [1, T] positions for the positional table (default 0..T-1).
+          deterministic: False in training (dropout, mixup); then `rng` (a PRNG key) is needed if
+            dropout_rate or mixup_prob is non-zero.
+          return_hidden: also return the final-LayerNorm output.
+        Returns:
+          logits float32[B, T, V]; with return_hidden, (logits, hidden [B, T, D] in compute dtype).
+        """
+        cfg = self.config
+        tokens = jnp.asarray(tokens, jnp.int32)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
+        if positions is None and tokens.shape[1] > cfg.max_len:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds model.max_len={cfg.max_len}")
+        stochastic = not deterministic and (cfg.dropout_rate > 0 or cfg.mixup_prob > 0)
+        if stochastic and rng is None:
+            raise ValueError("deterministic=False with dropout or mixup needs an rng key")
+        if stochastic:
+            k_mix, k_embed, k_layers = jax.random.split(rng, 3)
+            layer_keys = jax.random.split(k_layers, cfg.num_layers)
+        else:
+            k_mix = k_embed = layer_keys = None
+
+        x = self.embed(tokens, features, positions, k_mix)
+        x = _dropout(x, cfg.dropout_rate, k_embed).astype(cfg.compute_dtype)
+        x = sharding_lib.constrain(x, _ACT, cfg.axis_rules)
+
+        policy = _remat_policy(cfg)
+        if self.stack is not None:
+            x = self._run_stack(x, None if layer_keys is None else layer_keys[: self.num_stacked], policy)
+        run = _run_block if cfg.remat_policy == "off" else nnx.remat(_run_block, policy=policy)
+        for i, block in enumerate(self.layers):
+            x = run(block, x, None if layer_keys is None else layer_keys[self.num_stacked + i])
+
+        hidden = self.final_norm(x)
+        table = self.head[...] if self.head is not None else self.token_embed[...].T  # [D, Vp]
+        logits = jnp.einsum(
+            "btd,dv->btv", hidden, table.astype(cfg.compute_dtype), preferred_element_type=jnp.float32
+        )
+        if cfg.padded_vocab_size != cfg.vocab_size:
+            logits = logits[..., : cfg.vocab_size]
+        logits = sharding_lib.constrain(logits, ("batch", "length", "vocab"), cfg.axis_rules)
+        return (logits, hidden) if return_hidden else logits
+
+    def _run_stack(self, x: jax.Array, keys: jax.Array | None, policy) -> jax.Array:
+        """Scans the stacked periods over x; keys: [L_stacked] dropout keys or None."""
+        cfg = self.config
+        period = len(self.stack.blocks)
+        if keys is not None:
+            keys = keys.reshape(-1, period)  # [repeats, p]: row r holds the keys of layers r*p .. r*p+p-1
+        # Inside scan, CSE across iterations is already impossible, so prevent_cse only costs speed.
+        run = (
+            _run_block
+            if cfg.remat_policy == "off"
+            else nnx.remat(_run_block, policy=policy, prevent_cse=False)
+        )
+
+        @nnx.scan(
+            in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"}
+        )
+        def body(x, period_module: Period, period_keys):
+            for j, block in enumerate(period_module.blocks):
+                x = run(block, x, None if period_keys is None else period_keys[j])
+            return x
+
+        return body(x, self.stack, keys)
+
+
+# --- Creation on a mesh. ----------------------------------------------------------------------------------
+
+
+def _as_key(rng) -> jax.Array:
+    return jax.random.key(rng) if isinstance(rng, int) else rng
+
+
+def abstract_model(config: ModelConfig, mesh: jax.sharding.Mesh | None = None):
+    """(graphdef, abstract state) without allocating: ShapeDtypeStructs, with shardings when mesh is given."""
+    abstract = nnx.eval_shape(lambda: MuseNet(config, rngs=nnx.Rngs(params=0)))
+    graphdef, state = nnx.split(abstract)
+    if mesh is not None:
+        state = sharding_lib.abstract_with_shardings(state, mesh, config.axis_rules)
+    return graphdef, state
+
+
+def init_model(config: ModelConfig, mesh: jax.sharding.Mesh, rng: int | jax.Array = 0) -> MuseNet:
+    """A freshly initialised model whose parameters are created already sharded on `mesh`.
+
+    eval_shape gives the state's structure, the rules turn its logical axes into NamedShardings, and
+    a jitted init with those out_shardings materialises each shard on its device (never a full copy
+    on one device first, which matters when the model does not fit one device).
+    """
+    graphdef, abstract_state = abstract_model(config, mesh)
+    shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+
+    @functools.partial(jax.jit, out_shardings=shardings)
+    def create(key):
+        return nnx.state(MuseNet(config, rngs=nnx.Rngs(params=key)))
+
+    with jax.set_mesh(mesh):
+        state = create(_as_key(rng))
+    return nnx.merge(graphdef, state)
+
+
+def _per_layer_params(config: ModelConfig, params: Mapping) -> list:
+    """The L per-layer parameter dicts of a pure-dict state laid out as `config` lays it out."""
+    period = config.layer_period()
+    num_stacked = (config.num_layers // period) * period if config.scan_layers else 0
+    layers = []
+    for i in range(config.num_layers):
+        if i < num_stacked:
+            r, j = divmod(i, period)
+            layers.append(jax.tree.map(lambda a, r=r: a[r], params["stack"]["blocks"][j]))
+        else:
+            layers.append(params["layers"][i - num_stacked])  # (an empty List has no key at all)
+    return layers
+
+
+def convert_layout(params: Mapping, src: ModelConfig, dst: ModelConfig) -> dict:
+    """Re-lays a pure-dict state (`nnx.to_pure_dict`) from `src`'s layer layout to `dst`'s.
+
+    For moving weights between scanned / unrolled models (or another period split of the same
+    schedule); load the result with `nnx.replace_by_pure_dict(nnx.state(dst_model), out)`.
+    """
+    if src.layer_kinds() != dst.layer_kinds():
+        raise ValueError("convert_layout needs the same per-layer attention kinds in both configs")
+    layers = _per_layer_params(src, params)
+    out = {k: v for k, v in params.items() if k not in ("stack", "layers")}
+    period = dst.layer_period()
+    repeats = dst.num_layers // period if dst.scan_layers else 0
+    if repeats:
+        out["stack"] = {
+            "blocks": {
+                j: jax.tree.map(lambda *xs: jnp.stack(xs), *[layers[r * period + j] for r in range(repeats)])
+                for j in range(period)
+            }
+        }
+    tail = layers[repeats * period :]
+    if tail:  # nnx.to_pure_dict leaves out an empty List, so mirror that.
+        out["layers"] = dict(enumerate(tail))
+    return out
+
+
+def count_params(tree) -> int:
+    """Number of parameter scalars in a model, State or abstract State (nnx.Param only)."""
+    state = nnx.state(tree, nnx.Param) if isinstance(tree, nnx.Module) else tree
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(state))

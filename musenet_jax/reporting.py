@@ -1,0 +1,90 @@
+"""What a training run tells its user: TensorBoard scalars (also appended to `metrics.jsonl`, one JSON
+object per report) and a one-line progress report with an ETA.
+
+Only process 0 writes (every process may call these; others do nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def format_count(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+class Reporter:
+    """TensorBoard scalars under `workdir/tensorboard` and progress lines on stdout.
+
+    Args:
+      workdir: run directory.
+      total_steps: the run length, for the ETA.
+      enabled: whether this process writes (process 0 only).
+    """
+
+    def __init__(self, workdir: str, total_steps: int, enabled: bool = True):
+        self.total_steps = total_steps
+        self.enabled = enabled
+        self._writer = None
+        self._jsonl = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115 -- closed in close()
+        self._t0 = None
+        self._step0 = None
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self._writer:
+            return
+        for name, value in values.items():
+            self._writer.add_scalar(name, float(value), step)
+        self._jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+        self._jsonl.flush()
+
+    def start(self, step: int) -> None:
+        """Marks where timing for the ETA starts (after compilation, ideally)."""
+        self._t0, self._step0 = time.perf_counter(), step
+
+    def progress(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        parts = [f"step {step}/{self.total_steps}"]
+        for name, fmt in (("train/loss", "loss {:.3f}"), ("train/bits_per_token", "bits/token {:.3f}"),
+                          ("eval/bits_per_token", "val bits/token {:.3f}"), ("train/learning_rate", "lr {:.2e}"),
+                          ("train/grad_norm", "|g| {:.2f}")):
+            if name in values:
+                parts.append(fmt.format(values[name]))
+        if "perf/tokens_per_second" in values:
+            parts.append(f"{format_count(values['perf/tokens_per_second'])} tok/s")
+        if "perf/mfu" in values:
+            parts.append(f"MFU {100 * values['perf/mfu']:.1f}%")
+        if self._t0 is not None and step > self._step0:
+            rate = (time.perf_counter() - self._t0) / (step - self._step0)
+            parts.append(f"ETA {format_duration(rate * (self.total_steps - step))}")
+        print(" | ".join(parts), flush=True)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._writer:
+            self._writer.flush()
+            self._writer.close()
+            self._jsonl.close()
+            self._writer = None

@@ -1,0 +1,298 @@
+"""Training and evaluation: `train_and_evaluate(config, workdir, data_dir)`.
+
+Reads top to bottom: mesh, input, model and optimizer, steps, checkpoint, evaluation, loop. The steps
+are pure module-level functions, jitted with explicit shardings and donation of the train state.
+
+The train state is the nnx state of `(model, optimizer)`: parameters and optimizer moments carry the
+model's logical axes, so one rule table shards both (FSDP splits moments like the parameters).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from data_pipeline import datasets
+from data_pipeline import input_pipeline as input_lib
+from data_pipeline.vocab import Vocab
+from musenet_jax import evaluation
+from musenet_jax import flops as flops_lib
+from musenet_jax import losses
+from musenet_jax import model as model_lib
+from musenet_jax import optim
+from musenet_jax import reporting
+from musenet_jax import sharding as sharding_lib
+
+FEATURES = ("timing", "chord", "part", "countdown")
+
+
+class TrainingError(ValueError):
+    """A run that cannot start or go on (mismatched checkpoint, non-finite loss...); one-line message."""
+
+
+# -- input -----------------------------------------------------------------------------------------
+def input_config(config: ml_collections.ConfigDict, process_count: int) -> input_lib.InputConfig:
+    """The per-process input settings from the run config's `data` and `train` sections."""
+    if config.train.batch_size % process_count:
+        raise TrainingError(f"train.batch_size={config.train.batch_size} is not divisible by the "
+                            f"{process_count} processes")
+    fields = {f.name for f in dataclasses.fields(input_lib.InputConfig)}
+    overrides = {k: v for k, v in config.data.items() if k in fields}
+    return input_lib.InputConfig(**{**overrides, "batch_size": config.train.batch_size // process_count,
+                                    "seed": config.seed})
+
+
+def global_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
+    """This process's rows -> global arrays sharded over the batch axes of the mesh."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+# -- steps -----------------------------------------------------------------------------------------
+def _loss_sums(params, graphdef, rest, batch, rng, deterministic: bool):
+    """(summed loss in nats, scored tokens) of a batch for pure `params`."""
+    model = nnx.merge(graphdef, params, rest)
+    features = {k: batch[k] for k in FEATURES}
+    logits = model(batch["inputs"], features, deterministic=deterministic, rng=rng)
+    return losses.masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+
+
+def train_step(state, batch, rng, *, graphdef, microbatches: int, schedule):
+    """One optimizer update on a global batch.
+
+    Args:
+      state: nnx state of (model, optimizer).
+      batch: dict of [B, T] arrays (`input_pipeline.BATCH_KEYS`).
+      rng: PRNG key for dropout / mixup of this step.
+      graphdef: static graph of (model, optimizer).
+      microbatches: gradient accumulation: the batch is split into this many slices whose gradients are
+        summed before the update (the loss is normalised by the scored tokens of the whole batch).
+      schedule: learning-rate schedule, for reporting.
+    Returns:
+      (new state, metrics dict of float32 scalars).
+    """
+    model, optimizer = nnx.merge(graphdef, state)
+    model_def, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_sums(p, mb, key):
+        return _loss_sums(p, model_def, rest, mb, key, False)
+
+    # Differentiate the summed loss and divide once by the scored tokens of the whole batch, so any
+    # split into micro-batches gives the same update.
+    value_and_grad = jax.value_and_grad(loss_sums, has_aux=True)
+    keys = jax.random.split(rng, microbatches)
+    if microbatches == 1:
+        (loss_sum, count), grads = value_and_grad(params, batch, keys[0])
+    else:
+        split = jax.tree.map(lambda x: x.reshape(microbatches, -1, *x.shape[1:]), batch)
+
+        def micro(carry, xs):
+            acc, loss_sum, count = carry
+            (l, n), g = value_and_grad(params, *xs)
+            return (jax.tree.map(jnp.add, acc, g), loss_sum + l, count + n), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, loss_sum, count), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)), (split, keys))
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    grad_norm = optax.tree.norm(grads)
+    step = optimizer.step[...]
+    optimizer.update(model, grads)
+    loss = loss_sum / denom
+    metrics = {"train/loss": loss, "train/bits_per_token": losses.bits(loss), "train/grad_norm": grad_norm,
+               "train/learning_rate": schedule(step), "train/scored_tokens": count}
+    return nnx.state((model, optimizer)), metrics
+
+
+def eval_step(state, batch, *, graphdef):
+    """(summed loss in nats, scored tokens) of one eval batch, deterministic."""
+    model, _ = nnx.merge(graphdef, state)
+    model_def, params, rest = nnx.split(model, nnx.Param, ...)
+    return _loss_sums(params, model_def, rest, batch, None, True)
+
+
+# -- checkpoint ------------------------------------------------------------------------------------
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.checkpoint.max_to_keep, enable_async_checkpointing=config.checkpoint.async_save,
+        create=True)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+
+
+def _config_json(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def save_checkpoint(manager, step: int, state, train_iter, config, vocab: Vocab) -> None:
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
+        data=grain.checkpoint.CheckpointSave(train_iter),
+        config=ocp.args.JsonSave(_config_json(config)),
+        vocab=ocp.args.JsonSave(json.loads(vocab.to_json()))))
+
+
+def restore_checkpoint(manager, step: int, abstract_state, train_iter, config, vocab: Vocab):
+    """Restores state (resharded onto the shardings of `abstract_state`) and the data iterator."""
+    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
+                                                          vocab=ocp.args.JsonRestore()))
+    if saved.vocab != json.loads(vocab.to_json()):
+        raise TrainingError(f"checkpoint at step {step} was trained on a different vocabulary "
+                            f"(size {saved.vocab.get('size')}, this data has {vocab.size})")
+    if saved.config.get("model") != _config_json(config).get("model"):
+        raise TrainingError(f"checkpoint at step {step} has a different model config; use a new --workdir "
+                            "or the checkpoint's config")
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                          nnx.to_pure_dict(abstract_state))
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(train_iter)))
+    state = jax.tree.map(lambda x: x, abstract_state)
+    nnx.replace_by_pure_dict(state, restored.state)
+    return state
+
+
+# -- the run ---------------------------------------------------------------------------------------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir: str) -> dict[str, Any]:
+    """Trains `config` on the dataset in `data_dir`, checkpointing and evaluating in `workdir`.
+
+    Resumes from the newest checkpoint in `workdir` if there is one. Returns the final metrics
+    (last train metrics, last validation bits/token and the unigram baseline).
+    """
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+
+    # Mesh.
+    mesh = sharding_lib.mesh_from_config(config.mesh)
+
+    # Input.
+    vocab = datasets.load_vocab(data_dir, config.data.name)
+    train_source = datasets.data_source(data_dir, config.data.name, config.data.train_split)
+    eval_source = datasets.data_source(data_dir, config.data.name, config.data.eval_split)
+    in_config = input_config(config, jax.process_count())
+    train_iter = input_lib.make_train_iterator(train_source, vocab, in_config)
+    batch_sharding = sharding_lib.data_sharding(mesh, batch_size=config.train.batch_size)
+
+    # Model and optimizer.
+    model_config = model_lib.ModelConfig.from_config_dict(config.model, vocab_size=vocab.size)
+    if config.data.seq_len > model_config.max_len:
+        raise TrainingError(f"data.seq_len={config.data.seq_len} exceeds model.max_len={model_config.max_len}")
+    schedule = optim.learning_rate_schedule(config.train)
+    tx = optim.make_optimizer(config.train)
+
+    def create(key):
+        model = model_lib.MuseNet(model_config, rngs=nnx.Rngs(params=key))
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: create(jax.random.key(0))))
+    state_shardings = sharding_lib.state_shardings(abstract_state, mesh, model_config.axis_rules)
+    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  abstract_state, state_shardings)
+
+    # Steps.
+    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    batch_shardings = {k: batch_sharding for k in input_lib.BATCH_KEYS}
+    p_train_step = jax.jit(
+        functools.partial(train_step, graphdef=graphdef, microbatches=config.train.microbatches,
+                          schedule=schedule),
+        in_shardings=(state_shardings, batch_shardings, repl), out_shardings=(state_shardings, repl),
+        donate_argnums=0)
+    p_eval_step = jax.jit(functools.partial(eval_step, graphdef=graphdef),
+                          in_shardings=(state_shardings, batch_shardings), out_shardings=repl)
+
+    # Checkpoint: resume from the newest one, else initialise.
+    manager = checkpoint_manager(workdir, config)
+    reporter = reporting.Reporter(workdir, config.train.total_steps, enabled=is_main)
+    start_step = manager.latest_step() or 0
+    with jax.set_mesh(mesh):
+        if start_step:
+            state = restore_checkpoint(manager, start_step, abstract_state, train_iter, config, vocab)
+            reporter.message(f"resumed from {workdir} at step {start_step}")
+        else:
+            init = jax.jit(lambda key: nnx.state(create(key)), out_shardings=state_shardings)
+            state = init(jax.random.key(config.seed))
+    if is_main:
+        vocab.save(os.path.join(workdir, "vocab.json"))
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(_config_json(config), f, indent=2)
+
+    # Evaluation.
+    def evaluate() -> float:
+        eval_batches = input_lib.make_eval_batches(eval_source, vocab, config.data.seq_len, config.eval.batch_size
+                                                   // jax.process_count())
+        total, count = 0.0, 0.0
+        with jax.set_mesh(mesh):
+            for i, batch in enumerate(eval_batches):
+                if config.eval.max_batches and i >= config.eval.max_batches:
+                    break
+                loss_sum, n = p_eval_step(state, global_batch(batch, eval_sharding))
+                total, count = total + float(loss_sum), count + float(n)
+        return losses.bits(total / max(count, 1.0))
+
+    eval_sharding = sharding_lib.data_sharding(mesh, batch_size=config.eval.batch_size)
+    unigram = evaluation.unigram_bits_per_token(train_source, eval_source, vocab)
+    reporter.message(f"model: {model_lib.count_params(nnx.to_pure_dict(abstract_state)[0]):,} parameters; "
+                     f"mesh {dict(mesh.shape)}; unigram baseline {unigram:.3f} bits/token")
+
+    # Loop.
+    flops_per_token = flops_lib.train_flops_per_token(model_config, config.data.seq_len)
+    peak = config.train.get("peak_flops_per_device", 0.0) * jax.device_count()
+    tokens_per_step = config.train.batch_size * config.data.seq_len
+    rng = jax.random.key(config.seed + 1)
+    metrics: dict[str, float] = {}
+    last_eval = math.nan
+    t_last, step_last = time.perf_counter(), start_step
+    for step in range(start_step, config.train.total_steps):
+        batch = global_batch(next(train_iter), batch_sharding)
+        with jax.set_mesh(mesh):
+            state, step_metrics = p_train_step(state, batch, jax.random.fold_in(rng, step))
+        done = step + 1
+        host = {k: float(v) for k, v in step_metrics.items()}
+        if not (math.isfinite(host["train/loss"]) and math.isfinite(host["train/grad_norm"])):
+            manager.wait_until_finished()
+            kept = manager.latest_step()
+            reporter.close()
+            raise TrainingError(f"non-finite loss or gradient at step {done} (loss={host['train/loss']}, "
+                                f"grad_norm={host['train/grad_norm']}); stopped, last good checkpoint: "
+                                f"{'step ' + str(kept) if kept else 'none'}")
+        if step == start_step:
+            reporter.start(done)  # ETA timing starts after the first (compiling) step
+            t_last, step_last = time.perf_counter(), done
+        if done % config.train.log_every == 0 or done == config.train.total_steps:
+            elapsed = time.perf_counter() - t_last
+            if done > step_last and elapsed > 0:
+                tps = tokens_per_step * (done - step_last) / elapsed
+                host["perf/tokens_per_second"] = tps
+                if peak:
+                    host["perf/mfu"] = tps * flops_per_token / peak
+            t_last, step_last = time.perf_counter(), done
+            metrics = host
+            reporter.scalars(done, host)
+            reporter.progress(done, host)
+        if done % config.eval.every_steps == 0 or done == config.train.total_steps:
+            last_eval = evaluate()
+            reporter.scalars(done, {"eval/bits_per_token": last_eval, "eval/unigram_bits_per_token": unigram})
+            reporter.message(f"step {done}: validation {last_eval:.3f} bits/token (unigram baseline "
+                             f"{unigram:.3f})")
+        if done % config.checkpoint.every_steps == 0 or done == config.train.total_steps:
+            save_checkpoint(manager, done, state, train_iter, config, vocab)
+    manager.wait_until_finished()
+    manager.close()
+    reporter.close()
+    result = {**metrics, "eval/bits_per_token": last_eval, "eval/unigram_bits_per_token": unigram,
+              "step": config.train.total_steps}
+    if is_main:
+        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+            json.dump(result, f, indent=2)
+    return result
