@@ -44,7 +44,7 @@ class Reporter:
             from tensorboardX import SummaryWriter
 
             self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115 -- closed in close()
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
         self._t0 = None
         self._step0 = None
 

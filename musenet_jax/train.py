@@ -29,12 +29,9 @@ from flax import nnx
 from data_pipeline import datasets
 from data_pipeline import input_pipeline as input_lib
 from data_pipeline.vocab import Vocab
-from musenet_jax import evaluation
+from musenet_jax import evaluation, losses, optim, reporting
 from musenet_jax import flops as flops_lib
-from musenet_jax import losses
 from musenet_jax import model as model_lib
-from musenet_jax import optim
-from musenet_jax import reporting
 from musenet_jax import sharding as sharding_lib
 
 FEATURES = ("timing", "chord", "part", "countdown")
@@ -101,8 +98,8 @@ def train_step(state, batch, rng, *, graphdef, microbatches: int, schedule):
 
         def micro(carry, xs):
             acc, loss_sum, count = carry
-            (l, n), g = value_and_grad(params, *xs)
-            return (jax.tree.map(jnp.add, acc, g), loss_sum + l, count + n), None
+            (mb_loss, mb_count), g = value_and_grad(params, *xs)
+            return (jax.tree.map(jnp.add, acc, g), loss_sum + mb_loss, count + mb_count), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
         (grads, loss_sum, count), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)), (split, keys))
