@@ -121,6 +121,41 @@ def eval_step(state, batch, *, graphdef):
     return _loss_sums(params, model_def, rest, batch, None, True)
 
 
+def abstract_train_state(model_config: model_lib.ModelConfig, tx: optax.GradientTransformation,
+                         mesh: jax.sharding.Mesh):
+    """(graphdef, abstract state with target shardings, shardings) of `(model, optimizer)`, nothing allocated."""
+
+    def create(key):
+        model = model_lib.MuseNet(model_config, rngs=nnx.Rngs(params=key))
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: create(jax.random.key(0))))
+    shardings = sharding_lib.state_shardings(abstract, mesh, model_config.axis_rules)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return graphdef, abstract, shardings
+
+
+def init_train_state(model_config, tx, mesh, seed: int):
+    """A fresh `(model, optimizer)` state created directly in its shards (jitted init with out_shardings)."""
+    _, _, shardings = abstract_train_state(model_config, tx, mesh)
+
+    def create(key):
+        model = model_lib.MuseNet(model_config, rngs=nnx.Rngs(params=key))
+        return nnx.state((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
+
+    with jax.set_mesh(mesh):
+        return jax.jit(create, out_shardings=shardings)(jax.random.key(seed))
+
+
+def jit_train_step(graphdef, state_shardings, batch_sharding, *, microbatches: int, schedule):
+    """`train_step` jitted with explicit shardings; the old state is donated."""
+    repl = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+    batch_shardings = {k: batch_sharding for k in input_lib.BATCH_KEYS}
+    return jax.jit(functools.partial(train_step, graphdef=graphdef, microbatches=microbatches, schedule=schedule),
+                   in_shardings=(state_shardings, batch_shardings, repl), out_shardings=(state_shardings, repl),
+                   donate_argnums=0)
+
+
 # -- checkpoint ------------------------------------------------------------------------------------
 def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
@@ -188,23 +223,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
     schedule = optim.learning_rate_schedule(config.train)
     tx = optim.make_optimizer(config.train)
 
-    def create(key):
-        model = model_lib.MuseNet(model_config, rngs=nnx.Rngs(params=key))
-        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: create(jax.random.key(0))))
-    state_shardings = sharding_lib.state_shardings(abstract_state, mesh, model_config.axis_rules)
-    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  abstract_state, state_shardings)
+    graphdef, abstract_state, state_shardings = abstract_train_state(model_config, tx, mesh)
 
     # Steps.
+    p_train_step = jit_train_step(graphdef, state_shardings, batch_sharding, microbatches=config.train.microbatches,
+                                  schedule=schedule)
     repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch_shardings = {k: batch_sharding for k in input_lib.BATCH_KEYS}
-    p_train_step = jax.jit(
-        functools.partial(train_step, graphdef=graphdef, microbatches=config.train.microbatches,
-                          schedule=schedule),
-        in_shardings=(state_shardings, batch_shardings, repl), out_shardings=(state_shardings, repl),
-        donate_argnums=0)
     p_eval_step = jax.jit(functools.partial(eval_step, graphdef=graphdef),
                           in_shardings=(state_shardings, batch_shardings), out_shardings=repl)
 
@@ -217,8 +242,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
             state = restore_checkpoint(manager, start_step, abstract_state, train_iter, config, vocab)
             reporter.message(f"resumed from {workdir} at step {start_step}")
         else:
-            init = jax.jit(lambda key: nnx.state(create(key)), out_shardings=state_shardings)
-            state = init(jax.random.key(config.seed))
+            state = init_train_state(model_config, tx, mesh, config.seed)
     if is_main:
         vocab.save(os.path.join(workdir, "vocab.json"))
         with open(os.path.join(workdir, "config.json"), "w") as f:

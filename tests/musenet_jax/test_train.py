@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 import subprocess
@@ -95,20 +94,12 @@ def test_non_finite_loss_stops_with_a_kept_checkpoint(data_dir, tmp_path):
 
 def _one_step(mesh, model_config, batch, train_config, microbatches=1):
     tx = optim.make_optimizer(train_config)
-
-    def create(key):
-        model = model_lib.MuseNet(model_config, rngs=nnx.Rngs(params=key))
-        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: create(jax.random.key(0))))
-    shardings = sharding_lib.state_shardings(abstract, mesh, model_config.axis_rules)
+    graphdef, _, shardings = train.abstract_train_state(model_config, tx, mesh)
+    state = train.init_train_state(model_config, tx, mesh, seed=0)
     batch_sharding = sharding_lib.data_sharding(mesh, batch_size=batch["inputs"].shape[0])
+    step = train.jit_train_step(graphdef, shardings, batch_sharding, microbatches=microbatches,
+                                schedule=optim.learning_rate_schedule(train_config))
     with jax.set_mesh(mesh):
-        state = jax.jit(lambda k: nnx.state(create(k)), out_shardings=shardings)(jax.random.key(0))
-        step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, microbatches=microbatches,
-                                         schedule=optim.learning_rate_schedule(train_config)),
-                       in_shardings=(shardings, {k: batch_sharding for k in batch}, None),
-                       out_shardings=(shardings, None), donate_argnums=0)
         arrays = {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
         state, metrics = step(state, arrays, jax.random.key(1))
     return jax.device_get(nnx.to_pure_dict(state)), jax.device_get(metrics)
