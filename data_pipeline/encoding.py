@@ -152,15 +152,22 @@ def score_to_notes(score: midi_io.RawScore, vocab: Vocab) -> tuple[Notes, Stats]
                           * units_per_second)
     start, end = both[:n], both[n:]
 
+    # take(mode="clip") clips out-of-range programs to 0..127 as np.clip would, in one call.
     instrument = np.where(score.is_drum, vocab.drums_index,
-                          vocab.instruments.program_class[np.clip(score.program, 0, 127)])
+                          vocab.instruments.program_class.take(score.program, mode="clip"))
     pitch, velocity = score.pitch, score.velocity
-    keep = (velocity > 0) & ((pitch >= cfg.pitch_min) & (pitch <= cfg.pitch_max) | score.is_drum)
-    keep &= (pitch >= 0) & (pitch <= 127)
-    stats.dropped_pitch_range = int((~keep).sum())
-    notes = canonical_notes(Notes(instrument[keep].astype(np.int32), pitch[keep].astype(np.int32),
-                                  velocity[keep].astype(np.int32), start[keep], end[keep]), vocab)
-    stats.merged_attacks = int(keep.sum()) - len(notes)
+    keep = (velocity > 0) & (pitch >= 0) & (pitch <= 127)
+    if cfg.pitch_min > 0 or cfg.pitch_max < 127:  # drums keep their whole 0..127 range
+        keep &= (pitch >= cfg.pitch_min) & (pitch <= cfg.pitch_max) | score.is_drum
+    kept = int(np.count_nonzero(keep))
+    stats.dropped_pitch_range = n - kept
+    columns = (instrument, pitch, velocity, start, end)
+    if kept < n:  # most files drop nothing: skip five gathers
+        columns = tuple(c[keep] for c in columns)
+    instrument, pitch, velocity, start, end = columns
+    notes = canonical_notes(Notes(instrument.astype(np.int32, copy=False), pitch.astype(np.int32, copy=False),
+                                  velocity.astype(np.int32, copy=False), start, end), vocab)
+    stats.merged_attacks = kept - len(notes)
     stats.notes_out = len(notes)
     return notes, stats
 
@@ -186,9 +193,9 @@ def canonical_notes(notes: Notes, vocab: Vocab) -> Notes:
     new_component = np.empty(len(key), bool)
     new_component[0] = True
     new_component[1:] = ~same_key_prev | (start[1:] >= reach[:-1])
-    comp_id = np.cumsum(new_component) - 1
-    starts = np.flatnonzero(new_component)
-    comp_end = reach[np.append(starts[1:] - 1, len(key) - 1)]
+    comp_id = new_component.cumsum() - 1
+    # `reach` only grows along a run, so its maximum is the run's end.
+    comp_end = np.maximum.reduceat(reach, new_component.nonzero()[0])
 
     # Several attacks of one key in one unit: keep the first (loudest).
     attack = np.empty(len(key), bool)
@@ -227,31 +234,34 @@ def encode_notes(notes: Notes, vocab: Vocab, label: str | None = None,
     if not canonical:
         notes = canonical_notes(notes, vocab)
     n = len(notes)
-    drums = notes.instrument == vocab.drums_index
-    vbin = vocab.velocity_bin(notes.velocity)
-    key = notes.instrument.astype(np.int64) * 128 + notes.pitch
-
-    # Releases: pitched notes whose key is not re-attacked exactly at their end time.
-    by_key = np.argsort((key << _KEY_SHIFT) | notes.start, kind="stable")
-    k_sorted, s_sorted, e_sorted = key[by_key], notes.start[by_key], notes.end[by_key]
-    reattacked = np.zeros(n, bool)
-    reattacked[:-1] = (k_sorted[1:] == k_sorted[:-1]) & (s_sorted[1:] == e_sorted[:-1])
-    released = np.empty(n, bool)
-    released[by_key] = ~reattacked
-    released &= ~drums
-
-    # Pitched rows get note-on ids, drum rows drum ids (the other formula's value is discarded).
-    on_ids = np.where(drums, vocab.drum(notes.pitch, vbin), vocab.note_on(notes.instrument, vbin, notes.pitch))
-    off_ids = vocab.note_off(notes.instrument[released], notes.pitch[released])
-    times = np.concatenate([notes.start, notes.end[released]])
-    ids = np.concatenate([on_ids, off_ids]).astype(np.int32)
-    # Event order: time, then releases before attacks, then (instrument, pitch).
-    phase = np.concatenate([np.full(n, 1 << 15, np.int64), np.zeros(len(off_ids), np.int64)])
-    order = np.argsort((times << 16) | phase | np.concatenate([key, key[released]]), kind="stable")
-    times, ids = times[order], ids[order]
-
-    instruments = tuple(np.unique(notes.instrument).tolist())
+    present = np.zeros(vocab.instruments.num_classes, bool)
+    present[notes.instrument] = True
+    instruments = tuple(np.flatnonzero(present).tolist())
     prefix = vocab.prefix(label, instruments)
+    if n == 0:
+        return EncodedPiece(tokens=np.append(prefix, np.int32(END)), prefix_len=len(prefix),
+                            duration_units=0, instruments=instruments, num_notes=0, stats=Stats())
+    key = notes.instrument.astype(np.int64) * 128 + notes.pitch
+    start, end = notes.start.astype(np.int64, copy=False), notes.end.astype(np.int64, copy=False)
+
+    # Releases: pitched notes whose key is not re-attacked exactly at their end time. Canonical notes
+    # are sorted by (start, key), one attack per (start, key), so a binary search for each note's
+    # (end, key) among the attacks' (start, key) finds the re-attacks.
+    attack_at = (start << 15) | key
+    release_at = (end << 15) | key
+    reattacked = attack_at[np.minimum(np.searchsorted(attack_at, release_at), n - 1)] == release_at
+    released = ~reattacked & (notes.instrument != vocab.drums_index)
+
+    # Every event as one int64 code, (time, event index) with the index of `vocab.event_ids` in the
+    # low bits: releases (phase 0) sort before attacks (phase 1), each group by (instrument, pitch).
+    # The codes are unique, so a plain sort orders the events and the table gives their ids.
+    num_keys, num_bins = vocab.instruments.num_classes * 128, vocab.config.velocity_bins
+    bits = (2 * num_keys * num_bins - 1).bit_length()
+    attacks = (start << bits) | ((num_keys + key) * num_bins + vocab.velocity_bin(notes.velocity))
+    releases = (end[released] << bits) | (key[released] * num_bins)
+    events = np.sort(np.concatenate([releases, attacks]))
+    times, ids = events >> bits, vocab.event_ids[events & ((1 << bits) - 1)]
+
     body, duration = _interleave_waits(times, ids, vocab.config.max_wait, vocab)
     tokens = np.concatenate([prefix, body, [END]]).astype(np.int32)
     return EncodedPiece(tokens=tokens, prefix_len=len(prefix), duration_units=duration,
@@ -260,26 +270,27 @@ def encode_notes(notes: Notes, vocab: Vocab, label: str | None = None,
 
 def _interleave_waits(times: np.ndarray, ids: np.ndarray, max_wait: int, vocab: Vocab):
     """Sorted event times and ids -> body tokens with `wait:N` before each new time."""
-    if len(times) == 0:
+    n = len(times)
+    if n == 0:
         return np.zeros(0, np.int32), 0
-    new_time = np.concatenate([[True], times[1:] != times[:-1]])
-    group_time = times[new_time]
-    gaps = np.diff(np.concatenate([[0], group_time]))
-    n_waits = gaps // max_wait + (gaps % max_wait > 0)
-    cum_waits = np.cumsum(n_waits)
-    group_of_event = np.cumsum(new_time) - 1
-    total = len(ids) + int(cum_waits[-1])
-    out = np.empty(total, np.int32)
-    out[np.arange(len(ids)) + cum_waits[group_of_event]] = ids
-
-    first_event = np.nonzero(new_time)[0]
-    wait_group = np.repeat(np.arange(len(gaps)), n_waits)
-    within = np.arange(int(cum_waits[-1])) - (cum_waits - n_waits)[wait_group]
-    wait_pos = first_event[wait_group] + (cum_waits - n_waits)[wait_group] + within
-    full = within < gaps[wait_group] // max_wait
-    units = np.where(full, max_wait, gaps[wait_group] % max_wait)
-    out[wait_pos] = vocab.wait(units)
-    return out, int(group_time[-1])
+    # A step (the events at one time) follows its gap in ceil(gap / max_wait) waits: `wait:max_wait`
+    # tokens but the last, `wait:((gap - 1) % max_wait + 1)`. Only a first step at time 0 has none.
+    first = np.empty(n, bool)
+    first[0] = True
+    np.not_equal(times[1:], times[:-1], out=first[1:])
+    first_event = first.nonzero()[0]
+    step_time = times[first_event]
+    gaps = step_time.copy()
+    gaps[1:] -= step_time[:-1]
+    # Each event moves right by the waits written up to and including its step.
+    shift = np.zeros(n, np.int64)
+    shift[first_event] = -(-gaps // max_wait)
+    position = np.arange(n) + shift.cumsum()
+    out = np.full(int(position[-1]) + 1, vocab.wait_base + max_wait - 1, np.int32)  # `wait:max_wait`
+    out[position] = ids
+    waited = 1 if gaps[0] == 0 else 0
+    out[position[first_event[waited:]] - 1] = vocab.wait_base + (gaps[waited:] - 1) % max_wait
+    return out, int(step_time[-1])
 
 
 # -- tokens -> notes -------------------------------------------------------------------------------

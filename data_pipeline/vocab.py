@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 import os
 import re
@@ -228,6 +229,22 @@ class Vocab:
             raise ValueError(f"unknown label {label!r}; valid: {', '.join(self.config.labels) or '(none)'}")
         return self.label_base + self._label_index[label]
 
+    @functools.cached_property
+    def event_ids(self) -> np.ndarray:
+        """Body event -> token id, as one table for vectorised encoding: int32[2 * C * 128 * V].
+
+        With C instrument classes (drums included) and V velocity bins, entry
+        `((phase * C + instrument) * 128 + pitch) * V + vbin` is the id of a release (phase 0:
+        `note_off`, any vbin) or an attack (phase 1: `note_on`, or `drum` for the drums class), for
+        every MIDI pitch 0..127 (the id formulas' values, even outside `pitch_min..pitch_max`).
+        """
+        inst, pitch, vbin = np.meshgrid(np.arange(self.instruments.num_classes), np.arange(128),
+                                        np.arange(self.config.velocity_bins), indexing="ij")
+        attack = np.where(inst == self.drums_index, self.drum(pitch, vbin), self.note_on(inst, vbin, pitch))
+        table = np.stack([self.note_off(inst, pitch), attack]).astype(np.int32).reshape(-1)
+        table.setflags(write=False)
+        return table
+
     def _build_lookup_tables(self):
         n = self.size
         self.kind = np.full(n, TokenKind.SPECIAL, np.int8)
@@ -325,7 +342,7 @@ class Vocab:
         """Conditioning prefix `[label] instrument.. start` (instruments sorted in table order)."""
         head = [] if label is None else [self.label_token(label)]
         present = sorted(set(int(i) for i in instruments))
-        return np.array(head + [int(self.instrument_token(i)) for i in present] + [START], np.int32)
+        return np.array(head + [self.instrument_base + i for i in present] + [START], np.int32)
 
     # -- persistence -----------------------------------------------------------------------------
     def to_json(self) -> str:
