@@ -1,0 +1,82 @@
+"""Reading built `musenet_midi` datasets: the vocabulary, random-access splits, metadata, report.
+
+A built dataset lives in `<data_dir>/musenet_midi/<config>/<version>/`: the ArrayRecord files, TFDS's
+`dataset_info.json` / `features.json` / `metadata.json`, and ours: `vocab.json` (the vocabulary,
+label table included) and `rejected.tsv`. None of these functions imports the builder or TensorFlow.
+
+    vocab = datasets.load_vocab(data_dir, "default")
+    train = datasets.data_source(data_dir, "default", "train")   # len(train), train[i] -> dict
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import tensorflow_datasets as tfds
+
+from data_pipeline.vocab import Vocab
+
+DATASET_NAME = "musenet_midi"
+VOCAB_FILE = "vocab.json"
+REPORT_FILE = "rejected.tsv"
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in version.split("."))
+    except ValueError:
+        return (-1,)
+
+
+def dataset_dir(data_dir: str | os.PathLike, config_name: str = "default", version: str | None = None) -> str:
+    """The folder of a built dataset (the newest complete version unless `version` is given).
+
+    Raises:
+      FileNotFoundError: nothing built there.
+    """
+    config_dir = os.path.join(os.fspath(data_dir), DATASET_NAME, config_name)
+    if version is None:
+        built = [v for v in (os.listdir(config_dir) if os.path.isdir(config_dir) else ())
+                 if os.path.isfile(os.path.join(config_dir, v, "dataset_info.json"))]
+        if not built:
+            raise FileNotFoundError(f"no built {DATASET_NAME}/{config_name} dataset in {data_dir} "
+                                    f"(build it with musenet-build-data --config {config_name})")
+        version = max(built, key=_version_key)
+    path = os.path.join(config_dir, version)
+    if not os.path.isfile(os.path.join(path, "dataset_info.json")):
+        raise FileNotFoundError(f"{path}: not a built dataset (no dataset_info.json)")
+    return path
+
+
+def load_vocab(data_dir: str | os.PathLike, config_name: str = "default",
+               version: str | None = None) -> Vocab:
+    """The `Vocab` a dataset's records were written with (its label table included)."""
+    return Vocab.load(os.path.join(dataset_dir(data_dir, config_name, version), VOCAB_FILE))
+
+
+def data_source(data_dir: str | os.PathLike, config_name: str = "default", split: str = "train",
+                version: str | None = None):
+    """A split as a random-access source (`len(src)`, `src[i]` -> dict of numpy arrays / bytes).
+
+    `split` takes TFDS slicing syntax too (`"train[:10%]"`). Text fields come back as bytes.
+    """
+    # From the folder alone (not `tfds.data_source`), so that custom configs, which the registered
+    # builder class does not list, open the same way.
+    return tfds.builder_from_directory(dataset_dir(data_dir, config_name, version)).as_data_source(split)
+
+
+def load_metadata(data_dir: str | os.PathLike, config_name: str = "default",
+                  version: str | None = None) -> dict:
+    """The build's metadata: source, labels, filters, per-split counts, reject counts per reason."""
+    with open(os.path.join(dataset_dir(data_dir, config_name, version), "metadata.json")) as f:
+        return json.load(f)
+
+
+def load_report(data_dir: str | os.PathLike, config_name: str = "default",
+                version: str | None = None) -> list[tuple[str, str, str]]:
+    """`rejected.tsv` as (path, reason, detail) rows."""
+    with open(os.path.join(dataset_dir(data_dir, config_name, version), REPORT_FILE), newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return [(r[0], r[1], r[2] if len(r) > 2 else "") for r in rows[1:]]
