@@ -121,15 +121,25 @@ def eval_step(state, batch, *, graphdef):
     return _loss_sums(params, model_def, rest, batch, None, True)
 
 
-def abstract_train_state(model_config: model_lib.ModelConfig, tx: optax.GradientTransformation,
-                         mesh: jax.sharding.Mesh):
-    """(graphdef, abstract state with target shardings, shardings) of `(model, optimizer)`, nothing allocated."""
-
-    def create(key):
+def _create(model_config: model_lib.ModelConfig, tx: optax.GradientTransformation, key):
+    # Variables carry logical axis names; with eager sharding on, creating them under a mesh context
+    # would try to use those names as mesh axes. Placement comes from the explicit shardings instead.
+    with nnx.use_eager_sharding(False):
         model = model_lib.MuseNet(model_config, rngs=nnx.Rngs(params=key))
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: create(jax.random.key(0))))
+
+def abstract_train_state(model_config: model_lib.ModelConfig, tx: optax.GradientTransformation,
+                         mesh: jax.sharding.Mesh):
+    """(graphdef, abstract state with target shardings, shardings) of `(model, optimizer)`, nothing allocated.
+
+    Call outside any `jax.set_mesh` context: under one, `nnx.eval_shape` would read the variables' logical
+    axis names as mesh axes.
+    """
+    if not jax.sharding.get_abstract_mesh().empty:
+        raise RuntimeError("abstract_train_state must be called outside a mesh context")
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: _create(model_config, tx, jax.random.key(0))))
     shardings = sharding_lib.state_shardings(abstract, mesh, model_config.axis_rules)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     return graphdef, abstract, shardings
@@ -139,12 +149,9 @@ def init_train_state(model_config, tx, mesh, seed: int):
     """A fresh `(model, optimizer)` state created directly in its shards (jitted init with out_shardings)."""
     _, _, shardings = abstract_train_state(model_config, tx, mesh)
 
-    def create(key):
-        model = model_lib.MuseNet(model_config, rngs=nnx.Rngs(params=key))
-        return nnx.state((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
-
     with jax.set_mesh(mesh):
-        return jax.jit(create, out_shardings=shardings)(jax.random.key(seed))
+        return jax.jit(lambda key: nnx.state(_create(model_config, tx, key)),
+                       out_shardings=shardings)(jax.random.key(seed))
 
 
 def jit_train_step(graphdef, state_shardings, batch_sharding, *, microbatches: int, schedule):
@@ -237,12 +244,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
     manager = checkpoint_manager(workdir, config)
     reporter = reporting.Reporter(workdir, config.train.total_steps, enabled=is_main)
     start_step = manager.latest_step() or 0
-    with jax.set_mesh(mesh):
-        if start_step:
+    if start_step:
+        with jax.set_mesh(mesh):
             state = restore_checkpoint(manager, start_step, abstract_state, train_iter, config, vocab)
-            reporter.message(f"resumed from {workdir} at step {start_step}")
-        else:
-            state = init_train_state(model_config, tx, mesh, config.seed)
+        reporter.message(f"resumed from {workdir} at step {start_step}")
+    else:
+        state = init_train_state(model_config, tx, mesh, config.seed)
     if is_main:
         vocab.save(os.path.join(workdir, "vocab.json"))
         with open(os.path.join(workdir, "config.json"), "w") as f:

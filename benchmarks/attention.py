@@ -1,0 +1,197 @@
+"""Forward+backward time and peak memory of block-sparse 'xla' attention against dense causal attention.
+
+For each sequence length n it times, on one jitted `value_and_grad`-style step (output and dq, dk, dv):
+  dense    jax.nn.dot_product_attention(is_causal=True), the baseline (computes the full n x n square);
+  strided  attend(..., AttentionSpec('strided', l), impl='xla');
+  fixed    attend(..., AttentionSpec('fixed', l, c), impl='xla').
+Columns:
+  time       best of --repeats steady-state runs (after one compile+warm-up run), seconds;
+  peak       compiled executable's memory_analysis(): arguments + outputs + temporaries, MiB;
+  GFLOP      matmul FLOPs of the tiles the implementation computes, forward+backward
+             (12 * H per computed logit: QK^T and PV forward, four matmuls backward);
+  useful     the same count restricted to allowed (query, key) pairs, i.e. the pattern's nnz;
+  x time     dense time / this time;  x flop  dense GFLOP / this GFLOP;
+  %mm        achieved GFLOP/s on the computed tiles as a percentage of a jitted 2048x2048 f32 matmul.
+
+Usage:
+  python -m benchmarks.attention --out=/tmp/bench [--lengths=1024,2048] [--stride=128|sqrt] [--summary=8]
+
+Dense is skipped above --dense_max_n (default 8192: at 16k its fp32 [N, n, n] logits and their gradients
+take tens of GiB), with a note in the table and JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+from launch import cli
+from musenet_jax import attention
+
+_OUT = flags.DEFINE_string("out", None, "Folder for attention.json (created if missing).")
+_LENGTHS = flags.DEFINE_list("lengths", ["1024", "2048", "4096", "8192", "16384"], "Sequence lengths n.")
+_STRIDE = flags.DEFINE_string("stride", "128", "Stride l: an integer, or 'sqrt' for l = round(sqrt(n)).")
+_SUMMARY = flags.DEFINE_integer("summary", 8, "Summary width c of the fixed pattern.")
+_HEADS = flags.DEFINE_integer("heads", 4, "Heads N.")
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Head dim H.")
+_BATCH = flags.DEFINE_integer("batch", 1, "Batch B.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per case (the best is reported).")
+_DENSE_MAX_N = flags.DEFINE_integer("dense_max_n", 8192, "Skip the dense baseline above this n.")
+
+_MIB = 1 << 20
+
+
+def _best_time(fn, args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def matmul_flops_per_s(repeats: int) -> float:
+    """Measured f32 FLOP/s of one jitted 2048 x 2048 x 2048 matmul."""
+    x = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
+    return 2 * 2048**3 / _best_time(jax.jit(jnp.matmul), (x, x), max(repeats, 5))
+
+
+def batched_tile_flops_per_s(repeats: int, h: int) -> float:
+    """Measured f32 FLOP/s of a batched dot shaped like the strided band's QK^T tiles at n = 8192, l = 128:
+    512 independent [64, H] x [H, 192] products. XLA:CPU runs such small dots well below the big-matmul
+    rate, which bounds what any plain-XLA block-sparse attention can reach here."""
+    x = jax.random.normal(jax.random.key(1), (512, 64, h), jnp.float32)
+    y = jax.random.normal(jax.random.key(2), (512, 192, h), jnp.float32)
+    dot = jax.jit(lambda x, y: jnp.einsum("XYH,XSH->XYS", x, y))
+    return 2 * 512 * 64 * 192 * h / _best_time(dot, (x, y), max(repeats, 5))
+
+
+def _step(attn):
+    """(q, k, v, dout) -> (out, dq, dk, dv): one forward and backward pass."""
+
+    def step(q, k, v, dout):
+        out, vjp = jax.vjp(attn, q, k, v)
+        return out, *vjp(dout)
+
+    return jax.jit(step)
+
+
+def bench_case(name: str, attn, args, repeats: int) -> dict:
+    compiled = _step(attn).lower(*args).compile()
+    mem = compiled.memory_analysis()
+    # XLA:CPU leaves `peak_memory_in_bytes` at arguments + outputs; the buffer assignment's temp size is
+    # where the [N, n, n] logits live, so the peak is bounded by (and for these graphs close to) the sum.
+    peak = None
+    if mem is not None:
+        peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                - mem.alias_size_in_bytes) / _MIB
+    return {"method": name, "seconds": _best_time(compiled, args, repeats), "peak_mib": peak}
+
+
+def _nnz(spec: attention.AttentionSpec, n: int) -> int:
+    """Allowed (query, key) pairs, counted in row chunks so no [n, n] mask is held."""
+    pattern = spec.to_pattern()
+    total, rows = 0, max(1, (1 << 24) // n)
+    j = np.arange(n, dtype=np.int32)[None, :]
+    for r0 in range(0, n, rows):
+        i = np.arange(r0, min(n, r0 + rows), dtype=np.int32)[:, None]
+        total += int(np.count_nonzero(pattern.allows(i, j)))
+    return total
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise cli.UsageError(f"unexpected arguments {argv[1:]}")
+    if not _OUT.value:
+        raise cli.UsageError("--out is required")
+    try:
+        lengths = [int(x) for x in _LENGTHS.value]
+    except ValueError as e:
+        raise cli.UsageError(f"--lengths must be integers: {e}") from None
+    if min(lengths, default=0) < 1:
+        raise cli.UsageError(f"--lengths must be positive integers, got {_LENGTHS.value}")
+    if _STRIDE.value != "sqrt" and not (_STRIDE.value.isdigit() and int(_STRIDE.value) >= 1):
+        raise cli.UsageError(f"--stride must be a positive integer or 'sqrt', got {_STRIDE.value!r}")
+    b, nh, h, reps = _BATCH.value, _HEADS.value, _HEAD_DIM.value, _REPEATS.value
+    os.makedirs(_OUT.value, exist_ok=True)
+
+    peak = matmul_flops_per_s(reps)
+    tile = batched_tile_flops_per_s(reps, h)
+    print(f"device: {jax.devices()[0].device_kind} x{len(jax.devices())}, {os.cpu_count()} cpus; "
+          f"f32 2048^3 matmul: {peak / 1e9:.1f} GFLOP/s; "
+          f"batched 512 x [64,{h}]x[{h},192] tile dot: {tile / 1e9:.1f} GFLOP/s")
+    rows, notes = [], []
+    for n in lengths:
+        stride = round(math.sqrt(n)) if _STRIDE.value == "sqrt" else int(_STRIDE.value)
+        keys = jax.random.split(jax.random.key(n), 4)
+        args = tuple(jax.random.normal(key, (b, n, nh, h), jnp.float32) for key in keys)
+        dense_spec = attention.AttentionSpec("dense")
+        cases = [
+            ("strided", attention.AttentionSpec("strided", stride=stride)),
+            ("fixed", attention.AttentionSpec("fixed", stride=stride, summary=_SUMMARY.value)),
+        ]
+        results = []
+        if n <= _DENSE_MAX_N.value:
+            dpa = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)
+            results.append((bench_case("dense", dpa, args, reps), dense_spec))
+        else:
+            notes.append(f"n={n}: dense skipped (above --dense_max_n={_DENSE_MAX_N.value})")
+        for name, spec in cases:
+            attn = lambda q, k, v, spec=spec: attention.attend(q, k, v, spec, impl="xla")
+            results.append((bench_case(name, attn, args, reps), spec))
+        dense = results[0][0] if results[0][0]["method"] == "dense" else None
+        for res, spec in results:
+            flops = 12 * h * b * nh * attention.xla_logits_per_head(spec, n)
+            res.update(
+                n=n,
+                stride=None if spec.pattern == "dense" else stride,
+                summary=spec.summary,
+                gflop=flops / 1e9,
+                useful_gflop=12 * h * b * nh * _nnz(spec, n) / 1e9,
+                pct_matmul=100 * flops / res["seconds"] / peak,
+            )
+            if dense is not None:
+                res["speedup"] = dense["seconds"] / res["seconds"]
+                res["flop_ratio"] = dense["gflop"] / res["gflop"]
+            rows.append(res)
+            _print_row(res, header=len(rows) == 1)
+
+    for note in notes:
+        print(f"note: {note}")
+    report = {
+        "benchmark": "attention forward+backward",
+        "config": {"batch": b, "heads": nh, "head_dim": h, "dtype": "float32", "stride": _STRIDE.value,
+                   "summary": _SUMMARY.value, "repeats": reps},
+        "machine": {"device": jax.devices()[0].device_kind, "cpus": os.cpu_count(),
+                    "platform": platform.platform(), "jax": jax.__version__,
+                    "matmul_gflops": peak / 1e9, "batched_tile_dot_gflops": tile / 1e9},
+        "rows": rows,
+        "notes": notes,
+    }
+    path = os.path.join(_OUT.value, "attention.json")
+    cli.write_atomic(path, json.dumps(report, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+def _print_row(r: dict, header: bool) -> None:
+    if header:
+        print(f"{'n':>6} {'method':>8} {'l':>4} {'time s':>9} {'peak MiB':>9} {'GFLOP':>8} {'useful':>8} "
+              f"{'x time':>7} {'x flop':>7} {'%mm':>5}")
+    fmt = lambda key, spec: format(r[key], spec) if key in r else "-"
+    peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
+    print(f"{r['n']:>6} {r['method']:>8} {r['stride'] or '-':>4} {r['seconds']:>9.4f} {peak:>9} "
+          f"{r['gflop']:>8.2f} {r['useful_gflop']:>8.2f} {fmt('speedup', '7.1f'):>7} "
+          f"{fmt('flop_ratio', '7.1f'):>7} {r['pct_matmul']:>5.1f}")
+
+
+if __name__ == "__main__":
+    cli.run(main)
