@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
         batch_size=256, microbatches=4, total_steps=100_000, learning_rate=1.5e-4, warmup_steps=5000,
         end_lr_fraction=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0,
         log_every=50,
-        peak_flops_per_device=989e12,  # H100 SXM dense bf16; set for your accelerator (MFU reporting only).
+        peak_flops_per_device=0.0,  # MFU only; 0: data-sheet peak of the accelerator found (CPU: measured).
     ))
     config.eval = ml_collections.ConfigDict(dict(batch_size=64, every_steps=2000, max_batches=50))
     config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, max_to_keep=3, async_save=True))

@@ -275,7 +275,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
 
     # Loop.
     flops_per_token = flops_lib.train_flops_per_token(model_config, config.data.seq_len)
-    peak = config.train.get("peak_flops_per_device", 0.0) * jax.device_count()
+    peak_per_device = config.train.get("peak_flops_per_device", 0.0)
+    if not peak_per_device:
+        peak_per_device, peak_source = flops_lib.peak_flops_per_device()
+        reporter.message(f"MFU relative to {peak_per_device / 1e12:.3g} TFLOP/s per device ({peak_source})")
+    peak = peak_per_device * jax.device_count()
     tokens_per_step = config.train.batch_size * config.data.seq_len
     rng = jax.random.key(config.seed + 1)
     metrics: dict[str, float] = {}
