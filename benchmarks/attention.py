@@ -3,7 +3,8 @@
 For each sequence length n it times, on one jitted `value_and_grad`-style step (output and dq, dk, dv):
   dense    jax.nn.dot_product_attention(is_causal=True), the baseline (computes the full n x n square);
   strided  attend(..., AttentionSpec('strided', l), impl='xla');
-  fixed    attend(..., AttentionSpec('fixed', l, c), impl='xla').
+  fixed    attend(..., AttentionSpec('fixed', l, c), impl='xla');
+  pallas   attend(..., AttentionSpec('strided', l), impl='pallas') up to --pallas_max_n (interpret mode on CPU).
 Columns:
   time       best of --repeats steady-state runs (after one compile+warm-up run), seconds;
   peak       compiled executable's memory_analysis(): arguments + outputs + temporaries, MiB;
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
+import pallas_kernels.block_sparse_attention
 from launch import cli
 from musenet_jax import attention
 
@@ -45,6 +47,7 @@ _HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Head dim H.")
 _BATCH = flags.DEFINE_integer("batch", 1, "Batch B.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per case (the best is reported).")
 _DENSE_MAX_N = flags.DEFINE_integer("dense_max_n", 8192, "Skip the dense baseline above this n.")
+_PALLAS_MAX_N = flags.DEFINE_integer("pallas_max_n", 4096, "Skip the Pallas kernel (strided) above this n.")
 
 _MIB = 1 << 20
 
@@ -148,9 +151,16 @@ def main(argv):
         for name, spec in cases:
             attn = lambda q, k, v, spec=spec: attention.attend(q, k, v, spec, impl="xla")
             results.append((bench_case(name, attn, args, reps), spec))
+        if n <= _PALLAS_MAX_N.value:
+            attn = lambda q, k, v, spec=cases[0][1]: attention.attend(q, k, v, spec, impl="pallas")
+            results.append((bench_case("pallas", attn, args, reps), cases[0][1]))
         dense = results[0][0] if results[0][0]["method"] == "dense" else None
         for res, spec in results:
-            flops = 12 * h * b * nh * attention.xla_logits_per_head(spec, n)
+            if res["method"] == "pallas":
+                logits = pallas_kernels.block_sparse_attention.logits_per_head(n, pattern="strided", stride=stride)
+            else:
+                logits = attention.xla_logits_per_head(spec, n)
+            flops = 12 * h * b * nh * logits
             res.update(
                 n=n,
                 stride=None if spec.pattern == "dense" else stride,

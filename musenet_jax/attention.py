@@ -14,7 +14,7 @@ and 'fixed', each with `part` 'both' | 'local' | 'summary'. Implementations:
     fixed summary   (A2): keys gathered at the c summary columns of every block: [R, l, R * c] logits.
   With l ~ sqrt(T) each costs O(T * sqrt(T)) (times c for fixed summary). In-tile masks are the pattern's
   own predicates evaluated on iota positions, so they fuse into the softmax and carry no constants.
-- 'pallas': not available yet.
+- 'pallas': block-sparse flash attention in Pallas (`pallas_kernels.sparse_attention`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+import pallas_kernels
 from pallas_kernels import patterns as patterns_lib
 from pallas_kernels import reference as reference_lib
 
@@ -78,7 +79,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, impl: 
     if impl == "xla":
         return xla_attention(q, k, v, spec.to_pattern())
     if impl == "pallas":
-        raise NotImplementedError("attention impl 'pallas' is not available yet; use impl='xla'")
+        # Block-sparse Pallas flash kernel: interpret mode on CPU, compiled on TPU / GPU (see pallas_kernels).
+        return pallas_kernels.sparse_attention(
+            q, k, v, pattern=spec.pattern, stride=spec.stride, summary=spec.summary, part=spec.part
+        )
     raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
 
 

@@ -67,12 +67,15 @@ from jax.ad_checkpoint import checkpoint_name
 
 from musenet_jax import attention as attention_lib
 from musenet_jax import sharding as sharding_lib
+from pallas_kernels import block_sparse_attention
 
 PATTERNS = ("dense", "strided", "fixed")
 COMBINATIONS = ("merged", "interleaved", "heads")
 LAYER_KINDS = ("dense", "both", "local", "summary", "heads")
 REMAT_POLICIES = ("off", "nothing", "dots", "names")
-CHECKPOINT_NAMES = ("qkv_proj", "attn_context", "attn_out", "mlp_hidden", "mlp_out")
+# Names a 'names' remat policy may save; the last two are the Pallas kernel's residuals (impl='pallas').
+CHECKPOINT_NAMES = ("qkv_proj", "attn_context", "attn_out", "mlp_hidden", "mlp_out",
+                    block_sparse_attention.OUT_NAME, block_sparse_attention.LSE_NAME)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 _ACT = ("batch", "length", "embed")

@@ -109,8 +109,11 @@ def train_step(state, batch, rng, *, graphdef, microbatches: int, schedule):
     step = optimizer.step[...]
     optimizer.update(model, grads)
     loss = loss_sum / denom
+    # The updated parameters' norm: finite loss and gradients can still overflow them, and a checkpoint of
+    # such a state must never be written.
+    param_norm = optax.tree.norm(nnx.state(model, nnx.Param))
     metrics = {"train/loss": loss, "train/bits_per_token": losses.bits(loss), "train/grad_norm": grad_norm,
-               "train/learning_rate": schedule(step), "train/scored_tokens": count}
+               "train/param_norm": param_norm, "train/learning_rate": schedule(step), "train/scored_tokens": count}
     return nnx.state((model, optimizer)), metrics
 
 
@@ -291,12 +294,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
             state, step_metrics = p_train_step(state, batch, jax.random.fold_in(rng, step))
         done = step + 1
         host = {k: float(v) for k, v in step_metrics.items()}
-        if not (math.isfinite(host["train/loss"]) and math.isfinite(host["train/grad_norm"])):
+        if not all(math.isfinite(host[k]) for k in ("train/loss", "train/grad_norm", "train/param_norm")):
             manager.wait_until_finished()
             kept = manager.latest_step()
             reporter.close()
-            raise TrainingError(f"non-finite loss or gradient at step {done} (loss={host['train/loss']}, "
-                                f"grad_norm={host['train/grad_norm']}); stopped, last good checkpoint: "
+            raise TrainingError(f"non-finite loss, gradient or parameters at step {done} (loss={host['train/loss']}, "
+                                f"grad_norm={host['train/grad_norm']}, param_norm={host['train/param_norm']}); "
+                                f"stopped, last good checkpoint: "
                                 f"{'step ' + str(kept) if kept else 'none'}")
         if step == start_step:
             reporter.start(done)  # ETA timing starts after the first (compiling) step

@@ -138,6 +138,8 @@ def tile_map(
     kp = np.zeros(nk * block_k, np.int32)
     kp[:tk] = k_pos
     tiles = np.zeros((nq, nk), np.int8)
+    if nq == 0 or nk == 0:  # a component with no queries or no keys (e.g. fixed summary, T <= l - c)
+        return tiles
     rows_per_chunk = max(1, _MAX_CHUNK_ENTRIES // (len(kp) * block_q))
     for r0 in range(0, nq, rows_per_chunk):
         r1 = min(nq, r0 + rows_per_chunk)

@@ -9,6 +9,7 @@ import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -88,8 +89,11 @@ def test_non_finite_loss_stops_with_a_kept_checkpoint(data_dir, tmp_path):
     with pytest.raises(train.TrainingError, match="non-finite") as err:
         train.train_and_evaluate(config, str(tmp_path), data_dir)
     assert "last good checkpoint: step" in str(err.value)
-    kept = [p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
-    assert kept
+    kept = sorted((p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    assert kept and f"step {kept[-1].name}" in str(err.value)
+    # What was kept is really good: every parameter and optimizer moment is finite.
+    state = ocp.StandardCheckpointer().restore(kept[-1] / "state")
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
 
 
 def _one_step(mesh, model_config, batch, train_config, microbatches=1):

@@ -179,3 +179,10 @@ def test_make_pattern_builds_each_kind():
     assert patterns.make_pattern("dense") == patterns.DenseCausal()
     assert patterns.make_pattern("strided", 8) == patterns.Strided(8, "both")
     assert patterns.make_pattern("fixed", 8, 2, "summary") == patterns.Fixed(8, 2, "summary")
+
+
+def test_block_layout_of_a_component_without_keys():
+    # Fixed summary with T <= l - c: no position is a summary yet, so nothing is attended.
+    layout = patterns.make_pattern("fixed", 8, 2, "summary").block_layout(5, 4, 4)
+    assert layout.num_blocks == 0
+    assert not patterns.make_pattern("fixed", 8, 2, "summary").mask(5).any()

@@ -1,0 +1,718 @@
+"""Block-sparse causal flash attention in Pallas for the Sparse Transformer patterns (`patterns.py`).
+
+Anatomy (after jax's pallas/ops attention kernels): block sizes, forward kernel, backward dq and dk/dv
+kernels, the per-component `pallas_call` wrappers, the `jax.custom_vjp`, and the validated public entry
+`sparse_attention`. The ground truth is `reference.reference_attention`.
+
+How a pattern runs. `Pattern.block_layout(n, block_q, block_k)` splits the pattern into disjoint
+components, each with its own query / key orderings in which it is tile-sparse (strided A2 uses the
+column-major order of the [ceil(n/l), l] grid, fixed A2 gathers the summary keys). For each component we
+gather q (rows) and k, v (columns) into that order, zero-padded to whole tiles, and launch ONE kernel
+whose grid is (B * N, q_blocks, max_k_blocks): the last axis walks the component's per-q-block list of
+non-empty k-blocks, which is passed by scalar prefetch (`PrefetchScalarGridSpec`) so that the k/v index
+maps fetch exactly the listed tiles; steps past a row's count (`pl.when(j < count[i])`) do nothing and
+re-use the tile already resident. Inside a PARTIAL tile the component's own predicate, evaluated on the
+natural positions of its rows and columns (padding = -1), masks it; FULL tiles (flagged in a third
+prefetched table) skip the mask. The backward dk/dv kernel walks the transposed layout (per k-block, its
+non-empty q-blocks), so it too visits only non-empty tiles.
+
+Each component returns its normalised output and log-sum-exp (lse) per query; the components are merged
+by a log-sum-exp merge, which is exactly one softmax over their (disjoint) union. The custom VJP saves
+only the merged output and lse (named 'sparse_attention_out' / 'sparse_attention_lse' with
+`checkpoint_name`, so remat policies can keep or drop them); the backward pass recomputes each tile's
+probabilities from the global lse, so components need no cross-talk: dq, dk, dv are summed over them.
+
+Numerics: matmuls run in the input dtype (e.g. bf16) with fp32 accumulation; softmax statistics and the
+accumulators are fp32. Logits are scaled by 1/sqrt(H). A query with no allowed key outputs 0.
+
+Lowerings (`lowering=`): 'tpu' kernels follow the TPU (Mosaic) pipeline model (`pltpu` scalar prefetch,
+VMEM scratch); 'gpu' kernels follow the Triton model (grid (B * N, row blocks), a `fori_loop` whose trip
+count is the row's count of listed blocks, tiles sliced with `pl.ds`; no FULL-tile fast path). Both are
+tested against the reference in interpret mode on CPU only: neither has been compiled on a TPU or a GPU
+yet (on GPU, Triton wants power-of-two tiles of at least 16 and may need T padded further).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels import patterns as patterns_lib
+from pallas_kernels import reference as reference_lib
+
+# Default tile sizes (tokens). 128 matches the TPU MXU and the lane width; they are capped below at the
+# (8-rounded) component length so that short sequences do not pay for mostly-padding tiles.
+DEFAULT_BLOCK_Q = 128
+DEFAULT_BLOCK_K = 128
+
+# Names of the residuals the custom VJP saves, for `jax.checkpoint_policies.save_only_these_names`.
+OUT_NAME = "sparse_attention_out"
+LSE_NAME = "sparse_attention_lse"
+
+_DIMS = ("parallel", "parallel", "arbitrary")
+
+
+# --- Host-side plan: per component, orderings and scalar-prefetch tables. ---------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # Hashed by identity (static arg of the custom_vjp).
+class _ComponentPlan:
+    """One component compiled for (n, block_q, block_k), in the kernel's padded coordinates.
+
+    q_pos: int32[nq * bq], natural position of each tile row (-1 = padding). k_pos: int32[nk * bk] likewise.
+    q_rows: int32[n], for each natural position its tile row (q orderings are permutations of 0..n-1).
+    fwd: layout by q-block (kv_blocks [nq, W], kv_counts [nq]); bwd: the transposed layout by k-block.
+    """
+
+    name: str
+    allows: patterns_lib.Predicate
+    q_pos: np.ndarray
+    k_pos: np.ndarray
+    q_rows: np.ndarray
+    fwd: patterns_lib.BlockLayout
+    bwd: patterns_lib.BlockLayout
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(pattern: patterns_lib.Pattern, n: int, block_q: int, block_k: int) -> tuple[_ComponentPlan, ...]:
+    # Per component rather than `pattern.block_layout`, which fails on a component with no keys at all
+    # (fixed A2 when n <= l - c); the tables are the same.
+    plans = []
+    for comp in pattern.components():
+        q_positions, k_positions = comp.q_order(n), comp.k_order(n)
+        if len(k_positions) == 0:
+            continue  # No summary keys yet: the component contributes nothing.
+        fwd = comp.block_layout(n, block_q, block_k)
+        nq, nk = fwd.tiles.shape
+        if fwd.num_blocks == 0:
+            continue  # Nothing allowed: contributes nothing.
+        q_pos = np.full(nq * block_q, -1, np.int32)
+        q_pos[: len(q_positions)] = q_positions
+        k_pos = np.full(nk * block_k, -1, np.int32)
+        k_pos[: len(k_positions)] = k_positions
+        if sorted(q_positions.tolist()) != list(range(n)):
+            raise ValueError(f"component {comp.name!r}: query order must be a permutation of 0..{n - 1}")
+        q_rows = np.empty(n, np.int32)
+        q_rows[q_positions] = np.arange(n, dtype=np.int32)
+        bwd = patterns_lib.layout_from_tiles(np.ascontiguousarray(fwd.tiles.T), block_k, block_q)
+        plans.append(_ComponentPlan(comp.name, comp.allows, q_pos, k_pos, q_rows, fwd, bwd))
+    return tuple(plans)
+
+
+# --- Kernels. --------------------------------------------------------------------------------------------
+# Refs are per tile, with the (batch * head) axis squeezed: q/o/do [bq, H], k/v [bk, H], q_pos/lse/delta
+# [bq, 1], k_pos [1, bk]. Logits s = q k^T / sqrt(H) are [bq, bk] fp32.
+
+
+def _tile_mask(allows, q_pos_ref, k_pos_ref):
+    """bool[bq, bk]: allowed and not padding, from the tile's natural positions."""
+    i, j = q_pos_ref[...], k_pos_ref[...]
+    return allows(i, j) & (i >= 0) & (j >= 0)
+
+
+def _where(mask, x, fill):
+    """x where mask, else fill; mask None (a FULL tile) keeps x as is."""
+    return x if mask is None else jnp.where(mask, x, fill)
+
+
+def _on_listed_tile(counts_ref, full_ref, row, j, body):
+    """Runs body(masked) at step j of `row` if that step is a listed (non-empty) tile.
+
+    FULL tiles (every entry allowed and in range) run body(False), which skips evaluating the predicate;
+    on accelerators that saves the integer div/mod VPU work of the mask on most tiles of a long sequence.
+    """
+    live = j < counts_ref[row]
+    full = full_ref[row, j] != 0
+    pl.when(live & full)(lambda: body(False))
+    pl.when(live & jnp.logical_not(full))(lambda: body(True))
+
+
+def _logits(q, k, scale):
+    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return s * scale
+
+
+def _fwd_kernel(
+    kv_blocks_ref, kv_counts_ref, kv_full_ref,  # scalar prefetch
+    q_ref, k_ref, v_ref, q_pos_ref, k_pos_ref,  # inputs
+    *refs,  # outputs o, lse (and visits when count_visits), then scratch m, l, acc
+    allows, scale, count_visits,
+):
+    del kv_blocks_ref  # Used by the index maps only.
+    if count_visits:
+        o_ref, lse_ref, visits_ref, m_scr, l_scr, acc_scr = refs
+    else:
+        (o_ref, lse_ref, m_scr, l_scr, acc_scr), visits_ref = refs, None
+    i, j = pl.program_id(1), pl.program_id(2)
+
+    @pl.when(j == 0)
+    def _init():
+        m_scr[...] = jnp.full_like(m_scr, -jnp.inf)
+        l_scr[...] = jnp.zeros_like(l_scr)
+        acc_scr[...] = jnp.zeros_like(acc_scr)
+        if count_visits:
+            visits_ref[...] = jnp.zeros_like(visits_ref)
+
+    def visit(masked: bool):
+        if count_visits:
+            visits_ref[...] += 1
+        mask = _tile_mask(allows, q_pos_ref, k_pos_ref) if masked else None
+        s = _logits(q_ref[...], k_ref[...], scale)
+        m_prev = m_scr[...]
+        m_new = jnp.maximum(m_prev, jnp.max(_where(mask, s, -jnp.inf), axis=1, keepdims=True))
+        # A row with nothing allowed so far keeps m = -inf; shift by 0 there so exp() stays finite.
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        alpha = jnp.exp(m_prev - m_safe)  # exp(-inf) = 0 on the first live tile of a row.
+        p = _where(mask, jnp.exp(s - m_safe), 0.0)
+        l_scr[...] = alpha * l_scr[...] + jnp.sum(p, axis=1, keepdims=True)
+        v = v_ref[...]
+        acc_scr[...] = alpha * acc_scr[...] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        m_scr[...] = m_new
+
+    _on_listed_tile(kv_counts_ref, kv_full_ref, i, j, visit)
+
+    @pl.when(j == pl.num_programs(2) - 1)
+    def _finish():
+        denom, live = l_scr[...], l_scr[...] > 0
+        denom = jnp.where(live, denom, 1.0)  # Rows with no allowed key: output 0, lse -inf.
+        o_ref[...] = (acc_scr[...] / denom).astype(o_ref.dtype)
+        lse_ref[...] = jnp.where(live, m_scr[...] + jnp.log(denom), -jnp.inf)
+
+
+def _probs_and_dlogits(q, k, v, do, lse, delta, mask, scale):
+    """Recomputed probabilities p and logit gradients ds (both fp32 [bq, bk]) from the global lse."""
+    s = _logits(q, k, scale)
+    p = _where(mask, jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)), 0.0)
+    dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return p, p * (dp - delta)
+
+
+def _dq_kernel(
+    kv_blocks_ref, kv_counts_ref, kv_full_ref,
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, k_pos_ref,
+    dq_ref,
+    acc_scr,
+    *, allows, scale,
+):
+    del kv_blocks_ref
+    i, j = pl.program_id(1), pl.program_id(2)
+
+    @pl.when(j == 0)
+    def _init():
+        acc_scr[...] = jnp.zeros_like(acc_scr)
+
+    def visit(masked: bool):
+        mask = _tile_mask(allows, q_pos_ref, k_pos_ref) if masked else None
+        k = k_ref[...]
+        _, ds = _probs_and_dlogits(q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...], mask, scale)
+        acc_scr[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+    _on_listed_tile(kv_counts_ref, kv_full_ref, i, j, visit)
+
+    @pl.when(j == pl.num_programs(2) - 1)
+    def _finish():
+        dq_ref[...] = (acc_scr[...] * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(
+    q_blocks_ref, q_counts_ref, q_full_ref,
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, k_pos_ref,
+    dk_ref, dv_ref,
+    dk_scr, dv_scr,
+    *, allows, scale,
+):
+    del q_blocks_ref
+    kb, j = pl.program_id(1), pl.program_id(2)
+
+    @pl.when(j == 0)
+    def _init():
+        dk_scr[...] = jnp.zeros_like(dk_scr)
+        dv_scr[...] = jnp.zeros_like(dv_scr)
+
+    def visit(masked: bool):
+        mask = _tile_mask(allows, q_pos_ref, k_pos_ref) if masked else None
+        q, do = q_ref[...], do_ref[...]
+        p, ds = _probs_and_dlogits(q, k_ref[...], v_ref[...], do, lse_ref[...], delta_ref[...], mask, scale)
+        t = (((0,), (0,)), ((), ()))  # Contract the query axis: [bq, bk]^T @ [bq, H].
+        dv_scr[...] += jax.lax.dot_general(p.astype(do.dtype), do, t, preferred_element_type=jnp.float32)
+        dk_scr[...] += jax.lax.dot_general(ds.astype(q.dtype), q, t, preferred_element_type=jnp.float32)
+
+    _on_listed_tile(q_counts_ref, q_full_ref, kb, j, visit)
+
+    @pl.when(j == pl.num_programs(2) - 1)
+    def _finish():
+        dk_ref[...] = (dk_scr[...] * scale).astype(dk_ref.dtype)
+        dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
+
+
+# --- pallas_call wrappers for one component. q/k/v etc. are [BN, Tq or Tk (padded), H]. ------------------
+
+
+def _tables(layout: patterns_lib.BlockLayout):
+    """Scalar-prefetch operands: listed k-blocks int32[nq, W], counts int32[nq], FULL flags int32[nq, W]."""
+    return jnp.asarray(layout.kv_blocks), jnp.asarray(layout.kv_counts), jnp.asarray(layout.kv_full, jnp.int32)
+
+
+def _row_spec(block: int, h: int, index):
+    """[BN, T, H] (or [BN, T, 1]) tiled along T; `index(i, j, table) -> tile index` picks the tile."""
+    return pl.BlockSpec((None, block, h), lambda b, i, j, table, *_: (b, index(i, j, table), 0))
+
+
+def _component_fwd(plan: _ComponentPlan, qc, kc, vc, scale: float, mode: _Mode, count_visits: bool = False):
+    """-> out f32[BN, Tqp, H], lse f32[BN, Tqp, 1], and with count_visits visits int32[BN, nq, 1] (the
+    tiles each q-block ran, counted in the kernel; a test hook: its (1, 1) blocks suit interpret mode only)."""
+    if mode.lowering == "gpu":
+        if count_visits:
+            raise ValueError("visit counting is implemented for the 'tpu' kernels only")
+        return _component_fwd_gpu(plan, qc, kc, vc, scale, mode.interpret)
+    bn, tqp, h = qc.shape
+    lay = plan.fwd
+    bq, bk = lay.block_q, lay.block_k
+    nq, width = lay.kv_blocks.shape
+    q_of = lambda i, j, t: i
+    k_of = lambda i, j, t: t[i, j]
+    kernel = functools.partial(_fwd_kernel, allows=plan.allows, scale=scale, count_visits=count_visits)
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=3,
+        grid=(bn, nq, width),
+        in_specs=[
+            _row_spec(bq, h, q_of),
+            _row_spec(bk, h, k_of),
+            _row_spec(bk, h, k_of),
+            pl.BlockSpec((bq, 1), lambda b, i, j, t, *_: (i, 0)),
+            pl.BlockSpec((1, bk), lambda b, i, j, t, *_: (0, t[i, j])),
+        ],
+        out_specs=[_row_spec(bq, h, q_of), _row_spec(bq, 1, q_of)]
+        + ([pl.BlockSpec((None, 1, 1), lambda b, i, j, t, *_: (b, i, 0))] if count_visits else []),
+        scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
+                        pltpu.VMEM((bq, h), jnp.float32)],
+    )
+    return pl.pallas_call(
+        kernel,
+        grid_spec=grid_spec,
+        out_shape=[jax.ShapeDtypeStruct((bn, tqp, h), jnp.float32), jax.ShapeDtypeStruct((bn, tqp, 1), jnp.float32)]
+        + ([jax.ShapeDtypeStruct((bn, nq, 1), jnp.int32)] if count_visits else []),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=_DIMS),
+        interpret=mode.interpret,
+    )(
+        *_tables(lay), qc, kc, vc,
+        jnp.asarray(plan.q_pos[:, None]), jnp.asarray(plan.k_pos[None, :]),
+    )
+
+
+def _component_bwd(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, scale: float, mode: _Mode):
+    """-> dq [BN, Tqp, H], dk, dv [BN, Tkp, H] in the inputs' dtypes, for this component's tiles only."""
+    if mode.lowering == "gpu":
+        return _component_bwd_gpu(plan, qc, kc, vc, doc, lsec, deltac, scale, mode.interpret)
+    bn, tqp, h = qc.shape
+    tkp = kc.shape[1]
+    fwd, bwd = plan.fwd, plan.bwd
+    bq, bk = fwd.block_q, fwd.block_k
+    q_pos, k_pos = jnp.asarray(plan.q_pos[:, None]), jnp.asarray(plan.k_pos[None, :])
+    params = pltpu.CompilerParams(dimension_semantics=_DIMS)
+
+    # dq: walk k-blocks per q-block (the forward layout).
+    same = lambda i, j, t: i
+    listed = lambda i, j, t: t[i, j]
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, allows=plan.allows, scale=scale),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3,
+            grid=(bn, fwd.kv_blocks.shape[0], fwd.kv_blocks.shape[1]),
+            in_specs=[
+                _row_spec(bq, h, same), _row_spec(bk, h, listed), _row_spec(bk, h, listed),
+                _row_spec(bq, h, same), _row_spec(bq, 1, same), _row_spec(bq, 1, same),
+                pl.BlockSpec((bq, 1), lambda b, i, j, t, *_: (i, 0)),
+                pl.BlockSpec((1, bk), lambda b, i, j, t, *_: (0, t[i, j])),
+            ],
+            out_specs=_row_spec(bq, h, same),
+            scratch_shapes=[pltpu.VMEM((bq, h), jnp.float32)],
+        ),
+        out_shape=jax.ShapeDtypeStruct((bn, tqp, h), qc.dtype),
+        compiler_params=params,
+        interpret=mode.interpret,
+    )(*_tables(fwd), qc, kc, vc, doc, lsec, deltac, q_pos, k_pos)
+
+    # dk, dv: walk q-blocks per k-block (the transposed layout); grid axis 1 is now the k-block.
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, allows=plan.allows, scale=scale),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3,
+            grid=(bn, bwd.kv_blocks.shape[0], bwd.kv_blocks.shape[1]),
+            in_specs=[
+                _row_spec(bq, h, listed), _row_spec(bk, h, same), _row_spec(bk, h, same),
+                _row_spec(bq, h, listed), _row_spec(bq, 1, listed), _row_spec(bq, 1, listed),
+                pl.BlockSpec((bq, 1), lambda b, i, j, t, *_: (t[i, j], 0)),
+                pl.BlockSpec((1, bk), lambda b, i, j, t, *_: (0, i)),
+            ],
+            out_specs=[_row_spec(bk, h, same), _row_spec(bk, h, same)],
+            scratch_shapes=[pltpu.VMEM((bk, h), jnp.float32), pltpu.VMEM((bk, h), jnp.float32)],
+        ),
+        out_shape=[jax.ShapeDtypeStruct((bn, tkp, h), kc.dtype), jax.ShapeDtypeStruct((bn, tkp, h), vc.dtype)],
+        compiler_params=params,
+        interpret=mode.interpret,
+    )(*_tables(bwd), qc, kc, vc, doc, lsec, deltac, q_pos, k_pos)
+    return dq, dk, dv
+
+
+# --- 'gpu' lowering: one program per (batch * head, row block), a loop over that row's listed blocks. -------
+# Triton has no scalar prefetch, so the block list is read inside the kernel and the loop trip count is the
+# row's count: only non-empty tiles are loaded and computed. The whole k/v (resp. q/dO) of one (batch * head)
+# row is the block; tiles are sliced out with pl.ds. Positions are 1-D here ([bq] / [Tkp]). Written for the
+# Triton lowering (power-of-two tiles of at least 16, as tl.dot needs); tested in interpret mode only.
+
+
+def _fwd_gpu_kernel(blocks_ref, counts_ref, q_ref, k_ref, v_ref, q_pos_ref, k_pos_ref, o_ref, lse_ref,
+                    *, allows, scale, block_k):
+    bq, h = q_ref.shape
+    q, i_pos = q_ref[...], q_pos_ref[...][:, None]
+
+    def body(j, carry):
+        m_prev, l_prev, acc = carry
+        tile = pl.ds(blocks_ref[j] * block_k, block_k)
+        j_pos = k_pos_ref[tile][None, :]
+        mask = allows(i_pos, j_pos) & (i_pos >= 0) & (j_pos >= 0)
+        s = _logits(q, k_ref[tile, :], scale)
+        m_new = jnp.maximum(m_prev, jnp.max(jnp.where(mask, s, -jnp.inf), axis=1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        alpha = jnp.exp(m_prev - m_safe)
+        p = jnp.where(mask, jnp.exp(s - m_safe[:, None]), 0.0)
+        v = v_ref[tile, :]
+        acc = alpha[:, None] * acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return m_new, alpha * l_prev + jnp.sum(p, axis=1), acc
+
+    init = (jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32), jnp.zeros((bq, h), jnp.float32))
+    m, denom, acc = jax.lax.fori_loop(0, counts_ref[pl.program_id(1)], body, init)
+    live = denom > 0
+    denom = jnp.where(live, denom, 1.0)
+    o_ref[...] = (acc / denom[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(live, m + jnp.log(denom), -jnp.inf)
+
+
+def _dq_gpu_kernel(blocks_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, k_pos_ref,
+                   dq_ref, *, allows, scale, block_k):
+    q, do, i_pos = q_ref[...], do_ref[...], q_pos_ref[...][:, None]
+    lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
+
+    def body(j, acc):
+        tile = pl.ds(blocks_ref[j] * block_k, block_k)
+        j_pos = k_pos_ref[tile][None, :]
+        mask = allows(i_pos, j_pos) & (i_pos >= 0) & (j_pos >= 0)
+        k = k_ref[tile, :]
+        _, ds = _probs_and_dlogits(q, k, v_ref[tile, :], do, lse, delta, mask, scale)
+        return acc + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, counts_ref[pl.program_id(1)], body, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (acc * scale).astype(dq_ref.dtype)
+
+
+def _dkv_gpu_kernel(blocks_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, k_pos_ref,
+                    dk_ref, dv_ref, *, allows, scale, block_q):
+    k, v, j_pos = k_ref[...], v_ref[...], k_pos_ref[...][None, :]
+    t = (((0,), (0,)), ((), ()))  # Contract the query axis: [bq, bk]^T @ [bq, H].
+
+    def body(j, carry):
+        dk, dv = carry
+        tile = pl.ds(blocks_ref[j] * block_q, block_q)
+        i_pos = q_pos_ref[tile][:, None]
+        mask = allows(i_pos, j_pos) & (i_pos >= 0) & (j_pos >= 0)
+        q, do = q_ref[tile, :], do_ref[tile, :]
+        p, ds = _probs_and_dlogits(q, k, v, do, lse_ref[tile][:, None], delta_ref[tile][:, None], mask, scale)
+        dv = dv + jax.lax.dot_general(p.astype(do.dtype), do, t, preferred_element_type=jnp.float32)
+        dk = dk + jax.lax.dot_general(ds.astype(q.dtype), q, t, preferred_element_type=jnp.float32)
+        return dk, dv
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = jax.lax.fori_loop(0, counts_ref[pl.program_id(1)], body, (zeros, zeros))
+    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _component_fwd_gpu(plan: _ComponentPlan, qc, kc, vc, scale: float, interpret: bool):
+    """'gpu' forward of one component: -> out f32[BN, Tqp, H], lse f32[BN, Tqp, 1] (as `_component_fwd`)."""
+    bn, tqp, h = qc.shape
+    lay = plan.fwd
+    bq, bk, nq, tkp = lay.block_q, lay.block_k, lay.kv_blocks.shape[0], kc.shape[1]
+    o, lse = pl.pallas_call(
+        functools.partial(_fwd_gpu_kernel, allows=plan.allows, scale=scale, block_k=bk),
+        grid=(bn, nq),
+        in_specs=[
+            pl.BlockSpec((None, lay.kv_blocks.shape[1]), lambda b, i: (i, 0)),
+            pl.BlockSpec((nq,), lambda b, i: (0,)),
+            pl.BlockSpec((None, bq, h), lambda b, i: (b, i, 0)),
+            pl.BlockSpec((None, tkp, h), lambda b, i: (b, 0, 0)),
+            pl.BlockSpec((None, tkp, h), lambda b, i: (b, 0, 0)),
+            pl.BlockSpec((bq,), lambda b, i: (i,)),
+            pl.BlockSpec((tkp,), lambda b, i: (0,)),
+        ],
+        out_specs=[pl.BlockSpec((None, bq, h), lambda b, i: (b, i, 0)), pl.BlockSpec((None, bq), lambda b, i: (b, i))],
+        out_shape=[jax.ShapeDtypeStruct((bn, tqp, h), jnp.float32), jax.ShapeDtypeStruct((bn, tqp), jnp.float32)],
+        interpret=interpret,
+    )(jnp.asarray(lay.kv_blocks), jnp.asarray(lay.kv_counts), qc, kc, vc, jnp.asarray(plan.q_pos),
+      jnp.asarray(plan.k_pos))
+    return o, lse[..., None]
+
+
+def _component_bwd_gpu(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, scale: float, interpret: bool):
+    """'gpu' backward of one component: -> dq [BN, Tqp, H], dk, dv [BN, Tkp, H] (as `_component_bwd`)."""
+    bn, tqp, h = qc.shape
+    tkp = kc.shape[1]
+    fwd, bwd = plan.fwd, plan.bwd
+    bq, bk = fwd.block_q, fwd.block_k
+    lse, delta = lsec[..., 0], deltac[..., 0]
+    q_pos, k_pos = jnp.asarray(plan.q_pos), jnp.asarray(plan.k_pos)
+    row = lambda n, h=h: pl.BlockSpec((None, n, h), lambda b, i: (b, i, 0))
+    whole = lambda n, h=h: pl.BlockSpec((None, n, h), lambda b, i: (b, 0, 0))
+    row1 = lambda n: pl.BlockSpec((None, n), lambda b, i: (b, i))
+    whole1 = lambda n: pl.BlockSpec((None, n), lambda b, i: (b, 0))
+    table = lambda lay: [pl.BlockSpec((None, lay.kv_blocks.shape[1]), lambda b, i: (i, 0)),
+                         pl.BlockSpec((lay.kv_blocks.shape[0],), lambda b, i: (0,))]
+    nq, nk = fwd.kv_blocks.shape[0], bwd.kv_blocks.shape[0]
+    dq = pl.pallas_call(
+        functools.partial(_dq_gpu_kernel, allows=plan.allows, scale=scale, block_k=bk),
+        grid=(bn, nq),
+        in_specs=table(fwd) + [row(bq), whole(tkp), whole(tkp), row(bq), row1(bq), row1(bq),
+                               pl.BlockSpec((bq,), lambda b, i: (i,)), pl.BlockSpec((tkp,), lambda b, i: (0,))],
+        out_specs=row(bq),
+        out_shape=jax.ShapeDtypeStruct((bn, tqp, h), qc.dtype),
+        interpret=interpret,
+    )(jnp.asarray(fwd.kv_blocks), jnp.asarray(fwd.kv_counts), qc, kc, vc, doc, lse, delta, q_pos, k_pos)
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_gpu_kernel, allows=plan.allows, scale=scale, block_q=bq),
+        grid=(bn, nk),
+        in_specs=table(bwd) + [whole(tqp), row(bk), row(bk), whole(tqp), whole1(tqp), whole1(tqp),
+                               pl.BlockSpec((tqp,), lambda b, i: (0,)), pl.BlockSpec((bk,), lambda b, i: (i,))],
+        out_specs=[row(bk), row(bk)],
+        out_shape=[jax.ShapeDtypeStruct((bn, tkp, h), kc.dtype), jax.ShapeDtypeStruct((bn, tkp, h), vc.dtype)],
+        interpret=interpret,
+    )(jnp.asarray(bwd.kv_blocks), jnp.asarray(bwd.kv_counts), qc, kc, vc, doc, lse, delta, q_pos, k_pos)
+    return dq, dk, dv
+
+
+# --- Gathers between natural order [BN, T, ...] and a component's padded tile order. ----------------------
+
+
+def _gather(x, pos: np.ndarray):
+    """[BN, T, ...] -> [BN, len(pos), ...]: rows at natural positions `pos`, zeros where pos = -1."""
+    rows = jnp.take(x, jnp.asarray(np.maximum(pos, 0)), axis=1)
+    valid = jnp.asarray(pos >= 0).reshape((1, -1) + (1,) * (x.ndim - 2))
+    return jnp.where(valid, rows, jnp.zeros((), x.dtype))
+
+
+def _scatter_add(acc, xc, pos: np.ndarray):
+    """acc[BN, T, ...] += xc's valid rows (pos >= 0) at their natural positions (positions are distinct)."""
+    valid = np.flatnonzero(pos >= 0)
+    return acc.at[:, jnp.asarray(pos[valid])].add(xc[:, jnp.asarray(valid)].astype(acc.dtype))
+
+
+def _forward(q, k, v, plans, scale, mode, count_visits=False):
+    """q, k, v [BN, T, H] -> out f32[BN, T, H], lse f32[BN, T, 1], visits per component ([BN, nq, 1] or None)."""
+    outs, lses, visits = [], [], []
+    for plan in plans:
+        o, lse, *vis = _component_fwd(
+            plan, _gather(q, plan.q_pos), _gather(k, plan.k_pos), _gather(v, plan.k_pos), scale, mode,
+            count_visits,
+        )
+        rows = jnp.asarray(plan.q_rows)
+        outs.append(jnp.take(o, rows, axis=1))
+        lses.append(jnp.take(lse, rows, axis=1))
+        visits.append(vis[0] if vis else None)
+    # Log-sum-exp merge: components are disjoint, so this is exactly one softmax over their union.
+    lse = functools.reduce(jnp.logaddexp, lses)
+    lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    out = sum(jnp.exp(lc - lse_safe) * oc for oc, lc in zip(outs, lses, strict=True))
+    return out, lse, visits
+
+
+# --- custom_vjp: saves only the output and the lse. --------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _attention(q, k, v, plans, scale, mode):
+    out, _, _ = _forward(q, k, v, plans, scale, mode)
+    return out.astype(q.dtype)
+
+
+def _attention_fwd(q, k, v, plans, scale, mode):
+    out, lse, _ = _forward(q, k, v, plans, scale, mode)
+    out = checkpoint_name(out.astype(q.dtype), OUT_NAME)
+    lse = checkpoint_name(lse, LSE_NAME)
+    return out, (q, k, v, out, lse)
+
+
+def _attention_bwd(plans, scale, mode, res, do):
+    q, k, v, out, lse = res
+    # delta_i = sum_h dO_ih O_ih: the softmax backward's row term, shared by all components (one softmax).
+    delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    dq = jnp.zeros(q.shape, jnp.float32)
+    dk = jnp.zeros(k.shape, jnp.float32)
+    dv = jnp.zeros(v.shape, jnp.float32)
+    for plan in plans:
+        qp, kp = plan.q_pos, plan.k_pos
+        dqc, dkc, dvc = _component_bwd(
+            plan, _gather(q, qp), _gather(k, kp), _gather(v, kp), _gather(do.astype(q.dtype), qp),
+            _gather(lse, qp), _gather(delta, qp), scale, mode,
+        )
+        dq = _scatter_add(dq, dqc, qp)
+        dk = _scatter_add(dk, dkc, kp)
+        dv = _scatter_add(dv, dvc, kp)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+# Jitted so that eager calls run as one compiled program (op-by-op interpret mode is far slower); inside
+# an outer jit this is just a nested call. Plans are cached per (pattern, T, blocks), so retracing is rare.
+_attention_jit = jax.jit(_attention, static_argnums=(3, 4, 5))
+
+
+# --- Public entry. ---------------------------------------------------------------------------------------
+
+
+def _block_size(block: int | None, default: int, t: int) -> int:
+    if block is None:
+        # Cap at the sequence length rounded up to 8 (sublane multiple): short inputs need no big tiles.
+        return max(8, min(default, -(-t // 8) * 8))
+    if isinstance(block, bool) or not isinstance(block, int | np.integer) or block < 1:
+        raise ValueError(f"block sizes must be positive integers, got {block!r}")
+    return int(block)
+
+
+LOWERINGS = ("tpu", "gpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Mode:
+    """Which kernels run ('tpu': scalar-prefetch grid; 'gpu': Triton-style loop) and whether interpreted."""
+
+    lowering: str
+    interpret: bool
+
+
+def _resolve_mode(interpret: bool | None, lowering: str | None) -> _Mode:
+    backend = jax.default_backend()
+    if lowering is None:
+        lowering = "gpu" if backend == "gpu" else "tpu"
+    if lowering not in LOWERINGS:
+        raise ValueError(f"lowering must be one of {LOWERINGS}, got {lowering!r}")
+    if interpret is None:
+        interpret = backend == "cpu"
+    if not interpret and backend != lowering:
+        raise NotImplementedError(
+            f"the {lowering!r} kernels compile only on {lowering!r}, not on {backend!r}; use interpret=True"
+        )
+    return _Mode(lowering, bool(interpret))
+
+
+def _prepare(q, k, v, pattern, stride, summary, part, block_q, block_k, interpret, lowering=None):
+    if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"expected q, k, v of one shape [B, T, N, H], got {q.shape}, {k.shape}, {v.shape}")
+    pat = patterns_lib.make_pattern(pattern, stride, summary, part)
+    t = q.shape[1]
+    if t < 1:
+        raise ValueError(f"need a sequence of at least one token, got shape {q.shape}")
+    bq = _block_size(block_q, DEFAULT_BLOCK_Q, t)
+    bk = _block_size(block_k, DEFAULT_BLOCK_K, t)
+    return _plan(pat, t, bq, bk), _resolve_mode(interpret, lowering)
+
+
+def _to_rows(x):
+    """[B, T, N, H] -> [B * N, T, H]."""
+    b, t, n, h = x.shape
+    return jnp.swapaxes(x, 1, 2).reshape(b * n, t, h)
+
+
+def sparse_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    pattern: str,
+    stride: int | None = None,
+    summary: int | None = None,
+    part: str = "both",
+    block_q: int | None = None,
+    block_k: int | None = None,
+    interpret: bool | None = None,
+    lowering: str | None = None,
+) -> jax.Array:
+    """Block-sparse causal attention with a Pallas flash kernel (differentiable).
+
+    Args:
+      q, k, v: [B, T, N, H] (batch, time in tokens, heads, head_dim); any float dtype (bf16 recommended on
+        accelerators; matmuls accumulate in fp32).
+      pattern: 'dense' | 'strided' | 'fixed' (see `patterns`); stride: l; summary: c (fixed only);
+        part: 'both' | 'local' | 'summary'.
+      block_q, block_k: tile sizes in tokens (default 128, capped at T rounded up to 8).
+      interpret: run the kernels in the Pallas interpreter; None = interpret on CPU, compile otherwise.
+      lowering: 'tpu' (scalar-prefetch grid, Mosaic) or 'gpu' (Triton-style loop over the listed blocks);
+        None = 'gpu' on a GPU backend, else 'tpu'. Both run on CPU in interpret mode.
+
+    Returns:
+      [B, T, N, H] in q.dtype; scale 1/sqrt(H); rows with no allowed key are 0.
+    """
+    plans, mode = _prepare(q, k, v, pattern, stride, summary, part, block_q, block_k, interpret, lowering)
+    b, t, n, h = q.shape
+    if not plans:
+        return jnp.zeros_like(q)
+    out = _attention_jit(_to_rows(q), _to_rows(k), _to_rows(v), plans, 1.0 / math.sqrt(h), mode)
+    return jnp.swapaxes(out.reshape(b, n, t, h), 1, 2)
+
+
+def visited_blocks(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    pattern: str,
+    stride: int | None = None,
+    summary: int | None = None,
+    part: str = "both",
+    block_q: int | None = None,
+    block_k: int | None = None,
+    interpret: bool | None = None,
+) -> dict[str, np.ndarray]:
+    """Tiles the forward kernel actually computed, per component: {name: int32[B * N, q_blocks]}.
+
+    Counted inside the kernel (a per-q-block counter incremented on every visited tile), for checking that
+    only the layout's non-empty tiles run: each row should equal `BlockLayout.kv_counts`.
+    """
+    plans, mode = _prepare(q, k, v, pattern, stride, summary, part, block_q, block_k, interpret, "tpu")
+    h = q.shape[-1]
+    fwd = jax.jit(lambda q, k, v: _forward(q, k, v, plans, 1.0 / math.sqrt(h), mode, count_visits=True)[2])
+    visits = fwd(_to_rows(q), _to_rows(k), _to_rows(v))
+    return {plan.name: np.asarray(vis[..., 0]) for plan, vis in zip(plans, visits, strict=True)}
+
+
+def logits_per_head(
+    n: int,
+    *,
+    pattern: str,
+    stride: int | None = None,
+    summary: int | None = None,
+    part: str = "both",
+    block_q: int | None = None,
+    block_k: int | None = None,
+) -> int:
+    """(query, key) logits the kernel computes per batch row and head for length n: visited tiles * bq * bk.
+
+    Includes the masked entries of partial tiles. Matmul FLOPs per logit: 4 * H forward (QK^T, PV) and
+    14 * H backward (the dq and dk/dv kernels each recompute QK^T and dP = dO V^T, then dQ / dK, dV).
+    """
+    bq = _block_size(block_q, DEFAULT_BLOCK_Q, n)
+    bk = _block_size(block_k, DEFAULT_BLOCK_K, n)
+    plans = _plan(patterns_lib.make_pattern(pattern, stride, summary, part), n, bq, bk)
+    return sum(plan.fwd.num_blocks for plan in plans) * bq * bk
+
+
+def sparse_attention_reference(q, k, v, *, pattern, stride=None, summary=None, part="both", **unused):
+    """The dense masked-softmax reference with `sparse_attention`'s signature (block/interpret ignored)."""
+    del unused
+    return reference_lib.reference_attention(q, k, v, pattern=pattern, stride=stride, summary=summary, part=part)
