@@ -26,6 +26,7 @@ setup(
         "absl-py>=2.1,<3",
         "ml_collections>=1.1,<1.2",
         "tensorboardX>=2.6,<3",
+        "safetensors>=0.4,<1",
     ],
     extras_require={
         "dev": [
@@ -42,6 +43,7 @@ setup(
             "musenet-detokenize=launch.detokenize_midi:run",
             "musenet-build-data=launch.build_data:run",
             "musenet-train=launch.train:run",
+            "musenet-export=launch.export:run",
         ],
     },
 )

@@ -1,0 +1,167 @@
+"""musenet-export: params-only safetensors export of a (sharded) checkpoint, loaded back with equal logits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file
+
+from data_pipeline.vocab import Vocab, VocabConfig
+from musenet_jax import export, train
+from musenet_jax import model as model_lib
+from tests.musenet_jax.test_train import small_config
+
+# Export dtype -> max |logit difference| allowed against the checkpoint's float32 model. bfloat16 keeps 8
+# mantissa bits (relative rounding <= 2^-9 per weight); on this 2-layer model (|logits| < 1) the measured
+# error is 3e-3, so 2e-2 leaves headroom while still catching a wrong or mis-ordered tensor.
+TOLERANCE = {"float32": 1e-6, "bfloat16": 2e-2}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, midi_fixtures):
+    """A 2-step training run on a (data 2, fsdp 2, tensor 2) mesh, so the checkpoint is really sharded."""
+    root = tmp_path_factory.mktemp("export")
+    manual = root / "midi" / "freedoom"
+    manual.mkdir(parents=True)
+    for f in sorted(midi_fixtures.glob("freedoom*.mid"))[:4]:
+        shutil.copy(f, manual / f.name)
+    data_dir = root / "tfds"
+    res = subprocess.run([sys.executable, "-m", "launch.build_data", "--config", "directory", "--manual_dir",
+                          str(root / "midi"), "--data_dir", str(data_dir), "--num_workers", "0"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    config = small_config(2)
+    config.checkpoint.update(every_steps=1, async_save=False)
+    config.mesh.update(data=2, fsdp=2, tensor=2)
+    work = root / "work"
+    train.train_and_evaluate(config, str(work), str(data_dir))
+    return work
+
+
+def _checkpoint_model(workdir, step: int):
+    """The model part of the full saved (model, optimizer) state, restored independently of export.py."""
+    state = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+    vocab = Vocab.load(workdir / "vocab.json")
+    config_json = json.loads((workdir / "config.json").read_text())
+    config = model_lib.ModelConfig.from_config_dict(config_json["model"], vocab_size=vocab.size)
+    graphdef, abstract = model_lib.abstract_model(config)
+    nnx.replace_by_pure_dict(abstract, jax.device_get(state["0"]))
+    return nnx.merge(graphdef, abstract), state
+
+
+def _batch(vocab_size: int, b: int = 2, t: int = 64):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab_size, (b, t)).astype(np.int32)
+    features = {"timing": rng.integers(0, 5000, (b, t)), "chord": rng.integers(0, 70, (b, t)),
+                "part": rng.integers(0, 128, (b, t)), "countdown": rng.integers(0, 128, (b, t))}
+    return tokens, {k: v.astype(np.int32) for k, v in features.items()}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_export_loads_with_the_checkpoints_logits(workdir, tmp_path, dtype):
+    out = tmp_path / "export"
+    assert export.export_checkpoint(workdir, out, dtype=dtype, step=1) == str(out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "vocab.json"]
+    meta = json.loads((out / "config.json").read_text())
+    assert (meta["format"], meta["step"], meta["dtype"], meta["model"]["param_dtype"]) == (
+        "musenet-export-v1", 1, dtype, dtype)
+
+    reference, full_state = _checkpoint_model(workdir, 1)
+    model, vocab = export.load_export(out, vocab=Vocab.load(workdir / "vocab.json"))
+    assert vocab.size == model.config.vocab_size
+
+    # Parameters only: exactly the model's tensors, none of the optimizer's moments (which share their names).
+    tensors = load_file(out / "model.safetensors")
+    assert len(tensors) == len(jax.tree.leaves(full_state["0"])) < len(jax.tree.leaves(full_state))
+    assert sum(v.size for v in tensors.values()) == model_lib.count_params(reference)
+    assert "token_embed" in tensors and "stack/blocks/0/attention/query" in tensors
+    assert {np.dtype(v.dtype).name for v in tensors.values()} == {dtype}
+
+    tokens, features = _batch(vocab.size)
+    want = np.asarray(reference(tokens, features))
+    got = np.asarray(model(tokens, features))
+    assert got.shape == want.shape == (2, 64, vocab.size)
+    np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE[dtype])
+    if dtype == "bfloat16":
+        assert not np.array_equal(got, want)  # the stored weights really were rounded
+
+
+def test_newest_step_is_the_default(workdir, tmp_path):
+    export.export_checkpoint(workdir, tmp_path / "e")
+    assert json.loads((tmp_path / "e" / "config.json").read_text())["step"] == 2
+
+
+def test_bad_exports_are_refused(workdir, tmp_path):
+    with pytest.raises(export.ExportError, match="no checkpoint at step 9"):
+        export.export_checkpoint(workdir, tmp_path / "a", step=9)
+    with pytest.raises(export.ExportError, match="no such workdir"):
+        export.export_checkpoint(tmp_path / "missing", tmp_path / "a")
+    with pytest.raises(export.ExportError, match="no checkpoints"):
+        export.export_checkpoint(tmp_path, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+    out = tmp_path / "e"
+    export.export_checkpoint(workdir, out)
+    other = Vocab(VocabConfig(velocity_bins=8))
+    with pytest.raises(export.ExportError, match="different vocabulary"):
+        export.load_export(out, vocab=other)
+    with pytest.raises(export.ExportError, match="not an empty directory"):
+        export.export_checkpoint(workdir, out)
+
+    config_json = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config_json, "model": {**config_json["model"], "mlp_dim": 48}}))
+    with pytest.raises(export.ExportError, match=r"parameter .*mlp.* the model config needs"):
+        export.load_export(out)
+    (out / "config.json").write_text(json.dumps(config_json))
+
+    other.save(out / "vocab.json")  # an export dir whose vocab.json is not the model's
+    with pytest.raises(export.ExportError, match="token ids but its vocab"):
+        export.load_export(out)
+
+    (tmp_path / "corrupt").mkdir()
+    for name in ("config.json", "vocab.json"):
+        shutil.copy(out / name, tmp_path / "corrupt" / name)
+    (tmp_path / "corrupt" / "vocab.json").write_text(Vocab.load(workdir / "vocab.json").to_json())
+    # A truncated weights file (an interrupted copy): a clear error, not safetensors' own exception type.
+    (tmp_path / "corrupt" / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes()[:4096])
+    with pytest.raises(export.ExportError, match="unreadable"):
+        export.load_export(tmp_path / "corrupt")
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "launch.export", *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+
+
+def _one_line_error(res, code: int = 1):
+    assert res.returncode == code, res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in res.stderr, res.stderr
+    return errors[0]
+
+
+@pytest.mark.e2e
+def test_cli_exports_and_refuses_bad_input(workdir, tmp_path):
+    out = tmp_path / "cli"
+    # The subprocess has one CPU device: the 8-device sharded checkpoint is gathered on the host regardless.
+    res = _cli("--workdir", workdir, "--out", out, "--dtype", "bfloat16", "--step", "2")
+    assert res.returncode == 0, res.stderr
+    assert "exported step 2" in res.stdout and (out / "model.safetensors").exists()
+
+    assert "no such workdir" in _one_line_error(_cli("--workdir", tmp_path / "missing", "--out", tmp_path / "x"))
+    assert "no checkpoint at step 5" in _one_line_error(_cli("--workdir", workdir, "--out", tmp_path / "x",
+                                                             "--step", "5"))
+    before = sorted(p.name for p in out.iterdir())
+    assert "not an empty directory" in _one_line_error(_cli("--workdir", workdir, "--out", out))
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert "required" in _one_line_error(_cli("--workdir", workdir), code=2)
+    # Nothing half-written: no output dir and no temporary sibling left behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli"]
