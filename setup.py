@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["data_pipeline*", "musenet_jax*", "pallas_kernels*", "launch*"]),
     include_package_data=True,
-    package_data={"data_pipeline": ["corpus/**/*", "corpus/*"]},
+    package_data={"data_pipeline": ["corpus/**/*", "corpus/*"], "launch": ["recipes/*"]},
     install_requires=[
         "numpy>=2.0,<3",
         "jax>=0.10.2,<0.11",
@@ -27,8 +27,12 @@ setup(
         "ml_collections>=1.1,<1.2",
         "tensorboardX>=2.6,<3",
         "safetensors>=0.4,<1",
+        "matplotlib>=3.8,<4",
     ],
     extras_require={
+        # Workdirs and data on Google Cloud Storage (gs://...) for pod jobs: run files through
+        # etils.epath/fsspec, TensorBoard events through tensorboardX's GCS writer.
+        "gcs": ["gcsfs>=2024.2", "google-cloud-storage>=2.14,<4"],
         "dev": [
             "pytest>=8.0,<10",
             "hypothesis>=6.100,<7",
@@ -43,7 +47,11 @@ setup(
             "musenet-detokenize=launch.detokenize_midi:run",
             "musenet-build-data=launch.build_data:run",
             "musenet-train=launch.train:run",
+            "musenet-launch=launch.launch_local:run",
             "musenet-export=launch.export:run",
+            "musenet-pod=launch.pod:run",
+            "musenet-eval=launch.evaluate:run",
+            "musenet-generate=launch.generate:run",
         ],
     },
 )

@@ -44,14 +44,19 @@ from the stored `timing` feature), the notes are transformed, made canonical wit
 written back as tokens in the encoder's event order with waits re-emitted; the features are then
 recomputed. With every augmentation at identity this reproduces the stored tokens and features.
 
-Determinism. Each example's random draws (window start, augmentation) come from a generator seeded
-by (seed, process index, position in the stream); the stream position is epoch * records + rank, and
-the shuffle draws a new permutation every epoch (`EpochShuffle`). So the same seed gives the same batches,
-and Grain's iterator state (`get_state`/`set_state`, `grain.checkpoint.CheckpointSave`) resumes
-exactly, with or without worker processes.
+Determinism. The training stream is ONE global sequence of examples, the same for any number of
+processes: global example g (0, 1, 2, ...) is record `order_e[g mod n]` of epoch e = g // n (n records,
+a fresh permutation `order_e` per epoch, `EpochShuffle`), and all its random draws (window start,
+augmentation) come from a generator seeded by (seed, g) alone. Global batch k is examples
+[k * G, (k + 1) * G) with G = batch_size * process_count; a last partial global batch is dropped.
 
-Sharding. Process p of n reads records p, p + n, ... of the first n * floor(len / n) records (the
-few left over are dropped so every process has the same number of batches per epoch).
+Sharding. Process p of P reads only rows [p * B, (p + 1) * B) of each global batch (B = `batch_size`,
+the per-process batch), i.e. global examples k * G + p * B + r for r < B. So the processes together see
+exactly the batches one process with batch_size G would see, row for row, and the stream position is
+"global batches consumed", the same number on every process. Restoring on a different process count
+maps that position unchanged: `make_train_iterator(..., start_batch=k)` on every new process starts at
+global batch k and reads its own rows of it, with the new P (`start_batch` is what the trainer stores
+in its checkpoints; Grain's `get_state`/`set_state` also resumes exactly, but only on the same P).
 """
 
 from __future__ import annotations
@@ -469,13 +474,13 @@ def train_example(piece: Piece, vocab: Vocab, config: InputConfig,
 
 
 class TrainWindows(grain.transforms.MapWithIndex):
-    """Record -> training example; the stream index seeds the example's generator (picklable)."""
+    """Record -> training example; the global stream index g seeds the example's generator (picklable)."""
 
-    def __init__(self, vocab: Vocab, config: InputConfig, process_index: int):
-        self.vocab, self.config, self.process_index = vocab, config, process_index
+    def __init__(self, vocab: Vocab, config: InputConfig):
+        self.vocab, self.config = vocab, config
 
     def map_with_index(self, index: int, record):
-        rng = np.random.default_rng((self.config.seed, self.process_index, index))
+        rng = np.random.default_rng((self.config.seed, index))
         return train_example(parse_record(record, self.vocab), self.vocab, self.config, rng)
 
 
@@ -491,13 +496,34 @@ def _process_shard(process_index: int | None, process_count: int | None) -> tupl
     return process_index, process_count
 
 
-def shard_records(source: Sequence, process_index: int, process_count: int) -> grain.MapDataset:
-    """This process's records: p, p + n, ... of the first n * floor(len / n) (see module docstring)."""
-    per_process = len(source) // process_count
-    if per_process == 0:
-        raise ValueError(f"{len(source)} records cannot be shared by {process_count} processes")
-    ds = grain.MapDataset.source(source)
-    return ds[:per_process * process_count][process_index::process_count]
+class ProcessRows(grain.MapDataset):
+    """This process's rows of each global batch of its parent (the global example stream).
+
+    Local element i (row i mod B of local batch i // B) is global example
+    (start_batch + i // B) * B * P + p * B + i mod B (see "Sharding" in the module docstring).
+    """
+
+    def __init__(self, parent: grain.MapDataset, batch_size: int, process_index: int, process_count: int,
+                 start_batch: int = 0):
+        super().__init__(parent)
+        self._rows, self._process, self._global = batch_size, process_index, batch_size * process_count
+        self._start = start_batch
+
+    def __len__(self) -> int:
+        return max(len(self._parent) // self._global - self._start, 0) * self._rows
+
+    def __str__(self) -> str:
+        return (f"ProcessRows(rows={self._rows}, process={self._process}, global_batch={self._global}, "
+                f"start_batch={self._start})")
+
+    def global_index(self, index: int) -> int:
+        batch, row = divmod(index, self._rows)
+        return (self._start + batch) * self._global + self._process * self._rows + row
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self.global_index(index)]
 
 
 class EpochShuffle(grain.MapDataset):
@@ -535,17 +561,24 @@ class EpochShuffle(grain.MapDataset):
 
 
 def make_train_dataset(source: Sequence, vocab: Vocab, config: InputConfig, *,
-                       process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
+                       process_index: int | None = None, process_count: int | None = None,
+                       start_batch: int = 0) -> grain.IterDataset:
     """The training stream as a Grain `IterDataset` of batches (see `make_train_iterator`)."""
     process_index, process_count = _process_shard(process_index, process_count)
     if config.seq_len <= max_prefix_len(vocab):
         raise ValueError(f"seq_len {config.seq_len} leaves no room after the longest prefix "
                          f"({max_prefix_len(vocab)} tokens)")
-    ds = shard_records(source, process_index, process_count)
+    if len(source) < process_count:
+        raise ValueError(f"{len(source)} records cannot be shared by {process_count} processes")
+    if start_batch < 0:
+        raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+    ds = grain.MapDataset.source(source)
     if config.shuffle:
         ds = EpochShuffle(ds, seed=config.seed)
     ds = ds.repeat(config.num_epochs)
-    ds = ds.map_with_index(TrainWindows(vocab, config, process_index))
+    # Windows are drawn on the global stream (index = global example g), before this process picks its rows.
+    ds = ds.map_with_index(TrainWindows(vocab, config))
+    ds = ProcessRows(ds, config.batch_size, process_index, process_count, start_batch)
     ds = ds.batch(config.batch_size, drop_remainder=True)
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                                    prefetch_buffer_size=config.prefetch_buffer_size))
@@ -556,27 +589,28 @@ def make_train_dataset(source: Sequence, vocab: Vocab, config: InputConfig, *,
 
 
 def make_train_iterator(source: Sequence, vocab: Vocab, config: InputConfig, *,
-                        process_index: int | None = None,
-                        process_count: int | None = None) -> grain.DatasetIterator:
+                        process_index: int | None = None, process_count: int | None = None,
+                        start_batch: int = 0) -> grain.DatasetIterator:
     """Shuffled, augmented, batched training batches for this process.
 
     Args:
       source: records (module docstring); anything with `__len__` and `__getitem__` that pickles if
         `config.worker_count > 0` (a list, a TFDS `ArrayRecordDataSource`).
       vocab: the vocabulary of the records' token ids.
-      config: window length, batch size, seed, augmentations.
-      process_index, process_count: this process's shard; default `jax.process_index()` and
-        `jax.process_count()`.
+      config: window length, per-process batch size B, seed, augmentations.
+      process_index, process_count: p and P; this process reads rows [p * B, (p + 1) * B) of each
+        global batch of B * P examples. Default `jax.process_index()` and `jax.process_count()`.
+      start_batch: global batches already consumed (a resume position, valid for any P).
     Returns:
       A Grain iterator of batches (dicts of numpy arrays `BATCH_KEYS`, each [B, L]; with a finite
-      `num_epochs` it stops after epochs * records // B batches, dropping a last partial batch) with
-      `get_state()` / `set_state()` for exact resume; it also works with
+      `num_epochs` it stops after epochs * records // (B * P) batches, dropping a last partial global
+      batch) with `get_state()` / `set_state()` for exact resume on the same P; it also works with
       `grain.checkpoint.CheckpointSave` / `CheckpointRestore` in an orbax `CheckpointManager`.
       With `worker_count > 0` workers are spawned: call this under `if __name__ == "__main__"` with
       absl flags parsed.
     """
     return iter(make_train_dataset(source, vocab, config, process_index=process_index,
-                                   process_count=process_count))
+                                   process_count=process_count, start_batch=start_batch))
 
 
 class _EvalBatch(grain.transforms.Map):

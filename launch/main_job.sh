@@ -2,7 +2,9 @@
 # The README's main job, end to end on the built-in data; installs the project into .venv first.
 #   1. build the bundled `default` corpus into TFDS ArrayRecord records,
 #   2. train the `tiny` model on CPU for a few minutes,
-#   3. report validation bits/token next to a unigram baseline on the same data.
+#   3. report validation bits/token next to a unigram baseline on the same data,
+#   4. evaluate the trained model on the held-out `test` split (bits/token, /note, /second),
+#   5. export its weights and generate a piece: MIDI + piano roll, and WAV when fluidsynth is installed.
 # Outputs go to $OUT (default runs/main_job). Extra arguments are passed to musenet-train
 # (e.g. --config.train.total_steps=200 for a quicker run).
 set -euo pipefail
@@ -14,13 +16,13 @@ python -m pip install -q --upgrade pip
 python -m pip install -q -e .
 mkdir -p "$OUT"
 
-echo "== 1/3 build the default dataset"
+echo "== 1/5 build the default dataset"
 musenet-build-data --config default --data_dir "$OUT/data"
 
-echo "== 2/3 train configs/tiny.py"
+echo "== 2/5 train configs/tiny.py"
 musenet-train --config=configs/tiny.py --workdir="$OUT/tiny" --data_dir="$OUT/data" "$@"
 
-echo "== 3/3 result"
+echo "== 3/5 result"
 python - "$OUT/tiny/final_metrics.json" <<'PY'
 import json, sys
 m = json.load(open(sys.argv[1]))
@@ -29,4 +31,23 @@ print(f"validation: {model:.3f} bits/token; unigram baseline on the same data: {
 if not model < unigram:
     sys.exit("the model did not beat the unigram baseline")
 PY
+
+echo "== 4/5 evaluate on the held-out test split"
+musenet-eval --workdir="$OUT/tiny" --split=test --data_dir="$OUT/data" --out="$OUT/eval_test.json"
+
+echo "== 5/5 export and generate"
+rm -rf "$OUT/export"
+musenet-export --workdir="$OUT/tiny" --out="$OUT/export"
+mkdir -p "$OUT/generated"
+AUDIO=()
+if command -v fluidsynth >/dev/null; then
+  AUDIO=(--wav="$OUT/generated/piece.wav")
+else
+  echo "(fluidsynth not installed: no WAV; on Debian/Ubuntu: apt-get install fluidsynth timgm6mb-soundfont)"
+fi
+musenet-generate --model="$OUT/export" --genre=bach --instruments=piano,violin,cello --seconds=30 --seed=0 \
+  --temperature=0.9 --out="$OUT/generated/piece.mid" --pianoroll="$OUT/generated/piece.png" "${AUDIO[@]}"
+
 echo "checkpoints, TensorBoard logs and metrics.jsonl: $OUT/tiny"
+echo "test-split evaluation: $OUT/eval_test.json; exported weights: $OUT/export"
+echo "generated piece: $OUT/generated/ (piece.mid, piece.png$([ ${#AUDIO[@]} -gt 0 ] && echo ', piece.wav'))"

@@ -1,9 +1,24 @@
-r"""musenet-train: train a MuseNet-class model on a built dataset.
+r"""musenet-train: train a MuseNet-class model on a built dataset, on one process or many.
 
     musenet-train --config=configs/tiny.py --workdir=runs/tiny --data_dir=data
     musenet-train --config=configs/small.py --config.train.total_steps=20000 --workdir=... --data_dir=...
+    # one of N processes (every process runs the same command with its own --process_id):
+    musenet-train --coordinator_address=10.0.0.2:8476 --num_processes=4 --process_id=1 --config=... ...
+    # N local processes with D CPU devices each (development, tests):
+    musenet-launch --num_processes=2 --devices_per_process=4 -- musenet-train --config=... ...
 
-The run resumes from the newest checkpoint in --workdir. The run length is `config.train.total_steps`.
+The run resumes from the newest checkpoint in --workdir, also onto another process count or mesh. The run
+length is `config.train.total_steps`.
+
+Distributed start-up happens before any other JAX use: --distributed=auto (default) joins a job when the
+three explicit flags are given or a cluster is detected (TPU VM pod worker, SLURM job with more than one
+task, Kubernetes indexed Job / JobSet pod; `musenet_jax.distributed`); `on` always calls
+jax.distributed.initialize() and lets JAX detect the cluster; `off` runs a single process.
+
+Exit codes: 0 when training finished or was preempted (SIGTERM on any process: every process saves a
+checkpoint of the same step and exits 0 with a message; rerun the same command to resume); 1 for errors;
+2 for bad flags; 3 (`distributed.ABORT_EXIT_CODE`) when another process of the job died or hung for
+--heartbeat_timeout_s seconds (a one-line message names it).
 """
 
 from __future__ import annotations
@@ -16,6 +31,17 @@ from launch import cli
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard and logs.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory holding the built musenet_midi dataset.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "HOST:PORT of process 0's coordination service (with --num_processes and "
+                                   "--process_id).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (explicit start-up).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "auto: join a job when the explicit flags are given or a cluster is detected; "
+                                 "on: always jax.distributed.initialize(); off: single process.")
+_HEARTBEAT = flags.DEFINE_float("heartbeat_timeout_s", 60.0,
+                                "Seconds without a heartbeat or step progress after which another process counts "
+                                "as dead and this one exits (multi-process runs).")
 
 
 def main(argv):
@@ -25,9 +51,26 @@ def main(argv):
         raise cli.UsageError("--config is required (e.g. --config=configs/tiny.py)")
     if not _WORKDIR.value or not _DATA_DIR.value:
         raise cli.UsageError("--workdir and --data_dir are required")
-    from musenet_jax import train  # after flag parsing: importing JAX is slow
+    from musenet_jax import distributed  # after flag parsing: importing JAX is slow
 
-    result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _DATA_DIR.value)
+    try:
+        options = distributed.Options(mode=_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
+                                      num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+                                      heartbeat_timeout_s=_HEARTBEAT.value)
+    except distributed.DistributedError as e:
+        raise cli.UsageError(str(e)) from e
+    joined = distributed.initialize(options)  # before any other JAX use
+    if joined:
+        print(f"joined: {joined}", flush=True)
+
+    from musenet_jax import train
+
+    result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _DATA_DIR.value,
+                                      heartbeat_timeout_s=_HEARTBEAT.value)
+    if result["preempted"]:
+        print(f"preempted: stopped after step {result['step']} with a checkpoint in {_WORKDIR.value}; rerun the "
+              "same command to resume", flush=True)
+        return
     print(f"done: step {result['step']}, validation {result['eval/bits_per_token']:.3f} bits/token "
           f"(unigram baseline {result['eval/unigram_bits_per_token']:.3f}); checkpoints in {_WORKDIR.value}")
 

@@ -2,6 +2,7 @@
 
     out = export_checkpoint("runs/tiny", "exports/tiny", dtype="bfloat16")   # newest step
     model, vocab = load_export("exports/tiny")
+    model, vocab, step = load_checkpoint("runs/tiny")   # the same parameters, straight from the checkpoint
 
 An export holds the parameters only (no optimizer moments, no data-iterator state), gathered to host
 numpy from whatever mesh the run was sharded over, so it loads on one device anywhere. Tensor keys are
@@ -30,6 +31,7 @@ from safetensors.numpy import load_file, save_file
 
 from data_pipeline.vocab import Vocab
 from musenet_jax import model as model_lib
+from musenet_jax import run_dir
 
 FORMAT = "musenet-export-v1"
 DTYPES = ("float32", "bfloat16")
@@ -67,15 +69,18 @@ def _check_params(params: dict[str, np.ndarray] | dict[str, jax.ShapeDtypeStruct
 
 # -- export ----------------------------------------------------------------------------------------
 def _manager(workdir: str) -> ocp.CheckpointManager:
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(workdir):
+    root = run_dir.resolve(workdir)  # local or object storage (gs://...)
+    directory = root / "checkpoints"
+    if not root.is_dir():
         raise ExportError(f"{workdir}: no such workdir")
-    if not os.path.isdir(directory):
-        raise ExportError(f"{workdir}: no checkpoints (no {os.path.join(workdir, 'checkpoints')} directory)")
+    if not directory.is_dir():
+        raise ExportError(f"{workdir}: no checkpoints (no {directory} directory)")
     # Typed handlers so item metadata can be read and the `state` item partially restored. `data` (the
-    # grain iterator) is registered only so orbax does not warn about an unknown item; it is never read.
+    # grain iterator) and `data_position` (the trainer's stream position) are registered only so orbax does
+    # not warn about unknown items; they are never read.
     handlers = {"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
-                "vocab": ocp.JsonCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
+                "vocab": ocp.JsonCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
+                "data_position": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(directory, item_handlers=handlers,
                                  options=ocp.CheckpointManagerOptions(create=False))
 
@@ -204,7 +209,11 @@ def load_export(out_dir: str | os.PathLike, vocab: Vocab | None = None) -> tuple
     except Exception as e:  # safetensors raises its own error types on a corrupt header or truncated data
         raise ExportError(f"{out_dir}/{WEIGHTS}: unreadable ({' '.join(str(e).split())})") from None
     _check_params(params, config, out_dir, check_dtype=True)
+    return _model_from_params(config, params), saved_vocab
 
+
+def _model_from_params(config: model_lib.ModelConfig, params: dict[str, np.ndarray]) -> model_lib.MuseNet:
+    """A `MuseNet` of `config` on the default device holding `params` ({safetensors key: array}, checked)."""
     graphdef, state = model_lib.abstract_model(config)
     by_key = {"/".join(map(str, path)): path for path, _ in nnx.to_flat_state(state)}
     pure: dict = {}
@@ -215,4 +224,37 @@ def load_export(out_dir: str | os.PathLike, vocab: Vocab | None = None) -> tuple
             node = node.setdefault(p, {})
         node[leaf] = jax.numpy.asarray(value)
     nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state), saved_vocab
+    return nnx.merge(graphdef, state)
+
+
+def load_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> tuple[model_lib.MuseNet, Vocab, int]:
+    """(model, vocab, step) from a training checkpoint: parameters only (no optimizer state, no data state).
+
+    Args:
+      workdir: a `musenet-train` workdir (checkpoints under `workdir/checkpoints`).
+      step: training step of the checkpoint (default: the newest).
+    Returns:
+      A `MuseNet` on the default device with the checkpoint's parameters (in the run's param dtype),
+      the vocabulary it was trained on, and the step loaded.
+    Raises:
+      ExportError: no such workdir, no checkpoint (at `step`), parameters that do not fit the saved config.
+    """
+    workdir = os.fspath(workdir)
+    manager = _manager(workdir)
+    try:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise ExportError(f"{workdir}: no checkpoint in {os.path.join(workdir, 'checkpoints')}")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise ExportError(f"{workdir}: no checkpoint at step {step} (available: {', '.join(map(str, steps))})")
+        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
+                                                              vocab=ocp.args.JsonRestore()))
+        vocab = Vocab.from_json(json.dumps(saved.vocab))
+        config = model_lib.ModelConfig.from_config_dict(saved.config["model"], vocab_size=vocab.size)
+        params = _restore_params(manager, step, config, f"{workdir} step {step}")
+    finally:
+        manager.close()
+    params = {k: v.astype(config.params_dtype) for k, v in params.items()}
+    return _model_from_params(config, params), vocab, int(step)

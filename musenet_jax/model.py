@@ -66,6 +66,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from musenet_jax import attention as attention_lib
+from musenet_jax import decoding
 from musenet_jax import sharding as sharding_lib
 from pallas_kernels import block_sparse_attention
 
@@ -393,6 +394,33 @@ class Attention(nnx.Module):
             y = y + self.out_bias[...].astype(self.dtype)
         return checkpoint_name(y, "attn_out")
 
+    def init_cache(self, batch: int, max_len: int) -> tuple:
+        """Empty decoding cache: one `decoding.init_cache` dict per head group, in group order."""
+        h = self.query.shape[-1]
+        return tuple(
+            decoding.init_cache(spec, max_len, batch, count, h, self.dtype) for spec, count in self.groups
+        )
+
+    def decode_step(self, x: jax.Array, cache: tuple, position: jax.Array, max_len: int, index=None):
+        """One token: x [B, 1, D] at `position` (int32 scalar) -> ([B, 1, D], new cache).
+
+        index: the layer row of caches stacked over scanned layers (see `decoding.attend_step`)."""
+        q = self._project(x, self.query, self.query_bias)[:, 0]  # [B, N, H]
+        k = self._project(x, self.key, self.key_bias)[:, 0]
+        v = self._project(x, self.value, self.value_bias)[:, 0]
+        outs, new_cache, start = [], [], 0
+        for (spec, count), group_cache in zip(self.groups, cache, strict=True):
+            sl = slice(start, start + count)
+            out, c = decoding.attend_step(q[:, sl], k[:, sl], v[:, sl], group_cache, spec, position, max_len, index)
+            outs.append(out)
+            new_cache.append(c)
+            start += count
+        ctx = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)  # [B, N, H]
+        y = jnp.einsum("bnh,nhd->bd", ctx, self.out[...].astype(self.dtype))[:, None]
+        if self.out_bias is not None:
+            y = y + self.out_bias[...].astype(self.dtype)
+        return y, tuple(new_cache)
+
 
 class Mlp(nnx.Module):
     """Position-wise GELU MLP: [B, T, D] -> [B, T, F] -> [B, T, D]."""
@@ -439,6 +467,13 @@ class Block(nnx.Module):
         x = x + _dropout(self.attention(self.attention_norm(x)), self.dropout_rate, keys[0])
         x = x + _dropout(self.mlp(self.mlp_norm(x)), self.dropout_rate, keys[1])
         return sharding_lib.constrain(x, _ACT, self.rules)
+
+    def decode_step(self, x: jax.Array, cache: tuple, position: jax.Array, max_len: int, index=None):
+        """One token, deterministic: x [B, 1, D] -> ([B, 1, D], new cache); index as in Attention."""
+        y, cache = self.attention.decode_step(self.attention_norm(x), cache, position, max_len, index)
+        x = x + y
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, cache
 
 
 class Period(nnx.Module):
@@ -632,6 +667,79 @@ class MuseNet(nnx.Module):
             return x
 
         return body(x, self.stack, keys)
+
+    # --- Decoding (one token at a time, with a KV cache). -------------------------------------------
+
+    def init_cache(self, batch: int) -> dict:
+        """Empty decoding cache for `batch` rows and up to max_len positions (see `musenet_jax.decoding`).
+
+        {'stack': per block of the scanned period, its groups' caches with a leading [repeats] axis;
+         'layers': per unscanned layer, its groups' caches}. Every leaf is [B, N_group, S_store, H].
+        """
+        max_len = self.config.max_len
+        stack = ()
+        if self.stack is not None:
+            repeats = self.num_stacked // len(self.stack.blocks)
+            stack = tuple(
+                jax.tree.map(lambda a: jnp.broadcast_to(a, (repeats, *a.shape)),
+                             block.attention.init_cache(batch, max_len))
+                for block in self.stack.blocks
+            )
+        layers = tuple(block.attention.init_cache(batch, max_len) for block in self.layers)
+        return {"stack": stack, "layers": layers}
+
+    def decode_step(self, tokens: jax.Array, features: Mapping[str, jax.Array] | None, position: jax.Array,
+                    cache: dict) -> tuple[jax.Array, dict]:
+        """Next-token logits for one new token per row, reading and extending the cache.
+
+        Args:
+          tokens: int32[B], the token at `position` in every row.
+          features: dict of int32[B] (the enabled embeddings' features of those tokens), as in __call__.
+          position: int32 scalar, the tokens' position (0-based, < max_len; all rows share it).
+          cache: from `init_cache(B)` or the previous step, holding positions 0..position-1.
+        Returns:
+          (logits float32[B, V], the cache now holding position too). Equal to `__call__`'s logits at
+          `position` for the same prefix (deterministic mode). Static shapes: usable in jit / lax loops.
+        """
+        cfg = self.config
+        position = jnp.asarray(position, jnp.int32)
+        tokens = jnp.asarray(tokens, jnp.int32)[:, None]
+        features = None if features is None else {k: jnp.asarray(v)[:, None] for k, v in features.items()}
+        x = self.embed(tokens, features, jnp.reshape(position, (1, 1))).astype(cfg.compute_dtype)
+        stack_cache = cache["stack"]
+        if self.stack is not None:
+            # A fori_loop over the repeats that carries the whole stacked cache; each block reads and writes
+            # its row r in place (`index`). A scan with the cache as xs / ys, or slicing rows out and back,
+            # would copy every layer's cache each step, which costs more than the step itself. (And NNX
+            # transforms refuse modules created at an outer trace level, where decode_step runs inside the
+            # caller's lax loops, so this is plain lax on the split state.)
+            period_def, period_params = nnx.split(self.stack)
+            repeats = self.num_stacked // len(self.stack.blocks)
+
+            def body(r, carry):
+                x, stack_cache = carry
+                row = functools.partial(jax.lax.dynamic_index_in_dim, index=r, keepdims=False)
+                period_module = nnx.merge(period_def, jax.tree.map(row, period_params))
+                new = []
+                for block, block_cache in zip(period_module.blocks, stack_cache, strict=True):
+                    x, c = block.decode_step(x, block_cache, position, cfg.max_len, r)
+                    new.append(c)
+                return x, tuple(new)
+
+            x, stack_cache = jax.lax.fori_loop(0, repeats, body, (x, stack_cache))
+        layer_caches = []
+        for block, block_cache in zip(self.layers, cache["layers"], strict=True):
+            x, c = block.decode_step(x, block_cache, position, cfg.max_len)
+            layer_caches.append(c)
+        hidden = self.final_norm(x)[:, 0]
+        # The tied table is contracted as [Vp, D] directly: a `.T` here would copy the whole table every step.
+        if self.head is not None:
+            logits = jnp.einsum("bd,dv->bv", hidden, self.head[...].astype(cfg.compute_dtype),
+                                preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("bd,vd->bv", hidden, self.token_embed[...].astype(cfg.compute_dtype),
+                                preferred_element_type=jnp.float32)
+        return logits[:, : cfg.vocab_size], {"stack": stack_cache, "layers": tuple(layer_caches)}
 
 
 # --- Creation on a mesh. ----------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """What a training run tells its user: TensorBoard scalars (also appended to `metrics.jsonl`, one JSON
 object per report) and a one-line progress report with an ETA.
 
-Only process 0 writes (every process may call these; others do nothing).
+Only process 0 writes (every process may call these; others do nothing). The workdir may be local or on
+object storage (`run_dir`): object stores cannot append, so there `metrics.jsonl` is rewritten whole at
+each report (a few hundred bytes per report; reports come every `train.log_every` steps).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import json
 import os
 import sys
 import time
+
+from musenet_jax import run_dir
 
 
 def format_duration(seconds: float) -> str:
@@ -35,16 +39,22 @@ class Reporter:
       enabled: whether this process writes (process 0 only).
     """
 
-    def __init__(self, workdir: str, total_steps: int, enabled: bool = True):
+    def __init__(self, workdir: str | os.PathLike, total_steps: int, enabled: bool = True):
         self.total_steps = total_steps
         self.enabled = enabled
         self._writer = None
         self._jsonl = None
+        self._jsonl_path = run_dir.resolve(workdir) / "metrics.jsonl"
+        self._jsonl_lines: list[str] | None = None  # the whole file, kept only for object storage
         if enabled:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self._writer = SummaryWriter(os.fspath(run_dir.resolve(workdir) / "tensorboard"), flush_secs=10)
+            if run_dir.is_remote(self._jsonl_path):
+                exists = self._jsonl_path.exists()
+                self._jsonl_lines = self._jsonl_path.read_text().splitlines(keepends=True) if exists else []
+            else:
+                self._jsonl = open(self._jsonl_path, "a")
         self._t0 = None
         self._step0 = None
 
@@ -53,8 +63,13 @@ class Reporter:
             return
         for name, value in values.items():
             self._writer.add_scalar(name, float(value), step)
-        self._jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
-        self._jsonl.flush()
+        line = json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n"
+        if self._jsonl is not None:
+            self._jsonl.write(line)
+            self._jsonl.flush()
+        else:
+            self._jsonl_lines.append(line)
+            run_dir.write_text(self._jsonl_path, "".join(self._jsonl_lines))
 
     def start(self, step: int) -> None:
         """Marks where timing for the ETA starts (after compilation, ideally)."""
@@ -86,5 +101,6 @@ class Reporter:
         if self._writer:
             self._writer.flush()
             self._writer.close()
-            self._jsonl.close()
+            if self._jsonl is not None:
+                self._jsonl.close()
             self._writer = None

@@ -5,6 +5,27 @@ are pure module-level functions, jitted with explicit shardings and donation of 
 
 The train state is the nnx state of `(model, optimizer)`: parameters and optimizer moments carry the
 model's logical axes, so one rule table shards both (FSDP splits moments like the parameters).
+
+Several processes (`musenet_jax.distributed`, started by `launch/train.py` before any JAX use) run the same
+program on one mesh over all global devices: parameters and optimizer state are split across processes by the
+same rules, each process feeds its rows of every global batch (`jax.make_array_from_process_local_data`),
+only process 0 writes logs, TensorBoard, config.json, vocab.json and final_metrics.json, and every process
+takes part in writing and reading checkpoints.
+
+Data position. A checkpoint stores the data position as "global batches consumed" (`data_position`:
+global_batches, global_batch_size), a number that does not depend on the process count: the input pipeline
+defines ONE global example stream and process p of P reads rows [p B / P, (p + 1) B / P) of each global
+batch of B examples. Restoring onto any process count therefore restarts every new process at the same
+global batch (its own rows of it), and with the same global batch size the run continues exactly as if it
+had not stopped (2 x 4 devices == 1 x 8 devices). If train.batch_size changed, the position is converted
+through examples consumed (it must be a whole number of new global batches).
+
+Preemption and failures. SIGTERM on any process stops all of them after the same step: they save a
+checkpoint of that step and return with `preempted` set (the CLI exits 0); rerunning resumes from it. In a
+multi-process run a watchdog ends every process (exit code `distributed.ABORT_EXIT_CODE`, one line naming
+the missing process) when another one dies or hangs for `heartbeat_timeout_s`. Orbax writes each checkpoint
+under a temporary name and renames it when complete, so a process killed mid-write leaves only complete
+checkpoints for `latest_step()`.
 """
 
 from __future__ import annotations
@@ -13,11 +34,10 @@ import dataclasses
 import functools
 import json
 import math
-import os
+import threading
 import time
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -29,7 +49,7 @@ from flax import nnx
 from data_pipeline import datasets
 from data_pipeline import input_pipeline as input_lib
 from data_pipeline.vocab import Vocab
-from musenet_jax import evaluation, losses, optim, reporting
+from musenet_jax import distributed, evaluation, losses, optim, reporting, run_dir
 from musenet_jax import flops as flops_lib
 from musenet_jax import model as model_lib
 from musenet_jax import sharding as sharding_lib
@@ -171,48 +191,116 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.C
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.checkpoint.max_to_keep, enable_async_checkpointing=config.checkpoint.async_save,
         create=True)
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+    return ocp.CheckpointManager(run_dir.resolve(workdir) / "checkpoints", options=options)
 
 
 def _config_json(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-def save_checkpoint(manager, step: int, state, train_iter, config, vocab: Vocab) -> None:
+def save_checkpoint(manager, step: int, state, config, vocab: Vocab) -> None:
+    """Saves the train state and the data position after `step` steps (one global batch per step)."""
+    position = {"global_batches": step, "global_batch_size": config.train.batch_size}
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
-        data=grain.checkpoint.CheckpointSave(train_iter),
+        data_position=ocp.args.JsonSave(position),
         config=ocp.args.JsonSave(_config_json(config)),
         vocab=ocp.args.JsonSave(json.loads(vocab.to_json()))))
 
 
-def restore_checkpoint(manager, step: int, abstract_state, train_iter, config, vocab: Vocab):
-    """Restores state (resharded onto the shardings of `abstract_state`) and the data iterator."""
-    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
-                                                          vocab=ocp.args.JsonRestore()))
+def restore_checkpoint(manager, step: int, abstract_state, config, vocab: Vocab):
+    """(state resharded onto the shardings of `abstract_state`, global batches of the data stream consumed).
+
+    The saved position is in global batches, independent of how many processes wrote it; every process of
+    this run restarts its input at that global batch (module docstring, "Data position").
+    """
+    has_position = (manager.directory / str(step) / "data_position").exists()
+    saved = manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore(), vocab=ocp.args.JsonRestore(),
+        **({"data_position": ocp.args.JsonRestore()} if has_position else {})))
     if saved.vocab != json.loads(vocab.to_json()):
         raise TrainingError(f"checkpoint at step {step} was trained on a different vocabulary "
                             f"(size {saved.vocab.get('size')}, this data has {vocab.size})")
     if saved.config.get("model") != _config_json(config).get("model"):
         raise TrainingError(f"checkpoint at step {step} has a different model config; use a new --workdir "
                             "or the checkpoint's config")
+    if has_position:
+        position = saved.data_position
+    else:  # written before data positions were stored: one global batch per step, same batch size
+        position = {"global_batches": step, "global_batch_size": config.train.batch_size}
+    examples = position["global_batches"] * position["global_batch_size"]
+    if examples % config.train.batch_size:
+        raise TrainingError(f"checkpoint at step {step} consumed {examples} examples, not a whole number of "
+                            f"global batches of train.batch_size={config.train.batch_size}")
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                           nnx.to_pure_dict(abstract_state))
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(train_iter)))
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     state = jax.tree.map(lambda x: x, abstract_state)
     nnx.replace_by_pure_dict(state, restored.state)
-    return state
+    return state, examples // config.train.batch_size
+
+
+def check_process_rows(sharding: jax.sharding.NamedSharding, global_batch_size: int) -> None:
+    """Checks that this process's devices hold rows [p B / P, (p + 1) B / P) of a global batch.
+
+    The input pipeline gives process p exactly those rows, and `make_array_from_process_local_data` places
+    them on this process's devices in order, so the mesh must lay processes out contiguously along the batch.
+    """
+    p, n = jax.process_index(), jax.process_count()
+    rows = set()
+    for device, index in sharding.devices_indices_map((global_batch_size, 1)).items():
+        if device.process_index == p:
+            rows.update(range(*index[0].indices(global_batch_size)))
+    per = global_batch_size // n
+    if rows != set(range(p * per, (p + 1) * per)):
+        raise TrainingError(f"the mesh gives process {p} batch rows {sorted(rows)[:1]}..{sorted(rows)[-1:]}, "
+                            f"not [{p * per}, {(p + 1) * per}); reorder the mesh axes (data, fsdp, tensor)")
+
+
+def state_bytes(state) -> tuple[int, int]:
+    """(bytes of the whole train state, bytes of the distinct shards on this process's devices).
+
+    With FSDP or tensor parallelism across processes the second is a fraction of the first; pure data
+    parallelism across processes keeps a whole copy on each.
+    """
+    total = local = 0
+    for x in jax.tree.leaves(state):
+        total += x.size * x.dtype.itemsize
+        distinct = {tuple((s.start, s.stop) for s in shard.index): shard.data.nbytes for shard in x.addressable_shards}
+        local += sum(distinct.values())
+    return total, local
 
 
 # -- the run ---------------------------------------------------------------------------------------
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir: str, *,
+                       heartbeat_timeout_s: float = 60.0) -> dict[str, Any]:
     """Trains `config` on the dataset in `data_dir`, checkpointing and evaluating in `workdir`.
 
-    Resumes from the newest checkpoint in `workdir` if there is one. Returns the final metrics
-    (last train metrics, last validation bits/token and the unigram baseline).
+    Resumes from the newest checkpoint in `workdir` if there is one. In a multi-process job every process
+    calls this with the same arguments (module docstring). Called from the main thread, SIGTERM stops the
+    run after the current step with a checkpoint of it, on every process.
+
+    Args:
+      heartbeat_timeout_s: multi-process runs only: seconds after which a dead or hung process makes the
+        others exit (`distributed.Watchdog`).
+    Returns:
+      The final metrics (last train metrics, last validation bits/token and the unigram baseline), `step`
+      (the last step trained) and `preempted` (True when SIGTERM stopped the run before total_steps).
     """
-    os.makedirs(workdir, exist_ok=True)
+    preemption = distributed.PreemptionFlag() if threading.current_thread() is threading.main_thread() else None
+    watchdog = distributed.Watchdog(heartbeat_timeout_s).start()
+    try:
+        return _train_and_evaluate(config, workdir, data_dir, preemption, watchdog)
+    finally:
+        watchdog.stop()
+        if preemption is not None:
+            preemption.restore()
+
+
+def _train_and_evaluate(config, workdir: str, data_dir: str, preemption: distributed.PreemptionFlag | None,
+                        watchdog: distributed.Watchdog) -> dict[str, Any]:
+    run_path = run_dir.resolve(workdir)
+    run_path.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
 
     # Mesh.
@@ -223,8 +311,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
     train_source = datasets.data_source(data_dir, config.data.name, config.data.train_split)
     eval_source = datasets.data_source(data_dir, config.data.name, config.data.eval_split)
     in_config = input_config(config, jax.process_count())
-    train_iter = input_lib.make_train_iterator(train_source, vocab, in_config)
     batch_sharding = sharding_lib.data_sharding(mesh, batch_size=config.train.batch_size)
+    check_process_rows(batch_sharding, config.train.batch_size)
 
     # Model and optimizer.
     model_config = model_lib.ModelConfig.from_config_dict(config.model, vocab_size=vocab.size)
@@ -246,17 +334,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
     # Checkpoint: resume from the newest one, else initialise.
     manager = checkpoint_manager(workdir, config)
     reporter = reporting.Reporter(workdir, config.train.total_steps, enabled=is_main)
+    # latest_step() only lists finished checkpoints: orbax writes each under a temporary name and renames it.
     start_step = manager.latest_step() or 0
+    start_batch = 0
     if start_step:
         with jax.set_mesh(mesh):
-            state = restore_checkpoint(manager, start_step, abstract_state, train_iter, config, vocab)
-        reporter.message(f"resumed from {workdir} at step {start_step}")
+            state, start_batch = restore_checkpoint(manager, start_step, abstract_state, config, vocab)
+        reporter.message(f"resumed from {workdir} at step {start_step} (data position: global batch "
+                         f"{start_batch}, {jax.process_count()} processes)")
     else:
         state = init_train_state(model_config, tx, mesh, config.seed)
+    # Every process starts at the same global batch and reads its own rows of it, whatever process count
+    # wrote the checkpoint (module docstring, "Data position").
+    train_iter = input_lib.make_train_iterator(train_source, vocab, in_config, start_batch=start_batch)
     if is_main:
-        vocab.save(os.path.join(workdir, "vocab.json"))
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(_config_json(config), f, indent=2)
+        run_dir.write_text(run_path / "vocab.json", vocab.to_json())
+        run_dir.write_json(run_path / "config.json", _config_json(config))
 
     # Evaluation.
     def evaluate() -> float:
@@ -273,8 +366,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
 
     eval_sharding = sharding_lib.data_sharding(mesh, batch_size=config.eval.batch_size)
     unigram = evaluation.unigram_bits_per_token(train_source, eval_source, vocab)
+    total_bytes, local_bytes = state_bytes(state)
     reporter.message(f"model: {model_lib.count_params(nnx.to_pure_dict(abstract_state)[0]):,} parameters; "
                      f"mesh {dict(mesh.shape)}; unigram baseline {unigram:.3f} bits/token")
+    reporter.message(f"train state: {total_bytes / 2**20:.2f} MiB, of which process {jax.process_index()} of "
+                     f"{jax.process_count()} holds {local_bytes / 2**20:.2f} MiB")
 
     # Loop.
     flops_per_token = flops_lib.train_flops_per_token(model_config, config.data.seq_len)
@@ -288,47 +384,70 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
     metrics: dict[str, float] = {}
     last_eval = math.nan
     t_last, step_last = time.perf_counter(), start_step
-    for step in range(start_step, config.train.total_steps):
-        batch = global_batch(next(train_iter), batch_sharding)
-        with jax.set_mesh(mesh):
-            state, step_metrics = p_train_step(state, batch, jax.random.fold_in(rng, step))
-        done = step + 1
-        host = {k: float(v) for k, v in step_metrics.items()}
-        if not all(math.isfinite(host[k]) for k in ("train/loss", "train/grad_norm", "train/param_norm")):
-            manager.wait_until_finished()
-            kept = manager.latest_step()
-            reporter.close()
-            raise TrainingError(f"non-finite loss, gradient or parameters at step {done} (loss={host['train/loss']}, "
-                                f"grad_norm={host['train/grad_norm']}, param_norm={host['train/param_norm']}); "
-                                f"stopped, last good checkpoint: "
-                                f"{'step ' + str(kept) if kept else 'none'}")
-        if step == start_step:
-            reporter.start(done)  # ETA timing starts after the first (compiling) step
-            t_last, step_last = time.perf_counter(), done
-        if done % config.train.log_every == 0 or done == config.train.total_steps:
-            elapsed = time.perf_counter() - t_last
-            if done > step_last and elapsed > 0:
-                tps = tokens_per_step * (done - step_last) / elapsed
-                host["perf/tokens_per_second"] = tps
-                if peak:
-                    host["perf/mfu"] = tps * flops_per_token / peak
-            t_last, step_last = time.perf_counter(), done
-            metrics = host
-            reporter.scalars(done, host)
-            reporter.progress(done, host)
-        if done % config.eval.every_steps == 0 or done == config.train.total_steps:
-            last_eval = evaluate()
-            reporter.scalars(done, {"eval/bits_per_token": last_eval, "eval/unigram_bits_per_token": unigram})
-            reporter.message(f"step {done}: validation {last_eval:.3f} bits/token (unigram baseline "
-                             f"{unigram:.3f})")
-        if done % config.checkpoint.every_steps == 0 or done == config.train.total_steps:
-            save_checkpoint(manager, done, state, train_iter, config, vocab)
-    manager.wait_until_finished()
-    manager.close()
+    done, preempted = start_step, False
+    try:
+        for step in range(start_step, config.train.total_steps):
+            done = step + 1
+            batch = global_batch(next(train_iter), batch_sharding)
+            with jax.set_mesh(mesh):
+                state, step_metrics = p_train_step(state, batch, jax.random.fold_in(rng, step))
+            host = {k: float(v) for k, v in step_metrics.items()}
+            # Every process learns about a SIGTERM anywhere after the same step (distributed module docstring).
+            preempted = distributed.any_process(preemption is not None and preemption.requested, mesh)
+            watchdog.progress(done)
+            if step == start_step:
+                watchdog.arm()  # from now on a step must finish within the timeout; the first one compiled
+            if not all(math.isfinite(host[k]) for k in ("train/loss", "train/grad_norm", "train/param_norm")):
+                manager.wait_until_finished()
+                kept = manager.latest_step()
+                reporter.close()
+                raise TrainingError(f"non-finite loss, gradient or parameters at step {done} "
+                                    f"(loss={host['train/loss']}, grad_norm={host['train/grad_norm']}, "
+                                    f"param_norm={host['train/param_norm']}); stopped, last good checkpoint: "
+                                    f"{'step ' + str(kept) if kept else 'none'}")
+            if step == start_step:
+                reporter.start(done)  # ETA timing starts after the first (compiling) step
+                t_last, step_last = time.perf_counter(), done
+            if done % config.train.log_every == 0 or done == config.train.total_steps or preempted:
+                elapsed = time.perf_counter() - t_last
+                if done > step_last and elapsed > 0:
+                    tps = tokens_per_step * (done - step_last) / elapsed
+                    host["perf/tokens_per_second"] = tps
+                    if peak:
+                        host["perf/mfu"] = tps * flops_per_token / peak
+                t_last, step_last = time.perf_counter(), done
+                metrics = host
+                reporter.scalars(done, host)
+                reporter.progress(done, host)
+            watchdog.disarm()  # evaluation may compile, checkpoints wait for storage: not bounded by the timeout
+            if (done % config.eval.every_steps == 0 or done == config.train.total_steps) and not preempted:
+                last_eval = evaluate()
+                reporter.scalars(done, {"eval/bits_per_token": last_eval, "eval/unigram_bits_per_token": unigram})
+                reporter.message(f"step {done}: validation {last_eval:.3f} bits/token (unigram baseline "
+                                 f"{unigram:.3f})")
+            if done % config.checkpoint.every_steps == 0 or done == config.train.total_steps or preempted:
+                save_checkpoint(manager, done, state, config, vocab)
+            watchdog.arm()
+            if preempted:
+                cause = (preemption and preemption.signal_name) or "SIGTERM on another process"
+                reporter.message(f"preempted ({cause}) after step {done}: checkpoint saved, stopping; rerun the same "
+                                 "command to resume")
+                break
+        watchdog.disarm()
+        manager.wait_until_finished()
+        manager.close()
+    except TrainingError:
+        raise
+    except Exception as e:
+        # A dead peer breaks collectives and device-to-host copies at once, with errors that do not say who
+        # is gone: in a multi-process run, give the watchdog its timeout to name the missing process.
+        watchdog.wait_for_verdict()
+        if isinstance(e, jax.errors.JaxRuntimeError):
+            raise TrainingError(f"step {done} failed: {distributed.first_line(e)}") from e
+        raise
     reporter.close()
     result = {**metrics, "eval/bits_per_token": last_eval, "eval/unigram_bits_per_token": unigram,
-              "step": config.train.total_steps}
-    if is_main:
-        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-            json.dump(result, f, indent=2)
+              "step": done, "preempted": preempted}
+    if is_main and not preempted:
+        run_dir.write_json(run_path / "final_metrics.json", result)
     return result

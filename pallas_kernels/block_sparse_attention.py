@@ -27,9 +27,14 @@ accumulators are fp32. Logits are scaled by 1/sqrt(H). A query with no allowed k
 
 Lowerings (`lowering=`): 'tpu' kernels follow the TPU (Mosaic) pipeline model (`pltpu` scalar prefetch,
 VMEM scratch); 'gpu' kernels follow the Triton model (grid (B * N, row blocks), a `fori_loop` whose trip
-count is the row's count of listed blocks, tiles sliced with `pl.ds`; no FULL-tile fast path). Both are
-tested against the reference in interpret mode on CPU only: neither has been compiled on a TPU or a GPU
-yet (on GPU, Triton wants power-of-two tiles of at least 16 and may need T padded further).
+count is the row's count of listed blocks, tiles sliced with `pl.ds`; no FULL-tile fast path; explicit
+Triton compiler params, since JAX 0.10 sends a plain GPU `pallas_call` to Mosaic GPU). Both
+are tested against the reference in interpret mode, and `lower_attention` lowers them for TPU / CUDA /
+ROCm on a CPU-only host (tests/pallas_kernels/test_lowering.py); neither has run on a device yet. A third,
+opt-in 'mosaic_gpu' lowering has a Mosaic GPU (Hopper: TMA, wgmma) forward kernel and reuses the 'gpu'
+backward; it lowers for CUDA and runs in JAX's GPU interpreter on CPU (see its section below). When
+compiling, tiles must suit the target (`_check_compilable`): 'tpu' rows a multiple of 8 (fp32) / 16
+(bf16); 'gpu' block_q, block_k and H powers of two >= 16. Default tiles are rounded accordingly.
 """
 
 from __future__ import annotations
@@ -43,7 +48,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import patterns as patterns_lib
 from pallas_kernels import reference as reference_lib
@@ -58,6 +65,7 @@ OUT_NAME = "sparse_attention_out"
 LSE_NAME = "sparse_attention_lse"
 
 _DIMS = ("parallel", "parallel", "arbitrary")
+_TRITON = pltriton.CompilerParams(num_warps=4, num_stages=2)
 
 
 # --- Host-side plan: per component, orderings and scalar-prefetch tables. ---------------------------------
@@ -266,12 +274,25 @@ def _row_spec(block: int, h: int, index):
     return pl.BlockSpec((None, block, h), lambda b, i, j, table, *_: (b, index(i, j, table), 0))
 
 
+def _k_pos_spec(block_k: int, index):
+    """Key positions int32[nk, 1, bk] -> the tile's [1, bk]. Mosaic wants a block's last two dims to be
+    multiples of (8, 128) or the array's own; a [1, Tkp] row tiled along lanes would need bk % 128 == 0."""
+    return pl.BlockSpec((None, 1, block_k), lambda b, i, j, table, *_: (index(i, j, table), 0, 0))
+
+
+def _k_pos_tiles(k_pos: np.ndarray, block_k: int):
+    """int32[nk * bk] -> int32[nk, 1, bk] (see `_k_pos_spec`)."""
+    return jnp.asarray(k_pos.reshape(-1, 1, block_k))
+
+
 def _component_fwd(plan: _ComponentPlan, qc, kc, vc, scale: float, mode: _Mode, count_visits: bool = False):
     """-> out f32[BN, Tqp, H], lse f32[BN, Tqp, 1], and with count_visits visits int32[BN, nq, 1] (the
     tiles each q-block ran, counted in the kernel; a test hook: its (1, 1) blocks suit interpret mode only)."""
-    if mode.lowering == "gpu":
+    if mode.lowering != "tpu":
         if count_visits:
             raise ValueError("visit counting is implemented for the 'tpu' kernels only")
+        if mode.lowering == "mosaic_gpu":
+            return _component_fwd_mgpu(plan, qc, kc, vc, scale, mode.interpret)
         return _component_fwd_gpu(plan, qc, kc, vc, scale, mode.interpret)
     bn, tqp, h = qc.shape
     lay = plan.fwd
@@ -288,7 +309,7 @@ def _component_fwd(plan: _ComponentPlan, qc, kc, vc, scale: float, mode: _Mode, 
             _row_spec(bk, h, k_of),
             _row_spec(bk, h, k_of),
             pl.BlockSpec((bq, 1), lambda b, i, j, t, *_: (i, 0)),
-            pl.BlockSpec((1, bk), lambda b, i, j, t, *_: (0, t[i, j])),
+            _k_pos_spec(bk, k_of),
         ],
         out_specs=[_row_spec(bq, h, q_of), _row_spec(bq, 1, q_of)]
         + ([pl.BlockSpec((None, 1, 1), lambda b, i, j, t, *_: (b, i, 0))] if count_visits else []),
@@ -304,19 +325,19 @@ def _component_fwd(plan: _ComponentPlan, qc, kc, vc, scale: float, mode: _Mode, 
         interpret=mode.interpret,
     )(
         *_tables(lay), qc, kc, vc,
-        jnp.asarray(plan.q_pos[:, None]), jnp.asarray(plan.k_pos[None, :]),
+        jnp.asarray(plan.q_pos[:, None]), _k_pos_tiles(plan.k_pos, bk),
     )
 
 
 def _component_bwd(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, scale: float, mode: _Mode):
     """-> dq [BN, Tqp, H], dk, dv [BN, Tkp, H] in the inputs' dtypes, for this component's tiles only."""
-    if mode.lowering == "gpu":
+    if mode.lowering != "tpu":  # 'mosaic_gpu' has a forward kernel only; its backward is the Triton one.
         return _component_bwd_gpu(plan, qc, kc, vc, doc, lsec, deltac, scale, mode.interpret)
     bn, tqp, h = qc.shape
     tkp = kc.shape[1]
     fwd, bwd = plan.fwd, plan.bwd
     bq, bk = fwd.block_q, fwd.block_k
-    q_pos, k_pos = jnp.asarray(plan.q_pos[:, None]), jnp.asarray(plan.k_pos[None, :])
+    q_pos, k_pos = jnp.asarray(plan.q_pos[:, None]), _k_pos_tiles(plan.k_pos, bk)
     params = pltpu.CompilerParams(dimension_semantics=_DIMS)
 
     # dq: walk k-blocks per q-block (the forward layout).
@@ -331,7 +352,7 @@ def _component_bwd(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, scale: f
                 _row_spec(bq, h, same), _row_spec(bk, h, listed), _row_spec(bk, h, listed),
                 _row_spec(bq, h, same), _row_spec(bq, 1, same), _row_spec(bq, 1, same),
                 pl.BlockSpec((bq, 1), lambda b, i, j, t, *_: (i, 0)),
-                pl.BlockSpec((1, bk), lambda b, i, j, t, *_: (0, t[i, j])),
+                _k_pos_spec(bk, listed),
             ],
             out_specs=_row_spec(bq, h, same),
             scratch_shapes=[pltpu.VMEM((bq, h), jnp.float32)],
@@ -351,7 +372,7 @@ def _component_bwd(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, scale: f
                 _row_spec(bq, h, listed), _row_spec(bk, h, same), _row_spec(bk, h, same),
                 _row_spec(bq, h, listed), _row_spec(bq, 1, listed), _row_spec(bq, 1, listed),
                 pl.BlockSpec((bq, 1), lambda b, i, j, t, *_: (t[i, j], 0)),
-                pl.BlockSpec((1, bk), lambda b, i, j, t, *_: (0, i)),
+                _k_pos_spec(bk, same),
             ],
             out_specs=[_row_spec(bk, h, same), _row_spec(bk, h, same)],
             scratch_shapes=[pltpu.VMEM((bk, h), jnp.float32), pltpu.VMEM((bk, h), jnp.float32)],
@@ -367,7 +388,10 @@ def _component_bwd(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, scale: f
 # Triton has no scalar prefetch, so the block list is read inside the kernel and the loop trip count is the
 # row's count: only non-empty tiles are loaded and computed. The whole k/v (resp. q/dO) of one (batch * head)
 # row is the block; tiles are sliced out with pl.ds. Positions are 1-D here ([bq] / [Tkp]). Written for the
-# Triton lowering (power-of-two tiles of at least 16, as tl.dot needs); tested in interpret mode only.
+# Triton lowering (power-of-two tiles of at least 16, as tl.dot needs), selected by explicit
+# `pltriton.CompilerParams`: without them JAX (0.10; `jax_pallas_use_mosaic_gpu`) sends a GPU pallas_call
+# to Mosaic GPU, which rejects these kernels (e.g. copies of fewer than 128 bytes per warpgroup). Lowered
+# for CUDA / ROCm in the tests.
 
 
 def _fwd_gpu_kernel(blocks_ref, counts_ref, q_ref, k_ref, v_ref, q_pos_ref, k_pos_ref, o_ref, lse_ref,
@@ -455,6 +479,7 @@ def _component_fwd_gpu(plan: _ComponentPlan, qc, kc, vc, scale: float, interpret
         ],
         out_specs=[pl.BlockSpec((None, bq, h), lambda b, i: (b, i, 0)), pl.BlockSpec((None, bq), lambda b, i: (b, i))],
         out_shape=[jax.ShapeDtypeStruct((bn, tqp, h), jnp.float32), jax.ShapeDtypeStruct((bn, tqp), jnp.float32)],
+        compiler_params=_TRITON,
         interpret=interpret,
     )(jnp.asarray(lay.kv_blocks), jnp.asarray(lay.kv_counts), qc, kc, vc, jnp.asarray(plan.q_pos),
       jnp.asarray(plan.k_pos))
@@ -483,6 +508,7 @@ def _component_bwd_gpu(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, scal
                                pl.BlockSpec((bq,), lambda b, i: (i,)), pl.BlockSpec((tkp,), lambda b, i: (0,))],
         out_specs=row(bq),
         out_shape=jax.ShapeDtypeStruct((bn, tqp, h), qc.dtype),
+        compiler_params=_TRITON,
         interpret=interpret,
     )(jnp.asarray(fwd.kv_blocks), jnp.asarray(fwd.kv_counts), qc, kc, vc, doc, lse, delta, q_pos, k_pos)
     dk, dv = pl.pallas_call(
@@ -492,9 +518,125 @@ def _component_bwd_gpu(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, scal
                                pl.BlockSpec((tqp,), lambda b, i: (0,)), pl.BlockSpec((bk,), lambda b, i: (i,))],
         out_specs=[row(bk), row(bk)],
         out_shape=[jax.ShapeDtypeStruct((bn, tkp, h), kc.dtype), jax.ShapeDtypeStruct((bn, tkp, h), vc.dtype)],
+        compiler_params=_TRITON,
         interpret=interpret,
     )(jnp.asarray(bwd.kv_blocks), jnp.asarray(bwd.kv_counts), qc, kc, vc, doc, lse, delta, q_pos, k_pos)
     return dq, dk, dv
+
+
+# --- 'mosaic_gpu' forward (Hopper: TMA copies, wgmma; Pallas's Mosaic GPU backend via `plgpu.kernel`). ------
+# One warpgroup per (batch * head, q-block): q's tile and positions are copied to SMEM once, then for each
+# listed k-block its K^T, V and key positions are copied in (one barrier per copy) and the tile runs on the
+# tensor cores: S = Q K^T (both SMEM operands), the masked online softmax in registers, P (stored to SMEM as
+# the input dtype) @ V. Layouts are inferred ('Warpgroup' lowering semantics). Kept simple so that JAX's GPU
+# interpreter (which lacks `transpose_ref`, register wgmma operands, `layout_cast`, `run_state`) runs it
+# on CPU: K is transposed in HBM by the caller, P goes through SMEM, and copies are not yet pipelined
+# (each step waits for its tiles): a first, testable version rather than a tuned one.
+
+MGPU_BLOCK = 64  # wgmma M per warpgroup; also the k-tile (128-byte swizzled rows of 16-bit K^T / P).
+
+
+def _smem_tiled(shape, dtype):
+    """An SMEM tile with the (8, 128-byte) tiling and swizzle wgmma reads (minor dim >= 64 16-bit elements)."""
+    bits = jnp.finfo(dtype).bits
+    swizzle = plgpu.find_swizzle(shape[-1] * bits)
+    tiling = plgpu.TilingTransform((8, swizzle * 8 // bits))
+    return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(swizzle)))
+
+
+def _fwd_mgpu_kernel(blocks_ref, counts_ref, q_ref, kt_ref, v_ref, q_pos_ref, k_pos_ref, o_ref, lse_ref,
+                     *, allows, scale, block_q, block_k):
+    """GMEM refs: blocks int32[nq, W], counts int32[nq], q/v [BN, T, H], kt [BN, H, Tkp], positions int32[T]."""
+    b, i = jax.lax.axis_index("rows"), jax.lax.axis_index("q_blocks")
+    h, dtype = q_ref.shape[-1], q_ref.dtype
+
+    def scoped(q_smem, kt_smem, v_smem, p_smem, q_pos_smem, k_pos_smem, o_smem, lse_smem, barriers):
+        q_bar, q_pos_bar, k_bar, v_bar, k_pos_bar = (barriers.at[n] for n in range(5))
+        rows = pl.ds(i * block_q, block_q)
+        plgpu.copy_gmem_to_smem(q_ref.at[b, rows], q_smem, q_bar)
+        plgpu.copy_gmem_to_smem(q_pos_ref.at[rows], q_pos_smem, q_pos_bar)
+        plgpu.barrier_wait(q_bar)
+        plgpu.barrier_wait(q_pos_bar)
+        i_pos = jax.lax.broadcast_in_dim(q_pos_smem[...], (block_q, block_k), (0,))
+
+        def visit(j, carry):
+            m_prev, l_prev, acc = carry
+            cols = pl.ds(blocks_ref[i, j] * block_k, block_k)
+            plgpu.copy_gmem_to_smem(kt_ref.at[b, :, cols], kt_smem, k_bar)
+            plgpu.copy_gmem_to_smem(v_ref.at[b, cols], v_smem, v_bar)
+            plgpu.copy_gmem_to_smem(k_pos_ref.at[cols], k_pos_smem, k_pos_bar)
+            plgpu.barrier_wait(k_bar)
+            plgpu.barrier_wait(v_bar)
+            plgpu.barrier_wait(k_pos_bar)
+
+            def qk(acc_ref):
+                plgpu.wgmma(acc_ref, q_smem, kt_smem)
+                return acc_ref[...]
+
+            s = pl.run_scoped(qk, plgpu.ACC((block_q, block_k), jnp.float32)) * scale
+            j_pos = jax.lax.broadcast_in_dim(k_pos_smem[...], (block_q, block_k), (1,))
+            mask = allows(i_pos, j_pos) & (i_pos >= 0) & (j_pos >= 0)
+            m_new = jnp.maximum(m_prev, jnp.max(jnp.where(mask, s, -jnp.inf), axis=1))
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # As in `_fwd_kernel`: keep exp() finite.
+            alpha = jnp.exp(m_prev - m_safe)
+            p = jnp.where(mask, jnp.exp(s - jax.lax.broadcast_in_dim(m_safe, s.shape, (0,))), 0.0)
+            p_smem[...] = p.astype(dtype)
+            plgpu.commit_smem()  # Make the register -> SMEM store visible to the tensor cores.
+
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, p_smem, v_smem)
+                return acc_ref[...]
+
+            pv_tile = pl.run_scoped(pv, plgpu.ACC((block_q, h), jnp.float32))
+            acc = jax.lax.broadcast_in_dim(alpha, acc.shape, (0,)) * acc + pv_tile
+            return m_new, alpha * l_prev + jnp.sum(p, axis=1), acc
+
+        init = (jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32),
+                jnp.zeros((block_q, h), jnp.float32))
+        m, denom, acc = jax.lax.fori_loop(0, counts_ref[i], visit, init)
+        live = denom > 0
+        denom = jnp.where(live, denom, 1.0)  # Rows with no allowed key: output 0, lse -inf.
+        o_smem[...] = acc / jax.lax.broadcast_in_dim(denom, acc.shape, (0,))
+        lse_smem[...] = jnp.where(live, m + jnp.log(denom), -jnp.inf)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, rows])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, rows])
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(
+        scoped,
+        _smem_tiled((block_q, h), dtype), _smem_tiled((h, block_k), dtype), _smem_tiled((block_k, h), dtype),
+        _smem_tiled((block_q, block_k), dtype),
+        plgpu.SMEM((block_q,), jnp.int32), plgpu.SMEM((block_k,), jnp.int32),
+        plgpu.SMEM((block_q, h), jnp.float32), plgpu.SMEM((block_q,), jnp.float32),
+        plgpu.Barrier(num_barriers=5),
+    )
+
+
+def _component_fwd_mgpu(plan: _ComponentPlan, qc, kc, vc, scale: float, interpret: bool):
+    """'mosaic_gpu' forward of one component: -> out f32[BN, Tqp, H], lse f32[BN, Tqp, 1] (as `_component_fwd`)."""
+    bn, tqp, h = qc.shape
+    lay = plan.fwd
+    o, lse = plgpu.kernel(
+        functools.partial(_fwd_mgpu_kernel, allows=plan.allows, scale=scale, block_q=lay.block_q,
+                          block_k=lay.block_k),
+        out_type=(jax.ShapeDtypeStruct((bn, tqp, h), jnp.float32), jax.ShapeDtypeStruct((bn, tqp), jnp.float32)),
+        grid=(bn, lay.kv_blocks.shape[0]),
+        grid_names=("rows", "q_blocks"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=_mgpu_interpret_params() if interpret else False,
+    )(jnp.asarray(lay.kv_blocks), jnp.asarray(lay.kv_counts), qc, jnp.swapaxes(kc, 1, 2), vc,
+      jnp.asarray(plan.q_pos), jnp.asarray(plan.k_pos))
+    return o, lse[..., None]
+
+
+def _mgpu_interpret_params():
+    """JAX's GPU interpreter (simulates SMEM, TMA, barriers, wgmma on CPU); not public API in JAX 0.10."""
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    except ImportError as e:  # Moved or made public in a later JAX.
+        raise NotImplementedError(f"this JAX has no Mosaic GPU interpreter ({e}); use lowering='gpu'") from e
+    return InterpretGPUParams()
 
 
 # --- Gathers between natural order [BN, T, ...] and a component's padded tile order. ----------------------
@@ -576,21 +718,64 @@ _attention_jit = jax.jit(_attention, static_argnums=(3, 4, 5))
 # --- Public entry. ---------------------------------------------------------------------------------------
 
 
-def _block_size(block: int | None, default: int, t: int) -> int:
+def _sublanes(dtype) -> int:
+    """Rows of one TPU vreg tile for dtype: 8 for 32-bit, 16 for 16-bit (bf16 packs two rows per sublane)."""
+    return 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
+
+
+def _block_size(block: int | None, default: int, t: int, lowering: str = "tpu", dtype=jnp.float32) -> int:
     if block is None:
-        # Cap at the sequence length rounded up to 8 (sublane multiple): short inputs need no big tiles.
-        return max(8, min(default, -(-t // 8) * 8))
+        # Cap at the sequence length so that short inputs need no big tiles, rounded to what the target
+        # compiles: 'tpu' a multiple of the dtype's sublane tile (8 fp32, 16 bf16), 'gpu' a power of two >= 16;
+        # 'mosaic_gpu' one warpgroup's wgmma tile.
+        if lowering == "mosaic_gpu":
+            return MGPU_BLOCK
+        if lowering == "gpu":
+            return max(16, min(default, pl.next_power_of_2(t)))
+        g = _sublanes(dtype)
+        return max(g, min(default, -(-t // g) * g))
     if isinstance(block, bool) or not isinstance(block, int | np.integer) or block < 1:
         raise ValueError(f"block sizes must be positive integers, got {block!r}")
     return int(block)
 
 
-LOWERINGS = ("tpu", "gpu")
+def _check_compilable(lowering: str, bq: int, bk: int, h: int, dtype) -> None:
+    """Raises ValueError for tiles the real compiler rejects (interpret mode accepts any size).
+
+    'tpu' (Mosaic): q/k/v tiles [b, H] have b as the sublane dim, so b must be a multiple of the dtype's
+    sublane tile (Pallas itself checks only 8; 16-bit dtypes tile (16, 128) natively). 'gpu' (Triton):
+    every array in the kernel must have a power-of-two size and tl.dot needs dims >= 16, so bq, bk and H
+    must be powers of two >= 16. Pallas's Triton lowering checks only the power of two. 'mosaic_gpu' (also
+    checked in interpret mode, whose TMA / wgmma simulation has the same rules): 16-bit dtypes, block_q 64,
+    block_k and H multiples of 64; its backward runs the Triton kernels, so their rules hold too.
+    """
+    if lowering == "mosaic_gpu":
+        if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            raise ValueError(f"the 'mosaic_gpu' kernel needs bfloat16 or float16 inputs, got {jnp.dtype(dtype).name}")
+        if bq != MGPU_BLOCK or bk % MGPU_BLOCK or h % MGPU_BLOCK:
+            raise ValueError(f"the 'mosaic_gpu' kernel needs block_q = {MGPU_BLOCK} and block_k, head_dim multiples "
+                             f"of {MGPU_BLOCK}, got {bq}, {bk}, {h}")
+        lowering = "gpu"
+    if lowering == "tpu":
+        g = _sublanes(dtype)
+        if bq % g or bk % g:
+            raise ValueError(f"the 'tpu' kernels need block_q and block_k multiples of {g} for "
+                             f"{jnp.dtype(dtype).name}, got {bq}, {bk}")
+    else:
+        bad = {name: x for name, x in (("block_q", bq), ("block_k", bk), ("head_dim", h)) if x < 16 or x & (x - 1)}
+        if bad:
+            raise ValueError(f"the 'gpu' (Triton) kernels need block_q, block_k and head_dim powers of two >= 16, "
+                             f"got {bad}")
+
+
+LOWERINGS = ("tpu", "gpu", "mosaic_gpu")
+_BACKEND = {"tpu": "tpu", "gpu": "gpu", "mosaic_gpu": "gpu"}  # The JAX backend each lowering compiles on.
 
 
 @dataclasses.dataclass(frozen=True)
 class _Mode:
-    """Which kernels run ('tpu': scalar-prefetch grid; 'gpu': Triton-style loop) and whether interpreted."""
+    """Which kernels run ('tpu': scalar-prefetch grid; 'gpu': Triton-style loop; 'mosaic_gpu': Hopper forward
+    kernel with the 'gpu' backward) and whether interpreted."""
 
     lowering: str
     interpret: bool
@@ -604,23 +789,27 @@ def _resolve_mode(interpret: bool | None, lowering: str | None) -> _Mode:
         raise ValueError(f"lowering must be one of {LOWERINGS}, got {lowering!r}")
     if interpret is None:
         interpret = backend == "cpu"
-    if not interpret and backend != lowering:
+    if not interpret and backend != _BACKEND[lowering]:
         raise NotImplementedError(
-            f"the {lowering!r} kernels compile only on {lowering!r}, not on {backend!r}; use interpret=True"
+            f"the {lowering!r} kernels compile only on {_BACKEND[lowering]!r}, not on {backend!r}; use interpret=True"
         )
     return _Mode(lowering, bool(interpret))
 
 
-def _prepare(q, k, v, pattern, stride, summary, part, block_q, block_k, interpret, lowering=None):
+def _prepare(q, k, v, pattern, stride, summary, part, block_q, block_k, interpret, lowering=None, mode=None):
+    """-> (component plans, mode); `mode` (if given) overrides interpret / lowering resolution."""
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"expected q, k, v of one shape [B, T, N, H], got {q.shape}, {k.shape}, {v.shape}")
     pat = patterns_lib.make_pattern(pattern, stride, summary, part)
     t = q.shape[1]
     if t < 1:
         raise ValueError(f"need a sequence of at least one token, got shape {q.shape}")
-    bq = _block_size(block_q, DEFAULT_BLOCK_Q, t)
-    bk = _block_size(block_k, DEFAULT_BLOCK_K, t)
-    return _plan(pat, t, bq, bk), _resolve_mode(interpret, lowering)
+    mode = mode or _resolve_mode(interpret, lowering)
+    bq = _block_size(block_q, DEFAULT_BLOCK_Q, t, mode.lowering, q.dtype)
+    bk = _block_size(block_k, DEFAULT_BLOCK_K, t, mode.lowering, q.dtype)
+    if not mode.interpret or mode.lowering == "mosaic_gpu":
+        _check_compilable(mode.lowering, bq, bk, q.shape[-1], q.dtype)
+    return _plan(pat, t, bq, bk), mode
 
 
 def _to_rows(x):
@@ -650,10 +839,13 @@ def sparse_attention(
         accelerators; matmuls accumulate in fp32).
       pattern: 'dense' | 'strided' | 'fixed' (see `patterns`); stride: l; summary: c (fixed only);
         part: 'both' | 'local' | 'summary'.
-      block_q, block_k: tile sizes in tokens (default 128, capped at T rounded up to 8).
+      block_q, block_k: tile sizes in tokens (default 128, capped at T rounded up to what the kernels compile:
+        'tpu' a multiple of 8 (32-bit) / 16 (16-bit), 'gpu' a power of two >= 16; 'mosaic_gpu' 64).
       interpret: run the kernels in the Pallas interpreter; None = interpret on CPU, compile otherwise.
       lowering: 'tpu' (scalar-prefetch grid, Mosaic) or 'gpu' (Triton-style loop over the listed blocks);
-        None = 'gpu' on a GPU backend, else 'tpu'. Both run on CPU in interpret mode.
+        None = 'gpu' on a GPU backend, else 'tpu'. Both run on CPU in interpret mode. 'mosaic_gpu' (opt-in,
+        Hopper; bf16 / fp16, 64-tiles, H a multiple of 64): the Mosaic GPU forward kernel with the 'gpu'
+        backward; on CPU it runs in JAX's GPU interpreter (slow: tests only).
 
     Returns:
       [B, T, N, H] in q.dtype; scale 1/sqrt(H); rows with no allowed key are 0.
@@ -664,6 +856,83 @@ def sparse_attention(
         return jnp.zeros_like(q)
     out = _attention_jit(_to_rows(q), _to_rows(k), _to_rows(v), plans, 1.0 / math.sqrt(h), mode)
     return jnp.swapaxes(out.reshape(b, n, t, h), 1, 2)
+
+
+# Lowering platform (as `jax.jit(...).lower(lowering_platforms=...)` names it) -> the kernels it can take
+# (the first is the default).
+PLATFORM_LOWERINGS = {"tpu": ("tpu",), "cuda": ("gpu", "mosaic_gpu"), "rocm": ("gpu",)}
+# Custom-call target of each kernel kind, one call per kernel launch: Mosaic TPU, Triton, Mosaic GPU.
+KERNEL_CALL_TARGETS = {"tpu": "tpu_custom_call", "gpu": "__gpu$xla.gpu.triton", "mosaic_gpu": "mosaic_gpu_v2"}
+
+
+def lower_attention(
+    q: jax.Array | jax.ShapeDtypeStruct,
+    k: jax.Array | jax.ShapeDtypeStruct,
+    v: jax.Array | jax.ShapeDtypeStruct,
+    *,
+    platform: str,
+    lowering: str | None = None,
+    grad: bool = False,
+    pattern: str,
+    stride: int | None = None,
+    summary: int | None = None,
+    part: str = "both",
+    block_q: int | None = None,
+    block_k: int | None = None,
+    tpu_device_kind: str = "TPU v5 lite",
+) -> jax.stages.Lowered:
+    """Lowers the compiled (not interpreted) kernels for `platform` on any host, without that device.
+
+    Runs Pallas's own lowering of every kernel: for 'tpu' to Mosaic MLIR (checks block shapes against
+    the (8, 128) tiling, lowers each op, serialises the module into a `tpu_custom_call`); for 'cuda' /
+    'rocm' to Triton IR (checks power-of-two array sizes, lowers each op, embeds it in a
+    `__gpu$xla.gpu.triton` call). What still needs the device: Mosaic's layout / vreg passes (in libtpu)
+    and Triton's compile to PTX / AMDGCN (in XLA's GPU backend), i.e. VMEM / shared-memory limits,
+    register pressure and numerics. TPU lowering reads chip facts (generation, tile sizes), so it runs
+    under an abstract mesh whose device kind is `tpu_device_kind` (e.g. 'TPU v4', 'TPU v5 lite', 'TPU v6 lite').
+
+    Args:
+      q, k, v: [B, T, N, H] arrays or `jax.ShapeDtypeStruct`s (only shapes and dtypes are used).
+      platform: 'tpu' | 'cuda' | 'rocm'.
+      lowering: which kernels (see `sparse_attention`); default 'tpu' for 'tpu', 'gpu' (Triton) for 'cuda' /
+        'rocm'; 'mosaic_gpu' on 'cuda' lowers the Mosaic GPU forward kernel (its backward is Triton's).
+      grad: also lower the custom VJP (the dq and dk/dv kernels) via `jax.vjp`; the lowered function is
+        then (q, k, v, dout) -> (out, dq, dk, dv), else (q, k, v) -> out.
+      pattern ... block_k: as `sparse_attention`; blocks must suit the target (see `_check_compilable`).
+
+    Returns:
+      The `jax.stages.Lowered`; `.as_text()` holds one custom call per kernel launch (see
+      `KERNEL_CALL_TARGETS`): per pattern component, the forward kernel, plus the dq and dk/dv kernels
+      with grad. For 'mosaic_gpu' the Mosaic GPU module is lowered to its dialect here; its compile to PTX
+      (like Triton's) happens in XLA's CUDA backend.
+    """
+    if platform not in PLATFORM_LOWERINGS:
+        raise ValueError(f"platform must be one of {tuple(PLATFORM_LOWERINGS)}, got {platform!r}")
+    lowering = lowering or PLATFORM_LOWERINGS[platform][0]
+    if lowering not in PLATFORM_LOWERINGS[platform]:
+        raise ValueError(f"platform {platform!r} takes lowering {PLATFORM_LOWERINGS[platform]}, got {lowering!r}")
+    mode = _Mode(lowering, interpret=False)
+    plans, _ = _prepare(q, k, v, pattern, stride, summary, part, block_q, block_k, None, mode=mode)
+    if not plans:
+        raise ValueError("nothing to lower: the pattern allows no key for any query at this length")
+    b, t, n, h = q.shape
+    scale = 1.0 / math.sqrt(h)
+    rows = jax.ShapeDtypeStruct((b * n, t, h), q.dtype)
+
+    def forward(q, k, v):
+        return _attention(q, k, v, plans, scale, mode)
+
+    def forward_and_vjp(q, k, v, do):
+        out, vjp = jax.vjp(forward, q, k, v)
+        return (out, *vjp(do))
+
+    fn, args = (forward_and_vjp, (rows,) * 4) if grad else (forward, (rows,) * 3)
+    if platform != "tpu":
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,))
+    # Traced under the mesh too: the trace context (which the lowering sees) is captured at trace time.
+    device = jax.sharding.AbstractDevice(device_kind=tpu_device_kind, num_cores=1, platform="tpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("chip",), abstract_device=device)):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,))
 
 
 def visited_blocks(
@@ -700,14 +969,18 @@ def logits_per_head(
     part: str = "both",
     block_q: int | None = None,
     block_k: int | None = None,
+    lowering: str = "tpu",
+    dtype=jnp.float32,
 ) -> int:
     """(query, key) logits the kernel computes per batch row and head for length n: visited tiles * bq * bk.
+
+    `lowering` and `dtype` only matter for default block sizes (rounded to what that target compiles).
 
     Includes the masked entries of partial tiles. Matmul FLOPs per logit: 4 * H forward (QK^T, PV) and
     14 * H backward (the dq and dk/dv kernels each recompute QK^T and dP = dO V^T, then dQ / dK, dV).
     """
-    bq = _block_size(block_q, DEFAULT_BLOCK_Q, n)
-    bk = _block_size(block_k, DEFAULT_BLOCK_K, n)
+    bq = _block_size(block_q, DEFAULT_BLOCK_Q, n, lowering, dtype)
+    bk = _block_size(block_k, DEFAULT_BLOCK_K, n, lowering, dtype)
     plans = _plan(patterns_lib.make_pattern(pattern, stride, summary, part), n, bq, bk)
     return sum(plan.fwd.num_blocks for plan in plans) * bq * bk
 

@@ -63,7 +63,10 @@ def test_bad_input_is_one_line_error_and_writes_nothing(tmp_path, args, message)
 
 
 def test_cli_config_names_match_the_builder():
-    from data_pipeline.musenet_midi.musenet_midi_dataset_builder import Builder
-    from launch import build_data
-
-    assert build_data.CONFIGS == tuple(c.name for c in Builder.BUILDER_CONFIGS)
+    # In a subprocess: CLI modules define absl flags at import, and other CLIs imported by other tests of this
+    # pytest process define some of the same names.
+    code = ("from data_pipeline.musenet_midi.musenet_midi_dataset_builder import Builder\n"
+            "from launch import build_data\n"
+            "assert build_data.CONFIGS == tuple(c.name for c in Builder.BUILDER_CONFIGS), build_data.CONFIGS\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr

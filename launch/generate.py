@@ -1,0 +1,270 @@
+r"""musenet-generate: new music from an exported model, as MIDI (and optionally WAV and a piano-roll PNG).
+
+    musenet-generate --model exports/tiny --genre bach --instruments piano,violin --seconds 30 --out song.mid
+    musenet-generate --model exports/tiny --genre none --instruments piano,drums --seconds 60 \
+        --primer start.mid --primer_seconds 8 --temperature 0.9 --top_p 0.95 --seed 3 --num_samples 4 \
+        --out song.mid --wav song.wav --pianoroll song.png       # writes song-1.mid .. song-4.mid (+ .wav, .png)
+
+--model is a `musenet-export` directory. --genre is one of the model's labels (normalised like the dataset's
+folder names) or `none` for an unlabelled piece. --instruments are instrument-class names of the model's
+vocabulary; only those can play. --seconds is the total length of the music, primer included.
+
+Primer: the file is encoded with the model's vocabulary and its first --primer_seconds kept: notes that start
+later are dropped, notes still sounding at the cut are released there, and trailing rest is kept up to the cut.
+The kept notes are the start of every output piece, verbatim. A primer that plays an instrument not in
+--instruments is refused (the message names them), so that the output never has instruments the user did not
+choose.
+
+Exit codes: 0 done; 2 a usage error (a missing or malformed flag, judged without the model); 1 bad input
+(an unreadable model directory or primer, a genre / instrument the model does not know, --seconds beyond the
+model's maximum) or a WAV that cannot be made. Bad input is found before anything is written; every file is
+written to a temporary name and renamed. When --wav was asked for but fluidsynth or a soundfont is missing on
+this system, the MIDI (and PNG) files are still written, then the tool exits 1 saying what to install.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import numpy as np
+from absl import flags
+
+from data_pipeline import encoding, rendering
+from data_pipeline.midi_io import MidiError
+from data_pipeline.vocab import Vocab, normalize_label
+from launch import cli
+
+_MODEL = flags.DEFINE_string("model", None, "Export directory written by musenet-export (required).")
+_GENRE = flags.DEFINE_string("genre", None, "Genre label of the model's vocabulary, or 'none' (required).")
+_INSTRUMENTS = flags.DEFINE_list("instruments", None, "Comma-separated instrument names, e.g. piano,violin,drums.")
+_SECONDS = flags.DEFINE_float("seconds", None, "Length of the music in seconds, primer included (required).")
+_PRIMER = flags.DEFINE_string("primer", None, "MIDI file whose start the pieces continue.")
+_PRIMER_SECONDS = flags.DEFINE_float("primer_seconds", None, "Keep only this many seconds of the primer.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (> 0).")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the K most likely tokens (0: off).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1] (1: off).")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed: the same seed and flags give the same pieces.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Pieces to generate (as one batch).")
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", None, "Cap on body tokens per piece, primer included; longer "
+                                    "pieces than the model's context are written in sliding windows "
+                                    "(default: generous, musenet_jax.sampling.default_max_tokens).")
+_OUT = flags.DEFINE_string("out", None, "Output MIDI file; with --num_samples N > 1: OUT-1.mid .. OUT-N.mid.")
+_WAV = flags.DEFINE_string("wav", None, "Also render audio to this WAV file (needs the fluidsynth program).")
+_SOUNDFONT = flags.DEFINE_string("soundfont", None, "SoundFont (.sf2/.sf3) for --wav; default: the first "
+                                 "one found in the system's soundfont folders.")
+_PIANOROLL = flags.DEFINE_string("pianoroll", None, "Also draw a piano roll to this PNG file.")
+
+NO_GENRE = "none"
+
+
+def numbered(path: str | None, index: int, count: int) -> str | None:
+    """`song.mid` -> `song-3.mid` for piece 3 of several; unchanged for a single piece."""
+    if path is None or count == 1:
+        return path
+    stem, suffix = os.path.splitext(path)
+    return f"{stem}-{index}{suffix}"
+
+
+def check_flags() -> None:
+    """Usage errors: what can be judged from the flags alone, before loading anything."""
+    missing = [f"--{f.name}" for f in (_MODEL, _GENRE, _INSTRUMENTS, _SECONDS, _OUT) if f.value is None]
+    if missing:
+        raise cli.UsageError(f"missing required flags: {', '.join(missing)}")
+    if not [s for s in _INSTRUMENTS.value if s.strip()]:
+        raise cli.UsageError("--instruments needs at least one instrument name")
+    if not math.isfinite(_SECONDS.value) or _SECONDS.value <= 0:
+        raise cli.UsageError(f"--seconds must be > 0, got {_SECONDS.value}")
+    if _PRIMER_SECONDS.value is not None:
+        if _PRIMER.value is None:
+            raise cli.UsageError("--primer_seconds needs --primer")
+        if not math.isfinite(_PRIMER_SECONDS.value) or _PRIMER_SECONDS.value <= 0:
+            raise cli.UsageError(f"--primer_seconds must be > 0, got {_PRIMER_SECONDS.value}")
+    if not (math.isfinite(_TEMPERATURE.value) and _TEMPERATURE.value > 0):
+        raise cli.UsageError(f"--temperature must be > 0, got {_TEMPERATURE.value}")
+    if _TOP_K.value < 0:
+        raise cli.UsageError(f"--top_k must be >= 0, got {_TOP_K.value}")
+    if not 0 < _TOP_P.value <= 1:
+        raise cli.UsageError(f"--top_p must be in (0, 1], got {_TOP_P.value}")
+    if _NUM_SAMPLES.value < 1:
+        raise cli.UsageError(f"--num_samples must be >= 1, got {_NUM_SAMPLES.value}")
+    if _MAX_TOKENS.value is not None and _MAX_TOKENS.value < 1:
+        raise cli.UsageError(f"--max_tokens must be >= 1, got {_MAX_TOKENS.value}")
+    if _SOUNDFONT.value is not None and _WAV.value is None:
+        raise cli.UsageError("--soundfont needs --wav")
+    outputs = [p for p in (_OUT.value, _WAV.value, _PIANOROLL.value) if p is not None]
+    if len({os.path.abspath(p) for p in outputs}) < len(outputs):
+        raise cli.UsageError("--out, --wav and --pianoroll must be different files")
+    for path in outputs:
+        if os.path.isdir(path):
+            raise cli.UsageError(f"{path} is a directory; give a file name")
+
+
+def check_output_dirs() -> None:
+    for path in (_OUT.value, _WAV.value, _PIANOROLL.value):
+        if path is not None:
+            parent = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(parent):
+                raise ValueError(f"{path}: output folder {parent} does not exist")
+
+
+def resolve_label(genre: str, vocab: Vocab) -> str | None:
+    """--genre -> the vocab label (None for 'none'); ValueError listing the valid ones."""
+    valid = [*vocab.config.labels, NO_GENRE]
+    try:
+        label = normalize_label(genre)
+    except ValueError:
+        label = genre
+    if label == NO_GENRE:
+        return None
+    if label not in vocab.config.labels:
+        raise ValueError(f"unknown genre {genre!r} for this model; valid: {', '.join(valid)}")
+    return label
+
+
+def resolve_instruments(names: list[str], vocab: Vocab) -> list[str]:
+    """--instruments -> distinct instrument-class names in vocab order; ValueError listing the valid ones."""
+    chosen = []
+    for name in names:
+        name = name.strip().lower()
+        if name and name not in chosen:
+            vocab.instruments.index(name)  # raises "unknown instrument 'x'; valid: ..."
+            chosen.append(name)
+    return sorted(chosen, key=vocab.instruments.index)
+
+
+def primer_body(path: str, vocab: Vocab, seconds: float | None,
+                instruments: list[str]) -> tuple[np.ndarray, encoding.Notes, int]:
+    """The body tokens of a primer's first `seconds` (all if None), with its notes and length in time units.
+
+    Cut at time unit C = round(seconds / time unit): notes starting at or after C are dropped, notes sounding
+    at C end there (decode -> clip -> re-encode, so every kept note has its attack and release), and waits
+    are appended so that the body lasts C units when the primer is longer than that.
+
+    Returns:
+      (int32[T_primer] body tokens (no prefix, no `end`), the kept Notes, the body's length in time units).
+    Raises:
+      MidiError (naming the file) for an unreadable primer, ValueError for instruments not in `instruments`.
+    """
+    piece = encoding.encode_midi(path, vocab)  # MidiError: "path: reason"
+    notes, duration = encoding.decode_tokens(piece.body, vocab)
+    if seconds is not None:
+        cut = max(1, round(seconds * 1000 / vocab.config.time_unit_ms))
+        keep = notes.start < cut
+        notes = encoding.Notes(notes.instrument[keep], notes.pitch[keep], notes.velocity[keep], notes.start[keep],
+                               np.minimum(notes.end[keep], cut))
+        if len(notes) == 0:
+            raise MidiError(path, f"no notes in the first {seconds:g} s (--primer_seconds)")
+        duration = min(duration, cut)
+    names = vocab.instruments.names
+    extra = sorted(set(np.unique(notes.instrument).tolist()) - {names.index(n) for n in instruments})
+    if extra:
+        raise ValueError(f"{path}: the primer plays {', '.join(names[i] for i in extra)}, not in --instruments "
+                         f"({','.join(instruments)}); add them or choose another primer")
+    reencoded = encoding.encode_notes(notes, vocab)
+    body = reencoded.tokens[reencoded.prefix_len:-1]  # without the prefix and `end`
+    rest = duration - reencoded.duration_units
+    if rest > 0:  # the cut falls in a rest: keep the silence up to it
+        max_wait = vocab.config.max_wait
+        waits = [max_wait] * (rest // max_wait) + ([rest % max_wait] if rest % max_wait else [])
+        body = np.concatenate([body, vocab.wait(np.array(waits))])
+    return body.astype(np.int32), notes, max(duration, reencoded.duration_units)
+
+
+def read_vocab(model_dir: str) -> Vocab:
+    """The export's vocabulary, read without JAX so that flag values are checked in a second."""
+    if not os.path.isdir(model_dir):
+        raise ValueError(f"{model_dir}: no such model directory (expected a musenet-export output)")
+    for name in ("config.json", "vocab.json", "model.safetensors"):  # musenet_jax.export's file names
+        if not os.path.isfile(os.path.join(model_dir, name)):
+            raise ValueError(f"{model_dir}: not a musenet export (no {name})")
+    try:
+        return Vocab.load(os.path.join(model_dir, "vocab.json"))
+    except (ValueError, KeyError, TypeError) as e:  # bad JSON, wrong format, inconsistent fields
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(f"{model_dir}/vocab.json: not a usable vocabulary ({detail})") from None
+
+
+def read_model_config(model_dir: str):
+    """The export's ModelConfig, checked against its vocab; ExportError with a one-line message."""
+    from musenet_jax import export
+
+    try:
+        _, config, _ = export.read_export_config(model_dir)
+    except export.ExportError:
+        raise
+    except (ValueError, KeyError, TypeError) as e:  # a config.json that parses but is not a model config
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise export.ExportError(f"{model_dir}/config.json: not a usable model config ({detail})") from None
+    return config
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    check_flags()
+    check_output_dirs()
+    seconds, num_samples = _SECONDS.value, _NUM_SAMPLES.value
+
+    vocab = read_vocab(_MODEL.value)
+    label = resolve_label(_GENRE.value, vocab)
+    instruments = resolve_instruments(_INSTRUMENTS.value, vocab)
+    primer = None
+    if _PRIMER.value is not None:
+        primer, _, primer_units = primer_body(_PRIMER.value, vocab, _PRIMER_SECONDS.value, instruments)
+        primer_seconds = primer_units * vocab.config.time_unit_ms / 1000
+        if primer_seconds >= seconds:
+            raise ValueError(f"the primer lasts {primer_seconds:.1f} s, not less than --seconds {seconds:g}; "
+                             f"raise --seconds or pass a shorter --primer_seconds")
+
+    # Audio: a bad --soundfont is bad input (stop now); a system without fluidsynth or any soundfont only
+    # costs the WAV (the MIDI is still written, then exit 1).
+    audio_problem = None
+    if _WAV.value is not None:
+        if _SOUNDFONT.value is not None:
+            rendering.check_soundfont(_SOUNDFONT.value)
+        try:
+            rendering.resolve_audio(_SOUNDFONT.value)
+        except rendering.RenderError as e:
+            audio_problem = str(e)
+
+    from musenet_jax import export, sampling  # only now: importing JAX takes seconds
+
+    config = read_model_config(_MODEL.value)
+    limit = sampling.max_seconds(config, vocab)
+    if seconds > limit:
+        raise ValueError(f"--seconds {seconds:g} is beyond this model's maximum of {limit:.1f} s")
+    model, _ = export.load_export(_MODEL.value, vocab=vocab)
+    sampling_config = sampling.SamplingConfig(temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                                              top_p=_TOP_P.value)
+    pieces = sampling.generate(model, vocab, label=label, instruments=instruments, seconds=seconds, primer=primer,
+                               sampling=sampling_config, seed=_SEED.value, num_samples=num_samples,
+                               max_tokens=_MAX_TOKENS.value)
+
+    for k, piece in enumerate(pieces, start=1):
+        midi_path = numbered(_OUT.value, k, num_samples)
+        notes = encoding.tokens_to_midi(piece.tokens, vocab, midi_path)
+        written = [midi_path]
+        if _PIANOROLL.value is not None:
+            png_path = numbered(_PIANOROLL.value, k, num_samples)
+            rendering.piano_roll(notes, vocab, png_path, title=os.path.basename(midi_path))
+            written.append(png_path)
+        if _WAV.value is not None and audio_problem is None:
+            wav_path = numbered(_WAV.value, k, num_samples)
+            rendering.render_wav(midi_path, wav_path, soundfont=_SOUNDFONT.value)
+            written.append(wav_path)
+        played = ",".join(vocab.instruments.names[i] for i in np.unique(notes.instrument).tolist()) or "silence"
+        status = "ended" if piece.ended else "ran out of token budget (open notes closed)"
+        print(f"wrote {' + '.join(written)}: {piece.seconds:.1f} s, {len(notes)} notes, {played}, {status}")
+    sys.stdout.flush()
+    if audio_problem is not None:
+        raise rendering.RenderError(audio_problem)
+
+
+def run():
+    cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

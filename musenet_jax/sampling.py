@@ -1,0 +1,486 @@
+"""Sampling pieces from a trained model: conditioning, constraints, length control, sliding-window decoding.
+
+A piece is `prefix + primer + generated body (+ END)`: the prefix is `vocab.prefix(label, instruments)`,
+the primer (optional) is the body of an encoded MIDI file kept verbatim, and the model writes the rest one
+token at a time with its KV cache (`MuseNet.decode_step`, `musenet_jax.decoding`).
+
+Windows. A piece may be much longer than the model's context L = max_len (tokens). It is written in windows
+built exactly like training windows (`data_pipeline.input_pipeline.train_example`): window w feeds, at
+positions 0..L-1, the conditioning prefix (P tokens) followed by the piece's body from token s_w on, and
+predicts one token past position L-1, so a full window holds L + 1 tokens as a training sequence does. The
+first window starts at the body's start (s_0 = P) when the prompt (prefix + primer) fits in it; otherwise,
+and whenever a window is full, the next one carries the last K = (L - P) // 2 body tokens (half of the
+window's body room), its start moved to a time-step start by `input_pipeline.snap_to_step_start` (the same
+rule training windows follow, so a window never opens in the middle of a chord). The caches are emptied
+and re-filled with the carried tokens by the same compiled step, then sampling continues. Snapping moves the
+start at most K tokens either way, so a window carries 1..2K <= L - P tokens and writes at least one new one
+(about L - P - K on average): the piece grows until it ends or reaches the cap.
+
+Compilation. `_decode_window` (one `lax.while_loop` over the window's positions) is jitted once per
+(batch, piece buffer, model) shape; a Python loop calls it per window with the window start, prompt length,
+target length and sampling settings as traced values. The piece buffer holds the longest prefix + the cap, rounded up to
+a power of two, so other lengths and nearby caps reuse the same compiled loop. At position t the loop feeds window
+token t, then either copies window token t + 1 from the piece (prefill, primer or carried tokens) or samples
+it and appends it to the piece. A window stops when every row has ended or its L positions are fed.
+
+Features. Every fed token gets the model's timing / chord / part / countdown inputs as training gives them:
+body tokens carry the piece's absolute features, exactly `data_pipeline.features.compute_features(piece,
+vocab, duration_units=D)` with D the target length in time units (timing accumulates wait units from the
+piece start, chord counts attacks within the current time step, part and countdown come from timing and D,
+`part_and_countdown`); the primer's come from the whole primer. Prefix tokens get timing 0, chord 0 and the
+part and countdown of the window's first body token (`input_pipeline.pack_example`; in the first window
+that is what `compute_features` of the whole piece gives too). Positions restart at 0 in every window.
+`decode_arrays` returns what each window fed, for checking.
+
+Constraints, by masking logits before sampling (a token never allowed gets probability 0):
+- the body may only hold waits, END, note-on / note-off of the chosen pitched instruments and drum hits if
+  `drums` is chosen: never PAD, START, labels or instrument-presence tokens;
+- time never passes the target: `wait:w` is allowed only while timing + w <= D;
+- ending: END is masked until timing >= D - tolerance, with tolerance = min(`END_TOLERANCE_MS`, 10% of the
+  target) so short pieces keep a window too; once timing reaches D only END is allowed (forced). An ended
+  piece therefore lasts between D - tolerance and D time units.
+Length cap: at most `max_tokens` body tokens (primer and END included; default
+`default_max_tokens(seconds)`). A piece that reaches the cap first stops without END (`ended=False`); its
+notes are closed by `data_pipeline.encoding.decode_tokens`.
+
+Randomness: row i draws the token at piece index j from `fold_in(fold_in(key(seed), i), j)`, so the same
+seed and arguments give identical tokens, and a row does not depend on how many rows are decoded with it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from data_pipeline import features as features_lib
+from data_pipeline import input_pipeline
+from data_pipeline import vocab as vocab_lib
+from data_pipeline.vocab import END, TokenKind, Vocab
+
+END_TOLERANCE_MS = 1000  # END may be written in the last second (at most 10% of the target) of the piece.
+# Default cap on body tokens per second of music. The encoding of real music needs far fewer: over 60 files of
+# the development MIDI set the median is 31 tokens/s and the densest 86 tokens/s (MuseNet's 4096-token context
+# holds about one to four minutes), so only a model that never lets time pass reaches this cap.
+MAX_TOKENS_PER_SECOND = 128
+MAX_TOKENS_LIMIT = 1 << 20  # a hard ceiling on max_tokens (hours of music) that bounds the piece buffer.
+_BODY_KINDS = (TokenKind.WAIT, TokenKind.NOTE_ON, TokenKind.NOTE_OFF, TokenKind.DRUM)
+# Traces of `_decode_window` (incremented in its Python body, which runs only when JAX traces it): tests check
+# that the windows of a piece, and later pieces of the same shapes, reuse one compilation.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+class GenerationError(ValueError):
+    """Bad generation arguments; str() is a one-line user-facing message."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How each token is drawn from the (masked) next-token distribution.
+
+    Attributes:
+      temperature: logits are divided by it; > 0 (lower: more conservative).
+      top_k: keep only the k most likely tokens; 0 = off.
+      top_p: nucleus sampling, keep the smallest set of most likely tokens whose probability reaches p;
+        1.0 = off.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise GenerationError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise GenerationError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise GenerationError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+
+
+@dataclasses.dataclass
+class GeneratedPiece:
+    """One sampled piece.
+
+    Attributes:
+      tokens: int32[T], conditioning prefix + primer body + generated body (+ END if ended).
+      prefix_len: conditioning prefix length (tokens).
+      primer_len: primer body tokens kept verbatim after the prefix.
+      ended: True if the piece ends with END; False if it reached the `max_tokens` cap (the decoder closes
+        notes).
+      seconds: music length of the body (sum of its waits), in seconds.
+      windows: context windows the piece was written in (1 if it fits in the model's max_len).
+    """
+
+    tokens: np.ndarray
+    prefix_len: int
+    primer_len: int
+    ended: bool
+    seconds: float
+    windows: int = 1
+
+
+def max_seconds(model_config, vocab: Vocab) -> float:
+    """The longest `seconds` this model supports (math.inf if neither horizon below applies).
+
+    The smallest of the horizons of the feature tables (each only where its embedding is on):
+    - countdown: `countdown_max * countdown_unit_ms`; past it the countdown feature saturates, so the model
+      could no longer tell how far away the end is and the length would be held only by the END mask;
+    - timing table: `timing_buckets * timing_bucket_units` time units; later tokens share its last row.
+    The context length does not bound it: longer pieces are written in sliding windows (module doc).
+    """
+    cfg = vocab.config
+    unit_s = cfg.time_unit_ms / 1000.0
+    limits = [math.inf]
+    if model_config.use_countdown:
+        limits.append(cfg.countdown_max * cfg.countdown_unit_ms / 1000.0)
+    if model_config.use_timing:
+        limits.append(model_config.timing_buckets * model_config.timing_bucket_units * unit_s)
+    return float(min(limits))
+
+
+def default_max_tokens(seconds: float, model_config) -> int:
+    """Default body-token cap for a piece of `seconds`: `MAX_TOKENS_PER_SECOND` per second, and never less
+    than one context (max_len tokens)."""
+    return int(min(max(math.ceil(seconds * MAX_TOKENS_PER_SECOND), model_config.max_len), MAX_TOKENS_LIMIT))
+
+
+def end_tolerance_units(duration_units: int, vocab: Vocab) -> int:
+    """Time units before the target in which END is allowed (see module doc)."""
+    return int(min(END_TOLERANCE_MS // vocab.config.time_unit_ms, duration_units // 10))
+
+
+def carried_tokens(max_len: int, prefix_len: int) -> int:
+    """K: body tokens a new window carries over from the piece so far (before snapping to a step start)."""
+    return (max_len - prefix_len) // 2
+
+
+# --- Argument checking. -----------------------------------------------------------------------------------
+
+
+def _instrument_indices(vocab: Vocab, instruments: Sequence[str]) -> list[int]:
+    names = vocab.instruments.names
+    if isinstance(instruments, str):
+        instruments = [instruments]
+    if not instruments:
+        raise GenerationError(f"choose at least one instrument; valid: {', '.join(names)}")
+    unknown = [name for name in instruments if name not in names]
+    if unknown:
+        raise GenerationError(f"unknown instrument(s) {', '.join(map(repr, unknown))}; valid: {', '.join(names)}")
+    return sorted({names.index(name) for name in instruments})
+
+
+def _label(vocab: Vocab, label: str | None) -> str | None:
+    if label is None:
+        return None
+    valid = ", ".join(vocab.config.labels) or "(none: this model has no labels)"
+    try:
+        name = vocab_lib.normalize_label(label)
+    except ValueError:
+        raise GenerationError(f"bad label {label!r}; valid: {valid}") from None
+    if name not in vocab.config.labels:
+        raise GenerationError(f"unknown label {label!r}; valid: {valid}")
+    return name
+
+
+def _check_primer(primer, vocab: Vocab, chosen: list[int]) -> np.ndarray:
+    primer = np.asarray(primer if primer is not None else [], np.int64).reshape(-1)
+    if len(primer) and (primer.min() < 0 or primer.max() >= vocab.size):
+        raise GenerationError(f"primer has token ids outside the vocabulary (size {vocab.size})")
+    kinds = vocab.kind[primer]
+    if not np.isin(kinds, _BODY_KINDS).all():
+        bad = vocab.id_to_text(int(primer[~np.isin(kinds, _BODY_KINDS)][0]))
+        raise GenerationError(f"primer must be body tokens only (no prefix or end), found {bad!r}")
+    used = set(vocab.instrument[primer[kinds != TokenKind.WAIT]].tolist())
+    missing = sorted(used - set(chosen))
+    if missing:
+        names = ", ".join(vocab.instruments.names[i] for i in missing)
+        raise GenerationError(f"the primer plays {names}, which is not among the chosen instruments")
+    return primer.astype(np.int32)
+
+
+def allowed_body_tokens(vocab: Vocab, instruments: Sequence[int]) -> np.ndarray:
+    """bool[V]: tokens the generated body may hold (see module doc), for instrument class indices."""
+    chosen = np.zeros(vocab.instruments.num_classes + 1, bool)  # index -1 (no instrument) stays False
+    chosen[list(instruments)] = True
+    kind = vocab.kind
+    notes = np.isin(kind, (TokenKind.NOTE_ON, TokenKind.NOTE_OFF, TokenKind.DRUM)) & chosen[vocab.instrument]
+    allowed = notes | (kind == TokenKind.WAIT)
+    allowed[END] = True
+    return allowed
+
+
+# --- The jitted window loop. ------------------------------------------------------------------------------
+
+
+def _filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Top-k then nucleus filtering of logits [B, V] (-inf = masked); top_k 0 / top_p 1 = off."""
+    v = logits.shape[-1]
+
+    def filtered(logits):
+        ordered = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V] descending
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+        kth = jnp.take_along_axis(ordered, jnp.broadcast_to(k - 1, (logits.shape[0], 1)), axis=-1)
+        ordered = jnp.where(ordered >= kth, ordered, -jnp.inf)
+        probs = jax.nn.softmax(ordered, axis=-1)
+        # Keep a token while the mass strictly before it is < p: the most likely token always survives.
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+        cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+        return jnp.where(logits >= jnp.maximum(cutoff, kth), logits, -jnp.inf)
+
+    return jax.lax.cond((top_k > 0) | (top_p < 1.0), filtered, lambda x: x, logits)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _decode_window(graphdef, state, piece, timing, chord, length, done, ended, start, prefix_len, cap_len, duration,
+                   tolerance, allowed, tables, temperature, top_k, top_p, row_keys):
+    """Writes one context window of every row (module doc). Everything but the shapes and the graph is traced.
+
+    Args:
+      piece: int32[B, C] each row's tokens so far (prefix, body), PAD after `length`; C = the buffer size.
+      timing, chord: int32[B, C] the timing and (clipped) chord features of those tokens.
+      length: int32[B] tokens of each row so far.
+      done, ended: bool[B] rows that have stopped (END or the cap), and those that wrote END; stopped rows ride
+        along unchanged.
+      start: int32[B] piece index of the window's first body token (P for a window that opens the body).
+      prefix_len: P, tokens of the conditioning prefix (piece[:, :P]).
+      cap_len: P + max_tokens, the longest a row may grow (tokens).
+    Returns:
+      (piece, timing, chord, length, done, ended) updated, and what the window fed the model: tokens
+      int32[B, L], features {name: int32[B, L]} and fed int32[B], the positions fed while the row was active.
+    """
+    TRACE_COUNTS["decode_window"] += 1
+    bsz, capacity = piece.shape
+    window = nnx.merge(graphdef, state).config.max_len  # L, static
+    wait_units, is_attack, num_parts, countdown_max, unit_ratio, max_chord = tables
+    rows = jnp.arange(bsz)
+    wait_ids = wait_units > 0
+    only_end = jnp.zeros_like(allowed).at[END].set(True)
+
+    def part_and_countdown(timing):
+        # data_pipeline.features.part_and_countdown, in int32 JAX.
+        d = jnp.maximum(duration, 1)
+        part = jnp.clip(num_parts * jnp.minimum(timing, d) // d, 0, num_parts - 1)
+        countdown = jnp.minimum(jnp.maximum(duration - timing, 0) * unit_ratio[0] // unit_ratio[1], countdown_max)
+        return part, countdown
+
+    def piece_index(t):
+        """int32[B]: the piece index of window token t (the prefix, then the body from `start`)."""
+        return jnp.where(t < prefix_len, t, start + t - prefix_len)
+
+    def body(carry):
+        t, piece, timing, chord, length, done, ended, fed_tokens, fed_feats, fed, cache = carry
+        g = jnp.minimum(piece_index(t), capacity - 1)  # a stopped row may run past its buffer: read, ignored
+        tok, tok_timing, tok_chord = piece[rows, g], timing[rows, g], chord[rows, g]
+        # Prefix tokens get the part and countdown of the window's first body token, as training windows do.
+        part, countdown = part_and_countdown(jnp.where(t < prefix_len, timing[rows, start], tok_timing))
+        step_feats = {"timing": tok_timing, "chord": tok_chord, "part": part, "countdown": countdown}
+        fed_tokens = fed_tokens.at[:, t].set(tok)
+        fed_feats = {k: v.at[:, t].set(step_feats[k]) for k, v in fed_feats.items()}
+        fed = jnp.where(done, fed, t + 1)
+        # Merged inside the loop body so its Variables belong to this trace level (NNX checks that).
+        logits, cache = nnx.merge(graphdef, state).decode_step(tok, step_feats, t, cache)
+
+        # The next window token is new (sampled) when the piece does not hold it yet; its features follow
+        # from this token's (data_pipeline.features.step_features).
+        nxt = piece_index(t + 1)
+        sample = ~done & (nxt >= length)
+        wait = wait_units[tok]
+        nxt_timing = tok_timing + wait
+        nxt_chord = jnp.where(wait > 0, 0, jnp.minimum(tok_chord + is_attack[tok].astype(jnp.int32), max_chord - 1))
+
+        # Constraints for the new token (see module doc).
+        fits = nxt_timing[:, None] + wait_units[None, :] <= duration
+        mask = allowed[None, :] & (~wait_ids[None, :] | fits)
+        mask = mask.at[:, END].set(nxt_timing >= duration - tolerance)
+        mask = jnp.where((nxt_timing >= duration)[:, None], only_end[None, :], mask)
+        logits = jnp.where(mask, logits / temperature, -jnp.inf)
+        logits = _filter_logits(logits, top_k, top_p)
+        keys = jax.vmap(jax.random.fold_in)(row_keys, nxt)
+        sampled = jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+        at = jnp.where(sample, nxt, capacity)  # rows that copy write nothing (out of bounds: dropped)
+        piece = piece.at[rows, at].set(sampled, mode="drop")
+        timing = timing.at[rows, at].set(nxt_timing, mode="drop")
+        chord = chord.at[rows, at].set(nxt_chord, mode="drop")
+        length = jnp.where(sample, length + 1, length)
+        ends_now = sample & (sampled == END)
+        ended = ended | ends_now
+        done = done | ends_now | (length >= cap_len)
+        return t + 1, piece, timing, chord, length, done, ended, fed_tokens, fed_feats, fed, cache
+
+    def cond(carry):
+        t, done = carry[0], carry[5]
+        return (t < window) & ~jnp.all(done)
+
+    fed_tokens = jnp.zeros((bsz, window), jnp.int32)
+    fed_feats = {k: jnp.zeros((bsz, window), jnp.int32) for k in features_lib.FEATURE_NAMES}
+    cache = nnx.merge(graphdef, state).init_cache(bsz)  # empty: positions restart at 0 in every window
+    carry = (jnp.int32(0), piece, timing, chord, length, done, ended, fed_tokens, fed_feats,
+             jnp.zeros((bsz,), jnp.int32), cache)
+    _, piece, timing, chord, length, done, ended, fed_tokens, fed_feats, fed, _ = jax.lax.while_loop(cond, body, carry)
+    return piece, timing, chord, length, done, ended, fed_tokens, fed_feats, fed
+
+
+def next_window_start(tokens: np.ndarray, prefix_len: int, keep: int, vocab: Vocab) -> int:
+    """Piece index where the next window's body starts, for a row's tokens int[T] so far: about `keep` body
+    tokens before the end, moved to a time-step start as training windows are (`snap_to_step_start`, which
+    looks `keep` tokens either way, so the window carries between 1 and 2 * keep tokens)."""
+    body = tokens[prefix_len:]
+    return prefix_len + input_pipeline.snap_to_step_start(body, max(len(body) - keep, 0), keep, vocab)
+
+
+@dataclasses.dataclass
+class DecodedWindow:
+    """What one window fed the model: its body start (piece index) int32[B], tokens int32[B, L], features
+    {name: int32[B, L]} at positions 0..L-1, and fed int32[B], the positions fed while the row was active
+    (the rest is meaningless)."""
+
+    start: np.ndarray
+    tokens: np.ndarray
+    features: dict
+    fed: np.ndarray
+
+
+@dataclasses.dataclass
+class DecodeArrays:
+    """Raw output of the window loop (for tests and tools): tokens int32[B, C] (PAD after each row's
+    length), lengths int32[B], ended bool[B], the windows in order, the target length in time units, the
+    prefix and primer lengths and the body-token cap."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    ended: np.ndarray
+    windows: list[DecodedWindow]
+    duration_units: int
+    prefix_len: int
+    primer_len: int
+    max_tokens: int
+
+
+def decode_arrays(model, vocab: Vocab, *, label: str | None, instruments: Sequence[str], seconds: float,
+                  primer: np.ndarray | None = None, sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+                  num_samples: int = 1, max_tokens: int | None = None) -> DecodeArrays:
+    """`generate`'s checks and window loop, returning the loop's arrays (see `generate` for the arguments)."""
+    cfg = model.config
+    if cfg.vocab_size != vocab.size:
+        raise GenerationError(f"the model has {cfg.vocab_size} token ids but the vocabulary has {vocab.size}")
+    if not isinstance(sampling, SamplingConfig):
+        raise GenerationError("sampling must be a SamplingConfig")
+    chosen = _instrument_indices(vocab, instruments)
+    label = _label(vocab, label)
+    limit = max_seconds(cfg, vocab)
+    if not (math.isfinite(seconds) and 0 < seconds <= limit):
+        raise GenerationError(f"seconds must be in (0, {limit:g}] for this model, got {seconds:g}")
+    if num_samples < 1:
+        raise GenerationError(f"num_samples must be >= 1, got {num_samples}")
+    cap = default_max_tokens(seconds, cfg) if max_tokens is None else int(max_tokens)
+    if not 1 <= cap <= MAX_TOKENS_LIMIT:
+        raise GenerationError(f"max_tokens (body tokens per piece, primer included) must be in "
+                              f"1..{MAX_TOKENS_LIMIT}, got {max_tokens}")
+    primer = _check_primer(primer, vocab, chosen)
+    prefix = vocab.prefix(label, chosen)
+    window, p = cfg.max_len, len(prefix)
+    keep = carried_tokens(window, p)
+    if keep < 1:
+        raise GenerationError(f"the conditioning prefix takes {p} tokens, too many for this model's {window}-token "
+                              f"context; choose fewer instruments")
+    if len(primer) >= cap:
+        raise GenerationError(f"the primer takes {len(primer)} tokens, leaving none of the {cap}-token cap "
+                              f"(max_tokens) to generate; raise max_tokens or use a shorter primer")
+    duration = max(1, round(seconds * 1000.0 / vocab.config.time_unit_ms))
+    primer_units = int(vocab.wait_units[primer].sum())
+    if primer_units >= duration:
+        raise GenerationError(f"the primer lasts {primer_units * vocab.config.time_unit_ms / 1000:g} s, "
+                              f"not less than the requested {seconds:g} s")
+
+    # The buffer holds the longest prefix + the cap, rounded up to a power of two: one compiled loop serves
+    # every label, instrument choice, length and nearby cap.
+    capacity = 1 << (input_pipeline.max_prefix_len(vocab) + cap - 1).bit_length()
+    prompt = np.concatenate([prefix, primer]).astype(np.int32)
+    prompt_feats = features_lib.compute_features(prompt, vocab, duration_units=duration)
+    piece, timing, chord = (np.zeros((num_samples, capacity), np.int32) for _ in range(3))
+    piece[:, : len(prompt)] = prompt
+    timing[:, : len(prompt)] = prompt_feats.timing
+    chord[:, : len(prompt)] = prompt_feats.chord
+    # The first window opens the body if the prompt fits (its last token is fed at position <= L - 1);
+    # otherwise it carries the primer's last tokens, like any later window.
+    first = p if len(prompt) <= window else next_window_start(prompt, p, keep, vocab)
+    start = np.full((num_samples,), first, np.int32)
+
+    vc = vocab.config
+    attack = np.isin(vocab.kind, (TokenKind.NOTE_ON, TokenKind.DRUM))
+    tables = (jnp.asarray(vocab.wait_units, jnp.int32), jnp.asarray(attack), jnp.int32(vc.num_parts),
+              jnp.int32(vc.countdown_max), jnp.asarray([vc.time_unit_ms, vc.countdown_unit_ms], jnp.int32),
+              jnp.int32(vc.max_chord))
+    base = jax.random.key(seed)
+    row_keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(num_samples))
+    settings = (jnp.int32(p), jnp.int32(p + cap), jnp.int32(duration), jnp.int32(end_tolerance_units(duration, vocab)),
+                jnp.asarray(allowed_body_tokens(vocab, chosen)), tables, jnp.float32(sampling.temperature),
+                jnp.int32(sampling.top_k), jnp.float32(sampling.top_p), row_keys)
+    graphdef, state = nnx.split(model)
+    piece, timing, chord = jnp.asarray(piece), jnp.asarray(timing), jnp.asarray(chord)
+    length = jnp.full((num_samples,), len(prompt), jnp.int32)
+    done = jnp.zeros((num_samples,), bool)
+    ended = jnp.zeros((num_samples,), bool)
+    windows = []
+    while True:
+        piece, timing, chord, length, done, ended, fed_tokens, fed_feats, fed = _decode_window(
+            graphdef, state, piece, timing, chord, length, done, ended, jnp.asarray(start), *settings)
+        fed_tokens, fed_feats, fed, done_np = jax.device_get((fed_tokens, fed_feats, fed, done))
+        windows.append(DecodedWindow(start.copy(), np.asarray(fed_tokens), {k: np.asarray(v) for k, v in
+                                                                            fed_feats.items()}, np.asarray(fed)))
+        if done_np.all():
+            break
+        # Every window writes at least one token per running row (it carries at most 2K <= L - P of them), so
+        # the cap ends this loop.
+        tokens_np, length_np = jax.device_get((piece, length))
+        start = np.array([start[b] if done_np[b] else next_window_start(tokens_np[b, : length_np[b]], p, keep, vocab)
+                          for b in range(num_samples)], np.int32)
+    tokens, lengths, ended = jax.device_get((piece, length, ended))
+    return DecodeArrays(np.asarray(tokens), np.asarray(lengths), np.asarray(ended), windows, duration, p, len(primer),
+                        cap)
+
+
+def generate(model, vocab: Vocab, *, label: str | None, instruments: Sequence[str], seconds: float,
+             primer: np.ndarray | None = None, sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+             num_samples: int = 1, max_tokens: int | None = None) -> list[GeneratedPiece]:
+    """Samples `num_samples` pieces, decoded as one batch, in as many context windows as they need.
+
+    Args:
+      model: a `MuseNet` (its config's max_len is the context of one window, not a bound on the piece).
+      vocab: the model's vocabulary.
+      label: a label of the vocabulary (normalised with `normalize_label`), or None for no label.
+      instruments: instrument-class names (`vocab.instruments.names`) the piece may use.
+      seconds: target music length (primer included), in (0, max_seconds(model.config, vocab)].
+      primer: int32 body tokens of an encoded primer (no prefix, no END), kept verbatim after the prefix; it may
+        be longer than one window.
+      sampling: temperature / top-k / top-p.
+      seed: the same seed and arguments give identical tokens.
+      num_samples: pieces to sample.
+      max_tokens: cap on each piece's body tokens, primer and END included (default:
+        `default_max_tokens(seconds, model.config)`, `MAX_TOKENS_PER_SECOND` per second).
+    Returns:
+      num_samples `GeneratedPiece`s.
+    Raises:
+      GenerationError: unknown label / instrument (listing the valid ones), seconds out of range, a primer
+        that fills the cap or lasts the requested length, a primer with instruments not chosen, a prefix that
+        leaves no room in the model's context.
+    """
+    out = decode_arrays(model, vocab, label=label, instruments=instruments, seconds=seconds, primer=primer,
+                        sampling=sampling, seed=seed, num_samples=num_samples, max_tokens=max_tokens)
+    unit_s = vocab.config.time_unit_ms / 1000.0
+    pieces = []
+    for row, (tokens, length, ended) in enumerate(zip(out.tokens, out.lengths, out.ended, strict=True)):
+        tokens = tokens[: int(length)].copy()
+        seconds_out = float(vocab.wait_units[tokens].sum()) * unit_s
+        windows = sum(int(w.fed[row] > 0) for w in out.windows)
+        pieces.append(GeneratedPiece(tokens, out.prefix_len, out.primer_len, bool(ended), seconds_out, windows))
+    return pieces

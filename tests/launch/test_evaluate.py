@@ -1,0 +1,171 @@
+"""musenet-eval end to end: an export on a MIDI folder, a training workdir on a dataset split, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from data_pipeline import datasets
+from data_pipeline.vocab import Vocab
+from musenet_jax import evaluation, export, train
+from tests.musenet_jax.test_train import small_config
+
+FIELDS = {"path", "tokens", "notes", "seconds", "total_bits", "total_bits_no_velocity", "bits_per_token",
+          "bits_per_note", "bits_per_second", "bits_per_second_no_velocity"}
+LABELS = {"freedoom": ["freedoom1_D_E1M1.mid", "freedoom1_D_INTRO.mid", "freedoom2_D_ADRIAN.mid"],
+          "classical": ["bach_bwv1.6.mid", "mozart_k525short_pedal.mid"]}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, midi_fixtures):
+    """A `directory` dataset of 5 fixtures, a 2-step training run on it, and a float32 export of step 2."""
+    root = tmp_path_factory.mktemp("evaluate")
+    for label, names in LABELS.items():
+        (root / "midi" / label).mkdir(parents=True)
+        for name in names:
+            shutil.copy(midi_fixtures / name, root / "midi" / label / name)
+    data_dir = root / "tfds"
+    res = subprocess.run([sys.executable, "-m", "launch.build_data", "--config", "directory", "--manual_dir",
+                          str(root / "midi"), "--data_dir", str(data_dir), "--num_workers", "0"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    config = small_config(2)
+    config.checkpoint.update(every_steps=1, async_save=False)
+    config.eval.update(every_steps=100)
+    workdir = root / "work"
+    train.train_and_evaluate(config, str(workdir), str(data_dir))
+    model_dir = export.export_checkpoint(workdir, root / "export", step=2)
+    return {"data_dir": data_dir, "workdir": workdir, "export": model_dir, "root": root}
+
+
+def musenet_eval(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "launch.evaluate", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def check_result(result: dict) -> None:
+    """The JSON's fields and the invariants between its numbers."""
+    assert {"model", "step", "source", "context_tokens", "stride", "files", "skipped", "total"} <= set(result)
+    for row in result["files"]:
+        assert set(row) == FIELDS
+        assert row["tokens"] > 0 and row["notes"] > 0 and row["seconds"] > 0
+        assert row["bits_per_second"] * row["seconds"] == pytest.approx(row["total_bits"], rel=1e-9)
+        assert row["total_bits_no_velocity"] < row["total_bits"]
+    total = result["total"]
+    assert set(total) == FIELDS - {"path"}
+    for key in ("tokens", "notes", "seconds", "total_bits"):
+        assert total[key] == pytest.approx(sum(row[key] for row in result["files"]), rel=1e-9)
+    assert total["bits_per_token"] == pytest.approx(total["total_bits"] / total["tokens"], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_load_checkpoint_matches_the_export(run):
+    """`load_checkpoint` gives the parameters, vocabulary and step that the export of that step holds."""
+    model, vocab, step = export.load_checkpoint(run["workdir"])
+    assert step == 2 and vocab == Vocab.load(run["workdir"] / "vocab.json")
+    exported, exported_vocab = export.load_export(run["export"])
+    assert exported_vocab == vocab
+    piece = evaluation.EvalPiece.from_record(datasets.data_source(run["data_dir"], "directory", "train")[0], vocab)
+    a, b = (evaluation.score_pieces(evaluation.Scorer(m, vocab, batch_size=2), [piece])[0] for m in (model, exported))
+    np.testing.assert_allclose(a.bits, b.bits, rtol=1e-6)
+    with pytest.raises(export.ExportError, match="no checkpoint at step 7"):
+        export.load_checkpoint(run["workdir"], step=7)
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_export_on_a_midi_folder_skips_unreadable_files(run, midi_fixtures, tmp_path):
+    midi = tmp_path / "held_out"
+    (midi / "sub").mkdir(parents=True)
+    shutil.copy(midi_fixtures / "freedoom1_D_E1M6.mid", midi / "b.mid")
+    shutil.copy(midi_fixtures / "music21_test03_pedal.mid", midi / "sub" / "a.MIDI")
+    (midi / "corrupt.mid").write_bytes(b"MThd\x00\x00\x00\x06 this is not a midi file")
+    (midi / "empty.midi").write_bytes(b"")
+    (midi / "notes.txt").write_text("not music")
+    out = tmp_path / "results.json"
+    res = musenet_eval("--model", run["export"], "--midi_dir", midi, "--label", "freedoom", "--batch_size", 3,
+                       "--out", out)
+    assert res.returncode == 0, res.stderr
+    result = json.loads(out.read_text())
+    check_result(result)
+    assert result["step"] == 2 and result["model"] == str(run["export"])
+    assert result["source"] == {"midi_dir": str(midi), "label": "freedoom"}
+    assert [row["path"] for row in result["files"]] == [str(midi / "b.mid"), str(midi / "sub" / "a.MIDI")]
+    assert sorted(s["path"] for s in result["skipped"]) == [str(midi / "corrupt.mid"), str(midi / "empty.midi")]
+    assert all(s["reason"] for s in result["skipped"])
+    assert "skipped" in res.stderr and "corrupt.mid" in res.stderr and "Traceback" not in res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 4 and lines[0].split()[:2] == ["file", "notes"] and lines[-1].startswith("TOTAL")
+    assert f"{result['total']['bits_per_token']:.3f}" in lines[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_workdir_on_a_dataset_split(run, tmp_path):
+    out = tmp_path / "split.json"
+    res = musenet_eval("--workdir", run["workdir"], "--split", "train", "--data_dir", run["data_dir"],
+                       "--dataset", "directory", "--max_files", 3, "--stride", 20, "--out", out)
+    assert res.returncode == 0, res.stderr
+    result = json.loads(out.read_text())
+    check_result(result)
+    assert (result["step"], result["stride"], result["context_tokens"]) == (2, 20, 64)
+    assert result["source"] == {"data_dir": str(run["data_dir"]), "dataset": "directory", "split": "train"}
+    source = datasets.data_source(run["data_dir"], "directory", "train")
+    # Scored tokens are the records' body tokens, all of them.
+    assert [row["tokens"] for row in result["files"]] == [len(source[i]["tokens"]) for i in range(3)]
+    assert result["skipped"] == []
+
+
+def _dataset_with_other_vocab(run, tmp_path):
+    """A copy of the built dataset whose vocab.json has an extra label (so every id but the labels agrees)."""
+    src = datasets.dataset_dir(run["data_dir"], "directory")
+    copy = tmp_path / "tfds"
+    dst = copy / datasets.DATASET_NAME / "directory" / src.rsplit("/", 1)[-1]
+    shutil.copytree(src, dst)
+    vocab = json.loads((dst / "vocab.json").read_text())
+    vocab["labels"] = [*vocab["labels"], "zzz"]
+    vocab["size"] += 1
+    (dst / "vocab.json").write_text(json.dumps(vocab))
+    return copy
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.parametrize("case", ["no_args", "both_models", "missing_model_dir", "no_checkpoints", "split_only",
+                                  "missing_midi_dir", "unknown_label", "other_vocab", "bad_stride"])
+def test_errors_are_one_line_without_output(run, tmp_path, case):
+    empty = tmp_path / "empty_workdir"
+    empty.mkdir()
+    midi = tmp_path / "midi"
+    midi.mkdir()
+    shutil.copy(run["root"] / "midi" / "freedoom" / "freedoom1_D_INTRO.mid", midi / "x.mid")
+    model = ("--model", run["export"])
+    args = {
+        "no_args": (),
+        "both_models": (*model, "--workdir", run["workdir"], "--midi_dir", midi),
+        "missing_model_dir": ("--model", tmp_path / "nope", "--midi_dir", midi),
+        "no_checkpoints": ("--workdir", empty, "--midi_dir", midi),
+        "split_only": (*model, "--split", "test"),
+        "missing_midi_dir": (*model, "--midi_dir", tmp_path / "nope"),
+        "unknown_label": (*model, "--midi_dir", midi, "--label", "baroque"),
+        "other_vocab": (*model, "--split", "train", "--data_dir", _dataset_with_other_vocab(run, tmp_path),
+                        "--dataset", "directory"),
+        "bad_stride": (*model, "--midi_dir", midi, "--stride", 64),
+    }[case]
+    expected = {"no_args": "exactly one of --workdir or --model", "both_models": "exactly one",
+                "missing_model_dir": "no such directory", "no_checkpoints": "no checkpoints",
+                "split_only": "--split needs --data_dir", "missing_midi_dir": "no such directory",
+                "unknown_label": "unknown label 'baroque'", "other_vocab": "differs from the dataset's",
+                "bad_stride": "--stride must be at most"}[case]
+    out = tmp_path / "out.json"
+    res = musenet_eval(*args, "--out", out)
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], res.stderr
+    assert not out.exists() and not list(tmp_path.glob("out.json*"))

@@ -1,0 +1,289 @@
+"""Sampling (`musenet_jax.sampling`): determinism, instrument constraints, primer, length control, features, and
+sliding-window continuation past the model's context.
+
+Two small random-init models share one small vocabulary: `model` (max_len 96) writes short pieces in one
+window, `short_model` (max_len 32) writes pieces of many windows. Every call uses a batch of 3, and the
+short model's calls the same token cap, so each model's window loop compiles once for the module. The
+vocabulary is narrow (pitches C3..B4, two velocity bins, waits up to 16 units) so that waits are a good share
+of the allowed tokens and a random model's pieces reach their target length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from data_pipeline import encoding, features, input_pipeline
+from data_pipeline.vocab import END, TokenKind, Vocab, VocabConfig
+from musenet_jax import model as model_lib
+from musenet_jax import sampling
+
+BATCH, MAX_LEN, SECONDS = 3, 96, 0.5
+SHORT_LEN, SHORT_CAP = 32, 600  # the short model's context and the token cap of its pieces
+HOT = sampling.SamplingConfig(temperature=20.0)  # flattens the random model's opinions: waits come often
+
+
+@pytest.fixture(scope="module")
+def vocab() -> Vocab:
+    # max_chord=3: chords of the random model grow past it, so the loop's clipping is checked too.
+    return Vocab(VocabConfig(labels=("bach", "jazz_fusion"), velocity_bins=2, pitch_min=48, pitch_max=71,
+                             max_wait=16, max_chord=3))
+
+
+def _model(vocab: Vocab, max_len: int) -> model_lib.MuseNet:
+    config = model_lib.ModelConfig(
+        vocab_size=vocab.size, d_model=32, num_heads=2, head_dim=16, mlp_dim=48, num_layers=3, max_len=max_len,
+        attention_pattern="strided", attention_stride=8, attention_combination="interleaved",
+        dtype="float32", remat_policy="off", init_std=0.2,  # a large init makes the random model opinionated
+    )
+    return model_lib.MuseNet(config, rngs=nnx.Rngs(params=0))
+
+
+@pytest.fixture(scope="module")
+def model(vocab) -> model_lib.MuseNet:
+    return _model(vocab, MAX_LEN)
+
+
+@pytest.fixture(scope="module")
+def short_model(vocab) -> model_lib.MuseNet:
+    return _model(vocab, SHORT_LEN)
+
+
+def run(model, vocab, **kwargs):
+    args = dict(label="bach", instruments=["piano", "violin"], seconds=SECONDS, num_samples=BATCH, seed=0)
+    args.update(kwargs)
+    return sampling.generate(model, vocab, **args)
+
+
+def run_long(short_model, vocab, **kwargs):
+    return run(short_model, vocab, **{"seconds": 1.5, "max_tokens": SHORT_CAP, **kwargs})
+
+
+def check_windows(out: sampling.DecodeArrays, vocab: Vocab, window: int) -> None:
+    """Every window fed exactly the training window (`input_pipeline.pack_example`) of the final piece that
+    starts at its start: the prefix, then body tokens with their absolute features (`compute_features` of the
+    whole piece with the target length); and each window starts where training's snapping puts it."""
+    p = out.prefix_len
+    keep = sampling.carried_tokens(window, p)
+    for row in range(out.tokens.shape[0]):
+        tokens = out.tokens[row, : out.lengths[row]]
+        assert (out.tokens[row, out.lengths[row]:] == 0).all()
+        expected = features.compute_features(tokens, vocab, duration_units=out.duration_units)
+        length_so_far = p + out.primer_len
+        for k, w in enumerate(out.windows):
+            fed, start = int(w.fed[row]), int(w.start[row])
+            if fed == 0:  # the row had stopped before this window
+                continue
+            # Where the window starts: the body's start if the prompt fits, else about `keep` tokens before the
+            # end of the piece so far, snapped to a time-step start as training windows are.
+            if k == 0 and length_so_far <= window:
+                assert start == p
+            else:
+                body = tokens[p:length_so_far]
+                assert start == p + input_pipeline.snap_to_step_start(body, len(body) - keep, keep, vocab)
+                assert 1 <= length_so_far - start <= window - p
+            body = tokens[start: start + window + 1 - p]
+            feats = features.Features(*(getattr(expected, name)[start: start + len(body)]
+                                        for name in features.FEATURE_NAMES))
+            example = input_pipeline.pack_example(tokens[:p], body, feats, window)
+            np.testing.assert_array_equal(w.tokens[row, :fed], example["inputs"][:fed])
+            for name in features.FEATURE_NAMES:
+                np.testing.assert_array_equal(w.features[name][row, :fed], example[name][:fed], name)
+            length_so_far = start + fed - p + 1  # the last fed position wrote the token after it
+        assert length_so_far == len(tokens)
+
+
+def test_same_seed_same_tokens_other_seed_differs(model, vocab):
+    a, b, c = run(model, vocab, seed=3), run(model, vocab, seed=3), run(model, vocab, seed=4)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x.tokens, y.tokens)
+    assert any(len(x.tokens) != len(z.tokens) or (x.tokens != z.tokens).any() for x, z in zip(a, c, strict=True))
+    # The rows of a batch are distinct samples, not copies.
+    assert len({tuple(p.tokens.tolist()) for p in a}) == BATCH
+
+
+def test_greedy_filters_ignore_the_seed(model, vocab):
+    """top_k=1 (and a tiny top_p) leave one token per step, so every seed gives the same piece."""
+    for cfg in (sampling.SamplingConfig(top_k=1), sampling.SamplingConfig(top_p=1e-6)):
+        pieces = run(model, vocab, sampling=cfg, seed=1) + run(model, vocab, sampling=cfg, seed=2)
+        assert len({tuple(p.tokens.tolist()) for p in pieces}) == 1
+    top_k = run(model, vocab, sampling=sampling.SamplingConfig(top_k=1))[0].tokens
+    top_p = run(model, vocab, sampling=sampling.SamplingConfig(top_p=1e-6))[0].tokens
+    np.testing.assert_array_equal(top_k, top_p)
+
+
+def test_only_chosen_instruments_and_body_tokens_across_windows(short_model, vocab):
+    pieces = run_long(short_model, vocab, instruments=["bass", "drums"], seed=5, sampling=sampling.SamplingConfig(1.5))
+    prefix = vocab.prefix("bach", [vocab.instruments.index("bass"), vocab.drums_index])
+    chosen = {vocab.instruments.index("bass"), vocab.drums_index}
+    kinds_seen = set()
+    for piece in pieces:
+        assert piece.windows >= 3
+        np.testing.assert_array_equal(piece.tokens[: piece.prefix_len], prefix)
+        body = piece.tokens[piece.prefix_len:]
+        kinds = vocab.kind[body[:-1] if piece.ended else body]
+        assert set(kinds.tolist()) <= {TokenKind.WAIT, TokenKind.NOTE_ON, TokenKind.NOTE_OFF, TokenKind.DRUM}
+        kinds_seen |= set(kinds.tolist())
+        assert (body[:-1] != END).all() and (body[-1] == END) == piece.ended
+        notes, _ = encoding.decode_tokens(piece.tokens, vocab)
+        assert set(notes.instrument.tolist()) <= chosen
+    assert {TokenKind.NOTE_ON, TokenKind.DRUM} <= kinds_seen  # the random model does play both
+
+
+def test_primer_is_kept_verbatim(model, vocab):
+    piano = vocab.instruments.index("piano")
+    notes = encoding.Notes(np.full(4, piano, np.int32), np.array([60, 64, 67, 62], np.int32),
+                           np.full(4, 80, np.int32), np.array([0, 0, 7, 20]), np.array([7, 20, 20, 30]))
+    primer = encoding.encode_notes(notes, vocab).body[:-1]  # no END
+    pieces = run(model, vocab, instruments=["piano"], primer=primer, seed=7)
+    for piece in pieces:
+        assert piece.primer_len == len(primer)
+        np.testing.assert_array_equal(piece.tokens[piece.prefix_len: piece.prefix_len + len(primer)], primer)
+    # The primer sets the start of every row; the continuations differ.
+    assert len({tuple(p.tokens.tolist()) for p in pieces}) == BATCH
+
+
+def test_primer_longer_than_a_window_is_kept_and_continued(short_model, vocab):
+    piano = vocab.instruments.index("piano")
+    starts = np.arange(20) * 4  # 20 notes, one every 4 units: 60 body tokens, 0.8 s
+    notes = encoding.Notes(np.full(20, piano, np.int32), (48 + np.arange(20) % 24).astype(np.int32),
+                           np.full(20, 80, np.int32), starts, starts + 3)
+    primer = encoding.encode_notes(notes, vocab).body[:-1]
+    assert len(primer) > SHORT_LEN
+    out = sampling.decode_arrays(short_model, vocab, label="bach", instruments=["piano"], seconds=1.5, primer=primer,
+                                 num_samples=BATCH, seed=2, sampling=HOT, max_tokens=SHORT_CAP)
+    p = out.prefix_len
+    for row in range(BATCH):
+        np.testing.assert_array_equal(out.tokens[row, p: p + len(primer)], primer)
+        assert out.lengths[row] > p + len(primer)
+    # The first window already carries only the primer's last tokens (the prompt does not fit in it), and the
+    # primer's features are those of the whole primer.
+    assert (out.windows[0].start > p).all()
+    check_windows(out, vocab, SHORT_LEN)
+
+
+def test_windows_are_training_windows_compiled_once(short_model, vocab):
+    """A piece of many windows: each window is fed exactly as a training window of the final piece, the same
+    seed gives the same tokens, and the window loop is traced at most once for all its windows (and not again
+    for other settings of the same shapes)."""
+    before = sampling.TRACE_COUNTS["decode_window"]
+    kwargs = dict(label=None, instruments=["piano", "violin"], seconds=1.5, num_samples=BATCH, seed=11,
+                  sampling=HOT, max_tokens=SHORT_CAP)
+    out = sampling.decode_arrays(short_model, vocab, **kwargs)
+    assert sampling.TRACE_COUNTS["decode_window"] - before <= 1
+    assert len(out.windows) >= 3
+    check_windows(out, vocab, SHORT_LEN)
+    assert max(features.compute_features(t[:n], vocab).chord.max() for t, n in zip(out.tokens, out.lengths)) == 2
+
+    again = sampling.decode_arrays(short_model, vocab, **kwargs)
+    np.testing.assert_array_equal(again.tokens, out.tokens)
+    traced = sampling.TRACE_COUNTS["decode_window"]
+    other = sampling.decode_arrays(short_model, vocab, **{**kwargs, "label": "jazz_fusion", "instruments": ["drums"],
+                                                          "seconds": 2.5, "seed": 12,
+                                                          "sampling": sampling.SamplingConfig(2.0, top_k=20)})
+    assert sampling.TRACE_COUNTS["decode_window"] == traced
+    check_windows(other, vocab, SHORT_LEN)
+
+
+def test_long_pieces_end_near_the_target(short_model, vocab):
+    seconds = 1.5
+    out = sampling.decode_arrays(short_model, vocab, label="bach", instruments=["piano", "violin"], seconds=seconds,
+                                 num_samples=BATCH, seed=3, sampling=HOT, max_tokens=SHORT_CAP)
+    tolerance = sampling.end_tolerance_units(out.duration_units, vocab)
+    assert out.ended.all(), "a piece reached the token cap before its target length"
+    for row in range(BATCH):
+        tokens = out.tokens[row, : out.lengths[row]]
+        assert tokens[-1] == END and END not in tokens[:-1]
+        units = int(vocab.wait_units[tokens].sum())
+        assert out.duration_units - tolerance <= units <= out.duration_units
+        assert len(tokens) > 2 * SHORT_LEN  # far longer than one window
+    pieces = run_long(short_model, vocab, seed=3, sampling=HOT)
+    for piece in pieces:
+        assert piece.ended and piece.windows >= 3
+        assert seconds - tolerance / 100 - 1e-9 <= piece.seconds <= seconds + 1e-9
+
+
+def test_token_cap_stops_a_piece_without_end(short_model, vocab):
+    cap = SHORT_CAP - 10  # the same buffer size: no new compilation
+    out = sampling.decode_arrays(short_model, vocab, label="bach", instruments=["piano"], seconds=100.0,
+                                 num_samples=BATCH, seed=0, max_tokens=cap)
+    assert not out.ended.any() and (out.lengths == out.prefix_len + cap).all()
+    assert all(END not in row for row in out.tokens)
+
+
+def test_one_window_pieces_reach_their_target(model, vocab):
+    out = sampling.decode_arrays(model, vocab, label=None, instruments=["piano", "violin"], seconds=SECONDS,
+                                 num_samples=BATCH, seed=11, sampling=HOT)
+    target = out.duration_units
+    assert target == round(SECONDS * 1000 / vocab.config.time_unit_ms)
+    assert out.max_tokens == MAX_LEN  # the default cap is at least one context
+    tolerance = sampling.end_tolerance_units(target, vocab)
+    assert out.ended.any(), "no piece reached its target length"
+    check_windows(out, vocab, MAX_LEN)
+    for row in range(BATCH):
+        tokens = out.tokens[row, : out.lengths[row]]
+        units = int(vocab.wait_units[tokens].sum())
+        assert units <= target  # time never passes the target
+        if out.ended[row]:
+            assert tokens[-1] == END and target - tolerance <= units <= target
+
+
+def test_max_seconds_is_the_smallest_feature_horizon(model, vocab):
+    # countdown 127 steps of 1 s; timing table 1024 * 50 units = 512 s; the context does not bound it.
+    assert sampling.max_seconds(model.config, vocab) == pytest.approx(127.0)
+    no_countdown = dataclasses.replace(model.config, use_countdown=False)
+    assert sampling.max_seconds(no_countdown, vocab) == pytest.approx(512.0)
+    assert sampling.max_seconds(dataclasses.replace(no_countdown, use_timing=False), vocab) == math.inf
+    assert sampling.default_max_tokens(60.0, model.config) == 60 * sampling.MAX_TOKENS_PER_SECOND
+    assert sampling.default_max_tokens(0.1, model.config) == MAX_LEN
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(instruments=["piano", "kazoo"]), r"unknown instrument.*'kazoo'.*valid: piano, .*drums"),
+        (dict(instruments=[]), r"at least one instrument.*valid: piano"),
+        (dict(label="Mozart"), r"unknown label 'Mozart'.*valid: bach, jazz_fusion"),
+        (dict(seconds=0.0), r"seconds must be in \(0, 127\]"),
+        (dict(seconds=128.0), r"seconds must be in \(0, 127\]"),
+        (dict(seconds=float("nan")), r"seconds must be in \(0, 127\]"),
+        (dict(num_samples=0), r"num_samples"),
+        (dict(max_tokens=0), r"max_tokens \(body tokens per piece, primer included\) must be in 1\.\.1048576"),
+        (dict(primer=np.full(40, 3 + 15, np.int32), max_tokens=40), r"primer takes 40 tokens.*40-token cap"),
+        (dict(primer=np.array([1, 3], np.int32)), r"body tokens only.*'start'"),
+    ],
+)
+def test_bad_arguments_raise_generation_error(model, vocab, kwargs, message):
+    with pytest.raises(sampling.GenerationError, match=message):
+        run(model, vocab, **kwargs)
+
+
+def test_prefix_too_long_for_the_context(vocab):
+    tiny = _model(vocab, 8)  # label + 5 instruments + start leave 1 token: no room to carry and write one
+    with pytest.raises(sampling.GenerationError, match="prefix takes 7 tokens, too many for this model's 8-token"):
+        run(tiny, vocab, instruments=["piano", "violin", "bass", "guitar", "drums"])
+    run(tiny, vocab, instruments=["piano", "violin", "bass"], num_samples=1, max_tokens=4)  # 3 tokens leave room
+
+
+def test_primer_with_other_instruments_or_too_long(model, vocab):
+    guitar = vocab.instruments.index("guitar")
+    primer = np.array([vocab.note_on(guitar, 1, 60), vocab.wait(4), vocab.drum(36, 0)], np.int32)
+    with pytest.raises(sampling.GenerationError, match="primer plays guitar, drums, which is not among"):
+        run(model, vocab, instruments=["piano"], primer=primer)
+    long = np.full(5, vocab.wait(16), np.int32)  # 80 units = 0.8 s > 0.5 s
+    with pytest.raises(sampling.GenerationError, match=r"primer lasts 0\.8 s"):
+        run(model, vocab, primer=long)
+
+
+def test_sampling_config_validates():
+    with pytest.raises(sampling.GenerationError, match="temperature"):
+        sampling.SamplingConfig(temperature=0.0)
+    with pytest.raises(sampling.GenerationError, match="top_p"):
+        sampling.SamplingConfig(top_p=0.0)
+    with pytest.raises(sampling.GenerationError, match="top_k"):
+        sampling.SamplingConfig(top_k=-1)
+    assert issubclass(sampling.GenerationError, ValueError)
