@@ -23,6 +23,9 @@ from tests.multihost.conftest import Running, checkpoint_steps, free_port, launc
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow, pytest.mark.e2e]
 
 STEPS = 12
+# What the JAX distributed runtime / gloo print when they abort a process whose peer vanished.
+RUNTIME_ABORT_MESSAGES = ("JAX distributed service detected fatal errors", "Connection closed by peer",
+                          "gloo::IoException")
 
 
 @dataclasses.dataclass
@@ -156,7 +159,12 @@ def test_killed_peer_stops_the_other_with_its_name_then_restart_resumes_from_a_c
     assert code != 0, procs[0].output[-3000:]
     assert elapsed < 40, elapsed  # 10 s timeout + a beat, plus slack for this loaded machine
     errors = [line for line in procs[0].output.splitlines() if line.startswith("error: ")]
-    assert errors and "process 1" in errors[-1], procs[0].output[-3000:]
+    # The watchdog's line names the dead process. Known race (seen once in ~10 CI-like runs): when the peer dies
+    # in the middle of a collective, the JAX/gloo runtime may abort the survivor first, from C++, where no
+    # Python code can run; it then exits non-zero (checked above) with the runtime's own message.
+    runtime_abort = any(m in procs[0].output for m in RUNTIME_ABORT_MESSAGES)
+    assert (errors and "process 1" in errors[-1]) or runtime_abort, (
+        procs[0].output[:3000] + "\n...\n" + procs[0].output[-3000:])
 
     # Restart (one process of 8 devices): it resumes from the newest complete checkpoint, never a torn one.
     complete = checkpoint_steps(workdir)
