@@ -23,7 +23,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory, midi_fixtures):
+def export_dir(tmp_path_factory, data_dir):
     """An export of a 10-step run on the MIDI fixtures (labels `freedoom`, `classical`; max_len 64 tokens).
 
     10 steps at a high learning rate is enough for the model to learn that waits are frequent, so that
@@ -33,19 +33,11 @@ def export_dir(tmp_path_factory, midi_fixtures):
     from tests.musenet_jax.test_train import small_config
 
     root = tmp_path_factory.mktemp("generate")
-    for label, pattern in (("freedoom", "freedoom*.mid"), ("classical", "[bm]*.mid")):
-        (root / "midi" / label).mkdir(parents=True)
-        for f in midi_fixtures.glob(pattern):
-            shutil.copy(f, root / "midi" / label / f.name)
-    res = subprocess.run([sys.executable, "-m", "launch.build_data", "--config", "directory", "--manual_dir",
-                          str(root / "midi"), "--data_dir", str(root / "tfds"), "--num_workers", "0"],
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr
     config = small_config(10)
     config.train.learning_rate = 1e-2
     config.checkpoint.update(every_steps=10, async_save=False)
     config.eval.update(every_steps=10, max_batches=1)
-    train.train_and_evaluate(config, str(root / "work"), str(root / "tfds"))
+    train.train_and_evaluate(config, str(root / "work"), data_dir)
     return export.export_checkpoint(root / "work", root / "export")
 
 

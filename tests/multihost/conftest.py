@@ -9,15 +9,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-
-import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TIMEOUT_S = 420  # one training process on this loaded 2-core machine: generous on purpose
@@ -29,23 +26,6 @@ SMALL = ("--config.model.d_model=32", "--config.model.num_heads=2", "--config.mo
          "--config.train.batch_size=8", "--config.train.warmup_steps=2", "--config.train.log_every=1",
          "--config.train.learning_rate=3e-3", "--config.eval.batch_size=8", "--config.eval.every_steps=1000",
          "--config.eval.max_batches=1", "--config.checkpoint.max_to_keep=10")
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory, midi_fixtures):
-    """A `directory` dataset built from the MIDI fixtures (two label folders)."""
-    root = tmp_path_factory.mktemp("multihost_data")
-    manual = root / "midi"
-    for label, pattern in (("freedoom", "freedoom*.mid"), ("classical", "[bm]*.mid")):
-        (manual / label).mkdir(parents=True)
-        for f in midi_fixtures.glob(pattern):
-            shutil.copy(f, manual / label / f.name)
-    out = root / "tfds"
-    res = subprocess.run([sys.executable, "-m", "launch.build_data", "--config", "directory", "--manual_dir",
-                          str(manual), "--data_dir", str(out), "--num_workers", "0"],
-                         capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert res.returncode == 0, res.stderr
-    return str(out)
 
 
 def train_args(data_dir, workdir, *, steps: int, mesh=(2, 2, 2), checkpoint_every: int = 2, extra=()):

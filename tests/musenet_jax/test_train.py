@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -17,23 +14,6 @@ from configs import tiny
 from musenet_jax import model as model_lib
 from musenet_jax import optim, train
 from musenet_jax import sharding as sharding_lib
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, midi_fixtures):
-    """A `directory` dataset built from the MIDI fixtures (two label folders)."""
-    root = tmp_path_factory.mktemp("train_data")
-    manual = root / "midi"
-    for label, pattern in (("freedoom", "freedoom*.mid"), ("classical", "[bm]*.mid")):
-        (manual / label).mkdir(parents=True)
-        for f in midi_fixtures.glob(pattern):
-            shutil.copy(f, manual / label / f.name)
-    out = root / "tfds"
-    res = subprocess.run([sys.executable, "-m", "launch.build_data", "--config", "directory", "--manual_dir",
-                          str(manual), "--data_dir", str(out), "--num_workers", "0"],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    return str(out)
 
 
 def small_config(total_steps: int = 6):
