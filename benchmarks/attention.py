@@ -12,7 +12,10 @@ Columns:
              (12 * H per computed logit: QK^T and PV forward, four matmuls backward);
   useful     the same count restricted to allowed (query, key) pairs, i.e. the pattern's nnz;
   x time     dense time / this time;  x flop  dense GFLOP / this GFLOP;
-  %mm        achieved GFLOP/s on the computed tiles as a percentage of a jitted 2048x2048 f32 matmul.
+  %mm        achieved GFLOP/s on the computed tiles as a percentage of a jitted 2048x2048 f32 matmul;
+  floor      for 'xla' rows: the same tiles' six matmuls alone (`attention.xla_tile_matmuls`: no mask, no
+             softmax), timed the same way, and its %mm. When time ~ floor, the softmax costs little and
+             what bounds the row is how fast XLA runs batched dots of these tile shapes on this machine.
 
 Usage:
   python -m benchmarks.attention --out=/tmp/bench [--lengths=1024,2048] [--stride=128|sqrt] [--summary=8]
@@ -150,7 +153,10 @@ def main(argv):
             notes.append(f"n={n}: dense skipped (above --dense_max_n={_DENSE_MAX_N.value})")
         for name, spec in cases:
             attn = lambda q, k, v, spec=spec: attention.attend(q, k, v, spec, impl="xla")
-            results.append((bench_case(name, attn, args, reps), spec))
+            res = bench_case(name, attn, args, reps)
+            floor = lambda q, k, v, spec=spec: attention.xla_tile_matmuls(q, k, v, spec)
+            res["floor_seconds"] = bench_case("floor", floor, args, reps)["seconds"]
+            results.append((res, spec))
         if n <= _PALLAS_MAX_N.value:
             attn = lambda q, k, v, spec=cases[0][1]: attention.attend(q, k, v, spec, impl="pallas")
             results.append((bench_case("pallas", attn, args, reps), cases[0][1]))
@@ -169,6 +175,8 @@ def main(argv):
                 useful_gflop=12 * h * b * nh * _nnz(spec, n) / 1e9,
                 pct_matmul=100 * flops / res["seconds"] / peak,
             )
+            if "floor_seconds" in res:
+                res["floor_pct_matmul"] = 100 * flops / res["floor_seconds"] / peak
             if dense is not None:
                 res["speedup"] = dense["seconds"] / res["seconds"]
                 res["flop_ratio"] = dense["gflop"] / res["gflop"]
@@ -195,12 +203,13 @@ def main(argv):
 def _print_row(r: dict, header: bool) -> None:
     if header:
         print(f"{'n':>6} {'method':>8} {'l':>4} {'time s':>9} {'peak MiB':>9} {'GFLOP':>8} {'useful':>8} "
-              f"{'x time':>7} {'x flop':>7} {'%mm':>5}")
+              f"{'x time':>7} {'x flop':>7} {'%mm':>5} {'floor s':>8} {'%mm':>5}")
     fmt = lambda key, spec: format(r[key], spec) if key in r else "-"
     peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
     print(f"{r['n']:>6} {r['method']:>8} {r['stride'] or '-':>4} {r['seconds']:>9.4f} {peak:>9} "
           f"{r['gflop']:>8.2f} {r['useful_gflop']:>8.2f} {fmt('speedup', '7.1f'):>7} "
-          f"{fmt('flop_ratio', '7.1f'):>7} {r['pct_matmul']:>5.1f}")
+          f"{fmt('flop_ratio', '7.1f'):>7} {r['pct_matmul']:>5.1f} {fmt('floor_seconds', '8.4f'):>8} "
+          f"{fmt('floor_pct_matmul', '5.1f'):>5}")
 
 
 if __name__ == "__main__":

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
+from launch import cli
 from musenet_jax import flops as flops_lib
 from musenet_jax import model as model_lib
 from musenet_jax import optim, train
@@ -53,7 +55,10 @@ def matmul_flops_per_second(dtype, n: int = 2048, repeats: int = 10) -> float:
 
 
 def bench_config(name: str) -> dict:
-    config = importlib.import_module(f"configs.{name}").get_config()
+    try:
+        config = importlib.import_module(f"configs.{name}").get_config()
+    except ModuleNotFoundError:
+        raise cli.UsageError(f"--configs: no config module configs/{name}.py") from None
     config.unlock()
     if _SEQ.value:
         config.data.seq_len = _SEQ.value  # a FieldReference: model.max_len follows
@@ -79,8 +84,14 @@ def bench_config(name: str) -> dict:
     key = jax.random.key(0)
     with jax.set_mesh(mesh):
         t0 = time.perf_counter()
-        state, metrics = step(state, batch, key)
-        jax.block_until_ready(metrics)
+        try:
+            state, metrics = step(state, batch, key)
+            jax.block_until_ready(metrics)
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            raise cli.UsageError(f"{name}: a {b} x {t}-token step does not fit in memory here; pass a smaller "
+                              "--batch_size / --seq_len") from None
         compile_s = time.perf_counter() - t0
         times = []
         for _ in range(_STEPS.value):
@@ -97,7 +108,10 @@ def bench_config(name: str) -> dict:
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise cli.UsageError(f"unexpected arguments {argv[1:]}")
+    if _STEPS.value < 1 or any(v is not None and v < 1 for v in (_BATCH.value, _SEQ.value)):
+        raise cli.UsageError("--steps, --batch_size and --seq_len must be >= 1")
     dtype = jnp.dtype(_DTYPE.value or "float32")
     peak = matmul_flops_per_second(dtype)
     rows = [bench_config(name) for name in _CONFIGS.value]
@@ -112,10 +126,11 @@ def main(argv):
               f"{r['dtype']:>8} {r['step_s']:>8.3f} {r['tokens_per_s']:>9.0f} {r['achieved_gflops']:>9.1f} "
               f"{100 * r['fraction_of_matmul']:>8.1f}%")
     if _OUT.value:
-        with open(_OUT.value, "w") as f:
-            json.dump({"matmul_gflops": peak / 1e9, "platform": jax.devices()[0].platform,
-                       "device_count": jax.device_count(), "results": rows}, f, indent=2)
+        os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+        cli.write_atomic(_OUT.value, json.dumps({"matmul_gflops": peak / 1e9, "platform": jax.devices()[0].platform,
+                                                 "device_count": jax.device_count(), "results": rows}, indent=2))
+        print(f"wrote {_OUT.value}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -228,18 +228,20 @@ def _fixed_pieces(q, k, v, pattern: patterns_lib.Fixed, t: int) -> list[_Piece]:
 
 def _combine(pieces: list[_Piece], scale: float) -> jax.Array:
     """One softmax over all pieces: shared row max, summed denominators and numerators. -> f32[B, N, Tp, H]."""
+    # Masked once: exp(-inf - m) = 0 then needs no second select, and its gradient is 0, not NaN.
+    logits = [jnp.where(piece.mask, piece.logits, -jnp.inf) for piece in pieces]
     row_max = None
-    for piece in pieces:
-        m = piece.to_natural(jnp.max(jnp.where(piece.mask, piece.logits, -jnp.inf), axis=-1))
+    for piece, s in zip(pieces, logits):
+        m = piece.to_natural(jnp.max(s, axis=-1))
         row_max = m if row_max is None else jnp.maximum(row_max, m)
     # The max only keeps exp() in range; softmax does not depend on it, so no gradient flows through it.
     # Rows with no allowed key get 0 (their probabilities are all 0 below, and so is their output).
     row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
     denom, numer = 0.0, 0.0
-    for piece in pieces:
+    for piece, s in zip(pieces, logits):
         m = piece.from_natural(row_max)[..., None]
         # Scaling by 1/sqrt(H) here fuses into the exp; the max commutes with it (scale > 0).
-        p = jnp.where(piece.mask, jnp.exp((piece.logits - m) * scale), 0.0)
+        p = jnp.exp((s - m) * scale)
         denom = denom + piece.to_natural(jnp.sum(p, axis=-1))
         numer = numer + piece.to_natural(piece.pv(p))
     return numer / jnp.where(denom == 0, 1.0, denom)[..., None]
@@ -267,19 +269,40 @@ def xla_logits_per_head(spec: AttentionSpec, t: int) -> int:
     return total
 
 
+def xla_tile_matmuls(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec) -> jax.Array:
+    """The 'xla' impl's tile matmuls alone: QK^T, then the same tiles times V, with no mask and no softmax.
+
+    [B, T, N, H] -> f32[B, T, N, H] (meaningless values). benchmarks/attention.py times its forward and
+    backward as the floor of the 'xla' layout: how fast XLA runs these batched dots before any softmax work.
+    """
+    pattern = spec.to_pattern()
+    if isinstance(pattern, patterns_lib.DenseCausal):
+        raise ValueError("the dense pattern has no tiles (it calls jax.nn.dot_product_attention)")
+    pieces = _pieces(*_to_bnth(q, k, v, pattern.stride), pattern, q.shape[1])
+    out = sum(piece.to_natural(piece.pv(piece.logits)) for piece in pieces)
+    return jnp.swapaxes(out, 1, 2)[:, : q.shape[1]]
+
+
+def _to_bnth(q, k, v, stride: int):
+    """[B, T, N, H] -> [B, N, Tp, H], zero-padded to Tp = ceil(T / stride) * stride."""
+    tp = -(-q.shape[1] // stride) * stride
+    pad = ((0, 0), (0, tp - q.shape[1]), (0, 0), (0, 0))
+    return tuple(jnp.swapaxes(jnp.pad(x, pad), 1, 2) for x in (q, k, v))
+
+
+def _pieces(q, k, v, pattern: patterns_lib.Pattern, t: int) -> list[_Piece]:
+    if isinstance(pattern, patterns_lib.Strided):
+        return _strided_pieces(q, k, v, pattern, t)
+    if isinstance(pattern, patterns_lib.Fixed):
+        return _fixed_pieces(q, k, v, pattern, t)
+    raise ValueError(f"no xla attention for pattern {pattern!r}")
+
+
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, pattern: patterns_lib.Pattern) -> jax.Array:
     """Block-sparse causal attention in plain JAX (see the module docstring). [B, T, N, H] -> same."""
     t, h = q.shape[1], q.shape[3]
     scale = 1.0 / math.sqrt(h)
     if isinstance(pattern, patterns_lib.DenseCausal):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale).astype(q.dtype)
-    tp = -(-t // pattern.stride) * pattern.stride
-    pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
-    qp, kp, vp = (jnp.swapaxes(jnp.pad(x, pad), 1, 2) for x in (q, k, v))  # [B, N, Tp, H]
-    if isinstance(pattern, patterns_lib.Strided):
-        pieces = _strided_pieces(qp, kp, vp, pattern, t)
-    elif isinstance(pattern, patterns_lib.Fixed):
-        pieces = _fixed_pieces(qp, kp, vp, pattern, t)
-    else:
-        raise ValueError(f"no xla attention for pattern {pattern!r}")
+    pieces = _pieces(*_to_bnth(q, k, v, pattern.stride), pattern, t)
     return jnp.swapaxes(_combine(pieces, scale), 1, 2)[:, :t].astype(q.dtype)

@@ -557,7 +557,10 @@ class MuseNet(nnx.Module):
     def embed(self, tokens: jax.Array, features=None, positions=None, mixup_key=None) -> jax.Array:
         """Summed input embedding, float32[B, T, D] in param dtype (see module doc)."""
         cfg = self.config
-        table = self.token_embed[...]
+        # Tables are gathered whole along D before the lookups, as FSDP gathers every weight before use:
+        # rows indexed by batch-sharded ids cannot also keep D split over 'fsdp', which the batch uses
+        # (XLA would fall back to replicating the [B, T, D] result, then re-splitting it).
+        table = sharding_lib.constrain(self.token_embed[...], ("vocab", None), cfg.axis_rules)
         x = jnp.take(table, tokens, axis=0, mode="clip")
         if mixup_key is not None and cfg.mixup_prob > 0:
             k_partner, k_lam, k_apply = jax.random.split(mixup_key, 3)
@@ -570,7 +573,7 @@ class MuseNet(nnx.Module):
         if self.position_embed is not None:
             if positions is None:
                 positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-            x = x + jnp.take(self.position_embed[...], positions, axis=0, mode="clip")
+            x = x + jnp.take(self._table(self.position_embed), positions, axis=0, mode="clip")
         lookups = (
             (self.timing_embed, "timing", lambda t: t // cfg.timing_bucket_units),
             (self.chord_embed, "chord", lambda c: c),
@@ -581,8 +584,12 @@ class MuseNet(nnx.Module):
             if param is not None:
                 rows = to_row(self._feature(features, name, tokens.shape))
                 # mode="clip": values past the table (and negatives) share its last (first) row.
-                x = x + jnp.take(param[...], rows, axis=0, mode="clip")
+                x = x + jnp.take(self._table(param), rows, axis=0, mode="clip")
         return x
+
+    def _table(self, param: nnx.Param) -> jax.Array:
+        """A feature table [rows, D], whole along D (see `embed`)."""
+        return sharding_lib.constrain(param[...], ("table", None), self.config.axis_rules)
 
     # --- Forward. ------------------------------------------------------------------------------------
 

@@ -1,16 +1,22 @@
 """Test-wide set-up: 8 fake CPU devices (before JAX is first used) so sharding tests see a mesh."""
 
+import dataclasses
 import os
 import pathlib
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import jax
+import ml_collections
 import pytest
+
+from configs import tiny
 
 jax.config.update("jax_num_cpu_devices", 8)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
@@ -37,3 +43,65 @@ def data_dir(tmp_path_factory, midi_fixtures) -> str:
                          capture_output=True, text=True, timeout=600, cwd=FIXTURES.parents[1])
     assert res.returncode == 0, res.stderr
     return str(out)
+
+
+def small_config(total_steps: int = 6) -> ml_collections.ConfigDict:
+    """`configs/tiny.py` shrunk for tests: D=32, 2 layers x 2 heads x 16, 64-token context, batch 4."""
+    config = tiny.get_config()
+    config.unlock()
+    config.model.update(d_model=32, num_heads=2, head_dim=16, mlp_dim=64, num_layers=2, attention_stride=8)
+    config.data.update(name="directory", seq_len=64, eval_split="train")  # 13 files: validation may be empty
+    config.train.update(batch_size=4, total_steps=total_steps, warmup_steps=2, log_every=1, learning_rate=3e-3)
+    config.eval.update(batch_size=4, every_steps=3, max_batches=2)
+    config.checkpoint.update(every_steps=3, max_to_keep=3, async_save=True)
+    return config
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    """A finished training run shared by the export / evaluate / generate tests. Read-only: copy to modify.
+
+    Attributes:
+      data_dir: the TFDS data dir it trained on (the `data_dir` fixture; labels `freedoom`, `classical`).
+      workdir: its training workdir; checkpoints sharded on a (data 2, fsdp 2, tensor 2) mesh.
+      steps: the steps with a kept checkpoint, oldest first.
+      export: a float32 export (`musenet_jax.export`) of the newest step, `steps[-1]`.
+    """
+
+    data_dir: str
+    workdir: pathlib.Path
+    steps: tuple[int, ...]
+    export: pathlib.Path
+
+
+def _listing(root: pathlib.Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, data_dir) -> Iterator[TrainedRun]:
+    """10 steps of `small_config` at learning rate 1e-2 on `data_dir`, checkpointed every 5 steps, exported.
+
+    One run serves several test modules because training (and compiling it) dominates their time. Its needs:
+    checkpoints really sharded (export / restore gather them) at more than one step (export chooses one);
+    enough learning that low-temperature samples end (10 steps at 1e-2 learns that waits are frequent).
+    Synchronous saves so that every checkpoint is complete when training returns.
+    """
+    from musenet_jax import export, train  # heavy imports, only for the tests that train
+
+    root = tmp_path_factory.mktemp("trained_run")
+    config = small_config(10)
+    config.train.learning_rate = 1e-2
+    config.checkpoint.update(every_steps=5, max_to_keep=3, async_save=False)
+    config.eval.update(every_steps=10, max_batches=1)
+    config.mesh.update(data=2, fsdp=2, tensor=2)
+    workdir = root / "work"
+    train.train_and_evaluate(config, str(workdir), data_dir)
+    steps = tuple(sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()))
+    assert steps == (5, 10), steps
+    run = TrainedRun(data_dir=data_dir, workdir=workdir, steps=steps,
+                     export=pathlib.Path(export.export_checkpoint(workdir, root / "export", dtype="float32")))
+    before = {path: _listing(path) for path in (run.workdir, run.export)}
+    yield run
+    # Users must copy before writing: a test that changed the shared run would make others order-dependent.
+    assert {path: _listing(path) for path in (run.workdir, run.export)} == before, "a test modified trained_run"

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import json
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
+from tests.benchmarks import run_benchmark
+
 pytestmark = pytest.mark.e2e
 
-ROOT = pathlib.Path(__file__).parents[2]
 
-
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "benchmarks.generate", *args], capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)
+def _run(*args: str):
+    return run_benchmark("generate", *args)
 
 
 @pytest.mark.slow

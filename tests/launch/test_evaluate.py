@@ -12,35 +12,17 @@ import pytest
 
 from data_pipeline import datasets
 from data_pipeline.vocab import Vocab
-from musenet_jax import evaluation, export, train
-from tests.musenet_jax.test_train import small_config
+from musenet_jax import evaluation, export
 
 FIELDS = {"path", "tokens", "notes", "seconds", "total_bits", "total_bits_no_velocity", "bits_per_token",
           "bits_per_note", "bits_per_second", "bits_per_second_no_velocity"}
-LABELS = {"freedoom": ["freedoom1_D_E1M1.mid", "freedoom1_D_INTRO.mid", "freedoom2_D_ADRIAN.mid"],
-          "classical": ["bach_bwv1.6.mid", "mozart_k525short_pedal.mid"]}
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, midi_fixtures):
-    """A `directory` dataset of 5 fixtures, a 2-step training run on it, and a float32 export of step 2."""
-    root = tmp_path_factory.mktemp("evaluate")
-    for label, names in LABELS.items():
-        (root / "midi" / label).mkdir(parents=True)
-        for name in names:
-            shutil.copy(midi_fixtures / name, root / "midi" / label / name)
-    data_dir = root / "tfds"
-    res = subprocess.run([sys.executable, "-m", "launch.build_data", "--config", "directory", "--manual_dir",
-                          str(root / "midi"), "--data_dir", str(data_dir), "--num_workers", "0"],
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr
-    config = small_config(2)
-    config.checkpoint.update(every_steps=1, async_save=False)
-    config.eval.update(every_steps=100)
-    workdir = root / "work"
-    train.train_and_evaluate(config, str(workdir), str(data_dir))
-    model_dir = export.export_checkpoint(workdir, root / "export", step=2)
-    return {"data_dir": data_dir, "workdir": workdir, "export": model_dir, "root": root}
+@pytest.fixture
+def run(trained_run):
+    """The shared run (tests/conftest.py): a 10-step workdir on the fixtures' `directory` dataset (labels
+    `freedoom`, `classical`), checkpoints at steps 5 and 10, and a float32 export of step 10. Read-only."""
+    return trained_run
 
 
 def musenet_eval(*args, timeout=600):
@@ -66,21 +48,21 @@ def check_result(result: dict) -> None:
 @pytest.mark.slow
 def test_load_checkpoint_matches_the_export(run):
     """`load_checkpoint` gives the parameters, vocabulary and step that the export of that step holds."""
-    model, vocab, step = export.load_checkpoint(run["workdir"])
-    assert step == 2 and vocab == Vocab.load(run["workdir"] / "vocab.json")
-    exported, exported_vocab = export.load_export(run["export"])
+    model, vocab, step = export.load_checkpoint(run.workdir)
+    assert step == run.steps[-1] == 10 and vocab == Vocab.load(run.workdir / "vocab.json")
+    exported, exported_vocab = export.load_export(run.export)
     assert exported_vocab == vocab
-    piece = evaluation.EvalPiece.from_record(datasets.data_source(run["data_dir"], "directory", "train")[0], vocab)
+    piece = evaluation.EvalPiece.from_record(datasets.data_source(run.data_dir, "directory", "train")[0], vocab)
     a, b = (evaluation.score_pieces(evaluation.Scorer(m, vocab, batch_size=2), [piece])[0] for m in (model, exported))
     np.testing.assert_allclose(a.bits, b.bits, rtol=1e-6)
     with pytest.raises(export.ExportError, match="no checkpoint at step 7"):
-        export.load_checkpoint(run["workdir"], step=7)
+        export.load_checkpoint(run.workdir, step=7)
 
 
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_export_on_a_midi_folder_skips_unreadable_files(run, midi_fixtures, tmp_path):
-    midi = tmp_path / "held_out"
+    midi = tmp_path / "folder"
     (midi / "sub").mkdir(parents=True)
     shutil.copy(midi_fixtures / "freedoom1_D_E1M6.mid", midi / "b.mid")
     shutil.copy(midi_fixtures / "music21_test03_pedal.mid", midi / "sub" / "a.MIDI")
@@ -88,12 +70,12 @@ def test_export_on_a_midi_folder_skips_unreadable_files(run, midi_fixtures, tmp_
     (midi / "empty.midi").write_bytes(b"")
     (midi / "notes.txt").write_text("not music")
     out = tmp_path / "results.json"
-    res = musenet_eval("--model", run["export"], "--midi_dir", midi, "--label", "freedoom", "--batch_size", 3,
+    res = musenet_eval("--model", run.export, "--midi_dir", midi, "--label", "freedoom", "--batch_size", 3,
                        "--out", out)
     assert res.returncode == 0, res.stderr
     result = json.loads(out.read_text())
     check_result(result)
-    assert result["step"] == 2 and result["model"] == str(run["export"])
+    assert result["step"] == 10 and result["model"] == str(run.export)
     assert result["source"] == {"midi_dir": str(midi), "label": "freedoom"}
     assert [row["path"] for row in result["files"]] == [str(midi / "b.mid"), str(midi / "sub" / "a.MIDI")]
     assert sorted(s["path"] for s in result["skipped"]) == [str(midi / "corrupt.mid"), str(midi / "empty.midi")]
@@ -108,14 +90,14 @@ def test_export_on_a_midi_folder_skips_unreadable_files(run, midi_fixtures, tmp_
 @pytest.mark.e2e
 def test_workdir_on_a_dataset_split(run, tmp_path):
     out = tmp_path / "split.json"
-    res = musenet_eval("--workdir", run["workdir"], "--split", "train", "--data_dir", run["data_dir"],
+    res = musenet_eval("--workdir", run.workdir, "--split", "train", "--data_dir", run.data_dir,
                        "--dataset", "directory", "--max_files", 3, "--stride", 20, "--out", out)
     assert res.returncode == 0, res.stderr
     result = json.loads(out.read_text())
     check_result(result)
-    assert (result["step"], result["stride"], result["context_tokens"]) == (2, 20, 64)
-    assert result["source"] == {"data_dir": str(run["data_dir"]), "dataset": "directory", "split": "train"}
-    source = datasets.data_source(run["data_dir"], "directory", "train")
+    assert (result["step"], result["stride"], result["context_tokens"]) == (10, 20, 64)
+    assert result["source"] == {"data_dir": str(run.data_dir), "dataset": "directory", "split": "train"}
+    source = datasets.data_source(run.data_dir, "directory", "train")
     # Scored tokens are the records' body tokens, all of them.
     assert [row["tokens"] for row in result["files"]] == [len(source[i]["tokens"]) for i in range(3)]
     assert result["skipped"] == []
@@ -123,7 +105,7 @@ def test_workdir_on_a_dataset_split(run, tmp_path):
 
 def _dataset_with_other_vocab(run, tmp_path):
     """A copy of the built dataset whose vocab.json has an extra label (so every id but the labels agrees)."""
-    src = datasets.dataset_dir(run["data_dir"], "directory")
+    src = datasets.dataset_dir(run.data_dir, "directory")
     copy = tmp_path / "tfds"
     dst = copy / datasets.DATASET_NAME / "directory" / src.rsplit("/", 1)[-1]
     shutil.copytree(src, dst)
@@ -138,16 +120,16 @@ def _dataset_with_other_vocab(run, tmp_path):
 @pytest.mark.e2e
 @pytest.mark.parametrize("case", ["no_args", "both_models", "missing_model_dir", "no_checkpoints", "split_only",
                                   "missing_midi_dir", "unknown_label", "other_vocab", "bad_stride"])
-def test_errors_are_one_line_without_output(run, tmp_path, case):
+def test_errors_are_one_line_without_output(run, midi_fixtures, tmp_path, case):
     empty = tmp_path / "empty_workdir"
     empty.mkdir()
     midi = tmp_path / "midi"
     midi.mkdir()
-    shutil.copy(run["root"] / "midi" / "freedoom" / "freedoom1_D_INTRO.mid", midi / "x.mid")
-    model = ("--model", run["export"])
+    shutil.copy(midi_fixtures / "freedoom1_D_INTRO.mid", midi / "x.mid")
+    model = ("--model", run.export)
     args = {
         "no_args": (),
-        "both_models": (*model, "--workdir", run["workdir"], "--midi_dir", midi),
+        "both_models": (*model, "--workdir", run.workdir, "--midi_dir", midi),
         "missing_model_dir": ("--model", tmp_path / "nope", "--midi_dir", midi),
         "no_checkpoints": ("--workdir", empty, "--midi_dir", midi),
         "split_only": (*model, "--split", "test"),

@@ -22,23 +22,12 @@ PRIMER = "bach_bwv1.6.mid"  # piano only
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory, data_dir):
-    """An export of a 10-step run on the MIDI fixtures (labels `freedoom`, `classical`; max_len 64 tokens).
-
-    10 steps at a high learning rate is enough for the model to learn that waits are frequent, so that
-    low-temperature pieces reach their target length and end.
-    """
-    from musenet_jax import export, train
-    from tests.musenet_jax.test_train import small_config
-
-    root = tmp_path_factory.mktemp("generate")
-    config = small_config(10)
-    config.train.learning_rate = 1e-2
-    config.checkpoint.update(every_steps=10, async_save=False)
-    config.eval.update(every_steps=10, max_batches=1)
-    train.train_and_evaluate(config, str(root / "work"), data_dir)
-    return export.export_checkpoint(root / "work", root / "export")
+@pytest.fixture
+def export_dir(trained_run) -> str:
+    """The shared run's float32 export (tests/conftest.py): 10 steps at learning rate 1e-2 on the MIDI fixtures
+    (labels `freedoom`, `classical`; max_len 64 tokens), enough for the model to learn that waits are frequent,
+    so that low-temperature pieces reach their target length and end. Read-only."""
+    return str(trained_run.export)
 
 
 def generate(*args, env=None):

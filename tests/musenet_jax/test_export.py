@@ -15,9 +15,8 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from data_pipeline.vocab import Vocab, VocabConfig
-from musenet_jax import export, train
+from musenet_jax import export
 from musenet_jax import model as model_lib
-from tests.musenet_jax.test_train import small_config
 
 # Export dtype -> max |logit difference| allowed against the checkpoint's float32 model. bfloat16 keeps 8
 # mantissa bits (relative rounding <= 2^-9 per weight); on this 2-layer model (|logits| < 1) the measured
@@ -25,25 +24,11 @@ from tests.musenet_jax.test_train import small_config
 TOLERANCE = {"float32": 1e-6, "bfloat16": 2e-2}
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory, midi_fixtures):
-    """A 2-step training run on a (data 2, fsdp 2, tensor 2) mesh, so the checkpoint is really sharded."""
-    root = tmp_path_factory.mktemp("export")
-    manual = root / "midi" / "freedoom"
-    manual.mkdir(parents=True)
-    for f in sorted(midi_fixtures.glob("freedoom*.mid"))[:4]:
-        shutil.copy(f, manual / f.name)
-    data_dir = root / "tfds"
-    res = subprocess.run([sys.executable, "-m", "launch.build_data", "--config", "directory", "--manual_dir",
-                          str(root / "midi"), "--data_dir", str(data_dir), "--num_workers", "0"],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    config = small_config(2)
-    config.checkpoint.update(every_steps=1, async_save=False)
-    config.mesh.update(data=2, fsdp=2, tensor=2)
-    work = root / "work"
-    train.train_and_evaluate(config, str(work), str(data_dir))
-    return work
+@pytest.fixture
+def workdir(trained_run):
+    """The shared run's workdir (tests/conftest.py): 10 steps on a (data 2, fsdp 2, tensor 2) mesh, so the
+    checkpoints are really sharded, kept at steps 5 and 10. Read-only."""
+    return trained_run.workdir
 
 
 def _checkpoint_model(workdir, step: int):
@@ -68,13 +53,13 @@ def _batch(vocab_size: int, b: int = 2, t: int = 64):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_export_loads_with_the_checkpoints_logits(workdir, tmp_path, dtype):
     out = tmp_path / "export"
-    assert export.export_checkpoint(workdir, out, dtype=dtype, step=1) == str(out)
+    assert export.export_checkpoint(workdir, out, dtype=dtype, step=5) == str(out)  # not the newest (10)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "vocab.json"]
     meta = json.loads((out / "config.json").read_text())
     assert (meta["format"], meta["step"], meta["dtype"], meta["model"]["param_dtype"]) == (
-        "musenet-export-v1", 1, dtype, dtype)
+        "musenet-export-v1", 5, dtype, dtype)
 
-    reference, full_state = _checkpoint_model(workdir, 1)
+    reference, full_state = _checkpoint_model(workdir, 5)
     model, vocab = export.load_export(out, vocab=Vocab.load(workdir / "vocab.json"))
     assert vocab.size == model.config.vocab_size
 
@@ -95,8 +80,9 @@ def test_export_loads_with_the_checkpoints_logits(workdir, tmp_path, dtype):
 
 
 def test_newest_step_is_the_default(workdir, tmp_path):
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [5, 10]
     export.export_checkpoint(workdir, tmp_path / "e")
-    assert json.loads((tmp_path / "e" / "config.json").read_text())["step"] == 2
+    assert json.loads((tmp_path / "e" / "config.json").read_text())["step"] == 10
 
 
 def test_bad_exports_are_refused(workdir, tmp_path):
@@ -152,13 +138,13 @@ def _one_line_error(res, code: int = 1):
 def test_cli_exports_and_refuses_bad_input(workdir, tmp_path):
     out = tmp_path / "cli"
     # The subprocess has one CPU device: the 8-device sharded checkpoint is gathered on the host regardless.
-    res = _cli("--workdir", workdir, "--out", out, "--dtype", "bfloat16", "--step", "2")
+    res = _cli("--workdir", workdir, "--out", out, "--dtype", "bfloat16", "--step", "5")
     assert res.returncode == 0, res.stderr
-    assert "exported step 2" in res.stdout and (out / "model.safetensors").exists()
+    assert "exported step 5" in res.stdout and (out / "model.safetensors").exists()
 
     assert "no such workdir" in _one_line_error(_cli("--workdir", tmp_path / "missing", "--out", tmp_path / "x"))
-    assert "no checkpoint at step 5" in _one_line_error(_cli("--workdir", workdir, "--out", tmp_path / "x",
-                                                             "--step", "5"))
+    assert "no checkpoint at step 7" in _one_line_error(_cli("--workdir", workdir, "--out", tmp_path / "x",
+                                                             "--step", "7"))
     before = sorted(p.name for p in out.iterdir())
     assert "not an empty directory" in _one_line_error(_cli("--workdir", workdir, "--out", out))
     assert sorted(p.name for p in out.iterdir()) == before

@@ -14,17 +14,7 @@ from configs import tiny
 from musenet_jax import model as model_lib
 from musenet_jax import optim, train
 from musenet_jax import sharding as sharding_lib
-
-
-def small_config(total_steps: int = 6):
-    config = tiny.get_config()
-    config.unlock()
-    config.model.update(d_model=32, num_heads=2, head_dim=16, mlp_dim=64, num_layers=2, attention_stride=8)
-    config.data.update(name="directory", seq_len=64, eval_split="train")  # 13 files: validation may be empty
-    config.train.update(batch_size=4, total_steps=total_steps, warmup_steps=2, log_every=1, learning_rate=3e-3)
-    config.eval.update(batch_size=4, every_steps=3, max_batches=2)
-    config.checkpoint.update(every_steps=3, max_to_keep=3, async_save=True)
-    return config
+from tests.conftest import small_config
 
 
 def _losses(workdir) -> dict[int, float]:
