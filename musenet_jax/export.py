@@ -85,6 +85,18 @@ def _manager(workdir: str) -> ocp.CheckpointManager:
                                  options=ocp.CheckpointManagerOptions(create=False))
 
 
+def _checkpoint_step(manager: ocp.CheckpointManager, workdir: str, step: int | None, none_saved: str) -> int:
+    """`step` if the manager holds it, else its newest step when `step` is None; ExportError otherwise."""
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise ExportError(none_saved)
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise ExportError(f"{workdir}: no checkpoint at step {step} (available: {', '.join(map(str, steps))})")
+    return step
+
+
 def _restore_params(manager: ocp.CheckpointManager, step: int, config: model_lib.ModelConfig, where: str):
     """{key: host numpy array} of the model part of the saved `(model, optimizer)` state; moments are not read."""
     meta = manager.item_metadata(step)["state"]
@@ -125,13 +137,7 @@ def export_checkpoint(workdir: str | os.PathLike, out_dir: str | os.PathLike, dt
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise ExportError(f"{out_dir}: already exists and is not an empty directory; choose a new --out")
     manager = _manager(workdir)
-    steps = sorted(manager.all_steps())
-    if not steps:
-        raise ExportError(f"{workdir}: no checkpoint to export")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise ExportError(f"{workdir}: no checkpoint at step {step} (available: {', '.join(map(str, steps))})")
+    step = _checkpoint_step(manager, workdir, step, f"{workdir}: no checkpoint to export")
     where = f"{workdir} step {step}"
 
     saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
@@ -242,13 +248,8 @@ def load_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> tupl
     workdir = os.fspath(workdir)
     manager = _manager(workdir)
     try:
-        steps = sorted(manager.all_steps())
-        if not steps:
-            raise ExportError(f"{workdir}: no checkpoint in {os.path.join(workdir, 'checkpoints')}")
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise ExportError(f"{workdir}: no checkpoint at step {step} (available: {', '.join(map(str, steps))})")
+        step = _checkpoint_step(manager, workdir, step,
+                                f"{workdir}: no checkpoint in {os.path.join(workdir, 'checkpoints')}")
         saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
                                                               vocab=ocp.args.JsonRestore()))
         vocab = Vocab.from_json(json.dumps(saved.vocab))

@@ -21,13 +21,7 @@ B, T, V = 2, 61, 53
 FEATURES = ("timing", "chord", "part", "countdown")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-    """Compiling dominates on CPU: skip XLA's optimisation passes (the math is unchanged)."""
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def make_config(**overrides) -> model_lib.ModelConfig:

@@ -17,13 +17,7 @@ from musenet_jax import sharding as sharding_lib
 B, T, V, D, N, H, F, L = 4, 37, 74, 42, 6, 5, 58, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-    """Compiling, not running, dominates these tests on CPU: skip XLA's optimisation passes for them."""
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 FEATURE_NAMES = ("timing", "chord", "part", "countdown")
