@@ -1,15 +1,21 @@
-"""Forward+backward time and peak memory of block-sparse 'xla' attention against dense causal attention.
+"""Forward+backward time and peak memory of block-sparse attention against dense causal attention.
 
 For each sequence length n it times, on one jitted `value_and_grad`-style step (output and dq, dk, dv):
-  dense    jax.nn.dot_product_attention(is_causal=True), the baseline (computes the full n x n square);
-  strided  attend(..., AttentionSpec('strided', l), impl='xla');
-  fixed    attend(..., AttentionSpec('fixed', l, c), impl='xla');
-  pallas   attend(..., AttentionSpec('strided', l), impl='pallas') up to --pallas_max_n (interpret mode on CPU).
+  dense        jax.nn.dot_product_attention(is_causal=True), the baseline (computes the full n x n square);
+  strided      attend(..., AttentionSpec('strided', l), impl='xla');
+  fixed        attend(..., AttentionSpec('fixed', l, c), impl='xla');
+  strided-cpu  attend(..., AttentionSpec('strided', l), impl='cpu') (the fused C++ kernel; skipped with a
+               note if it cannot be built);
+  fixed-cpu    attend(..., AttentionSpec('fixed', l, c), impl='cpu');
+  pallas       attend(..., AttentionSpec('strided', l), impl='pallas') up to --pallas_max_n (interpret mode
+               on CPU).
 Columns:
-  time       best of --repeats steady-state runs (after one compile+warm-up run), seconds;
+  time       best of at least --repeats steady-state runs, and of as many as fit in --min_time seconds
+             (after one compile+warm-up run), seconds;
   peak       compiled executable's memory_analysis(): arguments + outputs + temporaries, MiB;
   GFLOP      matmul FLOPs of the tiles the implementation computes, forward+backward
-             (12 * H per computed logit: QK^T and PV forward, four matmuls backward);
+             (12 * H per computed logit: QK^T and PV forward, four matmuls backward; the 'cpu' kernel's
+             recomputation of QK^T in the backward is not counted);
   useful     the same count restricted to allowed (query, key) pairs, i.e. the pattern's nnz;
   x time     dense time / this time;  x flop  dense GFLOP / this GFLOP;
   %mm        achieved GFLOP/s on the computed tiles as a percentage of a jitted 2048x2048 f32 matmul;
@@ -39,7 +45,7 @@ from absl import flags
 
 import pallas_kernels.block_sparse_attention
 from launch import cli
-from musenet_jax import attention
+from musenet_jax import attention, cpu_attention
 
 _OUT = flags.DEFINE_string("out", None, "Folder for attention.json (created if missing).")
 _LENGTHS = flags.DEFINE_list("lengths", ["1024", "2048", "4096", "8192", "16384"], "Sequence lengths n.")
@@ -48,7 +54,8 @@ _SUMMARY = flags.DEFINE_integer("summary", 8, "Summary width c of the fixed patt
 _HEADS = flags.DEFINE_integer("heads", 4, "Heads N.")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Head dim H.")
 _BATCH = flags.DEFINE_integer("batch", 1, "Batch B.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per case (the best is reported).")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per case at least (the best is reported).")
+_MIN_TIME = flags.DEFINE_float("min_time", 3.0, "Keep timing a case until this many seconds have passed.")
 _DENSE_MAX_N = flags.DEFINE_integer("dense_max_n", 8192, "Skip the dense baseline above this n.")
 _PALLAS_MAX_N = flags.DEFINE_integer("pallas_max_n", 4096, "Skip the Pallas kernel (strided) above this n.")
 
@@ -56,9 +63,12 @@ _MIB = 1 << 20
 
 
 def _best_time(fn, args, repeats: int) -> float:
+    """Best of at least `repeats` runs after a warm-up run; fast cases run until --min_time seconds have
+    passed (at most 1000 runs), so that every case gets the same chance of a quiet moment on a shared
+    machine, not just the slow dense baseline."""
     jax.block_until_ready(fn(*args))
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats or (sum(times) < _MIN_TIME.value and len(times) < 1000):
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
@@ -130,6 +140,7 @@ def main(argv):
     b, nh, h, reps = _BATCH.value, _HEADS.value, _HEAD_DIM.value, _REPEATS.value
     os.makedirs(_OUT.value, exist_ok=True)
 
+    cpu_note = None
     peak = matmul_flops_per_s(reps)
     tile = batched_tile_flops_per_s(reps, h)
     print(f"device: {jax.devices()[0].device_kind} x{len(jax.devices())}, {os.cpu_count()} cpus; "
@@ -157,6 +168,15 @@ def main(argv):
             floor = lambda q, k, v, spec=spec: attention.xla_tile_matmuls(q, k, v, spec)
             res["floor_seconds"] = bench_case("floor", floor, args, reps)["seconds"]
             results.append((res, spec))
+        for name, spec in cases:
+            if cpu_note:
+                break
+            attn = lambda q, k, v, spec=spec: attention.attend(q, k, v, spec, impl="cpu")
+            try:
+                results.append((bench_case(f"{name}-cpu", attn, args, reps), spec))
+            except cpu_attention.KernelBuildError as e:
+                cpu_note = f"cpu kernel skipped: {e}"
+                notes.append(cpu_note)
         if n <= _PALLAS_MAX_N.value:
             attn = lambda q, k, v, spec=cases[0][1]: attention.attend(q, k, v, spec, impl="pallas")
             results.append((bench_case("pallas", attn, args, reps), cases[0][1]))
@@ -164,6 +184,8 @@ def main(argv):
         for res, spec in results:
             if res["method"] == "pallas":
                 logits = pallas_kernels.block_sparse_attention.logits_per_head(n, pattern="strided", stride=stride)
+            elif res["method"].endswith("-cpu"):
+                logits = cpu_attention.logits_per_head(spec.pattern, n, spec.stride, spec.summary, spec.part)
             else:
                 logits = attention.xla_logits_per_head(spec, n)
             flops = 12 * h * b * nh * logits
@@ -188,7 +210,7 @@ def main(argv):
     report = {
         "benchmark": "attention forward+backward",
         "config": {"batch": b, "heads": nh, "head_dim": h, "dtype": "float32", "stride": _STRIDE.value,
-                   "summary": _SUMMARY.value, "repeats": reps},
+                   "summary": _SUMMARY.value, "repeats": reps, "min_time_s": _MIN_TIME.value},
         "machine": {"device": jax.devices()[0].device_kind, "cpus": os.cpu_count(),
                     "platform": platform.platform(), "jax": jax.__version__,
                     "matmul_gflops": peak / 1e9, "batched_tile_dot_gflops": tile / 1e9},
@@ -202,11 +224,11 @@ def main(argv):
 
 def _print_row(r: dict, header: bool) -> None:
     if header:
-        print(f"{'n':>6} {'method':>8} {'l':>4} {'time s':>9} {'peak MiB':>9} {'GFLOP':>8} {'useful':>8} "
+        print(f"{'n':>6} {'method':>11} {'l':>4} {'time s':>9} {'peak MiB':>9} {'GFLOP':>8} {'useful':>8} "
               f"{'x time':>7} {'x flop':>7} {'%mm':>5} {'floor s':>8} {'%mm':>5}")
     fmt = lambda key, spec: format(r[key], spec) if key in r else "-"
     peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
-    print(f"{r['n']:>6} {r['method']:>8} {r['stride'] or '-':>4} {r['seconds']:>9.4f} {peak:>9} "
+    print(f"{r['n']:>6} {r['method']:>11} {r['stride'] or '-':>4} {r['seconds']:>9.4f} {peak:>9} "
           f"{r['gflop']:>8.2f} {r['useful_gflop']:>8.2f} {fmt('speedup', '7.1f'):>7} "
           f"{fmt('flop_ratio', '7.1f'):>7} {r['pct_matmul']:>5.1f} {fmt('floor_seconds', '8.4f'):>8} "
           f"{fmt('floor_pct_matmul', '5.1f'):>5}")

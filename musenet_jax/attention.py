@@ -14,6 +14,9 @@ and 'fixed', each with `part` 'both' | 'local' | 'summary'. Implementations:
     fixed summary   (A2): keys gathered at the c summary columns of every block: [R, l, R * c] logits.
   With l ~ sqrt(T) each costs O(T * sqrt(T)) (times c for fixed summary). In-tile masks are the pattern's
   own predicates evaluated on iota positions, so they fuse into the softmax and carry no constants.
+- 'cpu': the same tiling fused into one C++ kernel per (batch, head) behind XLA FFI custom calls
+  (`musenet_jax.cpu_attention`): no [T, T] or per-piece logit arrays in memory, flash-style backward. The
+  fast path on the CPU backend; compiled for the host on first use (needs a C++ compiler).
 - 'pallas': block-sparse flash attention in Pallas (`pallas_kernels.sparse_attention`).
 """
 
@@ -27,10 +30,11 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
+from musenet_jax import cpu_attention
 from pallas_kernels import patterns as patterns_lib
 from pallas_kernels import reference as reference_lib
 
-IMPLS = ("reference", "xla", "pallas")
+IMPLS = ("reference", "xla", "cpu", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +67,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, impl: 
     Args:
       q, k, v: [B, T, N, H] (batch, time, heads, head_dim).
       spec: the pattern.
-      impl: 'reference' (dense masked softmax, O(T^2)), 'xla' (block-sparse plain JAX) or 'pallas'.
+      impl: 'reference' (dense masked softmax, O(T^2)), 'xla' (block-sparse plain JAX), 'cpu' (fused C++
+        kernel, CPU backend only) or 'pallas'.
 
     Returns:
       [B, T, N, H] in q.dtype. Causal (j <= i); logits scaled by 1/sqrt(H); matmuls in q.dtype with fp32
@@ -78,6 +83,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, impl: 
         )
     if impl == "xla":
         return xla_attention(q, k, v, spec.to_pattern())
+    if impl == "cpu":
+        return cpu_attention.sparse_attention_cpu(
+            q, k, v, pattern=spec.pattern, stride=spec.stride, summary=spec.summary, part=spec.part
+        )
     if impl == "pallas":
         # Block-sparse Pallas flash kernel: interpret mode on CPU, compiled on TPU / GPU (see pallas_kernels).
         return pallas_kernels.sparse_attention(

@@ -109,7 +109,7 @@ class ModelConfig:
       dense_every: k > 0 makes layers k-1, 2k-1, ... dense (0: none).
       attention_schedule: explicit per-layer kinds (see module doc), repeated over the layers;
         overrides attention_combination and dense_every.
-      attention_impl: 'reference' | 'xla' | 'pallas' (see `musenet_jax.attention.attend`).
+      attention_impl: 'reference' | 'xla' | 'cpu' | 'pallas' (see `musenet_jax.attention.attend`).
       scan_layers: scan over stacked layers (fast compiles) or unroll them.
       remat_policy: 'off' | 'nothing' | 'dots' | 'names'; remat_names: saved names for 'names'.
       axis_rules: logical axis -> mesh axes rules (`musenet_jax.sharding.DEFAULT_RULES`).
@@ -378,6 +378,19 @@ class Attention(nnx.Module):
             y = y + bias[...].astype(self.dtype)
         return sharding_lib.constrain(checkpoint_name(y, "qkv_proj"), _ACT_HEADS, self.rules)
 
+    def _attend(self, q, k, v, spec: attention_lib.AttentionSpec) -> jax.Array:
+        """[B, T, N, H] x 3 -> [B, T, N, H]. The 'cpu' kernel is an opaque custom call that XLA cannot
+        partition, so under a mesh every device runs it on its own batch and head shard (shard_map);
+        the sequence axis is never split for it."""
+        attend = functools.partial(attention_lib.attend, spec=spec, impl=self.impl)
+        mesh = jax.sharding.get_abstract_mesh()
+        if self.impl != "cpu" or mesh.empty:
+            return attend(q, k, v)
+        pspec = sharding_lib.logical_to_spec(
+            ("batch", None, "heads", None), self.rules, shape=q.shape, mesh_shape=dict(mesh.shape)
+        )
+        return jax.shard_map(attend, mesh=mesh, in_specs=(pspec,) * 3, out_specs=pspec)(q, k, v)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         q = self._project(x, self.query, self.query_bias)
         k = self._project(x, self.key, self.key_bias)
@@ -385,7 +398,7 @@ class Attention(nnx.Module):
         outs, start = [], 0
         for spec, count in self.groups:
             sl = slice(start, start + count)
-            outs.append(attention_lib.attend(q[:, :, sl], k[:, :, sl], v[:, :, sl], spec, impl=self.impl))
+            outs.append(self._attend(q[:, :, sl], k[:, :, sl], v[:, :, sl], spec))
             start += count
         ctx = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
         ctx = sharding_lib.constrain(checkpoint_name(ctx, "attn_context"), _ACT_HEADS, self.rules)

@@ -27,9 +27,12 @@ def masked_softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: np.
     logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32) / np.sqrt(h)
     mask = jnp.asarray(mask)
     # A row max over allowed keys only; rows with none get 0 so exp() stays finite (their p is 0 anyway).
-    m = jnp.max(jnp.where(mask, logits, -jnp.inf), axis=-1, keepdims=True)
+    masked = jnp.where(mask, logits, -jnp.inf)
+    m = jnp.max(masked, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.where(mask, jnp.exp(logits - m), 0.0)
+    # exp of the masked logits (exp(-inf) = 0): masking after the exp would overflow for a disallowed key
+    # far above the row max, and its zero cotangent times inf would turn the gradients into NaN.
+    p = jnp.exp(masked - m)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(denom == 0, 1.0, denom)
     out = jnp.einsum("BNTS,BSNH->BTNH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)

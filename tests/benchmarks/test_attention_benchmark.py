@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from musenet_jax import cpu_attention
 from tests.benchmarks import run_benchmark
 
 pytestmark = pytest.mark.e2e
@@ -18,12 +19,12 @@ def _run(*args: str):
 @pytest.mark.slow
 def test_small_run_writes_rows_ratios_and_floors(tmp_path):
     res = _run("--lengths=96,160", "--stride=16", "--summary=4", "--heads=2", "--head_dim=16", "--repeats=1",
-               "--dense_max_n=96", "--pallas_max_n=96", f"--out={tmp_path / 'bench'}")
+               "--min_time=0", "--dense_max_n=96", "--pallas_max_n=96", f"--out={tmp_path / 'bench'}")
     assert res.returncode == 0, res.stderr
     report = json.loads((tmp_path / "bench" / "attention.json").read_text())
     rows = {(r["n"], r["method"]): r for r in report["rows"]}
-    assert set(rows) == {(96, "dense"), (96, "strided"), (96, "fixed"), (96, "pallas"), (160, "strided"),
-                         (160, "fixed")}
+    methods = ("strided", "fixed", "strided-cpu", "fixed-cpu")
+    assert set(rows) == {(96, "dense"), (96, "pallas")} | {(n, m) for n in (96, 160) for m in methods}
     assert report["notes"] == ["n=160: dense skipped (above --dense_max_n=96)"]
     for (n, method), r in rows.items():
         assert r["seconds"] > 0 and r["pct_matmul"] > 0
@@ -39,6 +40,9 @@ def test_small_run_writes_rows_ratios_and_floors(tmp_path):
             assert "speedup" not in r
     # The strided 'xla' tiles at n = 160, l = 16: a band of l + b keys (b = 8) and a 10 x 10 grid per column.
     assert rows[(160, "strided")]["gflop"] == pytest.approx(12 * 16 * 2 * (160 * 24 + 16 * 10 * 10) / 1e9)
+    # The 'cpu' kernel's count comes from its own tiling (cpu_attention.logits_per_head).
+    assert rows[(160, "strided-cpu")]["gflop"] == pytest.approx(
+        12 * 16 * 2 * cpu_attention.logits_per_head("strided", 160, 16) / 1e9)
     assert "floor s" in res.stdout and "wrote" in res.stdout
 
 

@@ -1,4 +1,6 @@
-"""`attend`: 'xla' against 'reference' (values and gradients), causality, and use under jit/remat/scan/sharding.
+"""`attend`: 'xla' and 'cpu' against 'reference' (values and gradients), causality, and use under
+jit/remat/scan/sharding. The 'cpu' kernel's own edge cases (tile sizes, vmap, its build) are in
+test_cpu_attention.py.
 
 Tolerances. fp32: both implementations compute the same sums in a different order, so they agree to
 ~1e-6; we allow atol = rtol = 2e-5 on values and gradients. bf16: q, k, v and the probabilities fed to
@@ -67,22 +69,27 @@ def value_and_grads(impl: str, spec: AttentionSpec, q, k, v):
     return _out_and_grads(spec, impl, q, k, v, w)
 
 
+FAST_IMPLS = ("xla", "cpu")
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
 @pytest.mark.parametrize("t,spec", CASES, ids=[f"T{t}-{spec_id(s)}" for t, s in CASES])
-def test_xla_matches_reference_fp32(t, spec):
+def test_fast_impls_match_reference_fp32(t, spec, impl):
     q, k, v = qkv(t)
     ref_out, ref_grads = value_and_grads("reference", spec, q, k, v)
-    out, grads = value_and_grads("xla", spec, q, k, v)
+    out, grads = value_and_grads(impl, spec, q, k, v)
     assert out.dtype == jnp.float32 and out.shape == q.shape
     np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=2e-5)
     for name, g, ref in zip("qkv", grads, ref_grads, strict=True):
         np.testing.assert_allclose(g, ref, atol=2e-5, rtol=2e-5, err_msg=f"d{name}")
 
 
+@pytest.mark.parametrize("impl", FAST_IMPLS)
 @pytest.mark.parametrize("spec", specs(7), ids=spec_id)
-def test_xla_matches_reference_bf16(spec):
+def test_fast_impls_match_reference_bf16(spec, impl):
     q, k, v = qkv(61, jnp.bfloat16)
     ref_out, ref_grads = value_and_grads("reference", spec, q, k, v)
-    out, grads = value_and_grads("xla", spec, q, k, v)
+    out, grads = value_and_grads(impl, spec, q, k, v)
     assert out.dtype == jnp.bfloat16
     f32 = lambda x: np.asarray(x, np.float32)
     np.testing.assert_allclose(f32(out), f32(ref_out), atol=3e-2, rtol=3e-2)
@@ -119,7 +126,7 @@ def test_reference_is_softmax_over_the_pattern_sets(spec):
     np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
 
 
-IMPL_CASES = list(itertools.product(["reference", "xla"], specs(5)))
+IMPL_CASES = list(itertools.product(["reference", "xla", "cpu"], specs(5)))
 
 
 @pytest.mark.parametrize("impl,spec", IMPL_CASES, ids=[f"{i}-{spec_id(s)}" for i, s in IMPL_CASES])
@@ -142,7 +149,7 @@ def test_queries_without_keys_output_zero_with_finite_gradients():
     # fixed 'summary' (A2 only): queries i < l - c have no allowed key at all.
     spec = AttentionSpec("fixed", stride=7, summary=2, part="summary")
     q, k, v = qkv(61)
-    for impl in ("reference", "xla"):
+    for impl in ("reference", "xla", "cpu"):
         out, grads = value_and_grads(impl, spec, q, k, v)
         np.testing.assert_array_equal(out[:, :5], 0.0)
         assert np.abs(np.asarray(out[:, 5:])).min(axis=-1).max() > 0
@@ -151,12 +158,13 @@ def test_queries_without_keys_output_zero_with_finite_gradients():
         np.testing.assert_array_equal(grads[0][:, :5], 0.0)
 
 
-def test_xla_under_checkpoint_matches_plain_grad():
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_fast_impls_under_checkpoint_match_plain_grad(impl):
     spec = AttentionSpec("strided", stride=7)
     q, k, v = qkv(61)
     w = np.random.default_rng(7).standard_normal(q.shape, np.float32)
-    _, plain = value_and_grads("xla", spec, q, k, v)  # The loss below, without remat.
-    loss = lambda q, k, v: jnp.sum(attend(q, k, v, spec) * w)
+    _, plain = value_and_grads(impl, spec, q, k, v)  # The loss below, without remat.
+    loss = lambda q, k, v: jnp.sum(attend(q, k, v, spec, impl) * w)
     remat = jax.checkpoint(loss, policy=jax.checkpoint_policies.nothing_saveable)
     grads = jax.jit(jax.grad(remat, argnums=(0, 1, 2)), compiler_options=FAST_COMPILE)(q, k, v)
     for g, ref in zip(grads, plain, strict=True):
@@ -195,11 +203,15 @@ def _scanned_loss_and_grads(spec: AttentionSpec, impl: str, x):
     return jax.jit(jax.value_and_grad(loss_fn), compiler_options=FAST_COMPILE)(params)
 
 
+SCAN_CASES = [("xla", AttentionSpec("strided", stride=5)), ("xla", AttentionSpec("fixed", 5, 2))]
+SCAN_CASES += [("cpu", AttentionSpec("strided", stride=5))]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("spec", [AttentionSpec("strided", stride=5), AttentionSpec("fixed", 5, 2)], ids=spec_id)
-def test_xla_inside_nnx_scan_and_remat(spec):
+@pytest.mark.parametrize("impl,spec", SCAN_CASES, ids=[f"{i}-{spec_id(s)}" for i, s in SCAN_CASES])
+def test_fast_impls_inside_nnx_scan_and_remat(impl, spec):
     x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 23, 12), np.float32))
-    loss, grads = _scanned_loss_and_grads(spec, "xla", x)
+    loss, grads = _scanned_loss_and_grads(spec, impl, x)
     ref_loss, ref_grads = _scanned_loss_and_grads(spec, "reference", x)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4), grads, ref_grads)
