@@ -113,7 +113,17 @@ def _ensure_registered() -> None:
     with _lock:
         if _registered:
             return
-        lib = ctypes.cdll.LoadLibrary(str(build_library()))
+        path = build_library()
+        try:
+            lib = ctypes.cdll.LoadLibrary(str(path))
+        except OSError:
+            # A damaged cache entry (say, a disk that filled up mid-copy): build it once more.
+            path.unlink(missing_ok=True)
+            path = build_library()
+            try:
+                lib = ctypes.cdll.LoadLibrary(str(path))
+            except OSError as e:
+                raise KernelBuildError(f"cannot load the CPU attention kernel {path}: {e}") from None
         jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.MusenetSparseAttentionForward), platform="cpu")
         jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(lib.MusenetSparseAttentionBackward), platform="cpu")
         _registered = True

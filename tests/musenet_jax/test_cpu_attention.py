@@ -136,3 +136,18 @@ def test_missing_or_failing_compiler_is_a_one_line_error(tmp_path):
                                "try:\n    c.build_library()\nexcept c.KernelBuildError as e:\n    print('ERR', e)")
     assert "ERR compiling the CPU attention kernel failed" in res.stdout, res.stderr
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+@pytest.mark.slow
+def test_damaged_cache_entry_is_rebuilt(tmp_path):
+    built = _build_in_subprocess(tmp_path, {})
+    lib = built.stdout.strip().splitlines()[-1]
+    with open(lib, "wb") as f:
+        f.write(b"not a shared library")
+    code = ("import numpy as np, jax.numpy as jnp\n"
+            "from musenet_jax import cpu_attention as c\n"
+            "x = jnp.ones((1, 8, 1, 8))\n"
+            "print(float(c.sparse_attention_cpu(x, x, x, pattern='dense').sum()))")
+    res = _build_in_subprocess(tmp_path, {}, code=code)
+    assert res.returncode == 0, res.stderr
+    assert float(res.stdout.strip().splitlines()[-1]) == 64.0
