@@ -462,12 +462,13 @@ void parallel_for(ffi::ThreadPool& pool, Index n, const std::function<void(Index
 // Floats in a panel-major [H, n] buffer (n rounded up to whole panels).
 inline Index panel_floats(Index n, Index H) { return (n + kPanel - 1) / kPanel * kPanel * H; }
 
-// t (panel-major [H, n]) = transpose of n rows of H floats: row j at x + (idx ? idx[j] : j) * xs.
-// Keys past n in the last panel are zero.
-void to_panels(Index n, Index H, const float* x, Index xs, const Index* idx, std::vector<float>& t) {
-  t.resize(panel_floats(n, H));
-  for (Index p0 = 0; p0 < n; p0 += kPanel) {
-    float* panel = t.data() + p0 * H;
+inline Index round16(Index x) { return (x + kPanel - 1) / kPanel * kPanel; }
+
+// Keys [j0, j1) (j0 a multiple of 16) of t, a panel-major [H, n] buffer, = the transpose of rows j of x
+// at x + (idx ? idx[j] : j) * xs. Keys past n in the last panel are zero.
+void to_panels(Index j0, Index j1, Index n, Index H, const float* x, Index xs, const Index* idx, float* t) {
+  for (Index p0 = j0; p0 < j1; p0 += kPanel) {
+    float* panel = t + p0 * H;
     const Index cnt = std::min(kPanel, n - p0);
     if (cnt < kPanel) std::fill(panel, panel + kPanel * H, 0.0f);
     transpose_blocks(
@@ -476,27 +477,34 @@ void to_panels(Index n, Index H, const float* x, Index xs, const Index* idx, std
   }
 }
 
-// Rows of x (+)= the transpose of a panel-major [H, n] buffer; row j at x + (idx ? idx[j] : j) * xs.
-void from_panels(Index n, Index H, const float* t, float* x, Index xs, const Index* idx, bool add) {
-  for (Index p0 = 0; p0 < n; p0 += kPanel) {
+// Rows j in [j0, j1) (j0 a multiple of 16) of x, at x + (idx ? idx[j] : j) * xs, (+)= the transpose of
+// the panel-major [H, n] buffer t.
+void from_panels(Index j0, Index j1, Index H, const float* t, float* x, Index xs, const Index* idx, bool add) {
+  for (Index p0 = j0; p0 < j1; p0 += kPanel) {
     const float* panel = t + p0 * H;
-    const Index cnt = std::min(kPanel, n - p0);
+    const Index cnt = std::min(kPanel, j1 - p0);
     transpose_blocks(
         H, cnt, [&](Index h) { return panel + h * kPanel; },
         [&](Index j) { return x + (idx ? idx[p0 + j] : p0 + j) * xs; }, add);
   }
 }
 
-// Masks one row of raw logits in place: x * scale on [lo, hi], -inf elsewhere up to ld. Returns the max.
+// Masks one row of raw logits in place: x * scale on [lo, hi], -inf elsewhere up to ld (a multiple of 8).
+// Returns the max. Branch-free on 8 lanes.
 inline float mask_row(float* row, Index ld, Index lo, Index hi, float scale) {
-  float mx = kNegInf;
-  Index j = 0;
-  for (; j < std::min(lo, ld); ++j) row[j] = kNegInf;
-  for (; j <= hi; ++j) {
-    row[j] *= scale;
-    mx = std::max(mx, row[j]);
+  const v8 vs = splat(scale), ninf = splat(kNegInf);
+  const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  const int32_t lo32 = static_cast<int32_t>(std::clamp<Index>(lo, -1, ld)),
+                hi32 = static_cast<int32_t>(std::clamp<Index>(hi, -1, ld));
+  v8 vmax = ninf;
+  for (Index j = 0; j < ld; j += 8) {
+    const v8i idx = lane + static_cast<int32_t>(j);
+    const v8 x = (idx >= lo32) & (idx <= hi32) ? load8(row + j) * vs : ninf;
+    store8(row + j, x);
+    vmax = x > vmax ? x : vmax;
   }
-  for (; j < ld; ++j) row[j] = kNegInf;
+  float mx = kNegInf;
+  for (int t = 0; t < 8; ++t) mx = std::max(mx, vmax[t]);
   return mx;
 }
 
@@ -521,77 +529,108 @@ inline bool is_summary(PieceKind piece) { return piece == kFixedSummaryEarlier |
 // contiguous run; read in place, rows rs floats apart would map onto a few L1 sets and evict each other.
 inline Index row_panel_stride(Index n) { return (n + kPanel - 1) / kPanel * kPanel * kPanel; }
 
-void to_row_panels(Index n, Index H, const float* x, Index xs, const Index* idx, std::vector<float>& t) {
+void to_row_panels(Index j0, Index j1, Index n, Index H, const float* x, Index xs, const Index* idx, float* t) {
   const Index stride = row_panel_stride(n);
-  t.resize((H + kPanel - 1) / kPanel * stride);
-  for (Index j = 0; j < n; ++j) {
+  for (Index j = j0; j < j1; ++j) {
     const float* src = x + (idx ? idx[j] : j) * xs;
     Index h0 = 0;
     for (; h0 + kPanel <= H; h0 += kPanel) {
-      float* dst = t.data() + h0 / kPanel * stride + j * kPanel;
+      float* dst = t + h0 / kPanel * stride + j * kPanel;
       store8(dst, load8(src + h0));
       store8(dst + 8, load8(src + h0 + 8));
     }
-    if (h0 < H) std::memcpy(t.data() + h0 / kPanel * stride + j * kPanel, src + h0, sizeof(float) * (H - h0));
+    if (h0 < H) std::memcpy(t + h0 / kPanel * stride + j * kPanel, src + h0, sizeof(float) * (H - h0));
   }
 }
 
-// What one natural piece reads, by its own key index s in [0, len).
-struct Keys {
-  const float* kt;  // K^T, panel-major [H, len]
-  const float* vt;  // V^T, panel-major (backward only)
-  const float* kr;  // K rows in column panels (backward only)
-  const float* vr;  // V rows in column panels (forward only)
-  Index len;
-  float *dkt, *dvt;  // gradient accumulators, panel-major like kt (backward only)
+// The keys one natural piece reads, by its own key index s in [0, len): the head's rows (natural) or the
+// gathered summary rows of the fixed pattern (idx). Its copies are built panel by panel just before a
+// block's window first reaches them, and the backward's dK / dV accumulators are written out as soon as
+// the windows have moved past them, so only about one window of them is ever in cache.
+struct Source {
+  const Index* idx = nullptr;
+  Index len = 0, built = 0, flushed = 0;
+  bool backward = false;
+  std::vector<float> kt, vt;    // K^T, V^T: panel-major [H, len] (V^T backward only)
+  std::vector<float> kr, vr;    // K rows (backward), V rows (forward) in column panels
+  std::vector<float> dkt, dvt;  // backward: dK^T, dV^T accumulators, panel-major like kt
 
-  In k_rows(Index s0) const { return {kr + s0 * kPanel, kPanel, row_panel_stride(len)}; }
-  In v_rows(Index s0) const { return {vr + s0 * kPanel, kPanel, row_panel_stride(len)}; }
+  void init(Index n, const Index* rows, Index H, bool bwd) {
+    idx = rows, len = n, built = 0, flushed = 0, backward = bwd;
+    const Index pf = panel_floats(n, H), rp = (H + kPanel - 1) / kPanel * row_panel_stride(n);
+    kt.resize(pf);
+    if (bwd) {
+      vt.resize(pf);
+      kr.resize(rp);
+      dkt.resize(pf);
+      dvt.resize(pf);
+    } else {
+      vr.resize(rp);
+    }
+  }
+
+  // Builds the copies of keys up to k1 (whole panels), with zeroed gradient accumulators.
+  void ensure(Index k1, Index H, const HeadPtrs& in) {
+    const Index target = std::min(len, round16(k1));
+    if (target <= built) return;
+    to_panels(built, target, len, H, in.k, in.rs, idx, kt.data());
+    if (backward) {
+      to_panels(built, target, len, H, in.v, in.rs, idx, vt.data());
+      to_row_panels(built, target, len, H, in.k, in.rs, idx, kr.data());
+      std::fill(dkt.begin() + built * H, dkt.begin() + round16(target) * H, 0.0f);
+      std::fill(dvt.begin() + built * H, dvt.begin() + round16(target) * H, 0.0f);
+    } else {
+      to_row_panels(built, target, len, H, in.v, in.rs, idx, vr.data());
+    }
+    built = target;
+  }
+
+  // Writes (or adds) dK and dV rows [flushed, upto) from the accumulators; upto a multiple of 16 or len.
+  void flush(Index upto, Index H, float* dk, float* dv, Index rs, bool add) {
+    upto = std::min(upto, built);
+    if (upto <= flushed) return;
+    from_panels(flushed, upto, H, dkt.data(), dk, rs, idx, add);
+    from_panels(flushed, upto, H, dvt.data(), dv, rs, idx, add);
+    flushed = upto;
+  }
+
+  In k_rows(Index s0) const { return {kr.data() + s0 * kPanel, kPanel, row_panel_stride(len)}; }
+  In v_rows(Index s0) const { return {vr.data() + s0 * kPanel, kPanel, row_panel_stride(len)}; }
 };
 
-// The transposed, panelled (and, for the fixed summary, gathered) keys a head's natural pieces read.
+// A head's sources: natural keys, and the fixed pattern's gathered summary keys.
 struct HeadKeys {
-  std::vector<Index> sum_rows;                  // fixed summary: gathered positions
-  std::vector<float> kt, vt, kr, vr;            // natural keys: K^T, V^T, K rows, V rows
-  std::vector<float> kst, vst, ksr, vsr;        // the same for the gathered summary keys
-  std::vector<float> dkt, dvt, dkst, dvst;      // backward accumulators
-  bool natural = false;
+  std::vector<Index> sum_rows;
+  Source natural, summary;
+  bool has_natural = false;
 
-  void build(const Pattern& p, Index T, Index H, const HeadPtrs& in, bool backward) {
-    natural = false;
-    for (PieceKind piece : p.natural_pieces()) natural |= !is_summary(piece);
-    if (natural) pack(T, H, in, nullptr, backward, kt, vt, kr, vr, dkt, dvt);
+  void init(const Pattern& p, Index T, Index H, bool backward) {
+    has_natural = false;
+    for (PieceKind piece : p.natural_pieces()) has_natural |= !is_summary(piece);
+    if (has_natural) natural.init(T, nullptr, H, backward);
     sum_rows.clear();
     if (p.gathers_summary()) {
       for (Index j = 0; j < T; ++j) {
         if (j % p.stride >= p.stride - p.summary) sum_rows.push_back(j);
       }
-      pack(static_cast<Index>(sum_rows.size()), H, in, sum_rows.data(), backward, kst, vst, ksr, vsr, dkst, dvst);
+      summary.init(static_cast<Index>(sum_rows.size()), sum_rows.data(), H, backward);
     }
   }
 
-  static void pack(Index n, Index H, const HeadPtrs& in, const Index* idx, bool backward, std::vector<float>& kt,
-                   std::vector<float>& vt, std::vector<float>& kr, std::vector<float>& vr, std::vector<float>& dkt,
-                   std::vector<float>& dvt) {
-    to_panels(n, H, in.k, in.rs, idx, kt);
-    if (backward) {
-      to_panels(n, H, in.v, in.rs, idx, vt);
-      to_row_panels(n, H, in.k, in.rs, idx, kr);
-      dkt.assign(panel_floats(n, H), 0.0f);
-      dvt.assign(panel_floats(n, H), 0.0f);
-    } else {
-      to_row_panels(n, H, in.v, in.rs, idx, vr);
-    }
-  }
-
-  Keys of(PieceKind piece, Index T) {
-    if (is_summary(piece)) {
-      return {kst.data(), vst.data(), ksr.data(), vsr.data(), static_cast<Index>(sum_rows.size()), dkst.data(),
-              dvst.data()};
-    }
-    return {kt.data(), vt.data(), kr.data(), vr.data(), T, dkt.data(), dvt.data()};
-  }
+  Source& of(PieceKind piece) { return is_summary(piece) ? summary : natural; }
 };
+
+// Grid order: row c * R + g of an [l, R, H] copy is position g * l + c (the grid piece's column c is then
+// one contiguous [R, H] block). Rows are moved whole (H floats), reading x in position order.
+void to_grid(Index T, Index l, Index R, Index H, const float* x, Index rs, std::vector<float>& xg) {
+  xg.resize(l * R * H);
+  for (Index i = 0; i < T; ++i) std::memcpy(xg.data() + (i % l * R + i / l) * H, x + i * rs, sizeof(float) * H);
+}
+
+// Rows of x += their grid-order copy xg (the inverse of to_grid, accumulating).
+void add_from_grid(Index T, Index l, Index R, Index H, const float* xg, float* x, Index rs) {
+  for (Index i = 0; i < T; ++i) add_row(x + i * rs, xg + (i % l * R + i / l) * H, H);
+}
 
 // --- Forward --------------------------------------------------------------------------------------
 
@@ -601,26 +640,29 @@ void forward_head(const Pattern& p, Index T, Index H, const HeadPtrs& in, float*
   // O is not zeroed up front: the first natural piece writes each block's rows (a store needs no read),
   // the other pieces and the grid accumulate.
   thread_local HeadKeys keys;
-  keys.build(p, T, H, in, false);
+  keys.init(p, T, H, false);
   const std::vector<PieceKind> pieces = p.natural_pieces();
 
-  // Grid piece: scaled, masked logits of every query, by column: L[(c * R + g) * ldl + g']. Column c's
-  // rows are read in place (row g at position g * l + c, stride l * rs); only K^T is copied, with its
-  // columns padded to a multiple of 8 key rows so that no tile falls back to the scalar column loop.
-  const Index R = (T + l - 1) / l, ldl = round8(R), skip = p.grid_skip(), cs = l * rs;
-  thread_local std::vector<float> L, ktc;
+  // Grid piece: scaled, masked logits of every query, by column: L[(c * R + g) * ldl + g'], from grid-order
+  // copies of Q, K and V (see to_grid); K^T per column, its columns padded to a multiple of 8 key rows so
+  // that no tile falls back to the scalar column loop.
+  const Index R = (T + l - 1) / l, ldl = round8(R), skip = p.grid_skip();
+  thread_local std::vector<float> L, ktc, qg, kg, vg, og;
   if (p.has_grid()) {
+    to_grid(T, l, R, H, in.q, rs, qg);
+    to_grid(T, l, R, H, in.k, rs, kg);
+    to_grid(T, l, R, H, in.v, rs, vg);
     L.assign(static_cast<size_t>(l) * R * ldl, kNegInf);
     ktc.assign(H * ldl, 0.0f);
     for (Index c = 0; c < l; ++c) {
       const Index rc = column_rows(T, l, c);
-      transpose(rc, H, in.k + c * rs, cs, ktc.data(), ldl);
+      transpose(rc, H, kg.data() + c * R * H, H, ktc.data(), ldl);
       float* lc = L.data() + c * R * ldl;
       for (Index g0 = 0; g0 < rc; g0 += 16) {
         const Index g1 = std::min(rc, g0 + 16), ncols = std::min(round8(rc), round8(g1 - skip));
         if (g1 - skip <= 0) continue;
-        gemm(g1 - g0, ncols, H, in.q + c * rs + g0 * cs, cs, rows_in(ktc.data(), ldl), rows_out(lc + g0 * ldl, ldl),
-             false);
+        gemm(g1 - g0, ncols, H, qg.data() + (c * R + g0) * H, H, rows_in(ktc.data(), ldl),
+             rows_out(lc + g0 * ldl, ldl), false);
         for (Index g = g0; g < g1; ++g) mask_row(lc + g * ldl, ldl, 0, g - skip, p.scale);
       }
     }
@@ -637,15 +679,16 @@ void forward_head(const Pattern& p, Index T, Index H, const HeadPtrs& in, float*
     std::fill(row_max.begin(), row_max.end(), kNegInf);
     Index k0s[2] = {0, 0}, ws[2] = {0, 0}, lds[2] = {8, 8};
     for (size_t pi = 0; pi < pieces.size(); ++pi) {
-      const Keys src = keys.of(pieces[pi], T);
+      Source& src = keys.of(pieces[pi]);
       Index k0, k1;
       window(p, pieces[pi], i0, i1, src.len, &k0, &k1);
+      src.ensure(k1, H, in);
       const Index w = k1 - k0, ld = round8(std::max<Index>(w, 1));
       k0s[pi] = k0, ws[pi] = w, lds[pi] = ld;
       s[pi].resize(m * ld);
       const Band band = make_band(p, pieces[pi], i0, m, k0, w, los[pi], his[pi]);
       // ld columns: K^T's panels are zero-padded, so the last tile may run past w (masked below).
-      gemm_tiles(m, ld, in.q + i0 * rs, rs, panels_in(src.kt, H, k0), rows_out(s[pi].data(), ld), false,
+      gemm_tiles(m, ld, in.q + i0 * rs, rs, panels_in(src.kt.data(), H, k0), rows_out(s[pi].data(), ld), false,
                  Band::Logits{band, H});
       for (Index r = 0; r < m; ++r) {
         const float mx = mask_row(s[pi].data() + r * ld, ld, band.lo[r], band.hi[r], p.scale);
@@ -674,7 +717,7 @@ void forward_head(const Pattern& p, Index T, Index H, const HeadPtrs& in, float*
       }
     }
     for (size_t pi = 0; pi < pieces.size(); ++pi) {
-      const Keys src = keys.of(pieces[pi], T);
+      const Source& src = keys.of(pieces[pi]);
       const Band band{los[pi].data(), his[pi].data(), m, ws[pi]};
       gemm_tiles(m, H, s[pi].data(), lds[pi], src.v_rows(k0s[pi]), rows_out(o + i0 * rs, rs), pi > 0,
                  Band::Keys{band});
@@ -689,22 +732,20 @@ void forward_head(const Pattern& p, Index T, Index H, const HeadPtrs& in, float*
     }
   }
 
-  // Grid piece's values: per column, O[rows] += P [rc, rc] . V [rc, H] (P already normalised). V's rows
-  // are copied together first: as a B operand every one of them is read once per 16 output columns, and
-  // in place they would sit on rc different pages.
+  // Grid piece's values: per column, P [rc, rc] . V [rc, H] (P already normalised) into a grid-order
+  // buffer, added to O's rows in position order at the end.
   if (p.has_grid()) {
-    thread_local std::vector<float> vc;
-    vc.resize(R * H);
+    og.resize(l * R * H);
     for (Index c = 0; c < l; ++c) {
       const Index rc = column_rows(T, l, c);
-      for (Index g = 0; g < rc; ++g) std::memcpy(vc.data() + g * H, in.v + c * rs + g * cs, sizeof(float) * H);
       const float* lc = L.data() + c * R * ldl;
       for (Index g0 = 0; g0 < rc; g0 += 16) {
-        const Index g1 = std::min(rc, g0 + 16), kk = std::min(rc, g1 - skip);
-        if (kk <= 0) continue;
-        gemm(g1 - g0, H, kk, lc + g0 * ldl, ldl, rows_in(vc.data(), H), rows_out(o + c * rs + g0 * cs, cs), true);
+        const Index g1 = std::min(rc, g0 + 16), kk = std::max<Index>(0, std::min(rc, g1 - skip));
+        gemm(g1 - g0, H, kk, lc + g0 * ldl, ldl, rows_in(vg.data() + c * R * H, H),
+             rows_out(og.data() + (c * R + g0) * H, H), false);
       }
     }
+    add_from_grid(T, l, R, H, og.data(), o, rs);
   }
 }
 
@@ -716,7 +757,7 @@ struct GradPtrs {
 };
 
 // Row of raw logits -> dS = P * (dP - D) * scale with P = exp(S * scale - lse) on [lo, hi], 0 elsewhere;
-// p_row keeps P. Both rows have width w (entries past w are left alone).
+// p_row keeps P. Both rows have width w, a multiple of 8. Branch-free on 8 lanes.
 inline void softmax_grad_row(float* p_row, float* dp_row, Index w, Index lo, Index hi, float scale, float lse,
                              float d) {
   if (hi < lo || lse == kNegInf) {
@@ -724,22 +765,16 @@ inline void softmax_grad_row(float* p_row, float* dp_row, Index w, Index lo, Ind
     std::fill(dp_row, dp_row + w, 0.0f);
     return;
   }
-  std::fill(p_row, p_row + lo, 0.0f);
-  std::fill(dp_row, dp_row + lo, 0.0f);
-  const v8 vs = splat(scale), vl = splat(lse), vd = splat(d);
-  Index j = lo;
-  for (; j + 8 <= hi + 1; j += 8) {
-    const v8 pr = exp8(load8(p_row + j) * vs - vl);
+  const v8 vs = splat(scale), vl = splat(lse), vd = splat(d), zero = splat(0.0f);
+  const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  const int32_t lo32 = static_cast<int32_t>(std::clamp<Index>(lo, -1, w)),
+                hi32 = static_cast<int32_t>(std::clamp<Index>(hi, -1, w));
+  for (Index j = 0; j < w; j += 8) {
+    const v8i idx = lane + static_cast<int32_t>(j);
+    const v8 pr = (idx >= lo32) & (idx <= hi32) ? exp8(load8(p_row + j) * vs - vl) : zero;
     store8(p_row + j, pr);
     store8(dp_row + j, pr * (load8(dp_row + j) - vd) * vs);
   }
-  for (; j <= hi; ++j) {
-    const float pr = std::exp(p_row[j] * scale - lse);
-    p_row[j] = pr;
-    dp_row[j] = pr * (dp_row[j] - d) * scale;
-  }
-  std::fill(p_row + hi + 1, p_row + w, 0.0f);
-  std::fill(dp_row + hi + 1, dp_row + w, 0.0f);
 }
 
 void backward_head(const Pattern& p, Index T, Index H, const HeadPtrs& in, const GradPtrs& g) {
@@ -760,57 +795,66 @@ void backward_head(const Pattern& p, Index T, Index H, const HeadPtrs& in, const
   }
 
   // Natural pieces: dK and dV accumulate transposed (panel-major [H, keys]), so that dK^T += Q^T dS and
-  // dV^T += dO^T P multiply row-major tiles with no per-tile transposes. Q^T and dO^T are row-major
-  // [H, T] (the A operand of those products), with 16 floats of slack per row against cache-set conflicts.
+  // dV^T += dO^T P multiply row-major tiles with no per-tile transposes; Q^T and dO^T (their A operands)
+  // are transposed block by block.
   thread_local HeadKeys keys;
-  keys.build(p, T, H, in, true);
+  keys.init(p, T, H, true);
   const std::vector<PieceKind> pieces = p.natural_pieces();
-  const Index ldt = round8(T) + 16;
   thread_local std::vector<float> qt, dot, s, dp;
   thread_local std::vector<Index> lo, hi;
-  if (!pieces.empty()) {
-    qt.resize(H * ldt);
-    dot.resize(H * ldt);
-    transpose(T, H, in.q, rs, qt.data(), ldt);
-    transpose(T, H, g.d_o, rs, dot.data(), ldt);
-  }
+  qt.resize(H * bq);
+  dot.resize(H * bq);
   for (Index i0 = 0; i0 < T; i0 += bq) {
     const Index i1 = std::min(T, i0 + bq), m = i1 - i0;
+    if (!pieces.empty()) {
+      transpose(m, H, in.q + i0 * rs, rs, qt.data(), m);
+      transpose(m, H, g.d_o + i0 * rs, rs, dot.data(), m);
+    }
     bool first = true;
     for (PieceKind piece : pieces) {
-      const Keys src = keys.of(piece, T);
+      Source& src = keys.of(piece);
       Index k0, k1;
       window(p, piece, i0, i1, src.len, &k0, &k1);
       const Index w = k1 - k0, ld = round8(std::max<Index>(w, 1));
       if (w <= 0) continue;
+      src.ensure(k1, H, in);
       s.resize(m * ld);
       dp.resize(m * ld);
       const Band band = make_band(p, piece, i0, m, k0, w, lo, hi);
-      gemm_tiles(m, ld, in.q + i0 * rs, rs, panels_in(src.kt, H, k0), rows_out(s.data(), ld), false,
+      gemm_tiles(m, ld, in.q + i0 * rs, rs, panels_in(src.kt.data(), H, k0), rows_out(s.data(), ld), false,
                  Band::Logits{band, H});
-      gemm_tiles(m, ld, g.d_o + i0 * rs, rs, panels_in(src.vt, H, k0), rows_out(dp.data(), ld), false,
+      gemm_tiles(m, ld, g.d_o + i0 * rs, rs, panels_in(src.vt.data(), H, k0), rows_out(dp.data(), ld), false,
                  Band::Logits{band, H});
       for (Index r = 0; r < m; ++r) {
         softmax_grad_row(s.data() + r * ld, dp.data() + r * ld, ld, band.lo[r], band.hi[r], p.scale, g.lse[i0 + r],
                          dd[i0 + r]);
       }
-      // dQ += dS K;  dK^T += Q^T dS;  dV^T += dO^T P (ld columns: the accumulators' panels are padded).
-      // The block's first piece writes dQ (no read of rows evicted since), later ones accumulate.
+      // dQ += dS K (the block's first piece writes its rows: no read of rows evicted since);
+      // dK^T += Q^T dS;  dV^T += dO^T P (ld columns: the accumulators' panels are padded).
       gemm_tiles(m, H, dp.data(), ld, src.k_rows(k0), rows_out(g.dq + i0 * rs, rs), !first, Band::Keys{band});
       first = false;
-      gemm_tiles(H, ld, qt.data() + i0, ldt, rows_in(dp.data(), ld), panels_out(src.dkt, H, k0), true,
+      gemm_tiles(H, ld, qt.data(), m, rows_in(dp.data(), ld), panels_out(src.dkt.data(), H, k0), true,
                  Band::Queries{band});
-      gemm_tiles(H, ld, dot.data() + i0, ldt, rows_in(s.data(), ld), panels_out(src.dvt, H, k0), true,
+      gemm_tiles(H, ld, dot.data(), m, rows_in(s.data(), ld), panels_out(src.dvt.data(), H, k0), true,
                  Band::Queries{band});
     }
     if (first) {  // no piece wrote these rows
       for (Index i = i0; i < i1; ++i) std::memset(g.dq + i * rs, 0, sizeof(float) * H);
     }
+    // Natural keys below the next block's window are final: write their dK, dV rows now.
+    if (keys.has_natural && i1 < T) {
+      for (PieceKind piece : pieces) {
+        if (is_summary(piece)) continue;
+        Index k0, k1;
+        window(p, piece, i1, std::min(T, i1 + bq), T, &k0, &k1);
+        keys.natural.flush(k0, H, g.dk, g.dv, rs, false);
+      }
+    }
   }
-  // dK, dV rows from the accumulators (zeros where no natural piece reads natural keys).
-  if (keys.natural) {
-    from_panels(T, H, keys.dkt.data(), g.dk, rs, nullptr, false);
-    from_panels(T, H, keys.dvt.data(), g.dv, rs, nullptr, false);
+  // The rest of dK, dV (zeros where no natural piece reads natural keys); the summary keys' part adds on.
+  if (keys.has_natural) {
+    keys.natural.ensure(T, H, in);  // keys no window reached: zero accumulators
+    keys.natural.flush(T, H, g.dk, g.dv, rs, false);
   } else {
     for (Index i = 0; i < T; ++i) {
       std::memset(g.dk + i * rs, 0, sizeof(float) * H);
@@ -818,54 +862,60 @@ void backward_head(const Pattern& p, Index T, Index H, const HeadPtrs& in, const
     }
   }
   if (!keys.sum_rows.empty()) {
-    const Index n = static_cast<Index>(keys.sum_rows.size());
-    from_panels(n, H, keys.dkst.data(), g.dk, rs, keys.sum_rows.data(), true);
-    from_panels(n, H, keys.dvst.data(), g.dv, rs, keys.sum_rows.data(), true);
+    keys.summary.ensure(keys.summary.len, H, in);
+    keys.summary.flush(keys.summary.len, H, g.dk, g.dv, rs, true);
   }
 
   if (!p.has_grid()) return;
-  // Grid piece, one column c at a time (row g at position g * l + c, stride cs = l * rs), as one band:
-  // query row g reads key rows [0, g - skip]. The same products as for the natural pieces, on [rc, rc]
-  // tiles: dK^T += Q^T dS and dV^T += dO^T P accumulate transposed ([H, rows]) and are added to column c's
-  // rows at the end. K's rows are copied together (the B operand of dQ += dS K); K^T, V^T, Q^T and dO^T
-  // are [H, R8] copies (rows padded to 8 keys; pad columns finite and masked).
-  const Index R = (T + l - 1) / l, skip = p.grid_skip(), R8 = round8(R), cs = l * rs;
-  thread_local std::vector<float> kc, ktc, vtc, qct, doct, st, dpt, dkct, dvct;
+  // Grid piece, one column c at a time, on grid-order copies (see to_grid), as one band: query row g reads
+  // key rows [0, g - skip]. The same products as for the natural pieces on [rc, rc] tiles: dK^T += Q^T dS
+  // and dV^T += dO^T P accumulate transposed ([H, rows]). K^T, V^T, Q^T and dO^T are [H, R8] copies per
+  // column (rows padded to 8 keys; pad columns finite and masked). dQ, dK, dV collect in grid order and
+  // are added to their rows in position order at the end.
+  const Index R = (T + l - 1) / l, skip = p.grid_skip(), R8 = round8(R);
+  thread_local std::vector<float> qg, kg, vg, dog, dqg, dkg, dvg, ktc, vtc, qct, doct, st, dpt, dkct, dvct;
   thread_local std::vector<Index> glo, ghi;
-  kc.resize(R * H);
+  to_grid(T, l, R, H, in.q, rs, qg);
+  to_grid(T, l, R, H, in.k, rs, kg);
+  to_grid(T, l, R, H, in.v, rs, vg);
+  to_grid(T, l, R, H, g.d_o, rs, dog);
+  for (auto* x : {&dqg, &dkg, &dvg}) x->resize(l * R * H);
   for (auto* x : {&ktc, &vtc, &qct, &doct}) x->assign(H * R8, 0.0f);
   for (auto* x : {&st, &dpt}) x->resize(R * R8);
   for (auto* x : {&dkct, &dvct}) x->resize(H * R8);
   for (Index c = 0; c < l; ++c) {
     const Index rc = column_rows(T, l, c);
     if (rc == 0) continue;
-    const float *qcol = in.q + c * rs, *docol = g.d_o + c * rs;
-    for (Index r = 0; r < rc; ++r) std::memcpy(kc.data() + r * H, in.k + c * rs + r * cs, sizeof(float) * H);
-    transpose(rc, H, kc.data(), H, ktc.data(), R8);
-    transpose(rc, H, in.v + c * rs, cs, vtc.data(), R8);
-    transpose(rc, H, qcol, cs, qct.data(), R8);
-    transpose(rc, H, docol, cs, doct.data(), R8);
+    const Index base = c * R * H;
+    transpose(rc, H, kg.data() + base, H, ktc.data(), R8);
+    transpose(rc, H, vg.data() + base, H, vtc.data(), R8);
+    transpose(rc, H, qg.data() + base, H, qct.data(), R8);
+    transpose(rc, H, dog.data() + base, H, doct.data(), R8);
     glo.assign(rc, 0);
     ghi.resize(rc);
     for (Index r = 0; r < rc; ++r) ghi[r] = r - skip;
     const Band band{glo.data(), ghi.data(), rc, rc};
-    gemm_tiles(rc, R8, qcol, cs, rows_in(ktc.data(), R8), rows_out(st.data(), R8), false, Band::Logits{band, H});
-    gemm_tiles(rc, R8, docol, cs, rows_in(vtc.data(), R8), rows_out(dpt.data(), R8), false, Band::Logits{band, H});
+    gemm_tiles(rc, R8, qg.data() + base, H, rows_in(ktc.data(), R8), rows_out(st.data(), R8), false,
+               Band::Logits{band, H});
+    gemm_tiles(rc, R8, dog.data() + base, H, rows_in(vtc.data(), R8), rows_out(dpt.data(), R8), false,
+               Band::Logits{band, H});
     for (Index r = 0; r < rc; ++r) {
       const Index i = r * l + c;
       softmax_grad_row(st.data() + r * R8, dpt.data() + r * R8, R8, 0, r - skip, p.scale, g.lse[i], dd[i]);
     }
-    // dQ += dS K (in place);  dK^T = Q^T dS;  dV^T = dO^T P.
-    gemm_tiles(rc, H, dpt.data(), R8, rows_in(kc.data(), H), rows_out(g.dq + c * rs, cs), true, Band::Keys{band});
+    // dQ = dS K;  dK^T = Q^T dS;  dV^T = dO^T P.
+    gemm_tiles(rc, H, dpt.data(), R8, rows_in(kg.data() + base, H), rows_out(dqg.data() + base, H), false,
+               Band::Keys{band});
     gemm_tiles(H, R8, qct.data(), R8, rows_in(dpt.data(), R8), rows_out(dkct.data(), R8), false,
                Band::Queries{band});
     gemm_tiles(H, R8, doct.data(), R8, rows_in(st.data(), R8), rows_out(dvct.data(), R8), false,
                Band::Queries{band});
-    transpose_blocks(
-        H, rc, [&](Index h) { return dkct.data() + h * R8; }, [&](Index r) { return g.dk + c * rs + r * cs; }, true);
-    transpose_blocks(
-        H, rc, [&](Index h) { return dvct.data() + h * R8; }, [&](Index r) { return g.dv + c * rs + r * cs; }, true);
+    transpose(H, rc, dkct.data(), R8, dkg.data() + base, H);
+    transpose(H, rc, dvct.data(), R8, dvg.data() + base, H);
   }
+  add_from_grid(T, l, R, H, dqg.data(), g.dq, rs);
+  add_from_grid(T, l, R, H, dkg.data(), g.dk, rs);
+  add_from_grid(T, l, R, H, dvg.data(), g.dv, rs);
 }
 
 // --- FFI entry points -----------------------------------------------------------------------------
