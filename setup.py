@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["data_pipeline*", "musenet_jax*", "pallas_kernels*", "launch*"]),
     include_package_data=True,
-    package_data={"data_pipeline": ["corpus/**/*", "corpus/*"], "launch": ["recipes/*"]},
+    package_data={"data_pipeline": ["corpus/**/*", "corpus/*"], "launch": ["recipes/*"], "musenet_jax": ["csrc/*.cc"]},
     install_requires=[
         "numpy>=2.0,<3",
         "jax>=0.10.2,<0.11",

@@ -20,7 +20,11 @@
 // log-sum-exp (flash-attention style) and never stores a [T, T] array.
 //
 // The matmuls run on one register-blocked kernel (6 rows x 16 columns of fp32 accumulators) written with
-// GCC/Clang vector extensions, so the same source vectorises for AVX2, AVX-512 and NEON.
+// GCC/Clang vector extensions, so the same source vectorises for AVX2, AVX-512 and NEON. Within a block's
+// window, 6 x 16 tiles that hold no allowed pair are skipped (the `Band` ranges). What keeps the kernel
+// near that tile's speed is memory layout: keys are repacked into 16-key panels (K^T, V^T) and 16-column
+// row panels (K, V) as the windows reach them, dK / dV leave their accumulators as the windows pass, the
+// grid piece works on grid-order copies, and accumulators are written before they are read.
 
 #include <algorithm>
 #include <atomic>
