@@ -88,18 +88,16 @@ def _batch(vocab_size: int, b: int = 8, t: int = 31):
     return {k: (v if k == "loss_mask" else v.astype(np.int32)) for k, v in batch.items()}
 
 
-def _step_config(**overrides):
+def _step_config():
     config = tiny.get_config()
     model_config = model_lib.ModelConfig.from_config_dict(
         config.model, vocab_size=53, d_model=24, num_heads=4, head_dim=6, mlp_dim=29, num_layers=3,
-        attention_stride=5, max_len=31, vocab_multiple=1, **overrides)
+        attention_stride=5, max_len=31, vocab_multiple=1)
     return model_config, config.train
 
 
-# 'cpu': the fused kernel is an opaque custom call, run per device shard through shard_map (model.py).
-@pytest.mark.parametrize("impl", ["xla", "cpu"])
-def test_sharded_step_equals_single_device_step(impl):
-    model_config, train_config = _step_config(attention_impl=impl)
+def test_sharded_step_equals_single_device_step():
+    model_config, train_config = _step_config()
     batch = _batch(model_config.vocab_size)
     single, m1 = _one_step(sharding_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1]), model_config, batch,
                            train_config)
