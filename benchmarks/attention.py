@@ -22,6 +22,8 @@ Columns:
   floor      for 'xla' rows: the same tiles' six matmuls alone (`attention.xla_tile_matmuls`: no mask, no
              softmax), timed the same way, and its %mm. When time ~ floor, the softmax costs little and
              what bounds the row is how fast XLA runs batched dots of these tile shapes on this machine.
+  %hw        for 'cpu' rows: %mm counting the matmuls the kernel executes, i.e. with its backward's
+             recomputation of QK^T (14 * H per logit instead of 12 * H).
 
 Usage:
   python -m benchmarks.attention --out=/tmp/bench [--lengths=1024,2048] [--stride=128|sqrt] [--summary=8]
@@ -199,6 +201,9 @@ def main(argv):
             )
             if "floor_seconds" in res:
                 res["floor_pct_matmul"] = 100 * flops / res["floor_seconds"] / peak
+            if res["method"].endswith("-cpu"):
+                # The kernel's backward recomputes Q K^T (2 * H more per logit): FLOPs it executes.
+                res["hw_pct_matmul"] = res["pct_matmul"] * 14 / 12
             if dense is not None:
                 res["speedup"] = dense["seconds"] / res["seconds"]
                 res["flop_ratio"] = dense["gflop"] / res["gflop"]
@@ -225,13 +230,13 @@ def main(argv):
 def _print_row(r: dict, header: bool) -> None:
     if header:
         print(f"{'n':>6} {'method':>11} {'l':>4} {'time s':>9} {'peak MiB':>9} {'GFLOP':>8} {'useful':>8} "
-              f"{'x time':>7} {'x flop':>7} {'%mm':>5} {'floor s':>8} {'%mm':>5}")
+              f"{'x time':>7} {'x flop':>7} {'%mm':>5} {'floor s':>8} {'%mm':>5} {'%hw':>5}")
     fmt = lambda key, spec: format(r[key], spec) if key in r else "-"
     peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
     print(f"{r['n']:>6} {r['method']:>11} {r['stride'] or '-':>4} {r['seconds']:>9.4f} {peak:>9} "
           f"{r['gflop']:>8.2f} {r['useful_gflop']:>8.2f} {fmt('speedup', '7.1f'):>7} "
           f"{fmt('flop_ratio', '7.1f'):>7} {r['pct_matmul']:>5.1f} {fmt('floor_seconds', '8.4f'):>8} "
-          f"{fmt('floor_pct_matmul', '5.1f'):>5}")
+          f"{fmt('floor_pct_matmul', '5.1f'):>5} {fmt('hw_pct_matmul', '5.1f'):>5}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ def test_small_run_writes_rows_ratios_and_floors(tmp_path):
             assert r["gflop"] == pytest.approx(12 * 16 * 2 * n * n / 1e9)
         if method in ("strided", "fixed"):
             assert r["floor_seconds"] > 0 and r["floor_pct_matmul"] > 0
+        if method.endswith("-cpu"):
+            assert r["hw_pct_matmul"] == pytest.approx(r["pct_matmul"] * 14 / 12)
         if n == 96:
             assert r["speedup"] == pytest.approx(rows[(96, "dense")]["seconds"] / r["seconds"])
         else:
