@@ -28,13 +28,16 @@ accumulators are fp32. Logits are scaled by 1/sqrt(H). A query with no allowed k
 Lowerings (`lowering=`): 'tpu' kernels follow the TPU (Mosaic) pipeline model (`pltpu` scalar prefetch,
 VMEM scratch); 'gpu' kernels follow the Triton model (grid (B * N, row blocks), a `fori_loop` whose trip
 count is the row's count of listed blocks, tiles sliced with `pl.ds`; no FULL-tile fast path; explicit
-Triton compiler params, since JAX 0.10 sends a plain GPU `pallas_call` to Mosaic GPU). Both
-are tested against the reference in interpret mode, and `lower_attention` lowers them for TPU / CUDA /
-ROCm on a CPU-only host (tests/pallas_kernels/test_lowering.py); neither has run on a device yet. A third,
-opt-in 'mosaic_gpu' lowering has a Mosaic GPU (Hopper: TMA, wgmma) forward kernel and reuses the 'gpu'
-backward; it lowers for CUDA and runs in JAX's GPU interpreter on CPU (see its section below). When
-compiling, tiles must suit the target (`_check_compilable`): 'tpu' rows a multiple of 8 (fp32) / 16
-(bf16); 'gpu' block_q, block_k and H powers of two >= 16. Default tiles are rounded accordingly.
+Triton compiler params, since JAX 0.10 sends a plain GPU `pallas_call` to Mosaic GPU); 'mosaic_gpu'
+kernels (forward, dq, dk/dv) use Pallas's Mosaic GPU backend for Hopper (TMA copies, wgmma; the same
+walk over listed tiles, one warpgroup per row block; see its section below). 'tpu' and 'gpu' are tested
+against the reference in interpret mode, 'mosaic_gpu' in JAX's GPU interpreter, and `lower_attention`
+lowers all three for TPU / CUDA / ROCm on a CPU-only host (tests/pallas_kernels/test_lowering.py); none
+has run on a device yet. On a GPU, `lowering=None` picks 'mosaic_gpu' where its kernels run (Hopper,
+16-bit inputs, H a multiple of 64), else 'gpu'. When compiling, tiles must suit the target
+(`_check_compilable`): 'tpu' rows a multiple of 8 (fp32) / 16 (bf16); 'gpu' block_q, block_k and H powers
+of two >= 16; 'mosaic_gpu' 16-bit inputs, block_q 64, block_k and H multiples of 64. Default tiles are
+rounded accordingly.
 """
 
 from __future__ import annotations
@@ -331,7 +334,9 @@ def _component_fwd(plan: _ComponentPlan, qc, kc, vc, scale: float, mode: _Mode, 
 
 def _component_bwd(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, scale: float, mode: _Mode):
     """-> dq [BN, Tqp, H], dk, dv [BN, Tkp, H] in the inputs' dtypes, for this component's tiles only."""
-    if mode.lowering != "tpu":  # 'mosaic_gpu' has a forward kernel only; its backward is the Triton one.
+    if mode.lowering == "mosaic_gpu":
+        return _component_bwd_mgpu(plan, qc, kc, vc, doc, lsec, deltac, scale, mode.interpret)
+    if mode.lowering == "gpu":
         return _component_bwd_gpu(plan, qc, kc, vc, doc, lsec, deltac, scale, mode.interpret)
     bn, tqp, h = qc.shape
     tkp = kc.shape[1]
@@ -524,14 +529,19 @@ def _component_bwd_gpu(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, scal
     return dq, dk, dv
 
 
-# --- 'mosaic_gpu' forward (Hopper: TMA copies, wgmma; Pallas's Mosaic GPU backend via `plgpu.kernel`). ------
-# One warpgroup per (batch * head, q-block): q's tile and positions are copied to SMEM once, then for each
-# listed k-block its K^T, V and key positions are copied in (one barrier per copy) and the tile runs on the
-# tensor cores: S = Q K^T (both SMEM operands), the masked online softmax in registers, P (stored to SMEM as
-# the input dtype) @ V. Layouts are inferred ('Warpgroup' lowering semantics). Kept simple so that JAX's GPU
-# interpreter (which lacks `transpose_ref`, register wgmma operands, `layout_cast`, `run_state`) runs it
-# on CPU: K is transposed in HBM by the caller, P goes through SMEM, and copies are not yet pipelined
-# (each step waits for its tiles): a first, testable version rather than a tuned one.
+# --- 'mosaic_gpu' lowering (Hopper: TMA copies, wgmma; Pallas's Mosaic GPU backend via `plgpu.kernel`). -----
+# One warpgroup per (batch * head, row block), the same walk over listed tiles as the other lowerings. The
+# row block's own tiles and positions are copied to SMEM once; then for each listed tile its operands are
+# copied in (one barrier per copy) and every product runs on the tensor cores with both operands in SMEM:
+#   forward (per q-block):  S = Q K^T, masked online softmax in registers, O += P V;
+#   dq      (per q-block):  S = Q K^T, dP = dO V^T, dS = P (dP - delta), dQ += dS K;
+#   dk, dv  (per k-block):  the same products transposed, S^T = K Q^T, dP^T = V dO^T, dV += P^T dO,
+#                           dK += dS^T Q, so that the keys are wgmma's M rows and no register transposes.
+# P and dS reach the tensor cores through SMEM, in the input dtype. Layouts are inferred ('Warpgroup'
+# lowering semantics). Kept simple so that JAX's GPU interpreter (which lacks `transpose_ref`, register
+# wgmma operands, `layout_cast`, `run_state`) runs all three on CPU: the operands wgmma needs transposed
+# (K^T, V^T, Q^T, dO^T) are transposed in HBM by the caller, and copies are not yet pipelined (each step
+# waits for its tiles): a first, testable version rather than a tuned one.
 
 MGPU_BLOCK = 64  # wgmma M per warpgroup; also the k-tile (128-byte swizzled rows of 16-bit K^T / P).
 
@@ -544,51 +554,79 @@ def _smem_tiled(shape, dtype):
     return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(swizzle)))
 
 
+def _mma(a_smem, b_smem, shape):
+    """a @ b on the tensor cores (wgmma; a [M, K], b [K, N] in SMEM) -> f32[M, N] in registers."""
+
+    def run(acc_ref):
+        plgpu.wgmma(acc_ref, a_smem, b_smem)
+        return acc_ref[...]
+
+    return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+
+
+def _copy_in(copies, barriers):
+    """Starts a GMEM -> SMEM copy per (src, dst) pair, each on its own barrier, then waits for all of them."""
+    for n, (src, dst) in enumerate(copies):
+        plgpu.copy_gmem_to_smem(src, dst, barriers.at[n])
+    for n in range(len(copies)):
+        plgpu.barrier_wait(barriers.at[n])
+
+
+def _copy_out(copies):
+    """Copies (src SMEM, dst GMEM) pairs out once the registers -> SMEM stores are visible, and waits."""
+    plgpu.commit_smem()
+    for src, dst in copies:
+        plgpu.copy_smem_to_gmem(src, dst)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _scoped_smem(body, tiles, vectors, num_once, num_step):
+    """Runs body(*tile refs, *vector refs, once barriers, step barriers) with that SMEM allocated.
+
+    tiles: (shape, dtype) of wgmma operands (tiled and swizzled); vectors: (shape, dtype) of plain buffers
+    (positions, lse, delta, outputs). `once` barriers serve the row block's own copies, `step` barriers the
+    per-tile copies (a barrier's phase flips on every completed copy, so the two uses stay apart)."""
+    pl.run_scoped(
+        body,
+        *(_smem_tiled(shape, dtype) for shape, dtype in tiles),
+        *(plgpu.SMEM(shape, dtype) for shape, dtype in vectors),
+        plgpu.Barrier(num_barriers=num_once),
+        plgpu.Barrier(num_barriers=num_step),
+    )
+
+
+def _lse_or_zero(lse):
+    """A row with no allowed key has lse = -inf; its probabilities are masked to 0, so shift by 0 instead."""
+    return jnp.where(lse == -jnp.inf, 0.0, lse)
+
+
 def _fwd_mgpu_kernel(blocks_ref, counts_ref, q_ref, kt_ref, v_ref, q_pos_ref, k_pos_ref, o_ref, lse_ref,
                      *, allows, scale, block_q, block_k):
-    """GMEM refs: blocks int32[nq, W], counts int32[nq], q/v [BN, T, H], kt [BN, H, Tkp], positions int32[T]."""
+    """GMEM refs: blocks int32[nq, W], counts int32[nq], q/v [BN, T, H], kt [BN, H, Tkp], positions int32[T];
+    out o f32[BN, Tqp, H], lse f32[BN, Tqp]."""
     b, i = jax.lax.axis_index("rows"), jax.lax.axis_index("q_blocks")
     h, dtype = q_ref.shape[-1], q_ref.dtype
+    rows = pl.ds(i * block_q, block_q)
 
-    def scoped(q_smem, kt_smem, v_smem, p_smem, q_pos_smem, k_pos_smem, o_smem, lse_smem, barriers):
-        q_bar, q_pos_bar, k_bar, v_bar, k_pos_bar = (barriers.at[n] for n in range(5))
-        rows = pl.ds(i * block_q, block_q)
-        plgpu.copy_gmem_to_smem(q_ref.at[b, rows], q_smem, q_bar)
-        plgpu.copy_gmem_to_smem(q_pos_ref.at[rows], q_pos_smem, q_pos_bar)
-        plgpu.barrier_wait(q_bar)
-        plgpu.barrier_wait(q_pos_bar)
+    def scoped(q_smem, kt_smem, v_smem, p_smem, q_pos_smem, k_pos_smem, o_smem, lse_smem, once, step):
+        _copy_in([(q_ref.at[b, rows], q_smem), (q_pos_ref.at[rows], q_pos_smem)], once)
         i_pos = jax.lax.broadcast_in_dim(q_pos_smem[...], (block_q, block_k), (0,))
 
         def visit(j, carry):
             m_prev, l_prev, acc = carry
             cols = pl.ds(blocks_ref[i, j] * block_k, block_k)
-            plgpu.copy_gmem_to_smem(kt_ref.at[b, :, cols], kt_smem, k_bar)
-            plgpu.copy_gmem_to_smem(v_ref.at[b, cols], v_smem, v_bar)
-            plgpu.copy_gmem_to_smem(k_pos_ref.at[cols], k_pos_smem, k_pos_bar)
-            plgpu.barrier_wait(k_bar)
-            plgpu.barrier_wait(v_bar)
-            plgpu.barrier_wait(k_pos_bar)
-
-            def qk(acc_ref):
-                plgpu.wgmma(acc_ref, q_smem, kt_smem)
-                return acc_ref[...]
-
-            s = pl.run_scoped(qk, plgpu.ACC((block_q, block_k), jnp.float32)) * scale
+            _copy_in([(kt_ref.at[b, :, cols], kt_smem), (v_ref.at[b, cols], v_smem),
+                      (k_pos_ref.at[cols], k_pos_smem)], step)
+            s = _mma(q_smem, kt_smem, (block_q, block_k)) * scale
             j_pos = jax.lax.broadcast_in_dim(k_pos_smem[...], (block_q, block_k), (1,))
             mask = allows(i_pos, j_pos) & (i_pos >= 0) & (j_pos >= 0)
             m_new = jnp.maximum(m_prev, jnp.max(jnp.where(mask, s, -jnp.inf), axis=1))
-            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # As in `_fwd_kernel`: keep exp() finite.
+            m_safe = _lse_or_zero(m_new)  # As in `_fwd_kernel`: keep exp() finite.
             alpha = jnp.exp(m_prev - m_safe)
             p = jnp.where(mask, jnp.exp(s - jax.lax.broadcast_in_dim(m_safe, s.shape, (0,))), 0.0)
             p_smem[...] = p.astype(dtype)
             plgpu.commit_smem()  # Make the register -> SMEM store visible to the tensor cores.
-
-            def pv(acc_ref):
-                plgpu.wgmma(acc_ref, p_smem, v_smem)
-                return acc_ref[...]
-
-            pv_tile = pl.run_scoped(pv, plgpu.ACC((block_q, h), jnp.float32))
-            acc = jax.lax.broadcast_in_dim(alpha, acc.shape, (0,)) * acc + pv_tile
+            acc = jax.lax.broadcast_in_dim(alpha, acc.shape, (0,)) * acc + _mma(p_smem, v_smem, (block_q, h))
             return m_new, alpha * l_prev + jnp.sum(p, axis=1), acc
 
         init = (jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32),
@@ -598,36 +636,154 @@ def _fwd_mgpu_kernel(blocks_ref, counts_ref, q_ref, kt_ref, v_ref, q_pos_ref, k_
         denom = jnp.where(live, denom, 1.0)  # Rows with no allowed key: output 0, lse -inf.
         o_smem[...] = acc / jax.lax.broadcast_in_dim(denom, acc.shape, (0,))
         lse_smem[...] = jnp.where(live, m + jnp.log(denom), -jnp.inf)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, rows])
-        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, rows])
-        plgpu.wait_smem_to_gmem(0)
+        _copy_out([(o_smem, o_ref.at[b, rows]), (lse_smem, lse_ref.at[b, rows])])
 
-    pl.run_scoped(
+    _scoped_smem(
         scoped,
-        _smem_tiled((block_q, h), dtype), _smem_tiled((h, block_k), dtype), _smem_tiled((block_k, h), dtype),
-        _smem_tiled((block_q, block_k), dtype),
-        plgpu.SMEM((block_q,), jnp.int32), plgpu.SMEM((block_k,), jnp.int32),
-        plgpu.SMEM((block_q, h), jnp.float32), plgpu.SMEM((block_q,), jnp.float32),
-        plgpu.Barrier(num_barriers=5),
+        tiles=[((block_q, h), dtype), ((h, block_k), dtype), ((block_k, h), dtype), ((block_q, block_k), dtype)],
+        vectors=[((block_q,), jnp.int32), ((block_k,), jnp.int32), ((block_q, h), jnp.float32),
+                 ((block_q,), jnp.float32)],
+        num_once=2, num_step=3,
     )
+
+
+def _dq_mgpu_kernel(blocks_ref, counts_ref, q_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kt_ref, vt_ref, k_ref,
+                    k_pos_ref, dq_ref, *, allows, scale, block_q, block_k):
+    """GMEM refs: blocks int32[nq, W], counts int32[nq], q/do [BN, Tqp, H], lse/delta f32[BN, Tqp],
+    kt/vt [BN, H, Tkp], k [BN, Tkp, H], positions int32[Tqp] / [Tkp]; out dq [BN, Tqp, H] in q's dtype."""
+    b, i = jax.lax.axis_index("rows"), jax.lax.axis_index("q_blocks")
+    h, dtype = q_ref.shape[-1], q_ref.dtype
+    rows = pl.ds(i * block_q, block_q)
+    tile = (block_q, block_k)
+
+    def scoped(q_smem, do_smem, kt_smem, vt_smem, k_smem, ds_smem, q_pos_smem, lse_smem, delta_smem, k_pos_smem,
+               once, step):
+        _copy_in([(q_ref.at[b, rows], q_smem), (do_ref.at[b, rows], do_smem), (q_pos_ref.at[rows], q_pos_smem),
+                  (lse_ref.at[b, rows], lse_smem), (delta_ref.at[b, rows], delta_smem)], once)
+        by_row = lambda x: jax.lax.broadcast_in_dim(x, tile, (0,))
+        i_pos, lse, delta = by_row(q_pos_smem[...]), by_row(_lse_or_zero(lse_smem[...])), by_row(delta_smem[...])
+
+        def visit(j, acc):
+            cols = pl.ds(blocks_ref[i, j] * block_k, block_k)
+            _copy_in([(kt_ref.at[b, :, cols], kt_smem), (vt_ref.at[b, :, cols], vt_smem), (k_ref.at[b, cols], k_smem),
+                      (k_pos_ref.at[cols], k_pos_smem)], step)
+            j_pos = jax.lax.broadcast_in_dim(k_pos_smem[...], tile, (1,))
+            mask = allows(i_pos, j_pos) & (i_pos >= 0) & (j_pos >= 0)
+            p = jnp.where(mask, jnp.exp(_mma(q_smem, kt_smem, tile) * scale - lse), 0.0)
+            ds_smem[...] = (p * (_mma(do_smem, vt_smem, tile) - delta)).astype(dtype)
+            plgpu.commit_smem()
+            return acc + _mma(ds_smem, k_smem, (block_q, h))
+
+        acc = jax.lax.fori_loop(0, counts_ref[i], visit, jnp.zeros((block_q, h), jnp.float32))
+        q_smem[...] = (acc * scale).astype(dtype)  # Q's tile is free now: dq leaves through it.
+        _copy_out([(q_smem, dq_ref.at[b, rows])])
+
+    _scoped_smem(
+        scoped,
+        tiles=[((block_q, h), dtype), ((block_q, h), dtype), ((h, block_k), dtype), ((h, block_k), dtype),
+               ((block_k, h), dtype), (tile, dtype)],
+        vectors=[((block_q,), jnp.int32), ((block_q,), jnp.float32), ((block_q,), jnp.float32),
+                 ((block_k,), jnp.int32)],
+        num_once=5, num_step=4,
+    )
+
+
+def _dkv_mgpu_kernel(blocks_ref, counts_ref, k_ref, v_ref, k_pos_ref, qt_ref, q_ref, dot_ref, do_ref, lse_ref,
+                     delta_ref, q_pos_ref, dk_ref, dv_ref, *, allows, scale, block_q, block_k):
+    """GMEM refs: blocks int32[nk, W] (listed q-blocks per k-block), counts int32[nk], k/v [BN, Tkp, H],
+    qt/dot [BN, H, Tqp], q/do [BN, Tqp, H], lse/delta f32[BN, Tqp], positions; out dk, dv [BN, Tkp, H] in
+    k's dtype."""
+    b, kb = jax.lax.axis_index("rows"), jax.lax.axis_index("k_blocks")
+    h, dtype = k_ref.shape[-1], k_ref.dtype
+    cols = pl.ds(kb * block_k, block_k)
+    tile = (block_k, block_q)  # Transposed: keys are the rows.
+
+    def scoped(k_smem, v_smem, qt_smem, q_smem, dot_smem, do_smem, pt_smem, dst_smem, k_pos_smem, q_pos_smem,
+               lse_smem, delta_smem, once, step):
+        _copy_in([(k_ref.at[b, cols], k_smem), (v_ref.at[b, cols], v_smem), (k_pos_ref.at[cols], k_pos_smem)], once)
+        j_pos = jax.lax.broadcast_in_dim(k_pos_smem[...], tile, (0,))
+        by_col = lambda x: jax.lax.broadcast_in_dim(x, tile, (1,))
+
+        def visit(j, carry):
+            dk, dv = carry
+            rows = pl.ds(blocks_ref[kb, j] * block_q, block_q)
+            _copy_in([(qt_ref.at[b, :, rows], qt_smem), (q_ref.at[b, rows], q_smem), (dot_ref.at[b, :, rows], dot_smem),
+                      (do_ref.at[b, rows], do_smem), (q_pos_ref.at[rows], q_pos_smem), (lse_ref.at[b, rows], lse_smem),
+                      (delta_ref.at[b, rows], delta_smem)], step)
+            i_pos = by_col(q_pos_smem[...])
+            mask = allows(i_pos, j_pos) & (i_pos >= 0) & (j_pos >= 0)
+            pt = jnp.where(mask, jnp.exp(_mma(k_smem, qt_smem, tile) * scale - by_col(_lse_or_zero(lse_smem[...]))),
+                           0.0)
+            dst = pt * (_mma(v_smem, dot_smem, tile) - by_col(delta_smem[...]))
+            pt_smem[...] = pt.astype(dtype)
+            dst_smem[...] = dst.astype(dtype)
+            plgpu.commit_smem()
+            return dk + _mma(dst_smem, q_smem, (block_k, h)), dv + _mma(pt_smem, do_smem, (block_k, h))
+
+        zeros = jnp.zeros((block_k, h), jnp.float32)
+        dk, dv = jax.lax.fori_loop(0, counts_ref[kb], visit, (zeros, zeros))
+        # K's and V's tiles are free now: dk and dv leave through them (fp32 staging would not fit in SMEM
+        # at block_k = H = 128).
+        k_smem[...] = (dk * scale).astype(dtype)
+        v_smem[...] = dv.astype(dtype)
+        _copy_out([(k_smem, dk_ref.at[b, cols]), (v_smem, dv_ref.at[b, cols])])
+
+    _scoped_smem(
+        scoped,
+        tiles=[((block_k, h), dtype), ((block_k, h), dtype), ((h, block_q), dtype), ((block_q, h), dtype),
+               ((h, block_q), dtype), ((block_q, h), dtype), (tile, dtype), (tile, dtype)],
+        vectors=[((block_k,), jnp.int32), ((block_q,), jnp.int32), ((block_q,), jnp.float32),
+                 ((block_q,), jnp.float32)],
+        num_once=3, num_step=7,
+    )
+
+
+def _mgpu_call(kernel, plan: _ComponentPlan, scale: float, interpret: bool, grid, grid_names, out_type, *args):
+    """One `plgpu.kernel` launch of a 'mosaic_gpu' kernel over grid (BN, row blocks), one warpgroup each."""
+    return plgpu.kernel(
+        functools.partial(kernel, allows=plan.allows, scale=scale, block_q=plan.fwd.block_q,
+                          block_k=plan.fwd.block_k),
+        out_type=out_type,
+        grid=grid,
+        grid_names=grid_names,
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=_mgpu_interpret_params() if interpret else False,
+    )(*args)
 
 
 def _component_fwd_mgpu(plan: _ComponentPlan, qc, kc, vc, scale: float, interpret: bool):
     """'mosaic_gpu' forward of one component: -> out f32[BN, Tqp, H], lse f32[BN, Tqp, 1] (as `_component_fwd`)."""
     bn, tqp, h = qc.shape
     lay = plan.fwd
-    o, lse = plgpu.kernel(
-        functools.partial(_fwd_mgpu_kernel, allows=plan.allows, scale=scale, block_q=lay.block_q,
-                          block_k=lay.block_k),
-        out_type=(jax.ShapeDtypeStruct((bn, tqp, h), jnp.float32), jax.ShapeDtypeStruct((bn, tqp), jnp.float32)),
-        grid=(bn, lay.kv_blocks.shape[0]),
-        grid_names=("rows", "q_blocks"),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=_mgpu_interpret_params() if interpret else False,
-    )(jnp.asarray(lay.kv_blocks), jnp.asarray(lay.kv_counts), qc, jnp.swapaxes(kc, 1, 2), vc,
-      jnp.asarray(plan.q_pos), jnp.asarray(plan.k_pos))
+    o, lse = _mgpu_call(
+        _fwd_mgpu_kernel, plan, scale, interpret, (bn, lay.kv_blocks.shape[0]), ("rows", "q_blocks"),
+        (jax.ShapeDtypeStruct((bn, tqp, h), jnp.float32), jax.ShapeDtypeStruct((bn, tqp), jnp.float32)),
+        jnp.asarray(lay.kv_blocks), jnp.asarray(lay.kv_counts), qc, jnp.swapaxes(kc, 1, 2), vc,
+        jnp.asarray(plan.q_pos), jnp.asarray(plan.k_pos),
+    )
     return o, lse[..., None]
+
+
+def _component_bwd_mgpu(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, scale: float, interpret: bool):
+    """'mosaic_gpu' backward of one component: -> dq [BN, Tqp, H], dk, dv [BN, Tkp, H] (as `_component_bwd`)."""
+    bn, tqp, h = qc.shape
+    tkp = kc.shape[1]
+    fwd, bwd = plan.fwd, plan.bwd
+    lse, delta = lsec[..., 0], deltac[..., 0]
+    q_pos, k_pos = jnp.asarray(plan.q_pos), jnp.asarray(plan.k_pos)
+    t = lambda x: jnp.swapaxes(x, 1, 2)  # The transposed wgmma operands (see the section comment).
+    dq = _mgpu_call(
+        _dq_mgpu_kernel, plan, scale, interpret, (bn, fwd.kv_blocks.shape[0]), ("rows", "q_blocks"),
+        jax.ShapeDtypeStruct((bn, tqp, h), qc.dtype),
+        jnp.asarray(fwd.kv_blocks), jnp.asarray(fwd.kv_counts), qc, doc, lse, delta, q_pos, t(kc), t(vc), kc, k_pos,
+    )
+    dk, dv = _mgpu_call(
+        _dkv_mgpu_kernel, plan, scale, interpret, (bn, bwd.kv_blocks.shape[0]), ("rows", "k_blocks"),
+        (jax.ShapeDtypeStruct((bn, tkp, h), kc.dtype), jax.ShapeDtypeStruct((bn, tkp, h), vc.dtype)),
+        jnp.asarray(bwd.kv_blocks), jnp.asarray(bwd.kv_counts), kc, vc, k_pos, t(qc), qc, t(doc), doc, lse, delta,
+        q_pos,
+    )
+    return dq, dk, dv
 
 
 def _mgpu_interpret_params():
@@ -746,22 +902,22 @@ def _check_compilable(lowering: str, bq: int, bk: int, h: int, dtype) -> None:
     sublane tile (Pallas itself checks only 8; 16-bit dtypes tile (16, 128) natively). 'gpu' (Triton):
     every array in the kernel must have a power-of-two size and tl.dot needs dims >= 16, so bq, bk and H
     must be powers of two >= 16. Pallas's Triton lowering checks only the power of two. 'mosaic_gpu' (also
-    checked in interpret mode, whose TMA / wgmma simulation has the same rules): 16-bit dtypes, block_q 64,
-    block_k and H multiples of 64; its backward runs the Triton kernels, so their rules hold too.
+    checked in interpret mode, whose TMA / wgmma simulation has the same rules): 16-bit dtypes (wgmma's
+    SMEM operands), block_q 64 (one warpgroup's M), block_k and H multiples of 64 (M of the dk/dv kernel,
+    128-byte swizzled rows).
     """
     if lowering == "mosaic_gpu":
         if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-            raise ValueError(f"the 'mosaic_gpu' kernel needs bfloat16 or float16 inputs, got {jnp.dtype(dtype).name}")
+            raise ValueError(f"the 'mosaic_gpu' kernels need bfloat16 or float16 inputs, got {jnp.dtype(dtype).name}")
         if bq != MGPU_BLOCK or bk % MGPU_BLOCK or h % MGPU_BLOCK:
-            raise ValueError(f"the 'mosaic_gpu' kernel needs block_q = {MGPU_BLOCK} and block_k, head_dim multiples "
+            raise ValueError(f"the 'mosaic_gpu' kernels need block_q = {MGPU_BLOCK} and block_k, head_dim multiples "
                              f"of {MGPU_BLOCK}, got {bq}, {bk}, {h}")
-        lowering = "gpu"
-    if lowering == "tpu":
+    elif lowering == "tpu":
         g = _sublanes(dtype)
         if bq % g or bk % g:
             raise ValueError(f"the 'tpu' kernels need block_q and block_k multiples of {g} for "
                              f"{jnp.dtype(dtype).name}, got {bq}, {bk}")
-    else:
+    else:  # 'gpu'
         bad = {name: x for name, x in (("block_q", bq), ("block_k", bk), ("head_dim", h)) if x < 16 or x & (x - 1)}
         if bad:
             raise ValueError(f"the 'gpu' (Triton) kernels need block_q, block_k and head_dim powers of two >= 16, "
@@ -774,17 +930,40 @@ _BACKEND = {"tpu": "tpu", "gpu": "gpu", "mosaic_gpu": "gpu"}  # The JAX backend 
 
 @dataclasses.dataclass(frozen=True)
 class _Mode:
-    """Which kernels run ('tpu': scalar-prefetch grid; 'gpu': Triton-style loop; 'mosaic_gpu': Hopper forward
-    kernel with the 'gpu' backward) and whether interpreted."""
+    """Which kernels run ('tpu': scalar-prefetch grid; 'gpu': Triton-style loop; 'mosaic_gpu': Hopper TMA /
+    wgmma kernels) and whether interpreted."""
 
     lowering: str
     interpret: bool
 
 
-def _resolve_mode(interpret: bool | None, lowering: str | None) -> _Mode:
+def _gpu_compute_capability() -> str | None:
+    """The first device's CUDA compute capability ('9.0' on Hopper), None off CUDA (e.g. ROCm, CPU)."""
+    return getattr(jax.devices()[0], "compute_capability", None)
+
+
+def _default_lowering(backend: str, dtype, h: int, block_q: int | None, block_k: int | None) -> str:
+    """The kernels `lowering=None` picks: off a GPU backend 'tpu' (also what interpret mode runs on CPU); on
+    a GPU, Mosaic GPU (the Pallas GPU backend JAX develops; its Triton path is deprecated) wherever its
+    kernels run: Hopper (sm_90: wgmma), 16-bit inputs, H and the blocks asked for multiples of 64 (block_q
+    exactly 64). Elsewhere (other GPUs, fp32, other shapes) the Triton kernels."""
+    if backend != "gpu":
+        return "tpu"
+    fits = (
+        _gpu_compute_capability() == "9.0"
+        and jnp.dtype(dtype).itemsize == 2
+        and h % MGPU_BLOCK == 0
+        and block_q in (None, MGPU_BLOCK)
+        and (block_k is None or block_k % MGPU_BLOCK == 0)
+    )
+    return "mosaic_gpu" if fits else "gpu"
+
+
+def _resolve_mode(interpret: bool | None, lowering: str | None, dtype, h: int, block_q: int | None,
+                  block_k: int | None) -> _Mode:
     backend = jax.default_backend()
     if lowering is None:
-        lowering = "gpu" if backend == "gpu" else "tpu"
+        lowering = _default_lowering(backend, dtype, h, block_q, block_k)
     if lowering not in LOWERINGS:
         raise ValueError(f"lowering must be one of {LOWERINGS}, got {lowering!r}")
     if interpret is None:
@@ -804,7 +983,7 @@ def _prepare(q, k, v, pattern, stride, summary, part, block_q, block_k, interpre
     t = q.shape[1]
     if t < 1:
         raise ValueError(f"need a sequence of at least one token, got shape {q.shape}")
-    mode = mode or _resolve_mode(interpret, lowering)
+    mode = mode or _resolve_mode(interpret, lowering, q.dtype, q.shape[-1], block_q, block_k)
     bq = _block_size(block_q, DEFAULT_BLOCK_Q, t, mode.lowering, q.dtype)
     bk = _block_size(block_k, DEFAULT_BLOCK_K, t, mode.lowering, q.dtype)
     if not mode.interpret or mode.lowering == "mosaic_gpu":
@@ -842,10 +1021,11 @@ def sparse_attention(
       block_q, block_k: tile sizes in tokens (default 128, capped at T rounded up to what the kernels compile:
         'tpu' a multiple of 8 (32-bit) / 16 (16-bit), 'gpu' a power of two >= 16; 'mosaic_gpu' 64).
       interpret: run the kernels in the Pallas interpreter; None = interpret on CPU, compile otherwise.
-      lowering: 'tpu' (scalar-prefetch grid, Mosaic) or 'gpu' (Triton-style loop over the listed blocks);
-        None = 'gpu' on a GPU backend, else 'tpu'. Both run on CPU in interpret mode. 'mosaic_gpu' (opt-in,
-        Hopper; bf16 / fp16, 64-tiles, H a multiple of 64): the Mosaic GPU forward kernel with the 'gpu'
-        backward; on CPU it runs in JAX's GPU interpreter (slow: tests only).
+      lowering: 'tpu' (scalar-prefetch grid, Mosaic), 'gpu' (Triton-style loop over the listed blocks) or
+        'mosaic_gpu' (Hopper; bf16 / fp16, 64-tiles, H a multiple of 64: TMA copies and wgmma). None = on a
+        GPU backend 'mosaic_gpu' where it runs (sm_90, those dtypes and shapes), else 'gpu'; 'tpu' off GPU.
+        'tpu' and 'gpu' run on CPU in interpret mode, 'mosaic_gpu' in JAX's GPU interpreter (slow: tests
+        only).
 
     Returns:
       [B, T, N, H] in q.dtype; scale 1/sqrt(H); rows with no allowed key are 0.
@@ -895,7 +1075,7 @@ def lower_attention(
       q, k, v: [B, T, N, H] arrays or `jax.ShapeDtypeStruct`s (only shapes and dtypes are used).
       platform: 'tpu' | 'cuda' | 'rocm'.
       lowering: which kernels (see `sparse_attention`); default 'tpu' for 'tpu', 'gpu' (Triton) for 'cuda' /
-        'rocm'; 'mosaic_gpu' on 'cuda' lowers the Mosaic GPU forward kernel (its backward is Triton's).
+        'rocm'; 'mosaic_gpu' on 'cuda' lowers the Mosaic GPU kernels (forward, dq, dk/dv).
       grad: also lower the custom VJP (the dq and dk/dv kernels) via `jax.vjp`; the lowered function is
         then (q, k, v, dout) -> (out, dq, dk, dv), else (q, k, v) -> out.
       pattern ... block_k: as `sparse_attention`; blocks must suit the target (see `_check_compilable`).

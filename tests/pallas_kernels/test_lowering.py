@@ -4,9 +4,10 @@
 each op to the tpu / vector dialects, the module serialised into a `tpu_custom_call`), Triton for 'cuda' /
 'rocm' (power-of-two arrays, each op to Triton IR inside a `__gpu$xla.gpu.triton` call). Interpret mode
 accepts shapes and ops that these reject, so this is the check that the kernels can be compiled at all.
-The opt-in Mosaic GPU forward kernel is lowered for 'cuda' too, and its values checked in JAX's GPU
-interpreter. Not covered (needs the device): libtpu's Mosaic layout passes, the PTX compile, memory limits,
-numerics on hardware, speed.
+The Mosaic GPU kernels (forward, dq, dk/dv) are lowered for 'cuda' too, and their values and gradients
+checked in JAX's GPU interpreter. Not covered (needs the device): libtpu's Mosaic layout passes, the PTX
+compile, memory limits (bar Mosaic GPU's shared-memory check, which its lowering runs), numerics on hardware,
+speed.
 """
 
 import re
@@ -151,7 +152,7 @@ def test_lowered_tile_configuration_matches_reference_in_interpret_mode(lowering
                             **PATTERNS["fixed"])
 
 
-# --- Mosaic GPU forward kernel ('mosaic_gpu'; backward = the Triton kernels). -------------------------------
+# --- Mosaic GPU kernels ('mosaic_gpu': forward, dq and dk/dv, no Triton). -----------------------------------
 
 
 def custom_calls(lowered) -> dict[str, int]:
@@ -159,15 +160,39 @@ def custom_calls(lowered) -> dict[str, int]:
     return {kind: text.count(f"custom_call @{target}(") for kind, target in bsa.KERNEL_CALL_TARGETS.items()}
 
 
+def mosaic_gpu_kernel_arities(lowered) -> list[tuple[int, int]]:
+    """(operands, results) of each Mosaic GPU call: the serialised module carries no kernel name, but the
+    forward (7 operands, o + lse), dq (11, dq) and dk/dv (12, dk + dv) kernels differ in their signatures."""
+    calls = re.findall(r"(%\w+(?::(\d+))?) = stablehlo\.custom_call @mosaic_gpu_v2\(([^)]*)\)", lowered.as_text())
+    return sorted((len(args.split(",")), int(results or 1)) for _, results, args in calls)
+
+
+MGPU_FWD, MGPU_DQ, MGPU_DKV = (7, 2), (11, 1), (12, 2)
+
+
 @pytest.mark.parametrize("pattern", list(PATTERNS))
-def test_mosaic_gpu_forward_lowers_for_cuda(pattern):
+def test_mosaic_gpu_forward_and_backward_lower_for_cuda(pattern):
     c = COMPONENTS[pattern]
     x = spec(256, 64, jnp.bfloat16)
     fwd = bsa.lower_attention(*x, platform="cuda", lowering="mosaic_gpu", **PATTERNS[pattern])
     assert custom_calls(fwd) == {"tpu": 0, "gpu": 0, "mosaic_gpu": c}
+    assert mosaic_gpu_kernel_arities(fwd) == [MGPU_FWD] * c
     both = bsa.lower_attention(*x, platform="cuda", lowering="mosaic_gpu", grad=True, block_k=128,
                                **PATTERNS[pattern])
-    assert custom_calls(both) == {"tpu": 0, "gpu": 2 * c, "mosaic_gpu": c}
+    assert custom_calls(both) == {"tpu": 0, "gpu": 0, "mosaic_gpu": 3 * c}  # No Triton kernel left.
+    assert mosaic_gpu_kernel_arities(both) == sorted([MGPU_FWD, MGPU_DQ, MGPU_DKV] * c)
+
+
+@pytest.mark.parametrize(
+    "t, h, dtype, block_k",
+    [(200, 128, jnp.float16, 128), (512, 64, jnp.bfloat16, 256), (256, 192, jnp.bfloat16, 64)],
+    ids=["T200-H128-fp16-bk128", "T512-H64-bk256", "T256-H192-bk64"],
+)
+def test_mosaic_gpu_lowers_at_larger_tiles_and_head_dims(t, h, dtype, block_k):
+    # Ragged T, and tiles / head dims that are multiples of 64 but not Triton's powers of two.
+    lowered = bsa.lower_attention(*spec(t, h, dtype), platform="cuda", lowering="mosaic_gpu", grad=True,
+                                  block_k=block_k, **PATTERNS["strided"])
+    assert mosaic_gpu_kernel_arities(lowered) == sorted([MGPU_FWD, MGPU_DQ, MGPU_DKV] * 2)
 
 
 @pytest.mark.parametrize(
@@ -177,20 +202,48 @@ def test_mosaic_gpu_forward_lowers_for_cuda(pattern):
         (dict(h=32), "multiples of 64"),
         (dict(block_q=128), "block_q = 64"),
         (dict(platform="rocm"), "takes lowering"),
+        (dict(h=128, block_k=256), "exceeds available shared memory"),  # Mosaic GPU's own SMEM check (dk/dv).
     ],
 )
 def test_mosaic_gpu_rejects_what_it_cannot_run(kwargs, match):
-    args = dict(t=128, h=64, dtype=jnp.bfloat16, platform="cuda") | kwargs
-    blocks = {"block_q": kwargs["block_q"]} if "block_q" in kwargs else {}
+    args = dict(t=256, h=64, dtype=jnp.bfloat16, platform="cuda") | kwargs
+    blocks = {key: kwargs[key] for key in ("block_q", "block_k") if key in kwargs}
     with pytest.raises(ValueError, match=match):
         bsa.lower_attention(*spec(args["t"], args["h"], args["dtype"]), platform=args["platform"],
-                            lowering="mosaic_gpu", **blocks, **PATTERNS["dense"])
+                            lowering="mosaic_gpu", grad=True, **blocks, **PATTERNS["dense"])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pattern", ["strided", "fixed"])
-def test_mosaic_gpu_forward_matches_reference_in_gpu_interpreter(pattern):
+@pytest.mark.parametrize(
+    "b, n, pattern, block_k",
+    [(1, 1, "strided", 64), (2, 2, "fixed", 128)],
+    ids=["strided-B1-N1-bk64", "fixed-B2-N2-bk128"],
+)
+def test_mosaic_gpu_kernels_match_reference_in_gpu_interpreter(b, n, pattern, block_k):
     # JAX's GPU interpreter simulates SMEM, TMA copies, barriers and wgmma on CPU (slow: ~10 s per call).
-    # Both components (strided A2 in column-major order: non-natural positions), a ragged T, gradients
-    # through the Triton backward.
-    check_against_reference(1, 100, 1, 64, jnp.bfloat16, lowering="mosaic_gpu", **PATTERNS[pattern])
+    # Forward, dq and dk/dv kernels; both components (strided A2 in column-major order: non-natural
+    # positions); a ragged T; several k-blocks per tile row, and several (batch, head) rows.
+    check_against_reference(b, 100, n, 64, jnp.bfloat16, lowering="mosaic_gpu", block_k=block_k,
+                            **PATTERNS[pattern])
+
+
+@pytest.mark.parametrize(
+    "backend, capability, dtype, h, block_q, block_k, want",
+    [
+        ("gpu", "9.0", jnp.bfloat16, 64, None, None, "mosaic_gpu"),  # Hopper, what its kernels take
+        ("gpu", "9.0", jnp.float16, 128, 64, 192, "mosaic_gpu"),
+        ("gpu", "9.0", jnp.float32, 64, None, None, "gpu"),  # wgmma's SMEM operands are 16-bit here
+        ("gpu", "9.0", jnp.bfloat16, 32, None, None, "gpu"),
+        ("gpu", "9.0", jnp.bfloat16, 64, 128, None, "gpu"),  # one warpgroup: block_q 64
+        ("gpu", "9.0", jnp.bfloat16, 64, None, 96, "gpu"),
+        ("gpu", "8.0", jnp.bfloat16, 64, None, None, "gpu"),  # no wgmma before Hopper
+        ("gpu", "10.0", jnp.bfloat16, 64, None, None, "gpu"),  # nor on Blackwell (tcgen05)
+        ("gpu", None, jnp.bfloat16, 64, None, None, "gpu"),  # ROCm
+        ("cpu", None, jnp.bfloat16, 64, None, None, "tpu"),
+        ("tpu", None, jnp.bfloat16, 64, None, None, "tpu"),
+    ],
+)
+def test_default_lowering_prefers_mosaic_gpu_where_it_runs(backend, capability, dtype, h, block_q, block_k, want,
+                                                           monkeypatch):
+    monkeypatch.setattr(bsa, "_gpu_compute_capability", lambda: capability)
+    assert bsa._default_lowering(backend, dtype, h, block_q, block_k) == want
