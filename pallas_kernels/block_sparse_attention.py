@@ -537,17 +537,22 @@ def _component_bwd_gpu(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, scal
 #   dq      (per q-block):  S = Q K^T, dP = dO V^T, dS = P (dP - delta), dQ += dS K;
 #   dk, dv  (per k-block):  the same products transposed, S^T = K Q^T, dP^T = V dO^T, dV += P^T dO,
 #                           dK += dS^T Q, so that the keys are wgmma's M rows and no register transposes.
-# P and dS reach the tensor cores through SMEM, in the input dtype. Layouts are inferred ('Warpgroup'
-# lowering semantics). Kept simple so that JAX's GPU interpreter (which lacks `transpose_ref`, register
-# wgmma operands, `layout_cast`, `run_state`) runs all three on CPU: the operands wgmma needs transposed
-# (K^T, V^T, Q^T, dO^T) are transposed in HBM by the caller, and copies are not yet pipelined (each step
-# waits for its tiles): a first, testable version rather than a tuned one.
+# P and dS reach the tensor cores through SMEM, in the input dtype. The per-tile copies are double-buffered
+# (`_walk_tiles`): tile j + 1's operands are in flight into one SMEM slot while tile j computes from the
+# other; a kernel whose two slots would not fit in SMEM (large block_k or H; `_mgpu_slots`) uses one. Layouts are inferred ('Warpgroup' lowering semantics). Kept simple enough for JAX's GPU interpreter
+# (which lacks `transpose_ref`, register wgmma operands, `layout_cast`, `run_state`) to run all three on
+# CPU: the operands wgmma needs transposed (K^T, V^T, Q^T, dO^T) are transposed in HBM by the caller. Not
+# yet done (needs a GPU to tune): producer / consumer warpgroups, two consumer warpgroups per block, P as a
+# register operand.
 
 MGPU_BLOCK = 64  # wgmma M per warpgroup; also the k-tile (128-byte swizzled rows of 16-bit K^T / P).
+# SMEM per thread block on Hopper (227 KiB opt-in), what Mosaic GPU checks a kernel against.
+MGPU_SMEM_BYTES = 227 * 1024
 
 
 def _smem_tiled(shape, dtype):
-    """An SMEM tile with the (8, 128-byte) tiling and swizzle wgmma reads (minor dim >= 64 16-bit elements)."""
+    """An SMEM tile with the (8, 128-byte) tiling and swizzle wgmma reads (minor dim >= 64 16-bit elements);
+    leading dims (e.g. the slot axis) are plain."""
     bits = jnp.finfo(dtype).bits
     swizzle = plgpu.find_swizzle(shape[-1] * bits)
     tiling = plgpu.TilingTransform((8, swizzle * 8 // bits))
@@ -555,7 +560,9 @@ def _smem_tiled(shape, dtype):
 
 
 def _mma(a_smem, b_smem, shape):
-    """a @ b on the tensor cores (wgmma; a [M, K], b [K, N] in SMEM) -> f32[M, N] in registers."""
+    """a @ b on the tensor cores (wgmma; a [M, K], b [K, N] in SMEM) -> f32[M, N] in registers.
+
+    Reading the accumulator waits for the wgmma, so a, b may be overwritten as soon as this returns."""
 
     def run(acc_ref):
         plgpu.wgmma(acc_ref, a_smem, b_smem)
@@ -580,19 +587,43 @@ def _copy_out(copies):
     plgpu.wait_smem_to_gmem(0)
 
 
-def _scoped_smem(body, tiles, vectors, num_once, num_step):
-    """Runs body(*tile refs, *vector refs, once barriers, step barriers) with that SMEM allocated.
+def _walk_tiles(count, sources, buffers, barriers, body, init):
+    """fori_loop over a row block's `count` listed tiles, copies double-buffered where SMEM allows.
 
-    tiles: (shape, dtype) of wgmma operands (tiled and swizzled); vectors: (shape, dtype) of plain buffers
-    (positions, lse, delta, outputs). `once` barriers serve the row block's own copies, `step` barriers the
-    per-tile copies (a barrier's phase flips on every completed copy, so the two uses stay apart)."""
-    pl.run_scoped(
-        body,
-        *(_smem_tiled(shape, dtype) for shape, dtype in tiles),
-        *(plgpu.SMEM(shape, dtype) for shape, dtype in vectors),
-        plgpu.Barrier(num_barriers=num_once),
-        plgpu.Barrier(num_barriers=num_step),
-    )
+    sources: per streamed operand, j -> the GMEM view of listed tile j; buffers: per operand, its SMEM
+    [slots, ...] (slots 2, or 1 where two do not fit: `_mgpu_slots`); barriers: slots * len(sources), one per
+    (slot, operand). body(tile refs, carry) -> carry. With two slots, tile j runs from slot j % 2 while tile
+    j + 1 is copied into the other. That slot was last read by tile j - 1: its wgmmas are complete (`_mma`
+    waits) and its register reads of positions / lse precede that step's `commit_smem`, a warpgroup
+    barrier, so no copy overwrites a slot still being read. With one slot each step copies, then computes.
+    """
+    m, slots = len(sources), buffers[0].shape[0]
+
+    def start(j, slot):
+        for n, (src, buf) in enumerate(zip(sources, buffers, strict=True)):
+            plgpu.copy_gmem_to_smem(src(j), buf.at[slot], barriers.at[slot * m + n])
+
+    if slots > 1:
+
+        @pl.when(count > 0)
+        def _first():
+            start(0, 0)
+
+    def step(j, carry):
+        slot = j % slots
+        if slots > 1:
+
+            @pl.when(j + 1 < count)
+            def _next():
+                start(j + 1, (j + 1) % slots)
+
+        else:
+            start(j, 0)
+        for n in range(m):
+            plgpu.barrier_wait(barriers.at[slot * m + n])
+        return body(tuple(buf.at[slot] for buf in buffers), carry)
+
+    return jax.lax.fori_loop(0, count, step, init)
 
 
 def _lse_or_zero(lse):
@@ -601,24 +632,24 @@ def _lse_or_zero(lse):
 
 
 def _fwd_mgpu_kernel(blocks_ref, counts_ref, q_ref, kt_ref, v_ref, q_pos_ref, k_pos_ref, o_ref, lse_ref,
-                     *, allows, scale, block_q, block_k):
+                     *, allows, scale, block_q, block_k, slots):
     """GMEM refs: blocks int32[nq, W], counts int32[nq], q/v [BN, T, H], kt [BN, H, Tkp], positions int32[T];
     out o f32[BN, Tqp, H], lse f32[BN, Tqp]."""
     b, i = jax.lax.axis_index("rows"), jax.lax.axis_index("q_blocks")
     h, dtype = q_ref.shape[-1], q_ref.dtype
     rows = pl.ds(i * block_q, block_q)
+    tile = (block_q, block_k)
+    cols = lambda j: pl.ds(blocks_ref[i, j] * block_k, block_k)
 
-    def scoped(q_smem, kt_smem, v_smem, p_smem, q_pos_smem, k_pos_smem, o_smem, lse_smem, once, step):
+    def scoped(q_smem, q_pos_smem, kt_smem, v_smem, k_pos_smem, p_smem, o_smem, lse_smem, once, step):
         _copy_in([(q_ref.at[b, rows], q_smem), (q_pos_ref.at[rows], q_pos_smem)], once)
-        i_pos = jax.lax.broadcast_in_dim(q_pos_smem[...], (block_q, block_k), (0,))
+        i_pos = jax.lax.broadcast_in_dim(q_pos_smem[...], tile, (0,))
 
-        def visit(j, carry):
+        def visit(refs, carry):
+            kt, v, k_pos = refs
             m_prev, l_prev, acc = carry
-            cols = pl.ds(blocks_ref[i, j] * block_k, block_k)
-            _copy_in([(kt_ref.at[b, :, cols], kt_smem), (v_ref.at[b, cols], v_smem),
-                      (k_pos_ref.at[cols], k_pos_smem)], step)
-            s = _mma(q_smem, kt_smem, (block_q, block_k)) * scale
-            j_pos = jax.lax.broadcast_in_dim(k_pos_smem[...], (block_q, block_k), (1,))
+            s = _mma(q_smem, kt, tile) * scale
+            j_pos = jax.lax.broadcast_in_dim(k_pos[...], tile, (1,))
             mask = allows(i_pos, j_pos) & (i_pos >= 0) & (j_pos >= 0)
             m_new = jnp.maximum(m_prev, jnp.max(jnp.where(mask, s, -jnp.inf), axis=1))
             m_safe = _lse_or_zero(m_new)  # As in `_fwd_kernel`: keep exp() finite.
@@ -626,70 +657,90 @@ def _fwd_mgpu_kernel(blocks_ref, counts_ref, q_ref, kt_ref, v_ref, q_pos_ref, k_
             p = jnp.where(mask, jnp.exp(s - jax.lax.broadcast_in_dim(m_safe, s.shape, (0,))), 0.0)
             p_smem[...] = p.astype(dtype)
             plgpu.commit_smem()  # Make the register -> SMEM store visible to the tensor cores.
-            acc = jax.lax.broadcast_in_dim(alpha, acc.shape, (0,)) * acc + _mma(p_smem, v_smem, (block_q, h))
+            acc = jax.lax.broadcast_in_dim(alpha, acc.shape, (0,)) * acc + _mma(p_smem, v, (block_q, h))
             return m_new, alpha * l_prev + jnp.sum(p, axis=1), acc
 
         init = (jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32),
                 jnp.zeros((block_q, h), jnp.float32))
-        m, denom, acc = jax.lax.fori_loop(0, counts_ref[i], visit, init)
+        m, denom, acc = _walk_tiles(
+            counts_ref[i],
+            [lambda j: kt_ref.at[b, :, cols(j)], lambda j: v_ref.at[b, cols(j)], lambda j: k_pos_ref.at[cols(j)]],
+            [kt_smem, v_smem, k_pos_smem], step, visit, init,
+        )
         live = denom > 0
         denom = jnp.where(live, denom, 1.0)  # Rows with no allowed key: output 0, lse -inf.
         o_smem[...] = acc / jax.lax.broadcast_in_dim(denom, acc.shape, (0,))
         lse_smem[...] = jnp.where(live, m + jnp.log(denom), -jnp.inf)
         _copy_out([(o_smem, o_ref.at[b, rows]), (lse_smem, lse_ref.at[b, rows])])
 
-    _scoped_smem(
-        scoped,
-        tiles=[((block_q, h), dtype), ((h, block_k), dtype), ((block_k, h), dtype), ((block_q, block_k), dtype)],
-        vectors=[((block_q,), jnp.int32), ((block_k,), jnp.int32), ((block_q, h), jnp.float32),
-                 ((block_q,), jnp.float32)],
-        num_once=2, num_step=3,
-    )
+    pl.run_scoped(scoped, *_fwd_mgpu_smem(block_q, block_k, h, dtype, slots),
+                  plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=slots * 3))
+
+
+def _fwd_mgpu_smem(block_q, block_k, h, dtype, slots):
+    """The forward kernel's SMEM, in `scoped`'s argument order (barriers apart)."""
+    return [
+        _smem_tiled((block_q, h), dtype), plgpu.SMEM((block_q,), jnp.int32),  # once: Q, its positions
+        _smem_tiled((slots, h, block_k), dtype), _smem_tiled((slots, block_k, h), dtype),  # streamed: K^T, V,
+        plgpu.SMEM((slots, block_k), jnp.int32),  # key positions
+        _smem_tiled((block_q, block_k), dtype),  # P
+        plgpu.SMEM((block_q, h), jnp.float32), plgpu.SMEM((block_q,), jnp.float32),  # out: O, lse
+    ]
 
 
 def _dq_mgpu_kernel(blocks_ref, counts_ref, q_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kt_ref, vt_ref, k_ref,
-                    k_pos_ref, dq_ref, *, allows, scale, block_q, block_k):
+                    k_pos_ref, dq_ref, *, allows, scale, block_q, block_k, slots):
     """GMEM refs: blocks int32[nq, W], counts int32[nq], q/do [BN, Tqp, H], lse/delta f32[BN, Tqp],
     kt/vt [BN, H, Tkp], k [BN, Tkp, H], positions int32[Tqp] / [Tkp]; out dq [BN, Tqp, H] in q's dtype."""
     b, i = jax.lax.axis_index("rows"), jax.lax.axis_index("q_blocks")
     h, dtype = q_ref.shape[-1], q_ref.dtype
     rows = pl.ds(i * block_q, block_q)
     tile = (block_q, block_k)
+    cols = lambda j: pl.ds(blocks_ref[i, j] * block_k, block_k)
 
-    def scoped(q_smem, do_smem, kt_smem, vt_smem, k_smem, ds_smem, q_pos_smem, lse_smem, delta_smem, k_pos_smem,
+    def scoped(q_smem, do_smem, q_pos_smem, lse_smem, delta_smem, kt_smem, vt_smem, k_smem, k_pos_smem, ds_smem,
                once, step):
         _copy_in([(q_ref.at[b, rows], q_smem), (do_ref.at[b, rows], do_smem), (q_pos_ref.at[rows], q_pos_smem),
                   (lse_ref.at[b, rows], lse_smem), (delta_ref.at[b, rows], delta_smem)], once)
         by_row = lambda x: jax.lax.broadcast_in_dim(x, tile, (0,))
         i_pos, lse, delta = by_row(q_pos_smem[...]), by_row(_lse_or_zero(lse_smem[...])), by_row(delta_smem[...])
 
-        def visit(j, acc):
-            cols = pl.ds(blocks_ref[i, j] * block_k, block_k)
-            _copy_in([(kt_ref.at[b, :, cols], kt_smem), (vt_ref.at[b, :, cols], vt_smem), (k_ref.at[b, cols], k_smem),
-                      (k_pos_ref.at[cols], k_pos_smem)], step)
-            j_pos = jax.lax.broadcast_in_dim(k_pos_smem[...], tile, (1,))
+        def visit(refs, acc):
+            kt, vt, k, k_pos = refs
+            j_pos = jax.lax.broadcast_in_dim(k_pos[...], tile, (1,))
             mask = allows(i_pos, j_pos) & (i_pos >= 0) & (j_pos >= 0)
-            p = jnp.where(mask, jnp.exp(_mma(q_smem, kt_smem, tile) * scale - lse), 0.0)
-            ds_smem[...] = (p * (_mma(do_smem, vt_smem, tile) - delta)).astype(dtype)
+            p = jnp.where(mask, jnp.exp(_mma(q_smem, kt, tile) * scale - lse), 0.0)
+            ds_smem[...] = (p * (_mma(do_smem, vt, tile) - delta)).astype(dtype)
             plgpu.commit_smem()
-            return acc + _mma(ds_smem, k_smem, (block_q, h))
+            return acc + _mma(ds_smem, k, (block_q, h))
 
-        acc = jax.lax.fori_loop(0, counts_ref[i], visit, jnp.zeros((block_q, h), jnp.float32))
+        acc = _walk_tiles(
+            counts_ref[i],
+            [lambda j: kt_ref.at[b, :, cols(j)], lambda j: vt_ref.at[b, :, cols(j)], lambda j: k_ref.at[b, cols(j)],
+             lambda j: k_pos_ref.at[cols(j)]],
+            [kt_smem, vt_smem, k_smem, k_pos_smem], step, visit, jnp.zeros((block_q, h), jnp.float32),
+        )
         q_smem[...] = (acc * scale).astype(dtype)  # Q's tile is free now: dq leaves through it.
         _copy_out([(q_smem, dq_ref.at[b, rows])])
 
-    _scoped_smem(
-        scoped,
-        tiles=[((block_q, h), dtype), ((block_q, h), dtype), ((h, block_k), dtype), ((h, block_k), dtype),
-               ((block_k, h), dtype), (tile, dtype)],
-        vectors=[((block_q,), jnp.int32), ((block_q,), jnp.float32), ((block_q,), jnp.float32),
-                 ((block_k,), jnp.int32)],
-        num_once=5, num_step=4,
-    )
+    pl.run_scoped(scoped, *_dq_mgpu_smem(block_q, block_k, h, dtype, slots),
+                  plgpu.Barrier(num_barriers=5), plgpu.Barrier(num_barriers=slots * 4))
+
+
+def _dq_mgpu_smem(block_q, block_k, h, dtype, slots):
+    """The dq kernel's SMEM, in `scoped`'s argument order (barriers apart)."""
+    return [
+        _smem_tiled((block_q, h), dtype), _smem_tiled((block_q, h), dtype),  # once: Q, dO,
+        plgpu.SMEM((block_q,), jnp.int32), plgpu.SMEM((block_q,), jnp.float32),  # positions, lse,
+        plgpu.SMEM((block_q,), jnp.float32),  # delta
+        _smem_tiled((slots, h, block_k), dtype), _smem_tiled((slots, h, block_k), dtype),  # streamed: K^T, V^T,
+        _smem_tiled((slots, block_k, h), dtype), plgpu.SMEM((slots, block_k), jnp.int32),  # K, key positions
+        _smem_tiled((block_q, block_k), dtype),  # dS
+    ]
 
 
 def _dkv_mgpu_kernel(blocks_ref, counts_ref, k_ref, v_ref, k_pos_ref, qt_ref, q_ref, dot_ref, do_ref, lse_ref,
-                     delta_ref, q_pos_ref, dk_ref, dv_ref, *, allows, scale, block_q, block_k):
+                     delta_ref, q_pos_ref, dk_ref, dv_ref, *, allows, scale, block_q, block_k, slots):
     """GMEM refs: blocks int32[nk, W] (listed q-blocks per k-block), counts int32[nk], k/v [BN, Tkp, H],
     qt/dot [BN, H, Tqp], q/do [BN, Tqp, H], lse/delta f32[BN, Tqp], positions; out dk, dv [BN, Tkp, H] in
     k's dtype."""
@@ -697,52 +748,77 @@ def _dkv_mgpu_kernel(blocks_ref, counts_ref, k_ref, v_ref, k_pos_ref, qt_ref, q_
     h, dtype = k_ref.shape[-1], k_ref.dtype
     cols = pl.ds(kb * block_k, block_k)
     tile = (block_k, block_q)  # Transposed: keys are the rows.
+    rows = lambda j: pl.ds(blocks_ref[kb, j] * block_q, block_q)
 
-    def scoped(k_smem, v_smem, qt_smem, q_smem, dot_smem, do_smem, pt_smem, dst_smem, k_pos_smem, q_pos_smem,
-               lse_smem, delta_smem, once, step):
+    def scoped(k_smem, v_smem, k_pos_smem, qt_smem, q_smem, dot_smem, do_smem, q_pos_smem, lse_smem, delta_smem,
+               pt_smem, dst_smem, once, step):
         _copy_in([(k_ref.at[b, cols], k_smem), (v_ref.at[b, cols], v_smem), (k_pos_ref.at[cols], k_pos_smem)], once)
         j_pos = jax.lax.broadcast_in_dim(k_pos_smem[...], tile, (0,))
         by_col = lambda x: jax.lax.broadcast_in_dim(x, tile, (1,))
 
-        def visit(j, carry):
+        def visit(refs, carry):
+            qt, q, dot, do, q_pos, lse, delta = refs
             dk, dv = carry
-            rows = pl.ds(blocks_ref[kb, j] * block_q, block_q)
-            _copy_in([(qt_ref.at[b, :, rows], qt_smem), (q_ref.at[b, rows], q_smem), (dot_ref.at[b, :, rows], dot_smem),
-                      (do_ref.at[b, rows], do_smem), (q_pos_ref.at[rows], q_pos_smem), (lse_ref.at[b, rows], lse_smem),
-                      (delta_ref.at[b, rows], delta_smem)], step)
-            i_pos = by_col(q_pos_smem[...])
+            i_pos = by_col(q_pos[...])
             mask = allows(i_pos, j_pos) & (i_pos >= 0) & (j_pos >= 0)
-            pt = jnp.where(mask, jnp.exp(_mma(k_smem, qt_smem, tile) * scale - by_col(_lse_or_zero(lse_smem[...]))),
-                           0.0)
-            dst = pt * (_mma(v_smem, dot_smem, tile) - by_col(delta_smem[...]))
+            pt = jnp.where(mask, jnp.exp(_mma(k_smem, qt, tile) * scale - by_col(_lse_or_zero(lse[...]))), 0.0)
+            dst = pt * (_mma(v_smem, dot, tile) - by_col(delta[...]))
             pt_smem[...] = pt.astype(dtype)
             dst_smem[...] = dst.astype(dtype)
             plgpu.commit_smem()
-            return dk + _mma(dst_smem, q_smem, (block_k, h)), dv + _mma(pt_smem, do_smem, (block_k, h))
+            return dk + _mma(dst_smem, q, (block_k, h)), dv + _mma(pt_smem, do, (block_k, h))
 
         zeros = jnp.zeros((block_k, h), jnp.float32)
-        dk, dv = jax.lax.fori_loop(0, counts_ref[kb], visit, (zeros, zeros))
+        dk, dv = _walk_tiles(
+            counts_ref[kb],
+            [lambda j: qt_ref.at[b, :, rows(j)], lambda j: q_ref.at[b, rows(j)], lambda j: dot_ref.at[b, :, rows(j)],
+             lambda j: do_ref.at[b, rows(j)], lambda j: q_pos_ref.at[rows(j)], lambda j: lse_ref.at[b, rows(j)],
+             lambda j: delta_ref.at[b, rows(j)]],
+            [qt_smem, q_smem, dot_smem, do_smem, q_pos_smem, lse_smem, delta_smem], step, visit, (zeros, zeros),
+        )
         # K's and V's tiles are free now: dk and dv leave through them (fp32 staging would not fit in SMEM
         # at block_k = H = 128).
         k_smem[...] = (dk * scale).astype(dtype)
         v_smem[...] = dv.astype(dtype)
         _copy_out([(k_smem, dk_ref.at[b, cols]), (v_smem, dv_ref.at[b, cols])])
 
-    _scoped_smem(
-        scoped,
-        tiles=[((block_k, h), dtype), ((block_k, h), dtype), ((h, block_q), dtype), ((block_q, h), dtype),
-               ((h, block_q), dtype), ((block_q, h), dtype), (tile, dtype), (tile, dtype)],
-        vectors=[((block_k,), jnp.int32), ((block_q,), jnp.int32), ((block_q,), jnp.float32),
-                 ((block_q,), jnp.float32)],
-        num_once=3, num_step=7,
-    )
+    pl.run_scoped(scoped, *_dkv_mgpu_smem(block_q, block_k, h, dtype, slots),
+                  plgpu.Barrier(num_barriers=3), plgpu.Barrier(num_barriers=slots * 7))
 
 
-def _mgpu_call(kernel, plan: _ComponentPlan, scale: float, interpret: bool, grid, grid_names, out_type, *args):
-    """One `plgpu.kernel` launch of a 'mosaic_gpu' kernel over grid (BN, row blocks), one warpgroup each."""
+def _dkv_mgpu_smem(block_q, block_k, h, dtype, slots):
+    """The dk/dv kernel's SMEM, in `scoped`'s argument order (barriers apart)."""
+    qt, q = _smem_tiled((slots, h, block_q), dtype), _smem_tiled((slots, block_q, h), dtype)
+    return [
+        _smem_tiled((block_k, h), dtype), _smem_tiled((block_k, h), dtype),  # once: K, V,
+        plgpu.SMEM((block_k,), jnp.int32),  # key positions
+        qt, q, qt, q,  # streamed: Q^T, Q, dO^T, dO,
+        plgpu.SMEM((slots, block_q), jnp.int32), plgpu.SMEM((slots, block_q), jnp.float32),  # positions, lse,
+        plgpu.SMEM((slots, block_q), jnp.float32),  # delta
+        _smem_tiled((block_k, block_q), dtype), _smem_tiled((block_k, block_q), dtype),  # P^T, dS^T
+    ]
+
+
+def _mgpu_slots(smem, block_q: int, block_k: int, h: int, dtype) -> int:
+    """2 (double-buffered copies) if a kernel's SMEM (`smem`: one of the `_*_mgpu_smem`) fits the budget
+    with two slots per streamed operand, else 1. Each buffer is counted rounded up to 1 KiB (the swizzle
+    alignment), a slight overestimate of Mosaic GPU's packing."""
+    for slots in (2, 1):
+        need = sum(-(-math.prod(ref.shape) * jnp.dtype(ref.dtype).itemsize // 1024) * 1024
+                   for ref in smem(block_q, block_k, h, dtype, slots))
+        if need <= MGPU_SMEM_BYTES:
+            return slots
+    return 1  # Too big even so: Mosaic GPU's own check names the sizes.
+
+
+def _mgpu_call(kernel, smem, plan: _ComponentPlan, scale: float, interpret: bool, grid, grid_names, out_type,
+               *args):
+    """One `plgpu.kernel` launch of a 'mosaic_gpu' kernel over grid (BN, row blocks), one warpgroup each;
+    `smem` is the kernel's SMEM list (to choose its copy slots); args[2] is q or k [BN, T, H]."""
+    bq, bk, (h, dtype) = plan.fwd.block_q, plan.fwd.block_k, (args[2].shape[-1], args[2].dtype)
     return plgpu.kernel(
-        functools.partial(kernel, allows=plan.allows, scale=scale, block_q=plan.fwd.block_q,
-                          block_k=plan.fwd.block_k),
+        functools.partial(kernel, allows=plan.allows, scale=scale, block_q=bq, block_k=bk,
+                          slots=_mgpu_slots(smem, bq, bk, h, dtype)),
         out_type=out_type,
         grid=grid,
         grid_names=grid_names,
@@ -756,7 +832,7 @@ def _component_fwd_mgpu(plan: _ComponentPlan, qc, kc, vc, scale: float, interpre
     bn, tqp, h = qc.shape
     lay = plan.fwd
     o, lse = _mgpu_call(
-        _fwd_mgpu_kernel, plan, scale, interpret, (bn, lay.kv_blocks.shape[0]), ("rows", "q_blocks"),
+        _fwd_mgpu_kernel, _fwd_mgpu_smem, plan, scale, interpret, (bn, lay.kv_blocks.shape[0]), ("rows", "q_blocks"),
         (jax.ShapeDtypeStruct((bn, tqp, h), jnp.float32), jax.ShapeDtypeStruct((bn, tqp), jnp.float32)),
         jnp.asarray(lay.kv_blocks), jnp.asarray(lay.kv_counts), qc, jnp.swapaxes(kc, 1, 2), vc,
         jnp.asarray(plan.q_pos), jnp.asarray(plan.k_pos),
@@ -773,12 +849,12 @@ def _component_bwd_mgpu(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, sca
     q_pos, k_pos = jnp.asarray(plan.q_pos), jnp.asarray(plan.k_pos)
     t = lambda x: jnp.swapaxes(x, 1, 2)  # The transposed wgmma operands (see the section comment).
     dq = _mgpu_call(
-        _dq_mgpu_kernel, plan, scale, interpret, (bn, fwd.kv_blocks.shape[0]), ("rows", "q_blocks"),
+        _dq_mgpu_kernel, _dq_mgpu_smem, plan, scale, interpret, (bn, fwd.kv_blocks.shape[0]), ("rows", "q_blocks"),
         jax.ShapeDtypeStruct((bn, tqp, h), qc.dtype),
         jnp.asarray(fwd.kv_blocks), jnp.asarray(fwd.kv_counts), qc, doc, lse, delta, q_pos, t(kc), t(vc), kc, k_pos,
     )
     dk, dv = _mgpu_call(
-        _dkv_mgpu_kernel, plan, scale, interpret, (bn, bwd.kv_blocks.shape[0]), ("rows", "k_blocks"),
+        _dkv_mgpu_kernel, _dkv_mgpu_smem, plan, scale, interpret, (bn, bwd.kv_blocks.shape[0]), ("rows", "k_blocks"),
         (jax.ShapeDtypeStruct((bn, tkp, h), kc.dtype), jax.ShapeDtypeStruct((bn, tkp, h), vc.dtype)),
         jnp.asarray(bwd.kv_blocks), jnp.asarray(bwd.kv_counts), kc, vc, k_pos, t(qc), qc, t(doc), doc, lse, delta,
         q_pos,

@@ -184,12 +184,21 @@ def test_mosaic_gpu_forward_and_backward_lower_for_cuda(pattern):
 
 
 @pytest.mark.parametrize(
-    "t, h, dtype, block_k",
-    [(200, 128, jnp.float16, 128), (512, 64, jnp.bfloat16, 256), (256, 192, jnp.bfloat16, 64)],
-    ids=["T200-H128-fp16-bk128", "T512-H64-bk256", "T256-H192-bk64"],
+    "t, h, dtype, block_k, slots",
+    [
+        (256, 64, jnp.bfloat16, 64, [2, 2, 2]),
+        (200, 128, jnp.float16, 128, [2, 1, 1]),
+        (512, 64, jnp.bfloat16, 256, [2, 1, 2]),
+        (256, 192, jnp.bfloat16, 64, [2, 2, 1]),
+    ],
+    ids=["T256-H64-bk64", "T200-H128-fp16-bk128", "T512-H64-bk256", "T256-H192-bk64"],
 )
-def test_mosaic_gpu_lowers_at_larger_tiles_and_head_dims(t, h, dtype, block_k):
-    # Ragged T, and tiles / head dims that are multiples of 64 but not Triton's powers of two.
+def test_mosaic_gpu_lowers_at_larger_tiles_and_head_dims(t, h, dtype, block_k, slots):
+    # Ragged T, and tiles / head dims that are multiples of 64 but not Triton's powers of two. Each kernel
+    # double-buffers its copies where two slots fit in SMEM (forward, dq, dk/dv); what it picks lowers, so
+    # Mosaic GPU's own SMEM check agrees with `_mgpu_slots`.
+    smem = (bsa._fwd_mgpu_smem, bsa._dq_mgpu_smem, bsa._dkv_mgpu_smem)
+    assert [bsa._mgpu_slots(f, bsa.MGPU_BLOCK, block_k, h, dtype) for f in smem] == slots
     lowered = bsa.lower_attention(*spec(t, h, dtype), platform="cuda", lowering="mosaic_gpu", grad=True,
                                   block_k=block_k, **PATTERNS["strided"])
     assert mosaic_gpu_kernel_arities(lowered) == sorted([MGPU_FWD, MGPU_DQ, MGPU_DKV] * 2)
@@ -215,35 +224,17 @@ def test_mosaic_gpu_rejects_what_it_cannot_run(kwargs, match):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "b, n, pattern, block_k",
-    [(1, 1, "strided", 64), (2, 2, "fixed", 128)],
-    ids=["strided-B1-N1-bk64", "fixed-B2-N2-bk128"],
+    "b, t, n, pattern, block_k, smem",
+    [(1, 100, 1, "strided", 64, None), (2, 90, 2, "fixed", 128, None), (1, 70, 2, "strided", 128, 0)],
+    ids=["strided-B1-N1-bk64", "fixed-B2-N2-bk128", "strided-single-buffered"],
 )
-def test_mosaic_gpu_kernels_match_reference_in_gpu_interpreter(b, n, pattern, block_k):
+def test_mosaic_gpu_kernels_match_reference_in_gpu_interpreter(b, t, n, pattern, block_k, smem, monkeypatch):
     # JAX's GPU interpreter simulates SMEM, TMA copies, barriers and wgmma on CPU (slow: ~10 s per call).
     # Forward, dq and dk/dv kernels; both components (strided A2 in column-major order: non-natural
-    # positions); a ragged T; several k-blocks per tile row, and several (batch, head) rows.
-    check_against_reference(b, 100, n, 64, jnp.bfloat16, lowering="mosaic_gpu", block_k=block_k,
-                            **PATTERNS[pattern])
-
-
-@pytest.mark.parametrize(
-    "backend, capability, dtype, h, block_q, block_k, want",
-    [
-        ("gpu", "9.0", jnp.bfloat16, 64, None, None, "mosaic_gpu"),  # Hopper, what its kernels take
-        ("gpu", "9.0", jnp.float16, 128, 64, 192, "mosaic_gpu"),
-        ("gpu", "9.0", jnp.float32, 64, None, None, "gpu"),  # wgmma's SMEM operands are 16-bit here
-        ("gpu", "9.0", jnp.bfloat16, 32, None, None, "gpu"),
-        ("gpu", "9.0", jnp.bfloat16, 64, 128, None, "gpu"),  # one warpgroup: block_q 64
-        ("gpu", "9.0", jnp.bfloat16, 64, None, 96, "gpu"),
-        ("gpu", "8.0", jnp.bfloat16, 64, None, None, "gpu"),  # no wgmma before Hopper
-        ("gpu", "10.0", jnp.bfloat16, 64, None, None, "gpu"),  # nor on Blackwell (tcgen05)
-        ("gpu", None, jnp.bfloat16, 64, None, None, "gpu"),  # ROCm
-        ("cpu", None, jnp.bfloat16, 64, None, None, "tpu"),
-        ("tpu", None, jnp.bfloat16, 64, None, None, "tpu"),
-    ],
-)
-def test_default_lowering_prefers_mosaic_gpu_where_it_runs(backend, capability, dtype, h, block_q, block_k, want,
-                                                           monkeypatch):
-    monkeypatch.setattr(bsa, "_gpu_compute_capability", lambda: capability)
-    assert bsa._default_lowering(backend, dtype, h, block_q, block_k) == want
+    # positions); a ragged T; several k-blocks per tile row, and several (batch, head) rows. Its copies
+    # complete at once, so a copy into the slot being computed corrupts values, and a barrier waited on in
+    # the wrong phase is an error: the double-buffering is checked too. smem = 0 forces one slot per operand
+    # (what large tiles get); a distinct T, so that no jit cache entry from the other cases is reused.
+    if smem is not None:
+        monkeypatch.setattr(bsa, "MGPU_SMEM_BYTES", smem)
+    check_against_reference(b, t, n, 64, jnp.bfloat16, lowering="mosaic_gpu", block_k=block_k, **PATTERNS[pattern])
