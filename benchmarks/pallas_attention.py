@@ -5,8 +5,8 @@ For each sequence length n, on one jitted step (output and dq, dk, dv) with bf16
   dense-xla         the same with implementation='xla' (the full n x n square; up to --dense_xla_max_n);
   <pattern>-<lowering>
                     pallas_kernels.sparse_attention for pattern 'strided' / 'fixed' and each kernel lowering
-                    of this backend ('mosaic_gpu' and 'gpu' (Triton) on CUDA, 'gpu' on ROCm, 'tpu' on TPU;
-                    on CPU 'tpu' and 'gpu' in interpret mode, slowly, for testing the script).
+                    this backend compiles (`compiled_lowerings`: 'gpu' (Triton), and 'mosaic_gpu' on Hopper,
+                    on GPUs; 'tpu' on TPU; on CPU 'tpu' and 'gpu' in interpret mode, for testing the script).
 Columns:
   time     best of at least --repeats steady-state runs, and of as many as fit in --min_time seconds (after one
            compile + warm-up run), seconds;
@@ -102,18 +102,14 @@ def matmul_tflops(repeats: int) -> float:
     return 2 * m**3 / _best_time(mm, (x, x), max(repeats, 5)) / 1e12
 
 
-def lowering_platform() -> str | None:
-    """The `lower_attention` platform of this backend: 'cuda', 'rocm', 'tpu', or None (CPU)."""
-    backend = jax.default_backend()
-    if backend == "gpu":
-        return "rocm" if "rocm" in jax.devices()[0].client.platform_version.lower() else "cuda"
-    return backend if backend == "tpu" else None
-
-
 def default_lowerings() -> list[str]:
     """Every kernel lowering this backend compiles; on CPU the two that interpret mode runs quickly."""
-    plat = lowering_platform()
-    return list(bsa.PLATFORM_LOWERINGS[plat]) if plat else ["tpu", "gpu"]
+    return list(bsa.compiled_lowerings()) or ["tpu", "gpu"]
+
+
+def _has_cudnn() -> bool:
+    """CUDA (not ROCm) GPUs, where jax.nn.dot_product_attention has a cuDNN implementation."""
+    return jax.default_backend() == "gpu" and bsa._gpu_compute_capability() is not None
 
 
 def _rel_err(got, want) -> float:
@@ -165,7 +161,7 @@ def main(argv):
         args32 = tuple(jax.random.normal(key, (b, n, nh, h), jnp.float32) for key in keys)
         args = tuple(x.astype(jnp.bfloat16) for x in args32)
         cases = []  # (method, pattern kwargs or None, attention fn, computed logits per (batch, head))
-        if lowering_platform() == "cuda":
+        if _has_cudnn():
             cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
             cases.append(("dense-cudnn", None, cudnn, n * (n + 1) // 2))
         if n <= _DENSE_XLA_MAX_N.value:

@@ -539,7 +539,8 @@ def _component_bwd_gpu(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, scal
 #                           dK += dS^T Q, so that the keys are wgmma's M rows and no register transposes.
 # P and dS reach the tensor cores through SMEM, in the input dtype. The per-tile copies are double-buffered
 # (`_walk_tiles`): tile j + 1's operands are in flight into one SMEM slot while tile j computes from the
-# other; a kernel whose two slots would not fit in SMEM (large block_k or H; `_mgpu_slots`) uses one. Layouts are inferred ('Warpgroup' lowering semantics). Kept simple enough for JAX's GPU interpreter
+# other; a kernel whose two slots would not fit in SMEM (large block_k or H; `_mgpu_slots`) uses one.
+# Layouts are inferred ('Warpgroup' lowering semantics). Kept simple enough for JAX's GPU interpreter
 # (which lacks `transpose_ref`, register wgmma operands, `layout_cast`, `run_state`) to run all three on
 # CPU: the operands wgmma needs transposed (K^T, V^T, Q^T, dO^T) are transposed in HBM by the caller. Not
 # yet done (needs a GPU to tune): producer / consumer warpgroups, two consumer warpgroups per block, P as a
@@ -1033,6 +1034,17 @@ def _default_lowering(backend: str, dtype, h: int, block_q: int | None, block_k:
         and (block_k is None or block_k % MGPU_BLOCK == 0)
     )
     return "mosaic_gpu" if fits else "gpu"
+
+
+def compiled_lowerings() -> tuple[str, ...]:
+    """The lowerings whose kernels compile on this process's default backend: ('tpu',) on TPU; on CUDA
+    ('gpu', 'mosaic_gpu') on Hopper, else ('gpu',); ('gpu',) on ROCm; () on CPU (which interprets them)."""
+    backend = jax.default_backend()
+    if backend == "tpu":
+        return ("tpu",)
+    if backend != "gpu":
+        return ()
+    return ("gpu", "mosaic_gpu") if _gpu_compute_capability() == "9.0" else ("gpu",)
 
 
 def _resolve_mode(interpret: bool | None, lowering: str | None, dtype, h: int, block_q: int | None,

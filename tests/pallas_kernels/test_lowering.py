@@ -238,3 +238,14 @@ def test_mosaic_gpu_kernels_match_reference_in_gpu_interpreter(b, t, n, pattern,
     if smem is not None:
         monkeypatch.setattr(bsa, "MGPU_SMEM_BYTES", smem)
     check_against_reference(b, t, n, 64, jnp.bfloat16, lowering="mosaic_gpu", block_k=block_k, **PATTERNS[pattern])
+
+
+@pytest.mark.parametrize(
+    "backend, capability, want",
+    [("cpu", None, ()), ("tpu", None, ("tpu",)), ("gpu", "9.0", ("gpu", "mosaic_gpu")), ("gpu", "8.0", ("gpu",)),
+     ("gpu", None, ("gpu",))],
+)
+def test_compiled_lowerings_per_backend(backend, capability, want, monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(bsa, "_gpu_compute_capability", lambda: capability)
+    assert bsa.compiled_lowerings() == want
