@@ -379,12 +379,13 @@ class Attention(nnx.Module):
         return sharding_lib.constrain(checkpoint_name(y, "qkv_proj"), _ACT_HEADS, self.rules)
 
     def _attend(self, q, k, v, spec: attention_lib.AttentionSpec) -> jax.Array:
-        """[B, T, N, H] x 3 -> [B, T, N, H]. The 'cpu' kernel is an opaque custom call that XLA cannot
-        partition, so under a mesh every device runs it on its own batch and head shard (shard_map);
-        the sequence axis is never split for it."""
+        """[B, T, N, H] x 3 -> [B, T, N, H]. The 'cpu' and 'pallas' kernels are opaque custom calls that
+        XLA cannot partition (it would gather their inputs onto every device), so under a mesh every
+        device runs them on its own batch and head shard (shard_map); the sequence axis is never split
+        for them."""
         attend = functools.partial(attention_lib.attend, spec=spec, impl=self.impl)
         mesh = jax.sharding.get_abstract_mesh()
-        if self.impl != "cpu" or mesh.empty:
+        if self.impl not in ("cpu", "pallas") or mesh.empty:
             return attend(q, k, v)
         pspec = sharding_lib.logical_to_spec(
             ("batch", None, "heads", None), self.rules, shape=q.shape, mesh_shape=dict(mesh.shape)

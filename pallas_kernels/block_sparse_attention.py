@@ -54,6 +54,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import patterns as patterns_lib
 from pallas_kernels import reference as reference_lib
@@ -121,6 +122,16 @@ def _plan(pattern: patterns_lib.Pattern, n: int, block_q: int, block_k: int) -> 
 # --- Kernels. --------------------------------------------------------------------------------------------
 # Refs are per tile, with the (batch * head) axis squeezed: q/o/do [bq, H], k/v [bk, H], q_pos/lse/delta
 # [bq, 1], k_pos [1, bk]. Logits s = q k^T / sqrt(H) are [bq, bk] fp32.
+
+
+def _out(like, shape, dtype) -> jax.ShapeDtypeStruct:
+    """A kernel's result type. Inside shard_map it varies over the same manual mesh axes as `like` (the
+    kernel's q or k), as shard_map's type check requires of a pallas_call's outputs."""
+    aval = jax.typeof(like)
+    if aval.manual_axis_type.empty:
+        return jax.ShapeDtypeStruct(shape, dtype)
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.NamedSharding(aval.sharding.mesh, P()),
+                                manual_axis_type=aval.manual_axis_type)
 
 
 def _tile_mask(allows, q_pos_ref, k_pos_ref):
@@ -322,8 +333,8 @@ def _component_fwd(plan: _ComponentPlan, qc, kc, vc, scale: float, mode: _Mode, 
     return pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
-        out_shape=[jax.ShapeDtypeStruct((bn, tqp, h), jnp.float32), jax.ShapeDtypeStruct((bn, tqp, 1), jnp.float32)]
-        + ([jax.ShapeDtypeStruct((bn, nq, 1), jnp.int32)] if count_visits else []),
+        out_shape=[_out(qc, (bn, tqp, h), jnp.float32), _out(qc, (bn, tqp, 1), jnp.float32)]
+        + ([_out(qc, (bn, nq, 1), jnp.int32)] if count_visits else []),
         compiler_params=pltpu.CompilerParams(dimension_semantics=_DIMS),
         interpret=mode.interpret,
     )(
@@ -362,7 +373,7 @@ def _component_bwd(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, scale: f
             out_specs=_row_spec(bq, h, same),
             scratch_shapes=[pltpu.VMEM((bq, h), jnp.float32)],
         ),
-        out_shape=jax.ShapeDtypeStruct((bn, tqp, h), qc.dtype),
+        out_shape=_out(qc, (bn, tqp, h), qc.dtype),
         compiler_params=params,
         interpret=mode.interpret,
     )(*_tables(fwd), qc, kc, vc, doc, lsec, deltac, q_pos, k_pos)
@@ -382,7 +393,7 @@ def _component_bwd(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, scale: f
             out_specs=[_row_spec(bk, h, same), _row_spec(bk, h, same)],
             scratch_shapes=[pltpu.VMEM((bk, h), jnp.float32), pltpu.VMEM((bk, h), jnp.float32)],
         ),
-        out_shape=[jax.ShapeDtypeStruct((bn, tkp, h), kc.dtype), jax.ShapeDtypeStruct((bn, tkp, h), vc.dtype)],
+        out_shape=[_out(kc, (bn, tkp, h), kc.dtype), _out(kc, (bn, tkp, h), vc.dtype)],
         compiler_params=params,
         interpret=mode.interpret,
     )(*_tables(bwd), qc, kc, vc, doc, lsec, deltac, q_pos, k_pos)
@@ -483,7 +494,7 @@ def _component_fwd_gpu(plan: _ComponentPlan, qc, kc, vc, scale: float, interpret
             pl.BlockSpec((tkp,), lambda b, i: (0,)),
         ],
         out_specs=[pl.BlockSpec((None, bq, h), lambda b, i: (b, i, 0)), pl.BlockSpec((None, bq), lambda b, i: (b, i))],
-        out_shape=[jax.ShapeDtypeStruct((bn, tqp, h), jnp.float32), jax.ShapeDtypeStruct((bn, tqp), jnp.float32)],
+        out_shape=[_out(qc, (bn, tqp, h), jnp.float32), _out(qc, (bn, tqp), jnp.float32)],
         compiler_params=_TRITON,
         interpret=interpret,
     )(jnp.asarray(lay.kv_blocks), jnp.asarray(lay.kv_counts), qc, kc, vc, jnp.asarray(plan.q_pos),
@@ -512,7 +523,7 @@ def _component_bwd_gpu(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, scal
         in_specs=table(fwd) + [row(bq), whole(tkp), whole(tkp), row(bq), row1(bq), row1(bq),
                                pl.BlockSpec((bq,), lambda b, i: (i,)), pl.BlockSpec((tkp,), lambda b, i: (0,))],
         out_specs=row(bq),
-        out_shape=jax.ShapeDtypeStruct((bn, tqp, h), qc.dtype),
+        out_shape=_out(qc, (bn, tqp, h), qc.dtype),
         compiler_params=_TRITON,
         interpret=interpret,
     )(jnp.asarray(fwd.kv_blocks), jnp.asarray(fwd.kv_counts), qc, kc, vc, doc, lse, delta, q_pos, k_pos)
@@ -522,7 +533,7 @@ def _component_bwd_gpu(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, scal
         in_specs=table(bwd) + [whole(tqp), row(bk), row(bk), whole(tqp), whole1(tqp), whole1(tqp),
                                pl.BlockSpec((tqp,), lambda b, i: (0,)), pl.BlockSpec((bk,), lambda b, i: (i,))],
         out_specs=[row(bk), row(bk)],
-        out_shape=[jax.ShapeDtypeStruct((bn, tkp, h), kc.dtype), jax.ShapeDtypeStruct((bn, tkp, h), vc.dtype)],
+        out_shape=[_out(kc, (bn, tkp, h), kc.dtype), _out(kc, (bn, tkp, h), vc.dtype)],
         compiler_params=_TRITON,
         interpret=interpret,
     )(jnp.asarray(bwd.kv_blocks), jnp.asarray(bwd.kv_counts), qc, kc, vc, doc, lse, delta, q_pos, k_pos)
@@ -834,7 +845,7 @@ def _component_fwd_mgpu(plan: _ComponentPlan, qc, kc, vc, scale: float, interpre
     lay = plan.fwd
     o, lse = _mgpu_call(
         _fwd_mgpu_kernel, _fwd_mgpu_smem, plan, scale, interpret, (bn, lay.kv_blocks.shape[0]), ("rows", "q_blocks"),
-        (jax.ShapeDtypeStruct((bn, tqp, h), jnp.float32), jax.ShapeDtypeStruct((bn, tqp), jnp.float32)),
+        (_out(qc, (bn, tqp, h), jnp.float32), _out(qc, (bn, tqp), jnp.float32)),
         jnp.asarray(lay.kv_blocks), jnp.asarray(lay.kv_counts), qc, jnp.swapaxes(kc, 1, 2), vc,
         jnp.asarray(plan.q_pos), jnp.asarray(plan.k_pos),
     )
@@ -851,12 +862,12 @@ def _component_bwd_mgpu(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, sca
     t = lambda x: jnp.swapaxes(x, 1, 2)  # The transposed wgmma operands (see the section comment).
     dq = _mgpu_call(
         _dq_mgpu_kernel, _dq_mgpu_smem, plan, scale, interpret, (bn, fwd.kv_blocks.shape[0]), ("rows", "q_blocks"),
-        jax.ShapeDtypeStruct((bn, tqp, h), qc.dtype),
+        _out(qc, (bn, tqp, h), qc.dtype),
         jnp.asarray(fwd.kv_blocks), jnp.asarray(fwd.kv_counts), qc, doc, lse, delta, q_pos, t(kc), t(vc), kc, k_pos,
     )
     dk, dv = _mgpu_call(
         _dkv_mgpu_kernel, _dkv_mgpu_smem, plan, scale, interpret, (bn, bwd.kv_blocks.shape[0]), ("rows", "k_blocks"),
-        (jax.ShapeDtypeStruct((bn, tkp, h), kc.dtype), jax.ShapeDtypeStruct((bn, tkp, h), vc.dtype)),
+        (_out(kc, (bn, tkp, h), kc.dtype), _out(kc, (bn, tkp, h), vc.dtype)),
         jnp.asarray(bwd.kv_blocks), jnp.asarray(bwd.kv_counts), kc, vc, k_pos, t(qc), qc, t(doc), doc, lse, delta,
         q_pos,
     )

@@ -15,14 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from configs import tiny
 from musenet_jax import cpu_attention
-from musenet_jax import model as model_lib
-from musenet_jax import sharding as sharding_lib
 from musenet_jax.attention import AttentionSpec, attend
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -152,30 +146,3 @@ def test_missing_or_failing_compiler_is_a_one_line_error(tmp_path):
                                "try:\n    c.build_library()\nexcept c.KernelBuildError as e:\n    print('ERR', e)")
     assert "ERR compiling the CPU attention kernel failed" in res.stdout, res.stderr
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
-
-
-
-def test_model_attention_runs_per_shard_under_a_mesh():
-    # The kernel is an opaque custom call: under a (data, fsdp, tensor) mesh the model runs it per batch and
-    # head shard (shard_map in model.Attention); values and gradients equal the single-device run.
-    config = model_lib.ModelConfig.from_config_dict(
-        tiny.get_config().model, vocab_size=53, d_model=24, num_heads=4, head_dim=6, mlp_dim=29, num_layers=2,
-        attention_stride=5, max_len=31, vocab_multiple=1, attention_impl="cpu")
-    layer = model_lib.Attention(config, "both", rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(layer)
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 31, 24), np.float32))
-
-    def loss(params, x):
-        return jnp.sum(nnx.merge(graphdef, params)(x) ** 2)
-
-    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), compiler_options=FAST_COMPILE)
-    expected = step(params, x)
-    mesh = sharding_lib.make_mesh(2, 2, 2)
-    with jax.set_mesh(mesh):
-        x_sharded = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"))))
-        got = step(params, x_sharded)
-        hlo = step.lower(params, x_sharded).compile().as_text()
-    # Each device's kernel sees its own shard: batch 8 / (data 2 x fsdp 2), heads 4 / tensor 2.
-    calls = [line for line in hlo.splitlines() if 'custom_call_target="musenet_sparse_attention' in line]
-    assert len(calls) == 2 and all("f32[2,31,2,6]" in line for line in calls), calls
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, expected)
