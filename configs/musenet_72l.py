@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
         dropout_rate=0.1, mixup_prob=0.1, mixup_alpha=0.4,
         dtype="bfloat16", param_dtype="float32", init_std=0.02,
         attention_pattern="dense", attention_stride=0, attention_summary=0,
-        attention_combination="merged", dense_every=0, attention_impl="xla",
+        attention_combination="merged", dense_every=0, attention_impl="xla", pallas_lowering="auto",
         scan_layers=True, remat_policy="nothing",
     ))
     config.model.max_len = seq_len

@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
         dropout_rate=0.0, mixup_prob=0.0, mixup_alpha=0.4,
         dtype="float32", param_dtype="float32", init_std=0.02,
         attention_pattern="strided", attention_stride=16, attention_summary=0,
-        attention_combination="interleaved", dense_every=0, attention_impl="xla",
+        attention_combination="interleaved", dense_every=0, attention_impl="xla", pallas_lowering="auto",
         scan_layers=True, remat_policy="off",
     ))
     config.model.max_len = seq_len

@@ -61,7 +61,8 @@ class AttentionSpec:
         return patterns_lib.make_pattern(self.pattern, self.stride, self.summary, self.part)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, impl: str = "xla") -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, impl: str = "xla",
+           lowering: str | None = None) -> jax.Array:
     """Causal sparse attention.
 
     Args:
@@ -69,6 +70,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, impl: 
       spec: the pattern.
       impl: 'reference' (dense masked softmax, O(T^2)), 'xla' (block-sparse plain JAX), 'cpu' (fused C++
         kernel, CPU backend only) or 'pallas'.
+      lowering: for 'pallas', which kernels ('tpu', 'gpu' (Triton), 'mosaic_gpu'); None picks per backend
+        (`pallas_kernels.sparse_attention`). Ignored by the other impls.
 
     Returns:
       [B, T, N, H] in q.dtype. Causal (j <= i); logits scaled by 1/sqrt(H); matmuls in q.dtype with fp32
@@ -90,7 +93,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, impl: 
     if impl == "pallas":
         # Block-sparse Pallas flash kernel: interpret mode on CPU, compiled on TPU / GPU (see pallas_kernels).
         return pallas_kernels.sparse_attention(
-            q, k, v, pattern=spec.pattern, stride=spec.stride, summary=spec.summary, part=spec.part
+            q, k, v, pattern=spec.pattern, stride=spec.stride, summary=spec.summary, part=spec.part,
+            lowering=lowering,
         )
     raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
 

@@ -78,6 +78,15 @@ REMAT_POLICIES = ("off", "nothing", "dots", "names")
 CHECKPOINT_NAMES = ("qkv_proj", "attn_context", "attn_out", "mlp_hidden", "mlp_out",
                     block_sparse_attention.OUT_NAME, block_sparse_attention.LSE_NAME)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+PALLAS_LOWERINGS = ("auto", *block_sparse_attention.LOWERINGS)
+# Fields that choose how the model runs, not what it computes or which parameters it has: a checkpoint
+# resumes under other values of these (e.g. trained with 'xla' on CPU, continued with 'pallas' on a TPU).
+EXECUTION_FIELDS = ("attention_impl", "pallas_lowering", "remat_policy", "remat_names", "axis_rules")
+
+
+def architecture(model_config: Mapping[str, Any]) -> dict[str, Any]:
+    """A model config section (mapping) without its `EXECUTION_FIELDS`: what must match to resume."""
+    return {k: v for k, v in model_config.items() if k not in EXECUTION_FIELDS}
 
 _ACT = ("batch", "length", "embed")
 _ACT_HEADS = ("batch", "length", "heads", "kv")
@@ -110,6 +119,9 @@ class ModelConfig:
       attention_schedule: explicit per-layer kinds (see module doc), repeated over the layers;
         overrides attention_combination and dense_every.
       attention_impl: 'reference' | 'xla' | 'cpu' | 'pallas' (see `musenet_jax.attention.attend`).
+      pallas_lowering: the kernels of the 'pallas' impl: 'auto' (Mosaic TPU on TPU; on a GPU Mosaic GPU
+        where it runs, i.e. Hopper, 16-bit, head_dim a multiple of 64, else Triton) or one of
+        `pallas_kernels.block_sparse_attention.LOWERINGS` ('tpu', 'gpu' = Triton, 'mosaic_gpu').
       scan_layers: scan over stacked layers (fast compiles) or unroll them.
       remat_policy: 'off' | 'nothing' | 'dots' | 'names'; remat_names: saved names for 'names'.
       axis_rules: logical axis -> mesh axes rules (`musenet_jax.sharding.DEFAULT_RULES`).
@@ -149,6 +161,7 @@ class ModelConfig:
     dense_every: int = 0
     attention_schedule: tuple[str, ...] = ()
     attention_impl: str = "xla"
+    pallas_lowering: str = "auto"
     scan_layers: bool = True
     remat_policy: str = "nothing"
     remat_names: tuple[str, ...] = ("attn_context",)
@@ -193,6 +206,10 @@ class ModelConfig:
         if self.attention_impl not in attention_lib.IMPLS:
             raise ValueError(
                 f"model.attention_impl must be one of {attention_lib.IMPLS}, got {self.attention_impl!r}"
+            )
+        if self.pallas_lowering not in PALLAS_LOWERINGS:
+            raise ValueError(
+                f"model.pallas_lowering must be one of {PALLAS_LOWERINGS}, got {self.pallas_lowering!r}"
             )
         if self.dense_every < 0:
             raise ValueError(f"model.dense_every must be >= 0, got {self.dense_every}")
@@ -369,6 +386,7 @@ class Attention(nnx.Module):
         self.kind = kind
         self.groups = config.attention_groups(kind)
         self.impl = config.attention_impl
+        self.lowering = None if config.pallas_lowering == "auto" else config.pallas_lowering
         self.dtype = config.compute_dtype
         self.rules = config.axis_rules
 
@@ -383,7 +401,7 @@ class Attention(nnx.Module):
         XLA cannot partition (it would gather their inputs onto every device), so under a mesh every
         device runs them on its own batch and head shard (shard_map); the sequence axis is never split
         for them."""
-        attend = functools.partial(attention_lib.attend, spec=spec, impl=self.impl)
+        attend = functools.partial(attention_lib.attend, spec=spec, impl=self.impl, lowering=self.lowering)
         mesh = jax.sharding.get_abstract_mesh()
         if self.impl not in ("cpu", "pallas") or mesh.empty:
             return attend(q, k, v)

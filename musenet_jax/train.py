@@ -221,7 +221,8 @@ def restore_checkpoint(manager, step: int, abstract_state, config, vocab: Vocab)
     if saved.vocab != json.loads(vocab.to_json()):
         raise TrainingError(f"checkpoint at step {step} was trained on a different vocabulary "
                             f"(size {saved.vocab.get('size')}, this data has {vocab.size})")
-    if saved.config.get("model") != _config_json(config).get("model"):
+    saved_model, model = saved.config.get("model") or {}, _config_json(config).get("model") or {}
+    if model_lib.architecture(saved_model) != model_lib.architecture(model):
         raise TrainingError(f"checkpoint at step {step} has a different model config; use a new --workdir "
                             "or the checkpoint's config")
     if has_position:

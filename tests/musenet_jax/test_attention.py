@@ -286,6 +286,20 @@ def test_model_kernels_run_per_shard_under_a_mesh(impl, monkeypatch):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, expected)
 
 
+@pytest.mark.parametrize("lowering, want", [("auto", None), ("gpu", "gpu")])
+def test_model_passes_its_pallas_lowering_to_the_kernel(lowering, want, monkeypatch):
+    config = model_lib.ModelConfig.from_config_dict(
+        tiny.get_config().model, vocab_size=53, d_model=24, num_heads=4, head_dim=6, mlp_dim=29, num_layers=2,
+        attention_stride=5, max_len=31, vocab_multiple=1, attention_impl="pallas", pallas_lowering=lowering)
+    seen = []
+    kernel = pallas_kernels.sparse_attention
+    monkeypatch.setattr(pallas_kernels, "sparse_attention", lambda q, k, v, **kw: seen.append(kw["lowering"]) or
+                        kernel(q, k, v, **kw))
+    layer = model_lib.Attention(config, "both", rngs=nnx.Rngs(0))
+    out = layer(jnp.ones((1, 31, 24), jnp.float32))
+    assert seen == [want] and np.all(np.isfinite(np.asarray(out)))
+
+
 def test_bad_impl_and_shapes_raise_clear_errors():
     q, k, v = (np.zeros((1, 8, 2, 4), np.float32),) * 3
     spec = AttentionSpec("strided", stride=4)

@@ -163,6 +163,7 @@ def test_sequence_longer_than_max_len_is_rejected():
         (dict(dtype="float8"), "dtype"),
         (dict(d_model=0), "d_model"),
         (dict(attention_impl="cuda"), "attention_impl"),
+        (dict(attention_impl="pallas", pallas_lowering="triton"), "pallas_lowering"),
     ],
 )
 def test_bad_config_is_rejected(overrides, message):
