@@ -35,10 +35,8 @@ take tens of GiB), with a note in the table and JSON.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +44,7 @@ import numpy as np
 from absl import flags
 
 import pallas_kernels.block_sparse_attention
+from benchmarks import attention_timing as timing
 from launch import cli
 from musenet_jax import attention, cpu_attention
 
@@ -64,23 +63,10 @@ _PALLAS_MAX_N = flags.DEFINE_integer("pallas_max_n", 4096, "Skip the Pallas kern
 _MIB = 1 << 20
 
 
-def _best_time(fn, args, repeats: int) -> float:
-    """Best of at least `repeats` runs after a warm-up run; fast cases run until --min_time seconds have
-    passed (at most 1000 runs), so that every case gets the same chance of a quiet moment on a shared
-    machine, not just the slow dense baseline."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    while len(times) < repeats or (sum(times) < _MIN_TIME.value and len(times) < 1000):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def matmul_flops_per_s(repeats: int) -> float:
     """Measured f32 FLOP/s of one jitted 2048 x 2048 x 2048 matmul."""
     x = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
-    return 2 * 2048**3 / _best_time(jax.jit(jnp.matmul), (x, x), max(repeats, 5))
+    return 2 * 2048**3 / timing.best_time(jax.jit(jnp.matmul), (x, x), max(repeats, 5), _MIN_TIME.value)
 
 
 def batched_tile_flops_per_s(repeats: int, h: int) -> float:
@@ -90,21 +76,11 @@ def batched_tile_flops_per_s(repeats: int, h: int) -> float:
     x = jax.random.normal(jax.random.key(1), (512, 64, h), jnp.float32)
     y = jax.random.normal(jax.random.key(2), (512, 192, h), jnp.float32)
     dot = jax.jit(lambda x, y: jnp.einsum("XYH,XSH->XYS", x, y))
-    return 2 * 512 * 64 * 192 * h / _best_time(dot, (x, y), max(repeats, 5))
-
-
-def _step(attn):
-    """(q, k, v, dout) -> (out, dq, dk, dv): one forward and backward pass."""
-
-    def step(q, k, v, dout):
-        out, vjp = jax.vjp(attn, q, k, v)
-        return out, *vjp(dout)
-
-    return jax.jit(step)
+    return 2 * 512 * 64 * 192 * h / timing.best_time(dot, (x, y), max(repeats, 5), _MIN_TIME.value)
 
 
 def bench_case(name: str, attn, args, repeats: int) -> dict:
-    compiled = _step(attn).lower(*args).compile()
+    compiled = timing.forward_backward(attn).lower(*args).compile()
     mem = compiled.memory_analysis()
     # XLA:CPU leaves `peak_memory_in_bytes` at arguments + outputs; the buffer assignment's temp size is
     # where the [N, n, n] logits live, so the peak is bounded by (and for these graphs close to) the sum.
@@ -112,7 +88,7 @@ def bench_case(name: str, attn, args, repeats: int) -> dict:
     if mem is not None:
         peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
                 - mem.alias_size_in_bytes) / _MIB
-    return {"method": name, "seconds": _best_time(compiled, args, repeats), "peak_mib": peak}
+    return {"method": name, "seconds": timing.best_time(compiled, args, repeats, _MIN_TIME.value), "peak_mib": peak}
 
 
 def _nnz(spec: attention.AttentionSpec, n: int) -> int:
@@ -131,14 +107,7 @@ def main(argv):
         raise cli.UsageError(f"unexpected arguments {argv[1:]}")
     if not _OUT.value:
         raise cli.UsageError("--out is required")
-    try:
-        lengths = [int(x) for x in _LENGTHS.value]
-    except ValueError as e:
-        raise cli.UsageError(f"--lengths must be integers: {e}") from None
-    if min(lengths, default=0) < 1:
-        raise cli.UsageError(f"--lengths must be positive integers, got {_LENGTHS.value}")
-    if _STRIDE.value != "sqrt" and not (_STRIDE.value.isdigit() and int(_STRIDE.value) >= 1):
-        raise cli.UsageError(f"--stride must be a positive integer or 'sqrt', got {_STRIDE.value!r}")
+    lengths, stride_of = timing.parse_lengths(_LENGTHS.value), timing.stride_rule(_STRIDE.value)
     b, nh, h, reps = _BATCH.value, _HEADS.value, _HEAD_DIM.value, _REPEATS.value
     os.makedirs(_OUT.value, exist_ok=True)
 
@@ -150,7 +119,7 @@ def main(argv):
           f"batched 512 x [64,{h}]x[{h},192] tile dot: {tile / 1e9:.1f} GFLOP/s")
     rows, notes = [], []
     for n in lengths:
-        stride = round(math.sqrt(n)) if _STRIDE.value == "sqrt" else int(_STRIDE.value)
+        stride = stride_of(n)
         keys = jax.random.split(jax.random.key(n), 4)
         args = tuple(jax.random.normal(key, (b, n, nh, h), jnp.float32) for key in keys)
         dense_spec = attention.AttentionSpec("dense")

@@ -29,10 +29,8 @@ The issue's target: >= 40 % of the bf16 peak on the computed tiles at n = 4k ...
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +38,7 @@ import numpy as np
 from absl import flags
 
 import pallas_kernels
+from benchmarks import attention_timing as timing
 from launch import cli
 from musenet_jax import attention
 from pallas_kernels import block_sparse_attention as bsa
@@ -68,27 +67,6 @@ PEAK_TFLOPS = (
 )
 
 
-def _best_time(fn, args, repeats: int) -> float:
-    """Best of at least `repeats` runs after a warm-up run, and of as many as fit in --min_time seconds."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    while len(times) < repeats or (sum(times) < _MIN_TIME.value and len(times) < 1000):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def _step(attn):
-    """(q, k, v, dout) -> (out, dq, dk, dv), jitted: one forward and backward pass."""
-
-    def step(q, k, v, dout):
-        out, vjp = jax.vjp(attn, q, k, v)
-        return out, *vjp(dout)
-
-    return jax.jit(step)
-
-
 def peak_tflops(device_kind: str) -> float | None:
     """The chip's dense bf16 peak from `PEAK_TFLOPS`, None for an unknown chip."""
     return next((peak for name, peak in PEAK_TFLOPS if name in device_kind), None)
@@ -99,7 +77,7 @@ def matmul_tflops(repeats: int) -> float:
     m = 8192 if jax.default_backend() != "cpu" else 2048
     x = jax.random.normal(jax.random.key(0), (m, m), jnp.bfloat16)
     mm = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
-    return 2 * m**3 / _best_time(mm, (x, x), max(repeats, 5)) / 1e12
+    return 2 * m**3 / timing.best_time(mm, (x, x), max(repeats, 5), _MIN_TIME.value) / 1e12
 
 
 def default_lowerings() -> list[str]:
@@ -121,17 +99,11 @@ def _rel_err(got, want) -> float:
     return max(errs)
 
 
-def _parse_flags() -> tuple[list[int], list[str]]:
+def _parse_flags():
+    """-> (lengths, n -> stride, lowerings), or a usage error."""
     if not _OUT.value:
         raise cli.UsageError("--out is required")
-    try:
-        lengths = [int(x) for x in _LENGTHS.value]
-    except ValueError as e:
-        raise cli.UsageError(f"--lengths must be integers: {e}") from None
-    if min(lengths, default=0) < 1:
-        raise cli.UsageError(f"--lengths must be positive integers, got {_LENGTHS.value}")
-    if _STRIDE.value != "sqrt" and not (_STRIDE.value.isdigit() and int(_STRIDE.value) >= 1):
-        raise cli.UsageError(f"--stride must be a positive integer or 'sqrt', got {_STRIDE.value!r}")
+    lengths, stride_of = timing.parse_lengths(_LENGTHS.value), timing.stride_rule(_STRIDE.value)
     bad = sorted(set(_PATTERNS.value) - {"strided", "fixed", "dense"})
     if bad:
         raise cli.UsageError(f"--patterns must be among strided, fixed, dense; got {bad}")
@@ -139,13 +111,13 @@ def _parse_flags() -> tuple[list[int], list[str]]:
     bad = sorted(set(lowerings) - set(bsa.LOWERINGS))
     if bad:
         raise cli.UsageError(f"--lowerings must be among {', '.join(bsa.LOWERINGS)}; got {bad}")
-    return lengths, lowerings
+    return lengths, stride_of, lowerings
 
 
 def main(argv):
     if len(argv) > 1:
         raise cli.UsageError(f"unexpected arguments {argv[1:]}")
-    lengths, lowerings = _parse_flags()
+    lengths, stride_of, lowerings = _parse_flags()
     b, nh, h, reps = _BATCH.value, _HEADS.value, _HEAD_DIM.value, _REPEATS.value
     backend, device = jax.default_backend(), jax.devices()[0].device_kind
     os.makedirs(_OUT.value, exist_ok=True)
@@ -156,7 +128,7 @@ def main(argv):
           f"{'unknown' if peak is None else f'{peak:.0f} TFLOP/s'}; lowerings {','.join(lowerings)}")
     rows, notes = [], []
     for n in lengths:
-        stride = round(math.sqrt(n)) if _STRIDE.value == "sqrt" else int(_STRIDE.value)
+        stride = stride_of(n)
         keys = jax.random.split(jax.random.key(n), 4)
         args32 = tuple(jax.random.normal(key, (b, n, nh, h), jnp.float32) for key in keys)
         args = tuple(x.astype(jnp.bfloat16) for x in args32)
@@ -185,8 +157,8 @@ def main(argv):
         results = []
         for method, kw, fn, logits in cases:
             try:
-                step = _step(fn)
-                seconds = _best_time(step, args, reps)
+                step = timing.forward_backward(fn)
+                seconds = timing.best_time(step, args, reps, _MIN_TIME.value)
             except Exception as e:  # A lowering this chip or JAX cannot run: a note, not a lost table.
                 notes.append(f"n={n} {method}: failed: {' '.join(str(e).split())[:300]}")
                 continue
@@ -196,7 +168,7 @@ def main(argv):
             res["pct_peak"] = None if peak is None else 100 * res["tflops"] / peak
             res["pct_matmul"] = 100 * res["tflops"] / mm
             if kw is not None and n <= _CHECK_MAX_N.value:
-                want = _step(lambda q, k, v, kw=kw: attention.attend(
+                want = timing.forward_backward(lambda q, k, v, kw=kw: attention.attend(
                     q, k, v, attention.AttentionSpec(kw["pattern"], kw.get("stride"), kw.get("summary")), "xla"))
                 got = step(*args)
                 with jax.default_matmul_precision("highest"):  # No TF32 in the reference on GPUs.
