@@ -2,6 +2,7 @@ r"""musenet-eval: how well a model predicts held-out music, in bits per token, p
 
     musenet-eval --model=exports/tiny --midi_dir=held_out/ [--label=classical] --out=results.json
     musenet-eval --workdir=runs/tiny [--step=600] --split=test --data_dir=data [--dataset=default]
+    [--attention_impl=cpu]
 
 The model comes from an export directory (--model) or a training workdir (--workdir; newest checkpoint
 unless --step). The music is every *.mid / *.midi under --midi_dir (recursive, sorted; encoded with the
@@ -11,7 +12,7 @@ split (--split, --data_dir, --dataset; the dataset's vocabulary must be the mode
 Every body token is scored once by sliding windows of the model's context L with stride --stride
 (default L / 2), see `musenet_jax.evaluation`. Prints one row per piece and a TOTAL row; --out writes:
 
-    {"model": str, "step": int, "source": {...}, "context_tokens": L, "stride": S,
+    {"model": str, "step": int, "attention_impl": str, "source": {...}, "context_tokens": L, "stride": S,
      "files": [{"path", "tokens", "notes", "seconds", "total_bits", "total_bits_no_velocity",
                 "bits_per_token", "bits_per_note", "bits_per_second", "bits_per_second_no_velocity"}],
      "skipped": [{"path", "reason"}], "total": {the same fields but path}}
@@ -43,6 +44,11 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
 _STRIDE = flags.DEFINE_integer("stride", None, "Body tokens between window ends (default: context / 2).")
 _MAX_FILES = flags.DEFINE_integer("max_files", None, "Score at most this many files / records (the first ones).")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here (atomically).")
+# The model's attention implementations (musenet_jax.attention.IMPLS; not imported here: JAX loads slowly).
+ATTENTION_IMPLS = ("reference", "xla", "cpu", "pallas")
+_ATTENTION_IMPL = flags.DEFINE_enum(
+    "attention_impl", None, ATTENTION_IMPLS, "Score with this attention implementation instead of the model's "
+    "own, e.g. 'cpu' on a CPU for a model trained with 'pallas' (which CPUs only interpret, slowly).")
 
 MIDI_SUFFIXES = (".mid", ".midi")
 
@@ -156,11 +162,11 @@ def main(argv):
     from musenet_jax import evaluation, export  # after flag parsing: importing JAX is slow
 
     if _WORKDIR.value:
-        model, vocab, step = export.load_checkpoint(_WORKDIR.value, _STEP.value)
+        model, vocab, step = export.load_checkpoint(_WORKDIR.value, _STEP.value, _ATTENTION_IMPL.value)
         model_path = _WORKDIR.value
     else:
         meta, _, _ = export.read_export_config(_MODEL.value)
-        model, vocab = export.load_export(_MODEL.value)
+        model, vocab = export.load_export(_MODEL.value, attention_impl=_ATTENTION_IMPL.value)
         step, model_path = int(meta["step"]), _MODEL.value
     if _MIDI_DIR.value:
         pieces, skipped = _midi_pieces(vocab, evaluation)
@@ -190,7 +196,8 @@ def main(argv):
 
     print(format_table([(s.name, s.metrics()) for s in scores] + [("TOTAL", total)]))
     if _OUT.value:
-        result = {"model": model_path, "step": step, "source": source, "context_tokens": seq_len, "stride": stride,
+        result = {"model": model_path, "step": step, "attention_impl": model.config.attention_impl, "source": source,
+                  "context_tokens": seq_len, "stride": stride,
                   "files": [{"path": s.name, **s.metrics()} for s in scores], "skipped": skipped, "total": total}
         cli.write_atomic(_OUT.value, json.dumps(result, indent=2) + "\n")
 

@@ -17,6 +17,7 @@ dtype they were stored in (bfloat16 halves the file; compute dtype is unchanged)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -196,12 +197,15 @@ def read_export_config(out_dir: str | os.PathLike) -> tuple[dict, model_lib.Mode
     return meta, config, vocab
 
 
-def load_export(out_dir: str | os.PathLike, vocab: Vocab | None = None) -> tuple[model_lib.MuseNet, Vocab]:
+def load_export(out_dir: str | os.PathLike, vocab: Vocab | None = None,
+                attention_impl: str | None = None) -> tuple[model_lib.MuseNet, Vocab]:
     """(model, vocab) from an export directory.
 
     Args:
       out_dir: a directory written by `export_checkpoint`.
       vocab: if given, the vocabulary the caller's tokens use; an export made for another one is refused.
+      attention_impl: run the model with this attention implementation instead of its own (see
+        `with_attention_impl`).
     Returns:
       A `MuseNet` on the default device with the stored parameters (dtype as stored), and its Vocab.
     """
@@ -215,7 +219,14 @@ def load_export(out_dir: str | os.PathLike, vocab: Vocab | None = None) -> tuple
     except Exception as e:  # safetensors raises its own error types on a corrupt header or truncated data
         raise ExportError(f"{out_dir}/{WEIGHTS}: unreadable ({' '.join(str(e).split())})") from None
     _check_params(params, config, out_dir, check_dtype=True)
-    return _model_from_params(config, params), saved_vocab
+    return _model_from_params(with_attention_impl(config, attention_impl), params), saved_vocab
+
+
+def with_attention_impl(config: model_lib.ModelConfig, attention_impl: str | None) -> model_lib.ModelConfig:
+    """`config` running its attention with `attention_impl` (None: unchanged). The parameters do not depend
+    on it: e.g. a model trained with 'pallas' on TPUs is scored on a CPU with 'cpu' (CPUs only interpret
+    Pallas kernels, slowly)."""
+    return config if attention_impl is None else dataclasses.replace(config, attention_impl=attention_impl)
 
 
 def _model_from_params(config: model_lib.ModelConfig, params: dict[str, np.ndarray]) -> model_lib.MuseNet:
@@ -233,12 +244,14 @@ def _model_from_params(config: model_lib.ModelConfig, params: dict[str, np.ndarr
     return nnx.merge(graphdef, state)
 
 
-def load_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> tuple[model_lib.MuseNet, Vocab, int]:
+def load_checkpoint(workdir: str | os.PathLike, step: int | None = None,
+                    attention_impl: str | None = None) -> tuple[model_lib.MuseNet, Vocab, int]:
     """(model, vocab, step) from a training checkpoint: parameters only (no optimizer state, no data state).
 
     Args:
       workdir: a `musenet-train` workdir (checkpoints under `workdir/checkpoints`).
       step: training step of the checkpoint (default: the newest).
+      attention_impl: run the model with this attention implementation (see `with_attention_impl`).
     Returns:
       A `MuseNet` on the default device with the checkpoint's parameters (in the run's param dtype),
       the vocabulary it was trained on, and the step loaded.
@@ -258,4 +271,4 @@ def load_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> tupl
     finally:
         manager.close()
     params = {k: v.astype(config.params_dtype) for k, v in params.items()}
-    return _model_from_params(config, params), vocab, int(step)
+    return _model_from_params(with_attention_impl(config, attention_impl), params), vocab, int(step)

@@ -55,6 +55,11 @@ def test_load_checkpoint_matches_the_export(run):
     piece = evaluation.EvalPiece.from_record(datasets.data_source(run.data_dir, "directory", "train")[0], vocab)
     a, b = (evaluation.score_pieces(evaluation.Scorer(m, vocab, batch_size=2), [piece])[0] for m in (model, exported))
     np.testing.assert_allclose(a.bits, b.bits, rtol=1e-6)
+    # Another attention implementation over the same parameters (here the fused CPU kernel): same scores.
+    other, _, _ = export.load_checkpoint(run.workdir, attention_impl="cpu")
+    assert other.config.attention_impl == "cpu" and model.config.attention_impl == "xla"
+    c = evaluation.score_pieces(evaluation.Scorer(other, vocab, batch_size=2), [piece])[0]
+    np.testing.assert_allclose(c.bits, a.bits, rtol=1e-4, atol=1e-5)
     with pytest.raises(export.ExportError, match="no checkpoint at step 7"):
         export.load_checkpoint(run.workdir, step=7)
 
@@ -75,7 +80,7 @@ def test_export_on_a_midi_folder_skips_unreadable_files(run, midi_fixtures, tmp_
     assert res.returncode == 0, res.stderr
     result = json.loads(out.read_text())
     check_result(result)
-    assert result["step"] == 10 and result["model"] == str(run.export)
+    assert result["step"] == 10 and result["model"] == str(run.export) and result["attention_impl"] == "xla"
     assert result["source"] == {"midi_dir": str(midi), "label": "freedoom"}
     assert [row["path"] for row in result["files"]] == [str(midi / "b.mid"), str(midi / "sub" / "a.MIDI")]
     assert sorted(s["path"] for s in result["skipped"]) == [str(midi / "corrupt.mid"), str(midi / "empty.midi")]
@@ -91,16 +96,25 @@ def test_export_on_a_midi_folder_skips_unreadable_files(run, midi_fixtures, tmp_
 def test_workdir_on_a_dataset_split(run, tmp_path):
     out = tmp_path / "split.json"
     res = musenet_eval("--workdir", run.workdir, "--split", "train", "--data_dir", run.data_dir,
-                       "--dataset", "directory", "--max_files", 3, "--stride", 20, "--out", out)
+                       "--dataset", "directory", "--max_files", 3, "--stride", 20, "--attention_impl", "cpu",
+                       "--out", out)
     assert res.returncode == 0, res.stderr
     result = json.loads(out.read_text())
     check_result(result)
+    assert result["attention_impl"] == "cpu"
     assert (result["step"], result["stride"], result["context_tokens"]) == (10, 20, 64)
     assert result["source"] == {"data_dir": str(run.data_dir), "dataset": "directory", "split": "train"}
     source = datasets.data_source(run.data_dir, "directory", "train")
     # Scored tokens are the records' body tokens, all of them.
     assert [row["tokens"] for row in result["files"]] == [len(source[i]["tokens"]) for i in range(3)]
     assert result["skipped"] == []
+
+
+def test_attention_impl_flag_lists_the_model_impls():
+    from launch import evaluate
+    from musenet_jax import attention
+
+    assert evaluate.ATTENTION_IMPLS == attention.IMPLS
 
 
 def _dataset_with_other_vocab(run, tmp_path):
