@@ -286,6 +286,32 @@ def test_model_kernels_run_per_shard_under_a_mesh(impl, monkeypatch):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, expected)
 
 
+def test_model_pallas_attention_lowers_for_tpu_per_shard(monkeypatch):
+    # The train step's attention on an abstract 8-chip TPU mesh (data 2 x fsdp 2 x tensor 2), lowered from
+    # this CPU host: the Mosaic TPU kernels (2 components x forward, dq, dk/dv) each run on one device's
+    # shard, batch 8 / 4 x heads 4 / 2 = 4 rows, not on gathered inputs (32 rows).
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # The kernels resolve their target from it.
+    config = model_lib.ModelConfig.from_config_dict(
+        tiny.get_config().model, vocab_size=53, d_model=128, num_heads=4, head_dim=64, mlp_dim=29, num_layers=2,
+        attention_stride=16, max_len=256, vocab_multiple=1, attention_impl="pallas")
+    graphdef, params = nnx.split(model_lib.Attention(config, "both", rngs=nnx.Rngs(0)))
+
+    def loss(params, x):
+        return jnp.sum(nnx.merge(graphdef, params)(x) ** 2)
+
+    chip = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+    mesh = jax.sharding.AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3,
+                                     abstract_device=chip)
+    with jax.sharding.use_abstract_mesh(mesh):
+        x = jax.ShapeDtypeStruct((8, 256, 128), jnp.float32, sharding=NamedSharding(mesh, P(("data", "fsdp"))))
+        p = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P())), params)
+        text = jax.jit(jax.value_and_grad(loss)).trace(p, x).lower(lowering_platforms=("tpu",)).as_text()
+    calls = [line for line in text.splitlines() if "custom_call @tpu_custom_call(" in line]
+    assert len(calls) == 6
+    assert all(line[line.rindex("->"):].startswith("-> (tensor<4x256x64xf32>") or
+               line[line.rindex("->"):].startswith("-> tensor<4x256x64xf32>") for line in calls), calls
+
+
 @pytest.mark.parametrize("lowering, want", [("auto", None), ("gpu", "gpu")])
 def test_model_passes_its_pallas_lowering_to_the_kernel(lowering, want, monkeypatch):
     config = model_lib.ModelConfig.from_config_dict(
