@@ -134,6 +134,13 @@ def _out(like, shape, dtype) -> jax.ShapeDtypeStruct:
                                 manual_axis_type=aval.manual_axis_type)
 
 
+def _vary_like(x, like):
+    """x typed to vary over the manual mesh axes `like` varies over (inside shard_map; else x itself):
+    `plgpu.kernel` types its results with shard_map's check off, as invariant."""
+    axes = tuple(sorted(jax.typeof(like).manual_axis_type.varying - jax.typeof(x).manual_axis_type.varying))
+    return jax.lax.pcast(x, axes, to="varying") if axes else x
+
+
 def _tile_mask(allows, q_pos_ref, k_pos_ref):
     """bool[bq, bk]: allowed and not padding, from the tile's natural positions."""
     i, j = q_pos_ref[...], k_pos_ref[...]
@@ -828,7 +835,7 @@ def _mgpu_call(kernel, smem, plan: _ComponentPlan, scale: float, interpret: bool
     """One `plgpu.kernel` launch of a 'mosaic_gpu' kernel over grid (BN, row blocks), one warpgroup each;
     `smem` is the kernel's SMEM list (to choose its copy slots); args[2] is q or k [BN, T, H]."""
     bq, bk, (h, dtype) = plan.fwd.block_q, plan.fwd.block_k, (args[2].shape[-1], args[2].dtype)
-    return plgpu.kernel(
+    outs = plgpu.kernel(
         functools.partial(kernel, allows=plan.allows, scale=scale, block_q=bq, block_k=bk,
                           slots=_mgpu_slots(smem, bq, bk, h, dtype)),
         out_type=out_type,
@@ -837,6 +844,7 @@ def _mgpu_call(kernel, smem, plan: _ComponentPlan, scale: float, interpret: bool
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=_mgpu_interpret_params() if interpret else False,
     )(*args)
+    return jax.tree.map(lambda out: _vary_like(out, args[2]), outs)
 
 
 def _component_fwd_mgpu(plan: _ComponentPlan, qc, kc, vc, scale: float, interpret: bool):
@@ -845,7 +853,7 @@ def _component_fwd_mgpu(plan: _ComponentPlan, qc, kc, vc, scale: float, interpre
     lay = plan.fwd
     o, lse = _mgpu_call(
         _fwd_mgpu_kernel, _fwd_mgpu_smem, plan, scale, interpret, (bn, lay.kv_blocks.shape[0]), ("rows", "q_blocks"),
-        (_out(qc, (bn, tqp, h), jnp.float32), _out(qc, (bn, tqp), jnp.float32)),
+        (jax.ShapeDtypeStruct((bn, tqp, h), jnp.float32), jax.ShapeDtypeStruct((bn, tqp), jnp.float32)),
         jnp.asarray(lay.kv_blocks), jnp.asarray(lay.kv_counts), qc, jnp.swapaxes(kc, 1, 2), vc,
         jnp.asarray(plan.q_pos), jnp.asarray(plan.k_pos),
     )
@@ -862,12 +870,12 @@ def _component_bwd_mgpu(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, sca
     t = lambda x: jnp.swapaxes(x, 1, 2)  # The transposed wgmma operands (see the section comment).
     dq = _mgpu_call(
         _dq_mgpu_kernel, _dq_mgpu_smem, plan, scale, interpret, (bn, fwd.kv_blocks.shape[0]), ("rows", "q_blocks"),
-        _out(qc, (bn, tqp, h), qc.dtype),
+        jax.ShapeDtypeStruct((bn, tqp, h), qc.dtype),
         jnp.asarray(fwd.kv_blocks), jnp.asarray(fwd.kv_counts), qc, doc, lse, delta, q_pos, t(kc), t(vc), kc, k_pos,
     )
     dk, dv = _mgpu_call(
         _dkv_mgpu_kernel, _dkv_mgpu_smem, plan, scale, interpret, (bn, bwd.kv_blocks.shape[0]), ("rows", "k_blocks"),
-        (_out(kc, (bn, tkp, h), kc.dtype), _out(kc, (bn, tkp, h), vc.dtype)),
+        (jax.ShapeDtypeStruct((bn, tkp, h), kc.dtype), jax.ShapeDtypeStruct((bn, tkp, h), vc.dtype)),
         jnp.asarray(bwd.kv_blocks), jnp.asarray(bwd.kv_counts), kc, vc, k_pos, t(qc), qc, t(doc), doc, lse, delta,
         q_pos,
     )

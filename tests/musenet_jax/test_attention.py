@@ -26,6 +26,7 @@ from musenet_jax import attention
 from musenet_jax import model as model_lib
 from musenet_jax import sharding as sharding_lib
 from musenet_jax.attention import AttentionSpec, attend
+from pallas_kernels import block_sparse_attention as bsa
 
 # These tests check numbers, not speed: skip LLVM's backend optimisations, which otherwise dominate the run
 # time of this file (seconds per tiny graph on a 2-core machine).
@@ -286,30 +287,38 @@ def test_model_kernels_run_per_shard_under_a_mesh(impl, monkeypatch):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, expected)
 
 
-def test_model_pallas_attention_lowers_for_tpu_per_shard(monkeypatch):
-    # The train step's attention on an abstract 8-chip TPU mesh (data 2 x fsdp 2 x tensor 2), lowered from
-    # this CPU host: the Mosaic TPU kernels (2 components x forward, dq, dk/dv) each run on one device's
-    # shard, batch 8 / 4 x heads 4 / 2 = 4 rows, not on gathered inputs (32 rows).
-    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # The kernels resolve their target from it.
+@pytest.mark.parametrize(
+    "backend, capability, platform, target",
+    [("tpu", None, "tpu", "tpu_custom_call"), ("gpu", "8.0", "cuda", "__gpu$xla.gpu.triton"),
+     ("gpu", "9.0", "cuda", "mosaic_gpu_v2")],
+    ids=["tpu", "cuda-triton", "cuda-mosaic_gpu"],
+)
+def test_model_pallas_attention_lowers_per_shard(backend, capability, platform, target, monkeypatch):
+    # The train step's attention on an abstract 8-chip mesh (data 2 x fsdp 2 x tensor 2), lowered from this
+    # CPU host for TPU (Mosaic), an A100-class GPU (Triton) and a Hopper GPU (Mosaic GPU): the kernels
+    # (2 components x forward, dq, dk/dv) each run on one device's shard, batch 8 / 4 x heads 4 / 2 = 4 rows,
+    # not on gathered inputs (32 rows).
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)  # The kernels pick their target from these.
+    monkeypatch.setattr(bsa, "_gpu_compute_capability", lambda: capability)
     config = model_lib.ModelConfig.from_config_dict(
         tiny.get_config().model, vocab_size=53, d_model=128, num_heads=4, head_dim=64, mlp_dim=29, num_layers=2,
-        attention_stride=16, max_len=256, vocab_multiple=1, attention_impl="pallas")
+        attention_stride=16, max_len=256, vocab_multiple=1, attention_impl="pallas", dtype="bfloat16")
     graphdef, params = nnx.split(model_lib.Attention(config, "both", rngs=nnx.Rngs(0)))
 
     def loss(params, x):
-        return jnp.sum(nnx.merge(graphdef, params)(x) ** 2)
+        return jnp.sum(nnx.merge(graphdef, params)(x).astype(jnp.float32) ** 2)
 
     chip = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
     mesh = jax.sharding.AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3,
-                                     abstract_device=chip)
+                                     **({"abstract_device": chip} if backend == "tpu" else {}))
     with jax.sharding.use_abstract_mesh(mesh):
-        x = jax.ShapeDtypeStruct((8, 256, 128), jnp.float32, sharding=NamedSharding(mesh, P(("data", "fsdp"))))
+        x = jax.ShapeDtypeStruct((8, 256, 128), jnp.bfloat16, sharding=NamedSharding(mesh, P(("data", "fsdp"))))
         p = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P())), params)
-        text = jax.jit(jax.value_and_grad(loss)).trace(p, x).lower(lowering_platforms=("tpu",)).as_text()
-    calls = [line for line in text.splitlines() if "custom_call @tpu_custom_call(" in line]
+        text = jax.jit(jax.value_and_grad(loss)).trace(p, x).lower(lowering_platforms=(platform,)).as_text()
+    calls = [line for line in text.splitlines() if f"custom_call @{target}(" in line]
     assert len(calls) == 6
-    assert all(line[line.rindex("->"):].startswith("-> (tensor<4x256x64xf32>") or
-               line[line.rindex("->"):].startswith("-> tensor<4x256x64xf32>") for line in calls), calls
+    results = [line[line.rindex("->") + 2:].strip(" (") for line in calls]
+    assert all(r.startswith("tensor<4x256x64x") for r in results), results
 
 
 @pytest.mark.parametrize("lowering, want", [("auto", None), ("gpu", "gpu")])
