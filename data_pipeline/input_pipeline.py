@@ -42,7 +42,9 @@ Augmented windows go through notes: the crop of body tokens is decoded into note
 from the stored `timing` feature), the notes are transformed, made canonical with
 `encoding.canonical_notes` (folded notes colliding with others, notes merged by a stretch), and
 written back as tokens in the encoder's event order with waits re-emitted; the features are then
-recomputed. With every augmentation at identity this reproduces the stored tokens and features.
+recomputed. Under 'fold', the notes held across the crop's start join them (`_held_notes`): folding can
+move another note onto their key, and the collision must resolve as in the whole piece. With every
+augmentation at identity this reproduces the stored tokens and features.
 
 Determinism. The training stream is ONE global sequence of examples, the same for any number of
 processes: global example g (0, 1, 2, ...) is record `order_e[g mod n]` of epoch e = g // n (n records,
@@ -312,6 +314,46 @@ def _crop_notes(tokens: np.ndarray, rel: np.ndarray, sentinel: int, vocab: Vocab
                           np.maximum(vbin[rows], 0).astype(np.int32), start, end)
 
 
+def _held_notes(body: np.ndarray, start: int, tokens: np.ndarray, rel: np.ndarray, sentinel: int,
+                vocab: Vocab) -> encoding.Notes:
+    """Pitched notes sounding at body position `start` that `_crop_notes` cannot see in the crop `tokens`.
+
+    A key sounds at `start` when its last event before it is an attack. Its note reaches into the crop
+    from time 0 and ends at the key's first event in the crop, a re-attack (rel time), or after the crop
+    (`sentinel`) when the crop has none; keys whose first event in the crop is a release are `_crop_notes`'
+    lead notes already. Folding can move another note onto such a key: without these notes the crop would
+    resolve that collision differently from the whole piece.
+    """
+    kind = vocab.kind[body[:start]]
+    pos = np.flatnonzero((kind == TokenKind.NOTE_ON) | (kind == TokenKind.NOTE_OFF))
+    key = vocab.instrument[body[pos]].astype(np.int64) * 128 + vocab.pitch[body[pos]]
+    _, last = np.unique(key[::-1], return_index=True)  # each key's last event before `start`
+    held = pos[::-1][last]
+    held = held[kind[held] == TokenKind.NOTE_ON]
+    if len(held) == 0:
+        return encoding.Notes.empty()
+    held_key = vocab.instrument[body[held]].astype(np.int64) * 128 + vocab.pitch[body[held]]
+    crop_kind = vocab.kind[tokens]
+    crop_pos = np.flatnonzero((crop_kind == TokenKind.NOTE_ON) | (crop_kind == TokenKind.NOTE_OFF))
+    crop_key = vocab.instrument[tokens[crop_pos]].astype(np.int64) * 128 + vocab.pitch[tokens[crop_pos]]
+    order = np.argsort(crop_key, kind="stable")  # by key, then position: the first event of each key first
+    crop_key, crop_pos = crop_key[order], crop_pos[order]
+    i = np.minimum(np.searchsorted(crop_key, held_key), max(len(crop_key) - 1, 0))
+    found = (crop_key[i] == held_key) if len(crop_key) else np.zeros(len(held), bool)
+    first = crop_pos[i] if len(crop_key) else np.zeros(len(held), np.int64)
+    keep = ~(found & (crop_kind[first] == TokenKind.NOTE_OFF))
+    end = np.where(found, rel[first], sentinel)[keep]
+    held = held[keep]
+    return encoding.Notes(vocab.instrument[body[held]].astype(np.int32), vocab.pitch[body[held]].astype(np.int32),
+                          np.maximum(vocab.velocity_bin_of[body[held]], 0).astype(np.int32),
+                          np.zeros(len(held), np.int64), end.astype(np.int64))
+
+
+def _concat_notes(a: encoding.Notes, b: encoding.Notes) -> encoding.Notes:
+    return encoding.Notes(*(np.concatenate([getattr(a, f), getattr(b, f)])
+                            for f in ("instrument", "pitch", "velocity", "start", "end")))
+
+
 def _notes_to_events(notes: encoding.Notes, horizon: int, vocab: Vocab) -> np.ndarray:
     """Canonical notes -> body tokens for times 1 .. horizon - 1, waits counted from time 1.
 
@@ -378,6 +420,9 @@ def augment_window(piece: Piece, start: int, num_tokens: int, aug: Augmentation,
         # cut short: keep times < horizon, and end notes still sounding after it beyond it.
         horizon = np.iinfo(np.int64).max if at_end else int(rel[-1])
         notes = _crop_notes(tokens, rel, int(rel[-1]) + 1, vocab)
+        if aug.shift and aug.out_of_range == "fold" and start > 0:
+            # Only folding maps two keys onto one: then the notes held across the crop's start matter too.
+            notes = _concat_notes(notes, _held_notes(body, start, tokens, rel, int(rel[-1]) + 1, vocab))
         if aug.shift:
             pitched = notes.instrument != vocab.drums_index
             moved, keep = transpose_pitches(notes.pitch, aug.shift, aug.out_of_range, vocab)
