@@ -44,11 +44,9 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
 _STRIDE = flags.DEFINE_integer("stride", None, "Body tokens between window ends (default: context / 2).")
 _MAX_FILES = flags.DEFINE_integer("max_files", None, "Score at most this many files / records (the first ones).")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here (atomically).")
-# The model's attention implementations (musenet_jax.attention.IMPLS; not imported here: JAX loads slowly).
-ATTENTION_IMPLS = ("reference", "xla", "cpu", "pallas")
-_ATTENTION_IMPL = flags.DEFINE_enum(
-    "attention_impl", None, ATTENTION_IMPLS, "Score with this attention implementation instead of the model's "
-    "own, e.g. 'cpu' on a CPU for a model trained with 'pallas' (which CPUs only interpret, slowly).")
+_ATTENTION_IMPL = flags.DEFINE_string(
+    "attention_impl", None, "Score with this attention implementation (reference, xla, cpu, pallas) instead of "
+    "the model's own, e.g. 'cpu' on a CPU for a model trained with 'pallas' (which CPUs only interpret, slowly).")
 
 MIDI_SUFFIXES = (".mid", ".midi")
 
@@ -159,7 +157,11 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
 
 def main(argv):
     _check_flags(argv)
-    from musenet_jax import evaluation, export  # after flag parsing: importing JAX is slow
+    from musenet_jax import attention, evaluation, export  # after flag parsing: importing JAX is slow
+
+    if _ATTENTION_IMPL.value is not None and _ATTENTION_IMPL.value not in attention.IMPLS:
+        raise cli.UsageError(f"--attention_impl must be one of {', '.join(attention.IMPLS)}, "
+                             f"got {_ATTENTION_IMPL.value!r}")
 
     if _WORKDIR.value:
         model, vocab, step = export.load_checkpoint(_WORKDIR.value, _STEP.value, _ATTENTION_IMPL.value)

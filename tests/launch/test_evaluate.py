@@ -110,13 +110,6 @@ def test_workdir_on_a_dataset_split(run, tmp_path):
     assert result["skipped"] == []
 
 
-def test_attention_impl_flag_lists_the_model_impls():
-    from launch import evaluate
-    from musenet_jax import attention
-
-    assert evaluate.ATTENTION_IMPLS == attention.IMPLS
-
-
 def _dataset_with_other_vocab(run, tmp_path):
     """A copy of the built dataset whose vocab.json has an extra label (so every id but the labels agrees)."""
     src = datasets.dataset_dir(run.data_dir, "directory")
@@ -133,7 +126,8 @@ def _dataset_with_other_vocab(run, tmp_path):
 @pytest.mark.slow
 @pytest.mark.e2e
 @pytest.mark.parametrize("case", ["no_args", "both_models", "missing_model_dir", "no_checkpoints", "split_only",
-                                  "missing_midi_dir", "unknown_label", "other_vocab", "bad_stride"])
+                                  "missing_midi_dir", "unknown_label", "other_vocab", "bad_stride",
+                                  "bad_attention_impl"])
 def test_errors_are_one_line_without_output(run, midi_fixtures, tmp_path, case):
     empty = tmp_path / "empty_workdir"
     empty.mkdir()
@@ -152,12 +146,14 @@ def test_errors_are_one_line_without_output(run, midi_fixtures, tmp_path, case):
         "other_vocab": (*model, "--split", "train", "--data_dir", _dataset_with_other_vocab(run, tmp_path),
                         "--dataset", "directory"),
         "bad_stride": (*model, "--midi_dir", midi, "--stride", 64),
+        "bad_attention_impl": (*model, "--midi_dir", midi, "--attention_impl", "cuda"),
     }[case]
     expected = {"no_args": "exactly one of --workdir or --model", "both_models": "exactly one",
                 "missing_model_dir": "no such directory", "no_checkpoints": "no checkpoints",
                 "split_only": "--split needs --data_dir", "missing_midi_dir": "no such directory",
                 "unknown_label": "unknown label 'baroque'", "other_vocab": "differs from the dataset's",
-                "bad_stride": "--stride must be at most"}[case]
+                "bad_stride": "--stride must be at most",
+                "bad_attention_impl": "--attention_impl must be one of reference, xla, cpu, pallas"}[case]
     out = tmp_path / "out.json"
     res = musenet_eval(*args, "--out", out)
     assert res.returncode != 0

@@ -52,11 +52,11 @@ def test_checkpoint_from_another_model_is_refused(data_dir, tmp_path):
     # How the model runs may change (model.EXECUTION_FIELDS): e.g. trained with 'xla', resumed with another
     # attention implementation and remat policy. Configs of checkpoints written before a field existed
     # (here: `pallas_lowering`) compare the same way.
-    same = small_config(4)
+    same = small_config(3)  # Nothing left to train: restoring is the check.
     same.model.update(attention_impl="reference", remat_policy="dots")
     del same.model["pallas_lowering"]
     train.train_and_evaluate(same, str(tmp_path), data_dir)
-    assert sorted(_losses(tmp_path)) == [1, 2, 3, 4]
+    assert sorted(_losses(tmp_path)) == [1, 2, 3]
 
 
 @pytest.mark.slow

@@ -170,7 +170,7 @@ def mosaic_gpu_kernel_arities(lowered) -> list[tuple[int, int]]:
 MGPU_FWD, MGPU_DQ, MGPU_DKV = (7, 2), (11, 1), (12, 2)
 
 
-@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("pattern", ["strided", "fixed"])  # Two components each; 'dense' has one.
 def test_mosaic_gpu_forward_and_backward_lower_for_cuda(pattern):
     c = COMPONENTS[pattern]
     x = spec(256, 64, jnp.bfloat16)
