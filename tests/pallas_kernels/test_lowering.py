@@ -241,6 +241,28 @@ def test_mosaic_gpu_kernels_match_reference_in_gpu_interpreter(b, t, n, pattern,
 
 
 @pytest.mark.parametrize(
+    "backend, capability, dtype, h, block_q, block_k, want",
+    [
+        ("gpu", "9.0", jnp.bfloat16, 64, None, None, "mosaic_gpu"),  # Hopper, what its kernels take
+        ("gpu", "9.0", jnp.float16, 128, 64, 192, "mosaic_gpu"),
+        ("gpu", "9.0", jnp.float32, 64, None, None, "gpu"),  # wgmma's SMEM operands are 16-bit here
+        ("gpu", "9.0", jnp.bfloat16, 32, None, None, "gpu"),
+        ("gpu", "9.0", jnp.bfloat16, 64, 128, None, "gpu"),  # one warpgroup: block_q 64
+        ("gpu", "9.0", jnp.bfloat16, 64, None, 96, "gpu"),
+        ("gpu", "8.0", jnp.bfloat16, 64, None, None, "gpu"),  # no wgmma before Hopper
+        ("gpu", "10.0", jnp.bfloat16, 64, None, None, "gpu"),  # nor on Blackwell (tcgen05)
+        ("gpu", None, jnp.bfloat16, 64, None, None, "gpu"),  # ROCm
+        ("cpu", None, jnp.bfloat16, 64, None, None, "tpu"),
+        ("tpu", None, jnp.bfloat16, 64, None, None, "tpu"),
+    ],
+)
+def test_default_lowering_prefers_mosaic_gpu_where_it_runs(backend, capability, dtype, h, block_q, block_k, want,
+                                                           monkeypatch):
+    monkeypatch.setattr(bsa, "_gpu_compute_capability", lambda: capability)
+    assert bsa._default_lowering(backend, dtype, h, block_q, block_k) == want
+
+
+@pytest.mark.parametrize(
     "backend, capability, want",
     [("cpu", None, ()), ("tpu", None, ("tpu",)), ("gpu", "9.0", ("gpu", "mosaic_gpu")), ("gpu", "8.0", ("gpu",)),
      ("gpu", None, ("gpu",))],
