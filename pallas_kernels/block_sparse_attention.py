@@ -1038,21 +1038,27 @@ def _gpu_compute_capability() -> str | None:
     return getattr(jax.devices()[0], "compute_capability", None)
 
 
+def _has_wgmma() -> bool:
+    """Whether the GPU is a Hopper (sm_90), whose wgmma the 'mosaic_gpu' kernels need (Blackwell has none)."""
+    return _gpu_compute_capability() == "9.0"
+
+
 def _default_lowering(backend: str, dtype, h: int, block_q: int | None, block_k: int | None) -> str:
     """The kernels `lowering=None` picks: off a GPU backend 'tpu' (also what interpret mode runs on CPU); on
     a GPU, Mosaic GPU (the Pallas GPU backend JAX develops; its Triton path is deprecated) wherever its
-    kernels run: Hopper (sm_90: wgmma), 16-bit inputs, H and the blocks asked for multiples of 64 (block_q
-    exactly 64). Elsewhere (other GPUs, fp32, other shapes) the Triton kernels."""
+    kernels run: Hopper, and inputs and blocks `_check_compilable` accepts for it (16-bit, H and the blocks
+    asked for multiples of 64, block_q exactly 64). Elsewhere (other GPUs, fp32, other shapes) the Triton
+    kernels."""
     if backend != "gpu":
         return "tpu"
-    fits = (
-        _gpu_compute_capability() == "9.0"
-        and jnp.dtype(dtype).itemsize == 2
-        and h % MGPU_BLOCK == 0
-        and block_q in (None, MGPU_BLOCK)
-        and (block_k is None or block_k % MGPU_BLOCK == 0)
-    )
-    return "mosaic_gpu" if fits else "gpu"
+    if not _has_wgmma():
+        return "gpu"
+    bq, bk = (MGPU_BLOCK if b is None else b for b in (block_q, block_k))
+    try:
+        _check_compilable("mosaic_gpu", bq, bk, h, dtype)
+    except ValueError:
+        return "gpu"
+    return "mosaic_gpu"
 
 
 def compiled_lowerings() -> tuple[str, ...]:
@@ -1063,7 +1069,7 @@ def compiled_lowerings() -> tuple[str, ...]:
         return ("tpu",)
     if backend != "gpu":
         return ()
-    return ("gpu", "mosaic_gpu") if _gpu_compute_capability() == "9.0" else ("gpu",)
+    return ("gpu", "mosaic_gpu") if _has_wgmma() else ("gpu",)
 
 
 def _resolve_mode(interpret: bool | None, lowering: str | None, dtype, h: int, block_q: int | None,
