@@ -63,6 +63,10 @@ class Notes:
         order = np.lexsort((self.velocity, self.end, self.pitch, self.instrument, self.start))
         return Notes(*(getattr(self, f.name)[order] for f in dataclasses.fields(self)))
 
+    def concat(self, other: Notes) -> Notes:
+        return Notes(*(np.concatenate([getattr(self, f.name), getattr(other, f.name)])
+                       for f in dataclasses.fields(self)))
+
     @classmethod
     def empty(cls) -> Notes:
         i32, i64 = np.zeros(0, np.int32), np.zeros(0, np.int64)

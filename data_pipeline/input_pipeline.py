@@ -324,18 +324,21 @@ def _held_notes(body: np.ndarray, start: int, tokens: np.ndarray, rel: np.ndarra
     lead notes already. Folding can move another note onto such a key: without these notes the crop would
     resolve that collision differently from the whole piece.
     """
-    kind = vocab.kind[body[:start]]
-    pos = np.flatnonzero((kind == TokenKind.NOTE_ON) | (kind == TokenKind.NOTE_OFF))
-    key = vocab.instrument[body[pos]].astype(np.int64) * 128 + vocab.pitch[body[pos]]
-    _, last = np.unique(key[::-1], return_index=True)  # each key's last event before `start`
+    def key_events(ids):
+        """(positions of note-ons / -offs in `ids`, their keys instrument * 128 + pitch)."""
+        kind = vocab.kind[ids]
+        pos = np.flatnonzero((kind == TokenKind.NOTE_ON) | (kind == TokenKind.NOTE_OFF))
+        return pos, vocab.instrument[ids[pos]].astype(np.int64) * 128 + vocab.pitch[ids[pos]]
+
+    pos, key = key_events(body[:start])
+    held_key, last = np.unique(key[::-1], return_index=True)  # each key's last event before `start`
     held = pos[::-1][last]
-    held = held[kind[held] == TokenKind.NOTE_ON]
+    attack = vocab.kind[body[held]] == TokenKind.NOTE_ON
+    held, held_key = held[attack], held_key[attack]
     if len(held) == 0:
         return encoding.Notes.empty()
-    held_key = vocab.instrument[body[held]].astype(np.int64) * 128 + vocab.pitch[body[held]]
+    crop_pos, crop_key = key_events(tokens)
     crop_kind = vocab.kind[tokens]
-    crop_pos = np.flatnonzero((crop_kind == TokenKind.NOTE_ON) | (crop_kind == TokenKind.NOTE_OFF))
-    crop_key = vocab.instrument[tokens[crop_pos]].astype(np.int64) * 128 + vocab.pitch[tokens[crop_pos]]
     order = np.argsort(crop_key, kind="stable")  # by key, then position: the first event of each key first
     crop_key, crop_pos = crop_key[order], crop_pos[order]
     i = np.minimum(np.searchsorted(crop_key, held_key), max(len(crop_key) - 1, 0))
@@ -347,11 +350,6 @@ def _held_notes(body: np.ndarray, start: int, tokens: np.ndarray, rel: np.ndarra
     return encoding.Notes(vocab.instrument[body[held]].astype(np.int32), vocab.pitch[body[held]].astype(np.int32),
                           np.maximum(vocab.velocity_bin_of[body[held]], 0).astype(np.int32),
                           np.zeros(len(held), np.int64), end.astype(np.int64))
-
-
-def _concat_notes(a: encoding.Notes, b: encoding.Notes) -> encoding.Notes:
-    return encoding.Notes(*(np.concatenate([getattr(a, f), getattr(b, f)])
-                            for f in ("instrument", "pitch", "velocity", "start", "end")))
 
 
 def _notes_to_events(notes: encoding.Notes, horizon: int, vocab: Vocab) -> np.ndarray:
@@ -422,7 +420,7 @@ def augment_window(piece: Piece, start: int, num_tokens: int, aug: Augmentation,
         notes = _crop_notes(tokens, rel, int(rel[-1]) + 1, vocab)
         if aug.shift and aug.out_of_range == "fold" and start > 0:
             # Only folding maps two keys onto one: then the notes held across the crop's start matter too.
-            notes = _concat_notes(notes, _held_notes(body, start, tokens, rel, int(rel[-1]) + 1, vocab))
+            notes = notes.concat(_held_notes(body, start, tokens, rel, int(rel[-1]) + 1, vocab))
         if aug.shift:
             pitched = notes.instrument != vocab.drums_index
             moved, keep = transpose_pitches(notes.pitch, aug.shift, aug.out_of_range, vocab)
