@@ -37,6 +37,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -992,38 +993,38 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+// Both calls take the kernel's parameters as the same attributes, in `Forward` / `Backward`'s order.
+template <typename Binding>
+auto BindParams(Binding binding) {
+  return std::move(binding)
+      .template Attr<int64_t>("pattern")
+      .template Attr<int64_t>("stride")
+      .template Attr<int64_t>("summary")
+      .template Attr<int64_t>("part")
+      .template Attr<int64_t>("block_q")
+      .template Attr<float>("scale");
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MusenetSparseAttentionForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("pattern")
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("summary")
-                                  .Attr<int64_t>("part")
-                                  .Attr<int64_t>("block_q")
-                                  .Attr<float>("scale"));
+                              BindParams(ffi::Ffi::Bind()
+                                             .Ctx<ffi::ThreadPool>()
+                                             .Arg<ffi::Buffer<ffi::F32>>()
+                                             .Arg<ffi::Buffer<ffi::F32>>()
+                                             .Arg<ffi::Buffer<ffi::F32>>()
+                                             .Ret<ffi::Buffer<ffi::F32>>()
+                                             .Ret<ffi::Buffer<ffi::F32>>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MusenetSparseAttentionBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("pattern")
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("summary")
-                                  .Attr<int64_t>("part")
-                                  .Attr<int64_t>("block_q")
-                                  .Attr<float>("scale"));
+                              BindParams(ffi::Ffi::Bind()
+                                             .Ctx<ffi::ThreadPool>()
+                                             .Arg<ffi::Buffer<ffi::F32>>()
+                                             .Arg<ffi::Buffer<ffi::F32>>()
+                                             .Arg<ffi::Buffer<ffi::F32>>()
+                                             .Arg<ffi::Buffer<ffi::F32>>()
+                                             .Arg<ffi::Buffer<ffi::F32>>()
+                                             .Arg<ffi::Buffer<ffi::F32>>()
+                                             .Ret<ffi::Buffer<ffi::F32>>()
+                                             .Ret<ffi::Buffer<ffi::F32>>()
+                                             .Ret<ffi::Buffer<ffi::F32>>()));
