@@ -24,6 +24,7 @@ Usage (on a GPU or TPU host):
   python -m benchmarks.pallas_attention --out=/tmp/bench
   python -m benchmarks.pallas_attention --out=/tmp/bench --lengths=4096,8192 --lowerings=mosaic_gpu
 The issue's target: >= 40 % of the bf16 peak on the computed tiles at n = 4k ... 64k on an H100.
+The JSON is rewritten after each length (`done_lengths`), so a run cut short by a time limit keeps what it measured.
 """
 
 from __future__ import annotations
@@ -125,8 +126,19 @@ def main(argv):
     peak = _PEAK_TFLOPS.value or peak_tflops(device)
     mm = matmul_tflops(reps)
     print(f"device: {device} ({backend}); bf16 matmul {mm:.1f} TFLOP/s; peak "
-          f"{'unknown' if peak is None else f'{peak:.0f} TFLOP/s'}; lowerings {','.join(lowerings)}")
+          f"{'unknown' if peak is None else f'{peak:.0f} TFLOP/s'}; lowerings {','.join(lowerings)}", flush=True)
     rows, notes = [], []
+    report = {
+        "benchmark": "pallas block-sparse attention forward+backward",
+        "config": {"batch": b, "heads": nh, "head_dim": h, "dtype": "bfloat16", "stride": _STRIDE.value,
+                   "summary": _SUMMARY.value, "block_q": _BLOCK_Q.value, "block_k": _BLOCK_K.value,
+                   "lowerings": lowerings, "repeats": reps, "min_time_s": _MIN_TIME.value},
+        "machine": {"device": device, "backend": backend, "platform": platform.platform(), "jax": jax.__version__,
+                    "peak_tflops": peak, "matmul_tflops": mm},
+        "rows": rows,
+        "notes": notes,
+    }
+    path = os.path.join(_OUT.value, "pallas_attention.json")
     for n in lengths:
         stride = stride_of(n)
         keys = jax.random.split(jax.random.key(n), 4)
@@ -180,21 +192,12 @@ def main(argv):
                 res["speedup"] = min(dense) / res["seconds"]
             rows.append(res)
             _print_row(res, header=len(rows) == 1)
+        # After every length, so that a run stopped by a time limit keeps the lengths it finished.
+        report["done_lengths"] = lengths[:lengths.index(n) + 1]
+        cli.write_atomic(path, json.dumps(report, indent=1) + "\n")
 
     for note in notes:
         print(f"note: {note}")
-    report = {
-        "benchmark": "pallas block-sparse attention forward+backward",
-        "config": {"batch": b, "heads": nh, "head_dim": h, "dtype": "bfloat16", "stride": _STRIDE.value,
-                   "summary": _SUMMARY.value, "block_q": _BLOCK_Q.value, "block_k": _BLOCK_K.value,
-                   "lowerings": lowerings, "repeats": reps, "min_time_s": _MIN_TIME.value},
-        "machine": {"device": device, "backend": backend, "platform": platform.platform(), "jax": jax.__version__,
-                    "peak_tflops": peak, "matmul_tflops": mm},
-        "rows": rows,
-        "notes": notes,
-    }
-    path = os.path.join(_OUT.value, "pallas_attention.json")
-    cli.write_atomic(path, json.dumps(report, indent=1) + "\n")
     print(f"wrote {path}")
 
 
@@ -205,7 +208,7 @@ def _print_row(r: dict, header: bool) -> None:
     fmt = lambda key, spec: "-" if r.get(key) is None else format(r[key], spec)
     print(f"{r['n']:>6} {r['method']:>18} {r['stride'] or '-':>4} {r['seconds']:>9.5f} {r['tflop']:>8.4f} "
           f"{r['tflops']:>8.2f} {fmt('pct_peak', '6.1f'):>6} {r['pct_matmul']:>6.1f} {fmt('speedup', '7.2f'):>7} "
-          f"{fmt('err', '8.1e'):>8}")
+          f"{fmt('err', '8.1e'):>8}", flush=True)
 
 
 if __name__ == "__main__":

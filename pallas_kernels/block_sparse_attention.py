@@ -1156,6 +1156,8 @@ def sparse_attention(
 PLATFORM_LOWERINGS = {"tpu": ("tpu",), "cuda": ("gpu", "mosaic_gpu"), "rocm": ("gpu",)}
 # Custom-call target of each kernel kind, one call per kernel launch: Mosaic TPU, Triton, Mosaic GPU.
 KERNEL_CALL_TARGETS = {"tpu": "tpu_custom_call", "gpu": "__gpu$xla.gpu.triton", "mosaic_gpu": "mosaic_gpu_v2"}
+# The chip `lower_attention` lowers for unless told (`device_kind`): a v5e, an H100, an MI300X.
+LOWERING_DEVICE_KINDS = {"tpu": "TPU v5 lite", "cuda": "NVIDIA H100", "rocm": "gfx942"}
 
 
 def lower_attention(
@@ -1172,7 +1174,7 @@ def lower_attention(
     part: str = "both",
     block_q: int | None = None,
     block_k: int | None = None,
-    tpu_device_kind: str = "TPU v5 lite",
+    device_kind: str | None = None,
 ) -> jax.stages.Lowered:
     """Lowers the compiled (not interpreted) kernels for `platform` on any host, without that device.
 
@@ -1181,8 +1183,9 @@ def lower_attention(
     'rocm' to Triton IR (checks power-of-two array sizes, lowers each op, embeds it in a
     `__gpu$xla.gpu.triton` call). What still needs the device: Mosaic's layout / vreg passes (in libtpu)
     and Triton's compile to PTX / AMDGCN (in XLA's GPU backend), i.e. VMEM / shared-memory limits,
-    register pressure and numerics. TPU lowering reads chip facts (generation, tile sizes), so it runs
-    under an abstract mesh whose device kind is `tpu_device_kind` (e.g. 'TPU v4', 'TPU v5 lite', 'TPU v6 lite').
+    register pressure and numerics. Lowering reads chip facts (TPU generation and tile sizes; a GPU's compute
+    capability, which Triton's lowering asks the device for in newer JAX), so it runs under an abstract mesh
+    whose one device is of kind `device_kind`.
 
     Args:
       q, k, v: [B, T, N, H] arrays or `jax.ShapeDtypeStruct`s (only shapes and dtypes are used).
@@ -1192,6 +1195,8 @@ def lower_attention(
       grad: also lower the custom VJP (the dq and dk/dv kernels) via `jax.vjp`; the lowered function is
         then (q, k, v, dout) -> (out, dq, dk, dv), else (q, k, v) -> out.
       pattern ... block_k: as `sparse_attention`; blocks must suit the target (see `_check_compilable`).
+      device_kind: the chip lowered for, as JAX's `device_kind` names it (e.g. 'TPU v4', 'TPU v6 lite',
+        'NVIDIA A100', 'gfx90a'); default `LOWERING_DEVICE_KINDS[platform]`.
 
     Returns:
       The `jax.stages.Lowered`; `.as_text()` holds one custom call per kernel launch (see
@@ -1220,10 +1225,9 @@ def lower_attention(
         return (out, *vjp(do))
 
     fn, args = (forward_and_vjp, (rows,) * 4) if grad else (forward, (rows,) * 3)
-    if platform != "tpu":
-        return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,))
+    device = jax.sharding.AbstractDevice(device_kind=device_kind or LOWERING_DEVICE_KINDS[platform], num_cores=1,
+                                         platform=_BACKEND[lowering])
     # Traced under the mesh too: the trace context (which the lowering sees) is captured at trace time.
-    device = jax.sharding.AbstractDevice(device_kind=tpu_device_kind, num_cores=1, platform="tpu")
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("chip",), abstract_device=device)):
         return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,))
 

@@ -1,4 +1,10 @@
-"""Test-wide set-up: 8 fake CPU devices (before JAX is first used) so sharding tests see a mesh."""
+"""Test-wide set-up: 8 fake CPU devices (before JAX is first used) so sharding tests see a mesh.
+
+Imports here are JAX and pytest alone, so that the kernel tests (`tests/pallas_kernels/`) run where only those
+are installed, e.g. on an accelerator host with its own JAX.
+"""
+
+from __future__ import annotations
 
 import dataclasses
 import os
@@ -7,12 +13,13 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import jax
-import ml_collections
 import pytest
 
-from configs import tiny
+if TYPE_CHECKING:
+    import ml_collections
 
 jax.config.update("jax_num_cpu_devices", 8)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -47,6 +54,8 @@ def data_dir(tmp_path_factory, midi_fixtures) -> str:
 
 def small_config(total_steps: int = 6) -> ml_collections.ConfigDict:
     """`configs/tiny.py` shrunk for tests: D=32, 2 layers x 2 heads x 16, 64-token context, batch 4."""
+    from configs import tiny
+
     config = tiny.get_config()
     config.unlock()
     config.model.update(d_model=32, num_heads=2, head_dim=16, mlp_dim=64, num_layers=2, attention_stride=8)

@@ -26,6 +26,7 @@ def test_small_run_writes_rows_flops_errors_and_failed_lowerings_as_notes(tmp_pa
                "--peak_tflops=1", f"--out={tmp_path / 'bench'}")
     assert res.returncode == 0, res.stderr
     report = json.loads((tmp_path / "bench" / "pallas_attention.json").read_text())
+    assert report["done_lengths"] == [96, 160]
     rows = {(r["n"], r["method"]): r for r in report["rows"]}
     assert set(rows) == {(96, "dense-xla"), (96, "strided-gpu"), (160, "strided-gpu")}
     notes = report["notes"]

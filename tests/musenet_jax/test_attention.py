@@ -308,9 +308,9 @@ def test_model_pallas_attention_lowers_per_shard(backend, capability, platform, 
     def loss(params, x):
         return jnp.sum(nnx.merge(graphdef, params)(x).astype(jnp.float32) ** 2)
 
-    chip = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+    chip = jax.sharding.AbstractDevice(device_kind=bsa.LOWERING_DEVICE_KINDS[platform], num_cores=1, platform=backend)
     mesh = jax.sharding.AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3,
-                                     **({"abstract_device": chip} if backend == "tpu" else {}))
+                                     abstract_device=chip)
     with jax.sharding.use_abstract_mesh(mesh):
         x = jax.ShapeDtypeStruct((8, 256, 128), jnp.bfloat16, sharding=NamedSharding(mesh, P(("data", "fsdp"))))
         p = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P())), params)

@@ -87,7 +87,7 @@ def test_forward_only_lowers_forward_kernels():
 @pytest.mark.parametrize("device_kind", ["TPU v4", "TPU v5 lite", "TPU v6 lite"])
 def test_tpu_lowering_for_several_chips(device_kind):
     # The lowering reads chip facts (e.g. `x // l` in the fixed pattern's predicate needs the generation).
-    lowered = bsa.lower_attention(*spec(256, 64, jnp.bfloat16), platform="tpu", grad=True, tpu_device_kind=device_kind,
+    lowered = bsa.lower_attention(*spec(256, 64, jnp.bfloat16), platform="tpu", grad=True, device_kind=device_kind,
                                   **PATTERNS["fixed"])
     assert kernel_calls(lowered, "tpu") == expected("tpu", "fixed")
 
