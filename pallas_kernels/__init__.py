@@ -5,8 +5,9 @@ kernel; `reference_attention` (same signature) is the dense masked-softmax groun
 
 Lowering. `lower_attention(q, k, v, platform=, lowering=, grad=)` lowers the compiled kernels (forward, and
 with grad the custom VJP's dq and dk/dv kernels) on any host, no device needed, via
-`jax.jit(f).trace(...).lower(lowering_platforms=(platform,))`: 'tpu' -> Mosaic (chip facts from an abstract
-mesh, `jax.sharding.AbstractDevice`, default 'TPU v5 lite'), 'cuda' / 'rocm' -> Triton, 'cuda' with
+`jax.jit(f).trace(...).lower(lowering_platforms=(platform,))` under an abstract mesh whose chip
+(`jax.sharding.AbstractDevice`, `device_kind=`, default per platform 'TPU v5 lite' / 'NVIDIA H100' / 'gfx942')
+gives the facts the lowering reads: 'tpu' -> Mosaic, 'cuda' / 'rocm' -> Triton, 'cuda' with
 lowering='mosaic_gpu' -> the Mosaic GPU kernels (forward, dq, dk/dv). This runs Pallas's own lowering of
 every kernel (block-shape rules, per-op lowering, the serialised kernel in a `tpu_custom_call` /
 `__gpu$xla.gpu.triton` / `mosaic_gpu_v2` custom call); tests/pallas_kernels/test_lowering.py does so in CI
