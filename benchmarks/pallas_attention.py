@@ -139,7 +139,7 @@ def main(argv):
         "notes": notes,
     }
     path = os.path.join(_OUT.value, "pallas_attention.json")
-    for n in lengths:
+    for done, n in enumerate(lengths, 1):
         stride = stride_of(n)
         keys = jax.random.split(jax.random.key(n), 4)
         args32 = tuple(jax.random.normal(key, (b, n, nh, h), jnp.float32) for key in keys)
@@ -193,7 +193,7 @@ def main(argv):
             rows.append(res)
             _print_row(res, header=len(rows) == 1)
         # After every length, so that a run stopped by a time limit keeps the lengths it finished.
-        report["done_lengths"] = lengths[:lengths.index(n) + 1]
+        report["done_lengths"] = lengths[:done]
         cli.write_atomic(path, json.dumps(report, indent=1) + "\n")
 
     for note in notes:
