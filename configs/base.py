@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.max_len = seq_len
 
     config.data = ml_collections.ConfigDict(dict(
-        name="default", train_split="train", eval_split="validation", worker_count=8,
+        name="default", train_split="train", eval_split="validation", window_sampling="tokens", worker_count=8,
         transpose=True, transpose_max=3, volume=True, volume_max_shift=2, stretch=True,
         stretch_min=0.95, stretch_max=1.05,
     ))

@@ -2,10 +2,12 @@
 
 A built dataset lives in `<data_dir>/musenet_midi/<config>/<version>/`: the ArrayRecord files, TFDS's
 `dataset_info.json` / `features.json` / `metadata.json`, and ours: `vocab.json` (the vocabulary,
-label table included) and `rejected.tsv`. None of these functions imports the builder or TensorFlow.
+label table included), `rejected.tsv` and `token_counts.npz` (the body-token count of every record of
+every split, in record order). None of these functions imports the builder or TensorFlow.
 
     vocab = datasets.load_vocab(data_dir, "default")
     train = datasets.data_source(data_dir, "default", "train")   # len(train), train[i] -> dict
+    counts = datasets.token_counts(data_dir, "default", "train")  # int32[len(train)]
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import csv
 import json
 import os
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from data_pipeline.vocab import Vocab
@@ -21,6 +24,7 @@ from data_pipeline.vocab import Vocab
 DATASET_NAME = "musenet_midi"
 VOCAB_FILE = "vocab.json"
 REPORT_FILE = "rejected.tsv"
+TOKEN_COUNTS_FILE = "token_counts.npz"
 
 
 def _version_key(version: str) -> tuple[int, ...]:
@@ -65,6 +69,29 @@ def data_source(data_dir: str | os.PathLike, config_name: str = "default", split
     # From the folder alone (not `tfds.data_source`), so that custom configs, which the registered
     # builder class does not list, open the same way.
     return tfds.builder_from_directory(dataset_dir(data_dir, config_name, version)).as_data_source(split)
+
+
+def token_counts(data_dir: str | os.PathLike, config_name: str = "default", split: str = "train",
+                 version: str | None = None) -> np.ndarray | None:
+    """int32[n]: the body-token count of each record of `split`, aligned with `data_source(...)[i]`.
+
+    Takes the same slicing syntax as `data_source`. None for a dataset built before the counts were
+    stored (count them from the records instead: `input_pipeline.count_tokens`).
+    """
+    path = dataset_dir(data_dir, config_name, version)
+    counts_path = os.path.join(path, TOKEN_COUNTS_FILE)
+    if not os.path.isfile(counts_path):
+        return None
+    info = tfds.builder_from_directory(path).info
+    with np.load(counts_path) as stored:
+        parts = []
+        for instruction in tfds.core.ReadInstruction.from_spec(split).to_absolute(info.splits):
+            counts = stored[instruction.splitname]
+            if len(counts) != info.splits[instruction.splitname].num_examples:
+                raise ValueError(f"{counts_path}: {len(counts)} counts for split {instruction.splitname!r} "
+                                 f"of {info.splits[instruction.splitname].num_examples} records")
+            parts.append(counts[instruction.from_:instruction.to])
+    return np.concatenate(parts).astype(np.int32)
 
 
 def load_metadata(data_dir: str | os.PathLike, config_name: str = "default",

@@ -23,8 +23,18 @@ where in the piece the window starts as soon as it reads the prefix. Padding get
 Training windows start at a uniformly drawn body position, moved forward to the next time-step
 start (the first event after a wait) so a window never opens in the middle of a chord; the last
 window of a piece ends with `end` followed by padding, and a piece shorter than a window is taken
-whole. Evaluation windows (`make_eval_batches`) are consecutive and cover every body token of every
-piece once, each with the prefix.
+whole. How often a piece is drawn is `InputConfig.window_sampling`:
+
+- 'tokens' (the default): a piece of T body tokens gives w = max(1, ceil(T / W)) examples per epoch,
+  W = L + 1 - (the longest prefix) the body tokens a window holds: about one window per W tokens, so
+  every body token is about equally likely to be trained on, as every one is scored once in
+  evaluation. The token counts come from the dataset (`datasets.token_counts`), else from reading
+  every record once.
+- 'pieces': one example per piece per epoch, so a 400-token chorale weighs as much as a 30,000-token
+  symphony, and a corpus of many short pieces dominates training beyond its share of the music.
+
+Evaluation windows (`make_eval_batches`) are consecutive and cover every body token of every piece
+once, each with the prefix.
 
 Augmentations (MuseNet's), each with a switch in `InputConfig`, drawn once per example:
 
@@ -47,9 +57,10 @@ move another note onto their key, and the collision must resolve as in the whole
 augmentation at identity this reproduces the stored tokens and features.
 
 Determinism. The training stream is ONE global sequence of examples, the same for any number of
-processes: global example g (0, 1, 2, ...) is record `order_e[g mod n]` of epoch e = g // n (n records,
-a fresh permutation `order_e` per epoch, `EpochShuffle`), and all its random draws (window start,
-augmentation) come from a generator seeded by (seed, g) alone. Global batch k is examples
+processes: global example g (0, 1, 2, ...) is slot `order_e[g mod n]` of epoch e = g // n (n slots, one
+per example of an epoch: record i fills w_i consecutive slots, `RepeatRecords`; a fresh permutation
+`order_e` per epoch, `EpochShuffle`), and all its random draws (window start, augmentation) come from
+a generator seeded by (seed, g) alone. Global batch k is examples
 [k * G, (k + 1) * G) with G = batch_size * process_count; a last partial global batch is dropped.
 
 Sharding. Process p of P reads only rows [p * B, (p + 1) * B) of each global batch (B = `batch_size`,
@@ -76,6 +87,7 @@ from data_pipeline.vocab import END, PAD, TokenKind, Vocab
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", *features_lib.FEATURE_NAMES)
 OUT_OF_RANGE_POLICIES = ("drop", "fold")
+WINDOW_SAMPLING = ("tokens", "pieces")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +98,11 @@ class InputConfig:
       seq_len: L, the model's context in tokens (prefix included).
       batch_size: B, examples per batch on this process.
       seed: seeds the shuffle and every example's random draws (0 .. 2**32 - 1).
-      shuffle: shuffle records (reshuffled every epoch).
-      num_epochs: passes over the records; None repeats forever.
+      shuffle: shuffle the epoch's examples (reshuffled every epoch).
+      num_epochs: passes over the records (each record `w` times, see `window_sampling`); None
+        repeats forever.
+      window_sampling: 'tokens': a record gives one example per W of its body tokens each epoch;
+        'pieces': one example per record (module docstring).
       worker_count: Grain worker processes (0: build batches in this process).
       worker_buffer_size: batches each worker keeps ready.
       read_threads: threads preparing examples in the process that builds batches (0: none, the
@@ -104,6 +119,7 @@ class InputConfig:
     seed: int = 0
     shuffle: bool = True
     num_epochs: int | None = None
+    window_sampling: str = "tokens"
     worker_count: int = 0
     worker_buffer_size: int = 2
     read_threads: int = 1
@@ -131,6 +147,8 @@ class InputConfig:
             raise ValueError(f"seed must be in 0..2**32-1, got {self.seed}")
         if self.num_epochs is not None and self.num_epochs < 1:
             raise ValueError(f"num_epochs must be >= 1 or None (forever), got {self.num_epochs}")
+        if self.window_sampling not in WINDOW_SAMPLING:
+            raise ValueError(f"window_sampling must be one of {WINDOW_SAMPLING}, got {self.window_sampling!r}")
         if self.out_of_range not in OUT_OF_RANGE_POLICIES:
             raise ValueError(f"out_of_range must be one of {OUT_OF_RANGE_POLICIES}, got {self.out_of_range!r}")
         if not 0 < self.stretch_min <= self.stretch_max:
@@ -528,6 +546,62 @@ class TrainWindows(grain.transforms.MapWithIndex):
 
 
 # -- datasets --------------------------------------------------------------------------------------
+def count_tokens(source: Sequence) -> np.ndarray:
+    """int64[n]: the body-token count of every record, read from the records themselves.
+
+    Reads (and decodes) every record: a fraction of a millisecond each from ArrayRecord. A built
+    dataset stores these counts (`datasets.token_counts`); this is the fallback.
+    """
+    return np.fromiter((len(source[i]["tokens"]) for i in range(len(source))), np.int64, len(source))
+
+
+def record_windows(num_records: int, vocab: Vocab, config: InputConfig,
+                   token_counts: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+    """int64[n]: examples each record gives per epoch under `config.window_sampling`.
+
+    'tokens': max(1, ceil(T / W)) for a record of T body tokens, W = L + 1 - `max_prefix_len(vocab)`
+    (`token_counts` required); 'pieces': 1 each (`token_counts` ignored).
+
+    Raises:
+      ValueError: counts missing, not one per record, or not all >= 1 (a body always has `end`).
+    """
+    if config.window_sampling == "pieces":
+        return np.ones(num_records, np.int64)
+    if token_counts is None:
+        raise ValueError("window_sampling='tokens' needs the records' token counts")
+    counts = np.asarray(token_counts, np.int64)
+    if counts.shape != (num_records,):
+        raise ValueError(f"token counts have shape {counts.shape}, the source has {num_records} records "
+                         "(counts of another dataset or split?)")
+    if num_records and counts.min() < 1:
+        raise ValueError(f"token counts must be >= 1, got {counts.min()} for record {int(counts.argmin())}")
+    per_window = config.seq_len + 1 - max_prefix_len(vocab)
+    return np.maximum(1, -(-counts // per_window))
+
+
+class RepeatRecords(grain.MapDataset):
+    """Record i of its parent repeated `windows[i]` times, consecutively (slot j -> record `owner[j]`)."""
+
+    def __init__(self, parent: grain.MapDataset, windows: np.ndarray):
+        super().__init__(parent)
+        if len(windows) != len(parent):
+            raise ValueError(f"{len(windows)} window counts for {len(parent)} records")
+        # int32: a pod's corpus has millions of slots, and workers each get a copy.
+        self._owner = np.repeat(np.arange(len(parent), dtype=np.int32), windows)
+
+    def __len__(self) -> int:
+        return len(self._owner)
+
+    def __str__(self) -> str:
+        return f"RepeatRecords(records={len(self._parent)}, slots={len(self._owner)})"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, slot = divmod(index, len(self._owner))
+        return self._parent[int(self._owner[slot]) + epoch * len(self._parent)]
+
+
 def _process_shard(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     if process_index is None or process_count is None:
         import jax  # only for the defaults: the data pipeline itself does not need JAX
@@ -604,6 +678,7 @@ class EpochShuffle(grain.MapDataset):
 
 
 def make_train_dataset(source: Sequence, vocab: Vocab, config: InputConfig, *,
+                       token_counts: Sequence[int] | np.ndarray | None = None,
                        process_index: int | None = None, process_count: int | None = None,
                        start_batch: int = 0) -> grain.IterDataset:
     """The training stream as a Grain `IterDataset` of batches (see `make_train_iterator`)."""
@@ -611,11 +686,17 @@ def make_train_dataset(source: Sequence, vocab: Vocab, config: InputConfig, *,
     if config.seq_len <= max_prefix_len(vocab):
         raise ValueError(f"seq_len {config.seq_len} leaves no room after the longest prefix "
                          f"({max_prefix_len(vocab)} tokens)")
-    if len(source) < process_count:
-        raise ValueError(f"{len(source)} records cannot be shared by {process_count} processes")
     if start_batch < 0:
         raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+    if config.window_sampling == "tokens" and token_counts is None:
+        token_counts = count_tokens(source)
+    windows = record_windows(len(source), vocab, config, token_counts)
+    if windows.sum() < process_count:
+        raise ValueError(f"{len(source)} records ({windows.sum()} examples per epoch) cannot be shared by "
+                         f"{process_count} processes")
     ds = grain.MapDataset.source(source)
+    if config.window_sampling != "pieces":
+        ds = RepeatRecords(ds, windows)
     if config.shuffle:
         ds = EpochShuffle(ds, seed=config.seed)
     ds = ds.repeat(config.num_epochs)
@@ -632,6 +713,7 @@ def make_train_dataset(source: Sequence, vocab: Vocab, config: InputConfig, *,
 
 
 def make_train_iterator(source: Sequence, vocab: Vocab, config: InputConfig, *,
+                        token_counts: Sequence[int] | np.ndarray | None = None,
                         process_index: int | None = None, process_count: int | None = None,
                         start_batch: int = 0) -> grain.DatasetIterator:
     """Shuffled, augmented, batched training batches for this process.
@@ -640,19 +722,22 @@ def make_train_iterator(source: Sequence, vocab: Vocab, config: InputConfig, *,
       source: records (module docstring); anything with `__len__` and `__getitem__` that pickles if
         `config.worker_count > 0` (a list, a TFDS `ArrayRecordDataSource`).
       vocab: the vocabulary of the records' token ids.
-      config: window length, per-process batch size B, seed, augmentations.
+      config: window length, per-process batch size B, seed, window sampling, augmentations.
+      token_counts: int[n], the body-token count of each record (`datasets.token_counts`), for
+        `window_sampling='tokens'`; None reads every record once to count them.
       process_index, process_count: p and P; this process reads rows [p * B, (p + 1) * B) of each
         global batch of B * P examples. Default `jax.process_index()` and `jax.process_count()`.
       start_batch: global batches already consumed (a resume position, valid for any P).
     Returns:
       A Grain iterator of batches (dicts of numpy arrays `BATCH_KEYS`, each [B, L]; with a finite
-      `num_epochs` it stops after epochs * records // (B * P) batches, dropping a last partial global
-      batch) with `get_state()` / `set_state()` for exact resume on the same P; it also works with
+      `num_epochs` it stops after epochs * E // (B * P) batches, E the examples of an epoch
+      (`record_windows(...).sum()`), dropping a last partial global batch) with `get_state()` /
+      `set_state()` for exact resume on the same P; it also works with
       `grain.checkpoint.CheckpointSave` / `CheckpointRestore` in an orbax `CheckpointManager`.
       With `worker_count > 0` workers are spawned: call this under `if __name__ == "__main__"` with
       absl flags parsed.
     """
-    return iter(make_train_dataset(source, vocab, config, process_index=process_index,
+    return iter(make_train_dataset(source, vocab, config, token_counts=token_counts, process_index=process_index,
                                    process_count=process_count, start_batch=start_batch))
 
 

@@ -15,7 +15,9 @@ Filters (per config, `convert.Filters`): fewer than 16 notes, more than 3600 s o
 262,144 body tokens -> rejected. Every rejected file is listed in `rejected.tsv` (path, reason,
 detail) next to the records, and counted per reason in the dataset metadata (`metadata.json`).
 The dataset's vocabulary (label table included) is saved as `vocab.json` in the same folder; read
-it with `data_pipeline.datasets.load_vocab`.
+it with `data_pipeline.datasets.load_vocab`. The body-token count of every record is saved as
+`token_counts.npz` (`datasets.token_counts`), so training can weigh pieces by length without
+reading every record first.
 
 Build (no TensorFlow needed): `musenet-build-data --config directory --manual_dir DIR --data_dir OUT`,
 or in Python `Builder(config="default", data_dir=OUT, file_format="array_record").download_and_prepare()`.
@@ -45,7 +47,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from data_pipeline import archives
-from data_pipeline.datasets import REPORT_FILE, VOCAB_FILE
+from data_pipeline.datasets import REPORT_FILE, TOKEN_COUNTS_FILE, VOCAB_FILE
 from data_pipeline.musenet_midi import convert, sources
 from data_pipeline.vocab import Vocab, VocabConfig
 
@@ -162,9 +164,20 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         self._spill_dir = tempfile.mkdtemp(prefix="spill.", dir=self.data_dir)
         try:
             super()._download_and_prepare(dl_manager, download_config)
+            self._write_token_counts()
         finally:
             # The spill lives in TFDS's incomplete folder, which becomes the dataset folder on success.
             shutil.rmtree(self._spill_dir, ignore_errors=True)
+
+    def _write_token_counts(self):
+        """`token_counts.npz` (one int32 array per split, in record order) for window sampling.
+
+        Read back from the written records: TFDS orders them by a hash of their keys as it writes.
+        """
+        counts = {split: np.fromiter((len(record["tokens"]) for record in self.as_data_source(split)), np.int32)
+                  for split in self.info.splits}
+        with open(os.path.join(self.data_dir, TOKEN_COUNTS_FILE), "wb") as f:
+            np.savez(f, **counts)
 
     def _manual_dir(self, dl_manager) -> str | None:
         if self.builder_config.source == "bundled":

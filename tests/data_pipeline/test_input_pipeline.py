@@ -114,7 +114,8 @@ def test_parse_record_rejects_bad_records(records, vocab, change, message):
 
 
 @pytest.mark.parametrize("field, value", [("seq_len", 1), ("batch_size", 0), ("num_epochs", 0),
-                                          ("out_of_range", "wrap"), ("stretch_min", 0.0), ("seed", -1)])
+                                          ("out_of_range", "wrap"), ("stretch_min", 0.0), ("seed", -1),
+                                          ("window_sampling", "bars")])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         ip.InputConfig(**{field: value})
@@ -128,7 +129,7 @@ def test_config_from_mapping():
 
 # -- examples: shapes and masks --------------------------------------------------------------------
 def test_batches_shapes_masks_and_prefix(records, pieces, vocab):
-    config = _config(num_epochs=1, shuffle=False)
+    config = _config(num_epochs=1, shuffle=False, window_sampling="pieces")
     batches = list(ip.make_train_iterator(records, vocab, config, process_index=0, process_count=1))
     assert len(batches) == len(records) // 4
     for k, batch in enumerate(batches):
@@ -345,7 +346,7 @@ def test_resume_mid_epoch_is_exact(records, vocab, read_threads):
 
 def test_epochs_reshuffle_and_end(records, vocab):
     source = LoggingSource(records)
-    config = _config(batch_size=1, num_epochs=2)
+    config = _config(batch_size=1, num_epochs=2, window_sampling="pieces")
     batches = list(ip.make_train_iterator(source, vocab, config, process_index=0, process_count=1))
     assert len(batches) == 2 * len(records)
     first, second = source.seen[:len(records)], source.seen[len(records):]
@@ -356,7 +357,7 @@ def test_processes_see_disjoint_shards(records, vocab):
     seen = []
     for process_index in range(2):
         source = LoggingSource(records)
-        config = _config(batch_size=2, num_epochs=1)
+        config = _config(batch_size=2, num_epochs=1, window_sampling="pieces")
         batches = list(ip.make_train_iterator(source, vocab, config, process_index=process_index,
                                               process_count=2))
         assert len(batches) == (len(records) // 2) // 2
@@ -364,7 +365,8 @@ def test_processes_see_disjoint_shards(records, vocab):
     assert not seen[0] & seen[1]
     assert len(seen[0] | seen[1]) == 4 * (len(records) // 4)  # 3 global batches of 2 x 2 distinct records
     with pytest.raises(ValueError, match="cannot be shared"):
-        ip.make_train_iterator(records[:1], vocab, _config(), process_index=0, process_count=2)
+        ip.make_train_iterator(records[:1], vocab, _config(window_sampling="pieces"), process_index=0,
+                               process_count=2)
 
 
 def test_seq_len_must_leave_room_after_the_prefix(records, vocab):
@@ -419,7 +421,7 @@ _TWO_PROCESS_SCRIPT = textwrap.dedent("""
     class Source:
         def __len__(self): return len(records)
         def __getitem__(self, i): seen.append(i); return records[i]
-    config = ip.InputConfig(seq_len=128, batch_size=1, num_epochs=1, read_threads=0)
+    config = ip.InputConfig(seq_len=128, batch_size=1, num_epochs=1, read_threads=0, window_sampling="pieces")
     n = sum(1 for _ in ip.make_train_iterator(Source(), vocab, config))
     print("SEEN", jax.process_index(), n, json.dumps(sorted(seen)))
 """)
@@ -444,6 +446,58 @@ def test_two_jax_processes_read_disjoint_shards_by_default(midi_fixtures):
         seen[int(index)] = set(json.loads(indices))
         assert int(n) == len(seen[int(index)])
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 2 * (13 // 2)
+
+
+# -- window sampling -------------------------------------------------------------------------------
+def test_record_windows_is_one_per_window_of_body_tokens(vocab):
+    per_window = SEQ_LEN + 1 - ip.max_prefix_len(vocab)
+    counts = [1, per_window, per_window + 1, 10 * per_window - 1]
+    np.testing.assert_array_equal(ip.record_windows(4, vocab, _config(), counts), [1, 1, 2, 10])
+    np.testing.assert_array_equal(ip.record_windows(4, vocab, _config(window_sampling="pieces")), [1, 1, 1, 1])
+    for counts, message in [(None, "needs the records' token counts"), ([5, 5], "source has 4 records"),
+                            ([5, 0, 5, 5], "must be >= 1, got 0 for record 1")]:
+        with pytest.raises(ValueError, match=message):
+            ip.record_windows(4, vocab, _config(), counts)
+
+
+def test_token_sampling_draws_each_piece_once_per_window_every_epoch(records, vocab):
+    counts = ip.count_tokens(records)
+    np.testing.assert_array_equal(counts, [len(r["tokens"]) for r in records])
+    config = _config(seq_len=1024, batch_size=1, num_epochs=2)
+    windows = ip.record_windows(len(records), vocab, config, counts)
+    assert windows.min() == 1 and windows.max() >= 10  # the fixtures mix short and long pieces
+    source = LoggingSource(records)
+    batches = list(ip.make_train_iterator(source, vocab, config, token_counts=counts, process_index=0,
+                                          process_count=1))
+    assert len(batches) == 2 * windows.sum() == len(source.seen)  # the counts given: no record read to count
+    first, second = source.seen[:windows.sum()], source.seen[windows.sum():]
+    for epoch in (first, second):
+        np.testing.assert_array_equal(np.bincount(epoch, minlength=len(records)), windows)
+    assert first != second
+    # Every draw of the same piece is a window of its own (start and augmentation drawn per example).
+    longest = int(np.argmax(windows))
+    rows = [b["inputs"][0] for b, i in zip(batches, source.seen) if i == longest]
+    assert len({row.tobytes() for row in rows}) == len(rows)
+
+
+def test_token_counts_are_read_from_the_records_when_not_given(records, vocab):
+    config = _config()
+    given = _take(ip.make_train_iterator(records, vocab, config, token_counts=ip.count_tokens(records),
+                                         process_index=0, process_count=1), 4)
+    counted = _take(ip.make_train_iterator(records, vocab, config, process_index=0, process_count=1), 4)
+    _assert_batches_equal(counted, given)
+    with pytest.raises(ValueError, match="source has 13 records"):
+        ip.make_train_iterator(records, vocab, config, token_counts=[100] * 12, process_index=0, process_count=1)
+
+
+def test_pieces_sampling_is_the_stream_without_repeats(records, vocab):
+    # With one window per piece, 'tokens' equals 'pieces' (the same slots, the same draws).
+    short = [1] * len(records)
+    _assert_batches_equal(
+        _take(ip.make_train_iterator(records, vocab, _config(), token_counts=short, process_index=0,
+                                     process_count=1), 5),
+        _take(ip.make_train_iterator(records, vocab, _config(window_sampling="pieces"), process_index=0,
+                                     process_count=1), 5))
 
 
 # -- evaluation -----------------------------------------------------------------------------------
@@ -497,7 +551,8 @@ def test_start_batch_resumes_the_global_stream_on_another_process_count(records,
     _assert_batches_equal(_global_batches(records, vocab, 2, 3, start_batch=3), expected[3:])
     _assert_batches_equal(_global_batches(records, vocab, 4, 2, start_batch=4), expected[4:])
     # A finite stream ends after the same number of global batches on any process count.
+    examples = ip.record_windows(len(records), vocab, _config(), ip.count_tokens(records)).sum()
     for process_count in (1, 2):
         it = ip.make_train_iterator(records, vocab, _config(batch_size=4 // process_count, num_epochs=1),
                                     process_index=0, process_count=process_count, start_batch=1)
-        assert len(list(it)) == len(records) // 4 - 1
+        assert len(list(it)) == examples // 4 - 1

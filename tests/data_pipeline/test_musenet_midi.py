@@ -130,6 +130,26 @@ def test_directory_records_read_back_through_tfds(messy_build, messy_dir):
     assert seen == KEPT
 
 
+def test_token_counts_match_the_records_of_every_split_and_slice(messy_build, tmp_path):
+    meta = datasets.load_metadata(messy_build, "directory")
+    splits = [split for split, n in meta["examples"].items() if n]
+    specs = [*splits, f"{splits[0]}[1:]+{splits[-1]}[:1]", f"{splits[0]}[:50%]"]
+    for spec in specs:
+        source = datasets.data_source(messy_build, "directory", spec)
+        counts = datasets.token_counts(messy_build, "directory", spec)
+        assert counts.dtype == np.int32
+        np.testing.assert_array_equal(counts, [len(source[i]["tokens"]) for i in range(len(source))], err_msg=spec)
+    # A dataset built before the counts were stored has none; one whose counts disagree is refused.
+    copy = tmp_path / "copy"
+    shutil.copytree(messy_build, copy)
+    counts_path = os.path.join(datasets.dataset_dir(copy, "directory"), datasets.TOKEN_COUNTS_FILE)
+    np.savez(counts_path, **{split: np.ones(1000, np.int32) for split in splits})
+    with pytest.raises(ValueError, match=f"1000 counts for split '{splits[0]}'"):
+        datasets.token_counts(copy, "directory", splits[0])
+    os.remove(counts_path)
+    assert datasets.token_counts(copy, "directory", splits[0]) is None
+
+
 @pytest.mark.multiprocess
 def test_parallel_build_is_identical_and_splits_are_deterministic(messy_build, messy_dir, tmp_path):
     build("directory", tmp_path, messy_dir, num_workers=2)

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from configs import tiny
+from data_pipeline import datasets, input_pipeline
 from musenet_jax import model as model_lib
 from musenet_jax import optim, train
 from musenet_jax import sharding as sharding_lib
@@ -23,9 +24,16 @@ def _losses(workdir) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_train_resume_matches_uninterrupted_run(data_dir, tmp_path):
+def test_train_resume_matches_uninterrupted_run(data_dir, tmp_path, capsys):
     full = tmp_path / "full"
     result = train.train_and_evaluate(small_config(6), str(full), data_dir)
+    # Windows drawn per piece in proportion to its length, from the counts stored with the dataset.
+    counts = datasets.token_counts(data_dir, "directory", "train")
+    windows = input_pipeline.record_windows(len(counts), datasets.load_vocab(data_dir, "directory"),
+                                            input_pipeline.InputConfig(seq_len=64), counts)
+    assert windows.sum() > len(counts)
+    assert (f"training data: {len(counts)} pieces, {windows.sum()} windows of 64 tokens an epoch (tokens sampling)"
+            in capsys.readouterr().err)
     losses = _losses(full)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     assert losses[6] < losses[1]
