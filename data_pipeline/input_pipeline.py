@@ -761,11 +761,14 @@ class _EvalBatch(grain.transforms.Map):
 
 
 def make_eval_batches(source: Sequence, vocab: Vocab, seq_len: int, batch_size: int, *,
-                      process_index: int | None = None, process_count: int | None = None) -> grain.MapDataset:
+                      max_windows: int | None = None, process_index: int | None = None,
+                      process_count: int | None = None) -> grain.MapDataset:
     """Deterministic validation batches covering every body token of every record exactly once.
 
     Each piece is cut into consecutive windows of L + 1 - P body tokens (P its prefix length), each
-    window with the prefix; every body token is a scored target exactly once. Windows are batched
+    window with the prefix; every body token is a scored target exactly once. With `max_windows`
+    (over all processes), only that many windows are kept, evenly spaced over the whole list, so a
+    quick evaluation samples every part of the split rather than its first pieces. Windows are batched
     in record order; the last batch is filled with empty rows (loss_mask 0). Batches are dealt to
     processes in turn (batch k to process k mod n), and each process gets the same number of
     batches (empty ones at the end where needed) so multi-host evaluation steps stay in lockstep.
@@ -782,6 +785,11 @@ def make_eval_batches(source: Sequence, vocab: Vocab, seq_len: int, batch_size: 
         piece = parse_record(source[i], vocab)
         step = seq_len + 1 - len(vocab.prefix(piece.label, piece.instruments))
         windows.extend((i, s) for s in range(0, len(piece.tokens), step))
+    if max_windows is not None:
+        if max_windows < 1:
+            raise ValueError(f"max_windows must be >= 1, got {max_windows}")
+        if len(windows) > max_windows:
+            windows = [windows[k] for k in np.linspace(0, len(windows) - 1, max_windows).round().astype(int)]
     windows.extend([(-1, 0)] * (-len(windows) % batch_size))
     batches = [windows[k:k + batch_size] for k in range(0, len(windows), batch_size)]
     batches.extend([[(-1, 0)] * batch_size] * (-len(batches) % process_count))

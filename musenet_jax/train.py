@@ -363,14 +363,16 @@ def _train_and_evaluate(config, workdir: str, data_dir: str, preemption: distrib
         run_dir.write_json(run_path / "config.json", _config_json(config))
 
     # Evaluation.
+    # Built once: it reads every eval record to lay out the windows. max_batches global batches' worth
+    # of windows, spread over the whole split.
+    eval_batches = input_lib.make_eval_batches(
+        eval_source, vocab, config.data.seq_len, config.eval.batch_size // jax.process_count(),
+        max_windows=config.eval.max_batches * config.eval.batch_size if config.eval.max_batches else None)
+
     def evaluate() -> float:
-        eval_batches = input_lib.make_eval_batches(eval_source, vocab, config.data.seq_len, config.eval.batch_size
-                                                   // jax.process_count())
         total, count = 0.0, 0.0
         with jax.set_mesh(mesh):
-            for i, batch in enumerate(eval_batches):
-                if config.eval.max_batches and i >= config.eval.max_batches:
-                    break
+            for batch in eval_batches:
                 loss_sum, n = p_eval_step(state, global_batch(batch, eval_sharding))
                 total, count = total + float(loss_sum), count + float(n)
         return losses.bits(total / max(count, 1.0))

@@ -529,6 +529,29 @@ def test_eval_batches_score_every_body_token_once(records, pieces, vocab, proces
     _assert_batches_equal(list(again), list(per_process[0]))
 
 
+def _scored_rows(batches):
+    return [batch["inputs"][row].tobytes() for batch in batches for row in range(len(batch["inputs"]))
+            if batch["loss_mask"][row].any()]
+
+
+def test_eval_max_windows_keeps_windows_spread_over_the_split(records, vocab):
+    every = _scored_rows(ip.make_eval_batches(records, vocab, SEQ_LEN, 5, process_index=0, process_count=1))
+    assert len(every) > 20
+    kept = _scored_rows(ip.make_eval_batches(records, vocab, SEQ_LEN, 5, max_windows=7, process_index=0,
+                                             process_count=1))
+    assert kept == [every[k] for k in np.linspace(0, len(every) - 1, 7).round().astype(int)]
+    assert kept[0] == every[0] and kept[-1] == every[-1]  # from the first piece to the last
+    # Over processes: the same windows, dealt in batches.
+    dealt = [ip.make_eval_batches(records, vocab, SEQ_LEN, 2, max_windows=7, process_index=p, process_count=2)
+             for p in range(2)]
+    assert len(dealt[0]) == len(dealt[1]) == 2
+    assert sorted(_scored_rows(dealt[0]) + _scored_rows(dealt[1])) == sorted(kept)
+    assert _scored_rows(ip.make_eval_batches(records, vocab, SEQ_LEN, 5, max_windows=10**6, process_index=0,
+                                             process_count=1)) == every
+    with pytest.raises(ValueError, match="max_windows must be >= 1"):
+        ip.make_eval_batches(records, vocab, SEQ_LEN, 5, max_windows=0, process_index=0, process_count=1)
+
+
 # -- global stream sharding ------------------------------------------------------------------------
 def _global_batches(records, vocab, process_count, n, start_batch=0, **kw):
     """n global batches read by `process_count` processes, their rows concatenated in process order."""
