@@ -5,9 +5,9 @@ r"""musenet-build-data: build the `musenet_midi` dataset (ArrayRecord, no Tensor
     musenet-build-data --config lakh --manual_dir ~/downloads --data_dir ~/data   # lmd_full.tar.gz
     musenet-build-data --config maestro --manual_dir ~/downloads --data_dir ~/data
 
-The dataset lands in `<data_dir>/musenet_midi/<config>/<version>/` with `vocab.json` and
-`rejected.tsv` (every file left out, and why). An existing build is kept unless --overwrite, which
-deletes it before building anew.
+The dataset lands in `<data_dir>/musenet_midi/<config>/<version>/` with `vocab.json`,
+`rejected.tsv` (every file left out, and why) and `token_counts.npz` (each record's length in tokens).
+An existing build is kept unless --overwrite, which deletes it before building anew.
 """
 
 from __future__ import annotations
