@@ -32,6 +32,9 @@ whole. How often a piece is drawn is `InputConfig.window_sampling`:
   every record once.
 - 'pieces': one example per piece per epoch, so a 400-token chorale weighs as much as a 30,000-token
   symphony, and a corpus of many short pieces dominates training beyond its share of the music.
+  It suits held-out music made mostly of such short pieces: on the bundled corpus (359 chorales of
+  457 pieces, a quarter of the tokens) 'pieces' scores the chorales better and every other style
+  worse than 'tokens', and its training loss falls far below the validation loss.
 
 Evaluation windows (`make_eval_batches`) are consecutive and cover every body token of every piece
 once, each with the prefix.
