@@ -16,7 +16,7 @@ every later token shares the last row.
 Block (pre-LN, GPT-2 style): x += Drop(Attn(LN(x))); x += Drop(MLP(LN(x))), MLP = W2 gelu(W1 x).
 Output projections of both sublayers start with std init_std / sqrt(2 L) so the residual stream's
 variance stays O(1) at init whatever the depth. Parameters are `param_dtype` (fp32); matmuls run in
-`dtype` (bf16 or fp32); LayerNorm statistics and logits are fp32 (the head matmul accumulates in fp32
+`dtype` (bf16 or fp32); the embedding sum, LayerNorm statistics and logits are fp32 (the head matmul accumulates in fp32
 via preferred_element_type, so a softmax / cross-entropy on the returned logits is fp32).
 
 Attention per layer. Every layer has a kind, from the config:
@@ -587,13 +587,17 @@ class MuseNet(nnx.Module):
         return value
 
     def embed(self, tokens: jax.Array, features=None, positions=None, mixup_key=None) -> jax.Array:
-        """Summed input embedding, float32[B, T, D] in param dtype (see module doc)."""
+        """Summed input embedding, float32[B, T, D].
+
+        Summed in float32 whatever the param dtype: six bfloat16 rows added in bfloat16 round the sum at
+        every add (it doubled the RMS logit error of a bfloat16 export, and quadrupled its largest one).
+        """
         cfg = self.config
         # Tables are gathered whole along D before the lookups, as FSDP gathers every weight before use:
         # rows indexed by batch-sharded ids cannot also keep D split over 'fsdp', which the batch uses
         # (XLA would fall back to replicating the [B, T, D] result, then re-splitting it).
         table = sharding_lib.constrain(self.token_embed[...], ("vocab", None), cfg.axis_rules)
-        x = jnp.take(table, tokens, axis=0, mode="clip")
+        x = jnp.take(table, tokens, axis=0, mode="clip").astype(jnp.float32)
         if mixup_key is not None and cfg.mixup_prob > 0:
             k_partner, k_lam, k_apply = jax.random.split(mixup_key, 3)
             flat = tokens.reshape(-1)
@@ -601,11 +605,11 @@ class MuseNet(nnx.Module):
             lam = jax.random.beta(k_lam, cfg.mixup_alpha, cfg.mixup_alpha, tokens.shape + (1,))
             lam = jnp.maximum(lam, 1.0 - lam)
             lam = jnp.where(jax.random.bernoulli(k_apply, cfg.mixup_prob, tokens.shape + (1,)), lam, 1.0)
-            x = lam * x + (1.0 - lam) * jnp.take(table, partner, axis=0, mode="clip")
+            x = lam * x + (1.0 - lam) * jnp.take(table, partner, axis=0, mode="clip").astype(jnp.float32)
         if self.position_embed is not None:
             if positions is None:
                 positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-            x = x + jnp.take(self._table(self.position_embed), positions, axis=0, mode="clip")
+            x = x + jnp.take(self._table(self.position_embed), positions, axis=0, mode="clip").astype(jnp.float32)
         lookups = (
             (self.timing_embed, "timing", lambda t: t // cfg.timing_bucket_units),
             (self.chord_embed, "chord", lambda c: c),
@@ -616,7 +620,7 @@ class MuseNet(nnx.Module):
             if param is not None:
                 rows = to_row(self._feature(features, name, tokens.shape))
                 # mode="clip": values past the table (and negatives) share its last (first) row.
-                x = x + jnp.take(self._table(param), rows, axis=0, mode="clip")
+                x = x + jnp.take(self._table(param), rows, axis=0, mode="clip").astype(jnp.float32)
         return x
 
     def _table(self, param: nnx.Param) -> jax.Array:
