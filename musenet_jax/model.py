@@ -16,8 +16,9 @@ every later token shares the last row.
 Block (pre-LN, GPT-2 style): x += Drop(Attn(LN(x))); x += Drop(MLP(LN(x))), MLP = W2 gelu(W1 x).
 Output projections of both sublayers start with std init_std / sqrt(2 L) so the residual stream's
 variance stays O(1) at init whatever the depth. Parameters are `param_dtype` (fp32); matmuls run in
-`dtype` (bf16 or fp32); the embedding sum, LayerNorm statistics and logits are fp32 (the head matmul accumulates in fp32
-via preferred_element_type, so a softmax / cross-entropy on the returned logits is fp32).
+`dtype` (bf16 or fp32); the embedding sum, LayerNorm statistics and logits are fp32 (the head matmul
+accumulates in fp32 via preferred_element_type, so a softmax / cross-entropy on the returned logits is
+fp32).
 
 Attention per layer. Every layer has a kind, from the config:
   'dense'   causal attention over all earlier tokens;
