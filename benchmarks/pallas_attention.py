@@ -5,8 +5,9 @@ For each sequence length n, on one jitted step (output and dq, dk, dv) with bf16
   dense-xla         the same with implementation='xla' (the full n x n square; up to --dense_xla_max_n);
   <pattern>-<lowering>
                     pallas_kernels.sparse_attention for pattern 'strided' / 'fixed' and each kernel lowering
-                    this backend compiles (`compiled_lowerings`: 'gpu' (Triton), and 'mosaic_gpu' on Hopper,
-                    on GPUs; 'tpu' on TPU; on CPU 'tpu' and 'gpu' in interpret mode, for testing the script).
+                    this backend compiles (`compiled_lowerings`: 'gpu' (Triton), and 'mosaic_gpu' and
+                    'mosaic_gpu_ws' on Hopper, on GPUs; 'tpu' on TPU; on CPU 'tpu' and 'gpu' in interpret mode,
+                    for testing the script).
 Columns:
   time     best of at least --repeats steady-state runs, and of as many as fit in --min_time seconds (after one
            compile + warm-up run), seconds;
@@ -203,10 +204,10 @@ def main(argv):
 
 def _print_row(r: dict, header: bool) -> None:
     if header:
-        print(f"{'n':>6} {'method':>18} {'l':>4} {'time s':>9} {'TFLOP':>8} {'TFLOP/s':>8} {'%peak':>6} "
+        print(f"{'n':>6} {'method':>21} {'l':>4} {'time s':>9} {'TFLOP':>8} {'TFLOP/s':>8} {'%peak':>6} "
               f"{'%mm':>6} {'x dense':>7} {'err':>8}")
     fmt = lambda key, spec: "-" if r.get(key) is None else format(r[key], spec)
-    print(f"{r['n']:>6} {r['method']:>18} {r['stride'] or '-':>4} {r['seconds']:>9.5f} {r['tflop']:>8.4f} "
+    print(f"{r['n']:>6} {r['method']:>21} {r['stride'] or '-':>4} {r['seconds']:>9.5f} {r['tflop']:>8.4f} "
           f"{r['tflops']:>8.2f} {fmt('pct_peak', '6.1f'):>6} {r['pct_matmul']:>6.1f} {fmt('speedup', '7.2f'):>7} "
           f"{fmt('err', '8.1e'):>8}", flush=True)
 

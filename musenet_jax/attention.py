@@ -70,8 +70,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, impl: 
       spec: the pattern.
       impl: 'reference' (dense masked softmax, O(T^2)), 'xla' (block-sparse plain JAX), 'cpu' (fused C++
         kernel, CPU backend only) or 'pallas'.
-      lowering: for 'pallas', which kernels ('tpu', 'gpu' (Triton), 'mosaic_gpu'); None picks per backend
-        (`pallas_kernels.sparse_attention`). Ignored by the other impls.
+      lowering: for 'pallas', which kernels ('tpu', 'gpu' (Triton), 'mosaic_gpu', 'mosaic_gpu_ws'); None picks
+        per backend (`pallas_kernels.sparse_attention`). Ignored by the other impls.
 
     Returns:
       [B, T, N, H] in q.dtype. Causal (j <= i); logits scaled by 1/sqrt(H); matmuls in q.dtype with fp32

@@ -122,7 +122,8 @@ class ModelConfig:
       attention_impl: 'reference' | 'xla' | 'cpu' | 'pallas' (see `musenet_jax.attention.attend`).
       pallas_lowering: the kernels of the 'pallas' impl: 'auto' (Mosaic TPU on TPU; on a GPU Mosaic GPU
         where it runs, i.e. Hopper, 16-bit, head_dim a multiple of 64, else Triton) or one of
-        `pallas_kernels.block_sparse_attention.LOWERINGS` ('tpu', 'gpu' = Triton, 'mosaic_gpu').
+        `pallas_kernels.block_sparse_attention.LOWERINGS` ('tpu', 'gpu' = Triton, 'mosaic_gpu',
+        'mosaic_gpu_ws' = warp-specialized).
       scan_layers: scan over stacked layers (fast compiles) or unroll them.
       remat_policy: 'off' | 'nothing' | 'dots' | 'names'; remat_names: saved names for 'names'.
       axis_rules: logical axis -> mesh axes rules (`musenet_jax.sharding.DEFAULT_RULES`).

@@ -25,19 +25,20 @@ probabilities from the global lse, so components need no cross-talk: dq, dk, dv 
 Numerics: matmuls run in the input dtype (e.g. bf16) with fp32 accumulation; softmax statistics and the
 accumulators are fp32. Logits are scaled by 1/sqrt(H). A query with no allowed key outputs 0.
 
-Lowerings (`lowering=`): 'tpu' kernels follow the TPU (Mosaic) pipeline model (`pltpu` scalar prefetch,
-VMEM scratch); 'gpu' kernels follow the Triton model (grid (B * N, row blocks), a `fori_loop` whose trip
-count is the row's count of listed blocks, tiles sliced with `pl.ds`; no FULL-tile fast path; explicit
-Triton compiler params, since JAX 0.10 sends a plain GPU `pallas_call` to Mosaic GPU); 'mosaic_gpu'
-kernels (forward, dq, dk/dv) use Pallas's Mosaic GPU backend for Hopper (TMA copies, wgmma; the same
-walk over listed tiles, one warpgroup per row block; see its section below). 'tpu' and 'gpu' are tested
-against the reference in interpret mode, 'mosaic_gpu' in JAX's GPU interpreter, and `lower_attention`
-lowers all three for TPU / CUDA / ROCm on a CPU-only host (tests/pallas_kernels/test_lowering.py); none
-has run on a device yet. On a GPU, `lowering=None` picks 'mosaic_gpu' where its kernels run (Hopper,
-16-bit inputs, H a multiple of 64), else 'gpu'. When compiling, tiles must suit the target
-(`_check_compilable`): 'tpu' rows a multiple of 8 (fp32) / 16 (bf16); 'gpu' block_q, block_k and H powers
-of two >= 16; 'mosaic_gpu' 16-bit inputs, block_q 64, block_k and H multiples of 64. Default tiles are
-rounded accordingly.
+Lowerings (`lowering=`): 'tpu' kernels follow the TPU (Mosaic) pipeline model (`pltpu` scalar prefetch, VMEM
+scratch); 'gpu' kernels follow the Triton model (grid (B * N, row blocks), a `fori_loop` whose trip count is
+the row's count of listed blocks, tiles sliced with `pl.ds`; no FULL-tile fast path; explicit Triton compiler
+params, since JAX 0.10 sends a plain GPU `pallas_call` to Mosaic GPU); 'mosaic_gpu' kernels (forward, dq,
+dk/dv) use Pallas's Mosaic GPU backend for Hopper (TMA copies, wgmma; the same walk over listed tiles, one
+warpgroup per row block; see its section below), and 'mosaic_gpu_ws' the same kernels warp-specialized (a
+producer warpgroup streams the tiles to two consumer warpgroups). 'tpu' and 'gpu' are tested against the
+reference in interpret mode, the Mosaic GPU ones in JAX's GPU interpreter, and `lower_attention` lowers them
+all for TPU / CUDA / ROCm on a CPU-only host (tests/pallas_kernels/test_lowering.py); none has run on a device
+yet. On a GPU, `lowering=None` picks 'mosaic_gpu' where its kernels run (Hopper, 16-bit inputs, H a multiple
+of 64), else 'gpu'. When compiling, tiles must suit the target (`_check_compilable`): 'tpu' rows a multiple of
+8 (fp32) / 16 (bf16); 'gpu' block_q, block_k and H powers of two >= 16; 'mosaic_gpu' 16-bit inputs, block_q
+64, block_k and H multiples of 64; 'mosaic_gpu_ws' 16-bit inputs, block_q and block_k 64 or 128 (default 128),
+H a multiple of 64; both within Hopper's SMEM. Default tiles are rounded accordingly.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -312,8 +314,8 @@ def _component_fwd(plan: _ComponentPlan, qc, kc, vc, scale: float, mode: _Mode, 
     if mode.lowering != "tpu":
         if count_visits:
             raise ValueError("visit counting is implemented for the 'tpu' kernels only")
-        if mode.lowering == "mosaic_gpu":
-            return _component_fwd_mgpu(plan, qc, kc, vc, scale, mode.interpret)
+        if mode.lowering in _MGPU_LOWERINGS:
+            return _component_fwd_mgpu(plan, qc, kc, vc, scale, mode)
         return _component_fwd_gpu(plan, qc, kc, vc, scale, mode.interpret)
     bn, tqp, h = qc.shape
     lay = plan.fwd
@@ -352,8 +354,8 @@ def _component_fwd(plan: _ComponentPlan, qc, kc, vc, scale: float, mode: _Mode, 
 
 def _component_bwd(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, scale: float, mode: _Mode):
     """-> dq [BN, Tqp, H], dk, dv [BN, Tkp, H] in the inputs' dtypes, for this component's tiles only."""
-    if mode.lowering == "mosaic_gpu":
-        return _component_bwd_mgpu(plan, qc, kc, vc, doc, lsec, deltac, scale, mode.interpret)
+    if mode.lowering in _MGPU_LOWERINGS:
+        return _component_bwd_mgpu(plan, qc, kc, vc, doc, lsec, deltac, scale, mode)
     if mode.lowering == "gpu":
         return _component_bwd_gpu(plan, qc, kc, vc, doc, lsec, deltac, scale, mode.interpret)
     bn, tqp, h = qc.shape
@@ -547,31 +549,60 @@ def _component_bwd_gpu(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, scal
     return dq, dk, dv
 
 
-# --- 'mosaic_gpu' lowering (Hopper: TMA copies, wgmma; Pallas's Mosaic GPU backend via `plgpu.kernel`). -----
-# One warpgroup per (batch * head, row block), the same walk over listed tiles as the other lowerings. The
-# row block's own tiles and positions are copied to SMEM once; then for each listed tile its operands are
-# copied in (one barrier per copy) and every product runs on the tensor cores with both operands in SMEM:
+# --- 'mosaic_gpu' lowerings (Hopper: TMA copies, wgmma; Pallas's Mosaic GPU backend via `plgpu.kernel`). ----
+# The same walk over listed tiles as the other lowerings, per (batch * head, row block). The row block's own
+# tiles and positions are copied to SMEM once; then for each listed tile its operands are copied in (one
+# barrier per copy) and every product runs on the tensor cores with both operands in SMEM:
 #   forward (per q-block):  S = Q K^T, masked online softmax in registers, O += P V;
 #   dq      (per q-block):  S = Q K^T, dP = dO V^T, dS = P (dP - delta), dQ += dS K;
 #   dk, dv  (per k-block):  the same products transposed, S^T = K Q^T, dP^T = V dO^T, dV += P^T dO,
 #                           dK += dS^T Q, so that the keys are wgmma's M rows and no register transposes.
-# P and dS reach the tensor cores through SMEM, in the input dtype. The per-tile copies are double-buffered
-# (`_walk_tiles`): tile j + 1's operands are in flight into one SMEM slot while tile j computes from the
-# other; a kernel whose two slots would not fit in SMEM (large block_k or H; `_mgpu_slots`) uses one.
-# Layouts are inferred ('Warpgroup' lowering semantics). Kept simple enough for JAX's GPU interpreter
-# (which lacks `transpose_ref`, register wgmma operands, `layout_cast`, `run_state`) to run all three on
-# CPU: the operands wgmma needs transposed (K^T, V^T, Q^T, dO^T) are transposed in HBM by the caller. Not
-# yet done (needs a GPU to tune): producer / consumer warpgroups, two consumer warpgroups per block, P as a
-# register operand.
+# P and dS reach the tensor cores through SMEM, in the input dtype; so do the results (O, dQ, dK, dV leave
+# through the row block's own Q / K / V tiles once the walk is over). Two ways to split the work over
+# warpgroups (`_Warpgroups`, `_pipeline`):
+#   'mosaic_gpu'     one warpgroup per row block (block_q = 64) issues its own copies, double-buffered
+#                    (`_walk_tiles`): tile j + 1's operands are in flight into one SMEM slot while tile j
+#                    computes from the other.
+#   'mosaic_gpu_ws'  warp-specialized, as FlashAttention-3: a row block of 128 (or 64) rows is split over two
+#                    (one) consumer warpgroups of 64 rows that share each streamed tile, and a producer
+#                    warpgroup with few registers copies the tiles up to `slots` ahead, into a slot once both
+#                    consumers have released it. Twice the rows per tile copied, and copies never wait on
+#                    compute.
+# A kernel whose two slots would not fit in SMEM (large tiles or H; `_mgpu_slots`) gets one. Layouts are
+# inferred ('Warpgroup' lowering semantics). Kept simple enough for JAX's GPU interpreter (which lacks
+# `transpose_ref`, register wgmma operands, `layout_cast`, `run_state`) to run every kernel on CPU: the
+# operands wgmma needs transposed (K^T, V^T, Q^T, dO^T) are transposed in HBM by the caller. Not yet done
+# (needs a GPU to tune): P as a register operand, transposed SMEM views instead of the HBM transposes, the
+# two consumers' ping-pong schedule barrier (one's softmax under the other's matmuls), FULL tiles skipping
+# the mask.
 
 MGPU_BLOCK = 64  # wgmma M per warpgroup; also the k-tile (128-byte swizzled rows of 16-bit K^T / P).
 # SMEM per thread block on Hopper (227 KiB opt-in), what Mosaic GPU checks a kernel against.
 MGPU_SMEM_BYTES = 227 * 1024
+# Registers per thread in a warp-specialized launch (of 64 Ki per SM; multiples of 8, at most 255): the
+# producer only issues copies; the consumers hold the accumulators.
+MGPU_PRODUCER_REGISTERS = 40
+MGPU_CONSUMER_REGISTERS = {1: 240, 2: 232}  # By consumer count: 128 * (40 + 2 * 232) <= 64 Ki.
+_MGPU_LOWERINGS = ("mosaic_gpu", "mosaic_gpu_ws")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Warpgroups:
+    """The warpgroups of one Mosaic GPU launch: `consumers` compute, each on its own slice of the row block
+    (rows / consumers), sharing the streamed tiles; with `producer` one more warpgroup issues those tiles'
+    copies ('mosaic_gpu_ws'), else the one consumer issues its own ('mosaic_gpu')."""
+
+    consumers: int
+    producer: bool
+
+    @classmethod
+    def for_rows(cls, lowering: str, rows: int) -> _Warpgroups:
+        return cls(rows // MGPU_BLOCK, True) if lowering == "mosaic_gpu_ws" else cls(1, False)
 
 
 def _smem_tiled(shape, dtype):
     """An SMEM tile with the (8, 128-byte) tiling and swizzle wgmma reads (minor dim >= 64 16-bit elements);
-    leading dims (e.g. the slot axis) are plain."""
+    leading dims (e.g. the slot or consumer axis) are plain."""
     bits = jnp.finfo(dtype).bits
     swizzle = plgpu.find_swizzle(shape[-1] * bits)
     tiling = plgpu.TilingTransform((8, swizzle * 8 // bits))
@@ -590,12 +621,12 @@ def _mma(a_smem, b_smem, shape):
     return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
 
 
-def _copy_in(copies, barriers):
-    """Starts a GMEM -> SMEM copy per (src, dst) pair, each on its own barrier, then waits for all of them."""
+def _copy_in(copies, barriers, first=0):
+    """Starts a GMEM -> SMEM copy per (src, dst) pair, on barriers first, first + 1, ..., then waits for all."""
     for n, (src, dst) in enumerate(copies):
-        plgpu.copy_gmem_to_smem(src, dst, barriers.at[n])
+        plgpu.copy_gmem_to_smem(src, dst, barriers.at[first + n])
     for n in range(len(copies)):
-        plgpu.barrier_wait(barriers.at[n])
+        plgpu.barrier_wait(barriers.at[first + n])
 
 
 def _copy_out(copies):
@@ -645,223 +676,329 @@ def _walk_tiles(count, sources, buffers, barriers, body, init):
     return jax.lax.fori_loop(0, count, step, init)
 
 
+def _pipeline(wgs: _Warpgroups, count, sources, buffers, full, free, compute):
+    """Runs compute(wg, walk) on each consumer warpgroup wg, where walk(body, init) folds body(tile refs,
+    carry) over the row block's `count` listed tiles (sources / buffers / full barriers as `_walk_tiles`).
+
+    Without a producer that is `_walk_tiles` on the one warpgroup. With one, the producer copies tile j into
+    slot j % slots once every consumer has released the tile that slot held before (`free`: one arrival per
+    consumer per use), so up to `slots` tiles ahead of the slower consumer; the consumers wait for the
+    copies, run body and release the slot. Body's wgmmas are complete when it returns (`_mma` waits) and its
+    SMEM loads are synchronous, so a released slot is no longer read.
+    """
+    if not wgs.producer:
+        compute(0, lambda body, init: _walk_tiles(count, sources, buffers, full, body, init))
+        return
+    wg = jax.lax.axis_index("wg")
+    m, slots = len(sources), buffers[0].shape[0]
+
+    @pl.when(wg == wgs.consumers)
+    def _producer():
+        plgpu.set_max_registers(MGPU_PRODUCER_REGISTERS, action="decrease")
+
+        def fetch(j, carry):
+            slot = j % slots
+
+            @pl.when(j >= slots)
+            def _reuse():
+                plgpu.barrier_wait(free.at[slot])
+
+            for n, (src, buf) in enumerate(zip(sources, buffers, strict=True)):
+                plgpu.copy_gmem_to_smem(src(j), buf.at[slot], full.at[slot * m + n])
+            return carry
+
+        def drain(j, carry):
+            plgpu.barrier_wait(free.at[j % slots])
+            return carry
+
+        jax.lax.fori_loop(0, count, fetch, 0)
+        # Also wait out the last `slots` releases, so the producer observes every phase of `free` (JAX's GPU
+        # interpreter requires it; on the device it only delays the producer's exit).
+        jax.lax.fori_loop(jnp.maximum(count - slots, 0), count, drain, 0)
+
+    @pl.when(wg < wgs.consumers)
+    def _consumers():
+        plgpu.set_max_registers(MGPU_CONSUMER_REGISTERS[wgs.consumers], action="increase")
+
+        def walk(body, init):
+            def step(j, carry):
+                slot = j % slots
+                for n in range(m):
+                    plgpu.barrier_wait(full.at[slot * m + n])
+                carry = body(tuple(buf.at[slot] for buf in buffers), carry)
+                plgpu.barrier_arrive(free.at[slot])
+                return carry
+
+            return jax.lax.fori_loop(0, count, step, init)
+
+        compute(wg, walk)
+
+
+def _mgpu_scoped(scoped, smem, wgs: _Warpgroups, slots: int, once: int, streamed: int):
+    """pl.run_scoped(scoped, *smem, barriers): `once` barriers per consumer (its own row slice's copies),
+    `streamed` per slot (the tile copies), and with a producer the slots' release barriers (shared by all
+    warpgroups of the block)."""
+    barriers = [plgpu.Barrier(num_barriers=wgs.consumers * once), plgpu.Barrier(num_barriers=slots * streamed)]
+    if wgs.producer:
+        barriers.append(plgpu.Barrier(num_arrivals=wgs.consumers, num_barriers=slots))
+    pl.run_scoped(scoped, *smem, *barriers, collective_axes="wg" if wgs.producer else ())
+
+
 def _lse_or_zero(lse):
     """A row with no allowed key has lse = -inf; its probabilities are masked to 0, so shift by 0 instead."""
     return jnp.where(lse == -jnp.inf, 0.0, lse)
 
 
 def _fwd_mgpu_kernel(blocks_ref, counts_ref, q_ref, kt_ref, v_ref, q_pos_ref, k_pos_ref, o_ref, lse_ref,
-                     *, allows, scale, block_q, block_k, slots):
+                     *, allows, scale, block_q, block_k, slots, wgs):
     """GMEM refs: blocks int32[nq, W], counts int32[nq], q/v [BN, T, H], kt [BN, H, Tkp], positions int32[T];
-    out o f32[BN, Tqp, H], lse f32[BN, Tqp]."""
+    out o [BN, Tqp, H] in q's dtype, lse f32[BN, Tqp]."""
     b, i = jax.lax.axis_index("rows"), jax.lax.axis_index("q_blocks")
     h, dtype = q_ref.shape[-1], q_ref.dtype
-    rows = pl.ds(i * block_q, block_q)
-    tile = (block_q, block_k)
+    sub = block_q // wgs.consumers
+    tile = (sub, block_k)
     cols = lambda j: pl.ds(blocks_ref[i, j] * block_k, block_k)
 
-    def scoped(q_smem, q_pos_smem, kt_smem, v_smem, k_pos_smem, p_smem, o_smem, lse_smem, once, step):
-        _copy_in([(q_ref.at[b, rows], q_smem), (q_pos_ref.at[rows], q_pos_smem)], once)
-        i_pos = jax.lax.broadcast_in_dim(q_pos_smem[...], tile, (0,))
+    def scoped(q_smem, q_pos_smem, kt_smem, v_smem, k_pos_smem, p_smem, lse_smem, once, full, free=None):
+        def compute(wg, walk):
+            rows = pl.ds(i * block_q + wg * sub, sub)
+            q_tile, p_tile, lse_tile = q_smem.at[wg], p_smem.at[wg], lse_smem.at[wg]
+            _copy_in([(q_ref.at[b, rows], q_tile), (q_pos_ref.at[rows], q_pos_smem.at[wg])], once, 2 * wg)
+            i_pos = jax.lax.broadcast_in_dim(q_pos_smem.at[wg][...], tile, (0,))
 
-        def visit(refs, carry):
-            kt, v, k_pos = refs
-            m_prev, l_prev, acc = carry
-            s = _mma(q_smem, kt, tile) * scale
-            j_pos = jax.lax.broadcast_in_dim(k_pos[...], tile, (1,))
-            mask = allows(i_pos, j_pos) & (i_pos >= 0) & (j_pos >= 0)
-            m_new = jnp.maximum(m_prev, jnp.max(jnp.where(mask, s, -jnp.inf), axis=1))
-            m_safe = _lse_or_zero(m_new)  # As in `_fwd_kernel`: keep exp() finite.
-            alpha = jnp.exp(m_prev - m_safe)
-            p = jnp.where(mask, jnp.exp(s - jax.lax.broadcast_in_dim(m_safe, s.shape, (0,))), 0.0)
-            p_smem[...] = p.astype(dtype)
-            plgpu.commit_smem()  # Make the register -> SMEM store visible to the tensor cores.
-            acc = jax.lax.broadcast_in_dim(alpha, acc.shape, (0,)) * acc + _mma(p_smem, v, (block_q, h))
-            return m_new, alpha * l_prev + jnp.sum(p, axis=1), acc
+            def visit(refs, carry):
+                kt, v, k_pos = refs
+                m_prev, l_prev, acc = carry
+                s = _mma(q_tile, kt, tile) * scale
+                j_pos = jax.lax.broadcast_in_dim(k_pos[...], tile, (1,))
+                mask = allows(i_pos, j_pos) & (i_pos >= 0) & (j_pos >= 0)
+                m_new = jnp.maximum(m_prev, jnp.max(jnp.where(mask, s, -jnp.inf), axis=1))
+                m_safe = _lse_or_zero(m_new)  # As in `_fwd_kernel`: keep exp() finite.
+                alpha = jnp.exp(m_prev - m_safe)
+                p = jnp.where(mask, jnp.exp(s - jax.lax.broadcast_in_dim(m_safe, s.shape, (0,))), 0.0)
+                p_tile[...] = p.astype(dtype)
+                plgpu.commit_smem()  # Make the register -> SMEM store visible to the tensor cores.
+                acc = jax.lax.broadcast_in_dim(alpha, acc.shape, (0,)) * acc + _mma(p_tile, v, (sub, h))
+                return m_new, alpha * l_prev + jnp.sum(p, axis=1), acc
 
-        init = (jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32),
-                jnp.zeros((block_q, h), jnp.float32))
-        m, denom, acc = _walk_tiles(
-            counts_ref[i],
+            init = (jnp.full((sub,), -jnp.inf, jnp.float32), jnp.zeros((sub,), jnp.float32),
+                    jnp.zeros((sub, h), jnp.float32))
+            m, denom, acc = walk(visit, init)
+            live = denom > 0
+            denom = jnp.where(live, denom, 1.0)  # Rows with no allowed key: output 0, lse -inf.
+            q_tile[...] = (acc / jax.lax.broadcast_in_dim(denom, acc.shape, (0,))).astype(dtype)
+            lse_tile[...] = jnp.where(live, m + jnp.log(denom), -jnp.inf)
+            _copy_out([(q_tile, o_ref.at[b, rows]), (lse_tile, lse_ref.at[b, rows])])
+
+        _pipeline(
+            wgs, counts_ref[i],
             [lambda j: kt_ref.at[b, :, cols(j)], lambda j: v_ref.at[b, cols(j)], lambda j: k_pos_ref.at[cols(j)]],
-            [kt_smem, v_smem, k_pos_smem], step, visit, init,
+            [kt_smem, v_smem, k_pos_smem], full, free, compute,
         )
-        live = denom > 0
-        denom = jnp.where(live, denom, 1.0)  # Rows with no allowed key: output 0, lse -inf.
-        o_smem[...] = acc / jax.lax.broadcast_in_dim(denom, acc.shape, (0,))
-        lse_smem[...] = jnp.where(live, m + jnp.log(denom), -jnp.inf)
-        _copy_out([(o_smem, o_ref.at[b, rows]), (lse_smem, lse_ref.at[b, rows])])
 
-    pl.run_scoped(scoped, *_fwd_mgpu_smem(block_q, block_k, h, dtype, slots),
-                  plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=slots * 3))
+    _mgpu_scoped(scoped, _fwd_mgpu_smem(block_q, block_k, h, dtype, slots, wgs.consumers), wgs, slots, 2, 3)
 
 
-def _fwd_mgpu_smem(block_q, block_k, h, dtype, slots):
+def _fwd_mgpu_smem(block_q, block_k, h, dtype, slots, consumers=1):
     """The forward kernel's SMEM, in `scoped`'s argument order (barriers apart)."""
+    sub = block_q // consumers
     return [
-        _smem_tiled((block_q, h), dtype), plgpu.SMEM((block_q,), jnp.int32),  # once: Q, its positions
+        _smem_tiled((consumers, sub, h), dtype), plgpu.SMEM((consumers, sub), jnp.int32),  # once: Q (then O), q pos
         _smem_tiled((slots, h, block_k), dtype), _smem_tiled((slots, block_k, h), dtype),  # streamed: K^T, V,
         plgpu.SMEM((slots, block_k), jnp.int32),  # key positions
-        _smem_tiled((block_q, block_k), dtype),  # P
-        plgpu.SMEM((block_q, h), jnp.float32), plgpu.SMEM((block_q,), jnp.float32),  # out: O, lse
+        _smem_tiled((consumers, sub, block_k), dtype),  # P
+        plgpu.SMEM((consumers, sub), jnp.float32),  # out: lse
     ]
 
 
 def _dq_mgpu_kernel(blocks_ref, counts_ref, q_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kt_ref, vt_ref, k_ref,
-                    k_pos_ref, dq_ref, *, allows, scale, block_q, block_k, slots):
+                    k_pos_ref, dq_ref, *, allows, scale, block_q, block_k, slots, wgs):
     """GMEM refs: blocks int32[nq, W], counts int32[nq], q/do [BN, Tqp, H], lse/delta f32[BN, Tqp],
     kt/vt [BN, H, Tkp], k [BN, Tkp, H], positions int32[Tqp] / [Tkp]; out dq [BN, Tqp, H] in q's dtype."""
     b, i = jax.lax.axis_index("rows"), jax.lax.axis_index("q_blocks")
     h, dtype = q_ref.shape[-1], q_ref.dtype
-    rows = pl.ds(i * block_q, block_q)
-    tile = (block_q, block_k)
+    sub = block_q // wgs.consumers
+    tile = (sub, block_k)
     cols = lambda j: pl.ds(blocks_ref[i, j] * block_k, block_k)
 
     def scoped(q_smem, do_smem, q_pos_smem, lse_smem, delta_smem, kt_smem, vt_smem, k_smem, k_pos_smem, ds_smem,
-               once, step):
-        _copy_in([(q_ref.at[b, rows], q_smem), (do_ref.at[b, rows], do_smem), (q_pos_ref.at[rows], q_pos_smem),
-                  (lse_ref.at[b, rows], lse_smem), (delta_ref.at[b, rows], delta_smem)], once)
-        by_row = lambda x: jax.lax.broadcast_in_dim(x, tile, (0,))
-        i_pos, lse, delta = by_row(q_pos_smem[...]), by_row(_lse_or_zero(lse_smem[...])), by_row(delta_smem[...])
+               once, full, free=None):
+        def compute(wg, walk):
+            rows = pl.ds(i * block_q + wg * sub, sub)
+            q_tile, do_tile, ds_tile = q_smem.at[wg], do_smem.at[wg], ds_smem.at[wg]
+            _copy_in([(q_ref.at[b, rows], q_tile), (do_ref.at[b, rows], do_tile),
+                      (q_pos_ref.at[rows], q_pos_smem.at[wg]), (lse_ref.at[b, rows], lse_smem.at[wg]),
+                      (delta_ref.at[b, rows], delta_smem.at[wg])], once, 5 * wg)
+            by_row = lambda x: jax.lax.broadcast_in_dim(x, tile, (0,))
+            i_pos, lse = by_row(q_pos_smem.at[wg][...]), by_row(_lse_or_zero(lse_smem.at[wg][...]))
+            delta = by_row(delta_smem.at[wg][...])
 
-        def visit(refs, acc):
-            kt, vt, k, k_pos = refs
-            j_pos = jax.lax.broadcast_in_dim(k_pos[...], tile, (1,))
-            mask = allows(i_pos, j_pos) & (i_pos >= 0) & (j_pos >= 0)
-            p = jnp.where(mask, jnp.exp(_mma(q_smem, kt, tile) * scale - lse), 0.0)
-            ds_smem[...] = (p * (_mma(do_smem, vt, tile) - delta)).astype(dtype)
-            plgpu.commit_smem()
-            return acc + _mma(ds_smem, k, (block_q, h))
+            def visit(refs, acc):
+                kt, vt, k, k_pos = refs
+                j_pos = jax.lax.broadcast_in_dim(k_pos[...], tile, (1,))
+                mask = allows(i_pos, j_pos) & (i_pos >= 0) & (j_pos >= 0)
+                p = jnp.where(mask, jnp.exp(_mma(q_tile, kt, tile) * scale - lse), 0.0)
+                ds_tile[...] = (p * (_mma(do_tile, vt, tile) - delta)).astype(dtype)
+                plgpu.commit_smem()
+                return acc + _mma(ds_tile, k, (sub, h))
 
-        acc = _walk_tiles(
-            counts_ref[i],
+            acc = walk(visit, jnp.zeros((sub, h), jnp.float32))
+            q_tile[...] = (acc * scale).astype(dtype)  # Q's tile is free now: dq leaves through it.
+            _copy_out([(q_tile, dq_ref.at[b, rows])])
+
+        _pipeline(
+            wgs, counts_ref[i],
             [lambda j: kt_ref.at[b, :, cols(j)], lambda j: vt_ref.at[b, :, cols(j)], lambda j: k_ref.at[b, cols(j)],
              lambda j: k_pos_ref.at[cols(j)]],
-            [kt_smem, vt_smem, k_smem, k_pos_smem], step, visit, jnp.zeros((block_q, h), jnp.float32),
+            [kt_smem, vt_smem, k_smem, k_pos_smem], full, free, compute,
         )
-        q_smem[...] = (acc * scale).astype(dtype)  # Q's tile is free now: dq leaves through it.
-        _copy_out([(q_smem, dq_ref.at[b, rows])])
 
-    pl.run_scoped(scoped, *_dq_mgpu_smem(block_q, block_k, h, dtype, slots),
-                  plgpu.Barrier(num_barriers=5), plgpu.Barrier(num_barriers=slots * 4))
+    _mgpu_scoped(scoped, _dq_mgpu_smem(block_q, block_k, h, dtype, slots, wgs.consumers), wgs, slots, 5, 4)
 
 
-def _dq_mgpu_smem(block_q, block_k, h, dtype, slots):
+def _dq_mgpu_smem(block_q, block_k, h, dtype, slots, consumers=1):
     """The dq kernel's SMEM, in `scoped`'s argument order (barriers apart)."""
+    sub = block_q // consumers
     return [
-        _smem_tiled((block_q, h), dtype), _smem_tiled((block_q, h), dtype),  # once: Q, dO,
-        plgpu.SMEM((block_q,), jnp.int32), plgpu.SMEM((block_q,), jnp.float32),  # positions, lse,
-        plgpu.SMEM((block_q,), jnp.float32),  # delta
+        _smem_tiled((consumers, sub, h), dtype), _smem_tiled((consumers, sub, h), dtype),  # once: Q, dO,
+        plgpu.SMEM((consumers, sub), jnp.int32), plgpu.SMEM((consumers, sub), jnp.float32),  # positions, lse,
+        plgpu.SMEM((consumers, sub), jnp.float32),  # delta
         _smem_tiled((slots, h, block_k), dtype), _smem_tiled((slots, h, block_k), dtype),  # streamed: K^T, V^T,
         _smem_tiled((slots, block_k, h), dtype), plgpu.SMEM((slots, block_k), jnp.int32),  # K, key positions
-        _smem_tiled((block_q, block_k), dtype),  # dS
+        _smem_tiled((consumers, sub, block_k), dtype),  # dS
     ]
 
 
 def _dkv_mgpu_kernel(blocks_ref, counts_ref, k_ref, v_ref, k_pos_ref, qt_ref, q_ref, dot_ref, do_ref, lse_ref,
-                     delta_ref, q_pos_ref, dk_ref, dv_ref, *, allows, scale, block_q, block_k, slots):
+                     delta_ref, q_pos_ref, dk_ref, dv_ref, *, allows, scale, block_q, block_k, slots, wgs):
     """GMEM refs: blocks int32[nk, W] (listed q-blocks per k-block), counts int32[nk], k/v [BN, Tkp, H],
     qt/dot [BN, H, Tqp], q/do [BN, Tqp, H], lse/delta f32[BN, Tqp], positions; out dk, dv [BN, Tkp, H] in
     k's dtype."""
     b, kb = jax.lax.axis_index("rows"), jax.lax.axis_index("k_blocks")
     h, dtype = k_ref.shape[-1], k_ref.dtype
-    cols = pl.ds(kb * block_k, block_k)
-    tile = (block_k, block_q)  # Transposed: keys are the rows.
+    sub = block_k // wgs.consumers
+    tile = (sub, block_q)  # Transposed: keys are the rows.
     rows = lambda j: pl.ds(blocks_ref[kb, j] * block_q, block_q)
 
     def scoped(k_smem, v_smem, k_pos_smem, qt_smem, q_smem, dot_smem, do_smem, q_pos_smem, lse_smem, delta_smem,
-               pt_smem, dst_smem, once, step):
-        _copy_in([(k_ref.at[b, cols], k_smem), (v_ref.at[b, cols], v_smem), (k_pos_ref.at[cols], k_pos_smem)], once)
-        j_pos = jax.lax.broadcast_in_dim(k_pos_smem[...], tile, (0,))
-        by_col = lambda x: jax.lax.broadcast_in_dim(x, tile, (1,))
+               s_smem, once, full, free=None):
+        def compute(wg, walk):
+            cols = pl.ds(kb * block_k + wg * sub, sub)
+            k_tile, v_tile, s_tile = k_smem.at[wg], v_smem.at[wg], s_smem.at[wg]
+            _copy_in([(k_ref.at[b, cols], k_tile), (v_ref.at[b, cols], v_tile),
+                      (k_pos_ref.at[cols], k_pos_smem.at[wg])], once, 3 * wg)
+            j_pos = jax.lax.broadcast_in_dim(k_pos_smem.at[wg][...], tile, (0,))
+            by_col = lambda x: jax.lax.broadcast_in_dim(x, tile, (1,))
 
-        def visit(refs, carry):
-            qt, q, dot, do, q_pos, lse, delta = refs
-            dk, dv = carry
-            i_pos = by_col(q_pos[...])
-            mask = allows(i_pos, j_pos) & (i_pos >= 0) & (j_pos >= 0)
-            pt = jnp.where(mask, jnp.exp(_mma(k_smem, qt, tile) * scale - by_col(_lse_or_zero(lse[...]))), 0.0)
-            dst = pt * (_mma(v_smem, dot, tile) - by_col(delta[...]))
-            pt_smem[...] = pt.astype(dtype)
-            dst_smem[...] = dst.astype(dtype)
-            plgpu.commit_smem()
-            return dk + _mma(dst_smem, q, (block_k, h)), dv + _mma(pt_smem, do, (block_k, h))
+            def visit(refs, carry):
+                qt, q, dot, do, q_pos, lse, delta = refs
+                dk, dv = carry
+                i_pos = by_col(q_pos[...])
+                mask = allows(i_pos, j_pos) & (i_pos >= 0) & (j_pos >= 0)
+                pt = jnp.where(mask, jnp.exp(_mma(k_tile, qt, tile) * scale - by_col(_lse_or_zero(lse[...]))), 0.0)
+                dst = pt * (_mma(v_tile, dot, tile) - by_col(delta[...]))
+                # P^T, then dS^T, through one SMEM tile: `_mma` has waited for the first product's reads.
+                s_tile[...] = pt.astype(dtype)
+                plgpu.commit_smem()
+                dv = dv + _mma(s_tile, do, (sub, h))
+                s_tile[...] = dst.astype(dtype)
+                plgpu.commit_smem()
+                return dk + _mma(s_tile, q, (sub, h)), dv
 
-        zeros = jnp.zeros((block_k, h), jnp.float32)
-        dk, dv = _walk_tiles(
-            counts_ref[kb],
+            zeros = jnp.zeros((sub, h), jnp.float32)
+            dk, dv = walk(visit, (zeros, zeros))
+            # K's and V's tiles are free now: dk and dv leave through them.
+            k_tile[...] = (dk * scale).astype(dtype)
+            v_tile[...] = dv.astype(dtype)
+            _copy_out([(k_tile, dk_ref.at[b, cols]), (v_tile, dv_ref.at[b, cols])])
+
+        _pipeline(
+            wgs, counts_ref[kb],
             [lambda j: qt_ref.at[b, :, rows(j)], lambda j: q_ref.at[b, rows(j)], lambda j: dot_ref.at[b, :, rows(j)],
              lambda j: do_ref.at[b, rows(j)], lambda j: q_pos_ref.at[rows(j)], lambda j: lse_ref.at[b, rows(j)],
              lambda j: delta_ref.at[b, rows(j)]],
-            [qt_smem, q_smem, dot_smem, do_smem, q_pos_smem, lse_smem, delta_smem], step, visit, (zeros, zeros),
+            [qt_smem, q_smem, dot_smem, do_smem, q_pos_smem, lse_smem, delta_smem], full, free, compute,
         )
-        # K's and V's tiles are free now: dk and dv leave through them (fp32 staging would not fit in SMEM
-        # at block_k = H = 128).
-        k_smem[...] = (dk * scale).astype(dtype)
-        v_smem[...] = dv.astype(dtype)
-        _copy_out([(k_smem, dk_ref.at[b, cols]), (v_smem, dv_ref.at[b, cols])])
 
-    pl.run_scoped(scoped, *_dkv_mgpu_smem(block_q, block_k, h, dtype, slots),
-                  plgpu.Barrier(num_barriers=3), plgpu.Barrier(num_barriers=slots * 7))
+    _mgpu_scoped(scoped, _dkv_mgpu_smem(block_q, block_k, h, dtype, slots, wgs.consumers), wgs, slots, 3, 7)
 
 
-def _dkv_mgpu_smem(block_q, block_k, h, dtype, slots):
+def _dkv_mgpu_smem(block_q, block_k, h, dtype, slots, consumers=1):
     """The dk/dv kernel's SMEM, in `scoped`'s argument order (barriers apart)."""
+    sub = block_k // consumers
     qt, q = _smem_tiled((slots, h, block_q), dtype), _smem_tiled((slots, block_q, h), dtype)
     return [
-        _smem_tiled((block_k, h), dtype), _smem_tiled((block_k, h), dtype),  # once: K, V,
-        plgpu.SMEM((block_k,), jnp.int32),  # key positions
+        _smem_tiled((consumers, sub, h), dtype), _smem_tiled((consumers, sub, h), dtype),  # once: K, V,
+        plgpu.SMEM((consumers, sub), jnp.int32),  # key positions
         qt, q, qt, q,  # streamed: Q^T, Q, dO^T, dO,
         plgpu.SMEM((slots, block_q), jnp.int32), plgpu.SMEM((slots, block_q), jnp.float32),  # positions, lse,
         plgpu.SMEM((slots, block_q), jnp.float32),  # delta
-        _smem_tiled((block_k, block_q), dtype), _smem_tiled((block_k, block_q), dtype),  # P^T, dS^T
+        _smem_tiled((consumers, sub, block_q), dtype),  # P^T, then dS^T
     ]
 
 
-def _mgpu_slots(smem, block_q: int, block_k: int, h: int, dtype) -> int:
-    """2 (double-buffered copies) if a kernel's SMEM (`smem`: one of the `_*_mgpu_smem`) fits the budget
-    with two slots per streamed operand, else 1. Each buffer is counted rounded up to 1 KiB (the swizzle
-    alignment), a slight overestimate of Mosaic GPU's packing."""
-    for slots in (2, 1):
-        need = sum(-(-math.prod(ref.shape) * jnp.dtype(ref.dtype).itemsize // 1024) * 1024
-                   for ref in smem(block_q, block_k, h, dtype, slots))
-        if need <= MGPU_SMEM_BYTES:
-            return slots
-    return 1  # Too big even so: Mosaic GPU's own check names the sizes.
+def _mgpu_smem_bytes(smem, block_q: int, block_k: int, h: int, dtype, slots: int, consumers: int = 1) -> int:
+    """SMEM bytes of a kernel (`smem`: one of the `_*_mgpu_smem`), each buffer rounded up to 1 KiB (the
+    swizzle alignment): within a few hundred bytes (its barriers) of what Mosaic GPU allocates."""
+    return sum(-(-math.prod(ref.shape) * jnp.dtype(ref.dtype).itemsize // 1024) * 1024
+               for ref in smem(block_q, block_k, h, dtype, slots, consumers))
 
 
-def _mgpu_call(kernel, smem, plan: _ComponentPlan, scale: float, interpret: bool, grid, grid_names, out_type,
-               *args):
-    """One `plgpu.kernel` launch of a 'mosaic_gpu' kernel over grid (BN, row blocks), one warpgroup each;
-    `smem` is the kernel's SMEM list (to choose its copy slots); args[2] is q or k [BN, T, H]."""
+def _mgpu_slots(smem, block_q: int, block_k: int, h: int, dtype, consumers: int = 1) -> int:
+    """2 (double-buffered copies) if a kernel's SMEM fits the budget with two slots per streamed operand,
+    else 1 (`_check_compilable` rejects tiles that do not fit even so)."""
+    return 2 if _mgpu_smem_bytes(smem, block_q, block_k, h, dtype, 2, consumers) <= MGPU_SMEM_BYTES else 1
+
+
+def _check_mgpu_smem(lowering: str, block_q: int, block_k: int, h: int, dtype) -> None:
+    """Raises ValueError if a Mosaic GPU kernel would not fit in SMEM even with one slot per operand."""
+    rows = {"forward": block_q, "dq": block_q, "dk/dv": block_k}
+    for name, smem in (("forward", _fwd_mgpu_smem), ("dq", _dq_mgpu_smem), ("dk/dv", _dkv_mgpu_smem)):
+        need = _mgpu_smem_bytes(smem, block_q, block_k, h, dtype, 1,
+                                _Warpgroups.for_rows(lowering, rows[name]).consumers)
+        if need > MGPU_SMEM_BYTES:
+            raise ValueError(f"the {lowering!r} {name} kernel exceeds available shared memory at block_q={block_q}, "
+                             f"block_k={block_k}, head_dim={h}: {need // 1024} KiB > {MGPU_SMEM_BYTES // 1024} KiB; "
+                             f"use smaller tiles")
+
+
+def _mgpu_call(kernel, smem, plan: _ComponentPlan, scale: float, mode: _Mode, rows: int, grid, grid_names,
+               out_type, *args):
+    """One `plgpu.kernel` launch of a Mosaic GPU kernel over grid (BN, row blocks of `rows` tokens), with the
+    warpgroups `mode.lowering` asks for; `smem` is the kernel's SMEM list (to choose its copy slots);
+    args[2] is q or k [BN, T, H]."""
     bq, bk, (h, dtype) = plan.fwd.block_q, plan.fwd.block_k, (args[2].shape[-1], args[2].dtype)
+    wgs = _Warpgroups.for_rows(mode.lowering, rows)
+    threads = dict(num_threads=wgs.consumers + 1, thread_name="wg") if wgs.producer else {}
     outs = plgpu.kernel(
         functools.partial(kernel, allows=plan.allows, scale=scale, block_q=bq, block_k=bk,
-                          slots=_mgpu_slots(smem, bq, bk, h, dtype)),
+                          slots=_mgpu_slots(smem, bq, bk, h, dtype, wgs.consumers), wgs=wgs),
         out_type=out_type,
         grid=grid,
         grid_names=grid_names,
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=_mgpu_interpret_params() if interpret else False,
+        interpret=_mgpu_interpret_params() if mode.interpret else False,
+        **threads,
     )(*args)
     return jax.tree.map(lambda out: _vary_like(out, args[2]), outs)
 
 
-def _component_fwd_mgpu(plan: _ComponentPlan, qc, kc, vc, scale: float, interpret: bool):
-    """'mosaic_gpu' forward of one component: -> out f32[BN, Tqp, H], lse f32[BN, Tqp, 1] (as `_component_fwd`)."""
+def _component_fwd_mgpu(plan: _ComponentPlan, qc, kc, vc, scale: float, mode: _Mode):
+    """Mosaic GPU forward of one component: -> out [BN, Tqp, H] (q's dtype), lse f32[BN, Tqp, 1]."""
     bn, tqp, h = qc.shape
     lay = plan.fwd
     o, lse = _mgpu_call(
-        _fwd_mgpu_kernel, _fwd_mgpu_smem, plan, scale, interpret, (bn, lay.kv_blocks.shape[0]), ("rows", "q_blocks"),
-        (jax.ShapeDtypeStruct((bn, tqp, h), jnp.float32), jax.ShapeDtypeStruct((bn, tqp), jnp.float32)),
+        _fwd_mgpu_kernel, _fwd_mgpu_smem, plan, scale, mode, lay.block_q, (bn, lay.kv_blocks.shape[0]),
+        ("rows", "q_blocks"),
+        (jax.ShapeDtypeStruct((bn, tqp, h), qc.dtype), jax.ShapeDtypeStruct((bn, tqp), jnp.float32)),
         jnp.asarray(lay.kv_blocks), jnp.asarray(lay.kv_counts), qc, jnp.swapaxes(kc, 1, 2), vc,
         jnp.asarray(plan.q_pos), jnp.asarray(plan.k_pos),
     )
     return o, lse[..., None]
 
 
-def _component_bwd_mgpu(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, scale: float, interpret: bool):
-    """'mosaic_gpu' backward of one component: -> dq [BN, Tqp, H], dk, dv [BN, Tkp, H] (as `_component_bwd`)."""
+def _component_bwd_mgpu(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, scale: float, mode: _Mode):
+    """Mosaic GPU backward of one component: -> dq [BN, Tqp, H], dk, dv [BN, Tkp, H] (as `_component_bwd`)."""
     bn, tqp, h = qc.shape
     tkp = kc.shape[1]
     fwd, bwd = plan.fwd, plan.bwd
@@ -869,12 +1006,14 @@ def _component_bwd_mgpu(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, sca
     q_pos, k_pos = jnp.asarray(plan.q_pos), jnp.asarray(plan.k_pos)
     t = lambda x: jnp.swapaxes(x, 1, 2)  # The transposed wgmma operands (see the section comment).
     dq = _mgpu_call(
-        _dq_mgpu_kernel, _dq_mgpu_smem, plan, scale, interpret, (bn, fwd.kv_blocks.shape[0]), ("rows", "q_blocks"),
-        jax.ShapeDtypeStruct((bn, tqp, h), qc.dtype),
+        _dq_mgpu_kernel, _dq_mgpu_smem, plan, scale, mode, fwd.block_q, (bn, fwd.kv_blocks.shape[0]),
+        ("rows", "q_blocks"), jax.ShapeDtypeStruct((bn, tqp, h), qc.dtype),
         jnp.asarray(fwd.kv_blocks), jnp.asarray(fwd.kv_counts), qc, doc, lse, delta, q_pos, t(kc), t(vc), kc, k_pos,
     )
+    kc, vc, qc, doc = mode.after((kc, vc, qc, doc), dq)
     dk, dv = _mgpu_call(
-        _dkv_mgpu_kernel, _dkv_mgpu_smem, plan, scale, interpret, (bn, bwd.kv_blocks.shape[0]), ("rows", "k_blocks"),
+        _dkv_mgpu_kernel, _dkv_mgpu_smem, plan, scale, mode, fwd.block_k, (bn, bwd.kv_blocks.shape[0]),
+        ("rows", "k_blocks"),
         (jax.ShapeDtypeStruct((bn, tkp, h), kc.dtype), jax.ShapeDtypeStruct((bn, tkp, h), vc.dtype)),
         jnp.asarray(bwd.kv_blocks), jnp.asarray(bwd.kv_counts), kc, vc, k_pos, t(qc), qc, t(doc), doc, lse, delta,
         q_pos,
@@ -911,10 +1050,9 @@ def _forward(q, k, v, plans, scale, mode, count_visits=False):
     """q, k, v [BN, T, H] -> out f32[BN, T, H], lse f32[BN, T, 1], visits per component ([BN, nq, 1] or None)."""
     outs, lses, visits = [], [], []
     for plan in plans:
-        o, lse, *vis = _component_fwd(
-            plan, _gather(q, plan.q_pos), _gather(k, plan.k_pos), _gather(v, plan.k_pos), scale, mode,
-            count_visits,
-        )
+        qc, kc, vc = mode.after((_gather(q, plan.q_pos), _gather(k, plan.k_pos), _gather(v, plan.k_pos)),
+                                outs[-1] if outs else None)
+        o, lse, *vis = _component_fwd(plan, qc, kc, vc, scale, mode, count_visits)
         rows = jnp.asarray(plan.q_rows)
         outs.append(jnp.take(o, rows, axis=1))
         lses.append(jnp.take(lse, rows, axis=1))
@@ -949,10 +1087,11 @@ def _attention_bwd(plans, scale, mode, res, do):
     dq = jnp.zeros(q.shape, jnp.float32)
     dk = jnp.zeros(k.shape, jnp.float32)
     dv = jnp.zeros(v.shape, jnp.float32)
+    dqc = None
     for plan in plans:
         qp, kp = plan.q_pos, plan.k_pos
         dqc, dkc, dvc = _component_bwd(
-            plan, _gather(q, qp), _gather(k, kp), _gather(v, kp), _gather(do.astype(q.dtype), qp),
+            plan, *mode.after((_gather(q, qp), _gather(k, kp), _gather(v, kp), _gather(do.astype(q.dtype), qp)), dqc),
             _gather(lse, qp), _gather(delta, qp), scale, mode,
         )
         dq = _scatter_add(dq, dqc, qp)
@@ -979,9 +1118,9 @@ def _block_size(block: int | None, default: int, t: int, lowering: str = "tpu", 
     if block is None:
         # Cap at the sequence length so that short inputs need no big tiles, rounded to what the target
         # compiles: 'tpu' a multiple of the dtype's sublane tile (8 fp32, 16 bf16), 'gpu' a power of two >= 16;
-        # 'mosaic_gpu' one warpgroup's wgmma tile.
-        if lowering == "mosaic_gpu":
-            return MGPU_BLOCK
+        # 'mosaic_gpu' one warpgroup's wgmma tile, 'mosaic_gpu_ws' two.
+        if lowering in _MGPU_LOWERINGS:
+            return MGPU_BLOCK * (2 if lowering == "mosaic_gpu_ws" else 1)
         if lowering == "gpu":
             return max(16, min(default, pl.next_power_of_2(t)))
         g = _sublanes(dtype)
@@ -1000,14 +1139,21 @@ def _check_compilable(lowering: str, bq: int, bk: int, h: int, dtype) -> None:
     must be powers of two >= 16. Pallas's Triton lowering checks only the power of two. 'mosaic_gpu' (also
     checked in interpret mode, whose TMA / wgmma simulation has the same rules): 16-bit dtypes (wgmma's
     SMEM operands), block_q 64 (one warpgroup's M), block_k and H multiples of 64 (M of the dk/dv kernel,
-    128-byte swizzled rows).
+    128-byte swizzled rows). 'mosaic_gpu_ws': the same, but block_q and block_k 64 or 128 (one or two
+    consumer warpgroups of 64 rows in the forward / dq and in the dk/dv kernels). Both: every kernel fits in
+    SMEM with one slot per streamed operand (at H = 128, 'mosaic_gpu_ws' needs a 64 tile on one side).
     """
-    if lowering == "mosaic_gpu":
+    if lowering in _MGPU_LOWERINGS:
         if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-            raise ValueError(f"the 'mosaic_gpu' kernels need bfloat16 or float16 inputs, got {jnp.dtype(dtype).name}")
-        if bq != MGPU_BLOCK or bk % MGPU_BLOCK or h % MGPU_BLOCK:
+            raise ValueError(f"the {lowering!r} kernels need bfloat16 or float16 inputs, got {jnp.dtype(dtype).name}")
+        if lowering == "mosaic_gpu" and (bq != MGPU_BLOCK or bk % MGPU_BLOCK or h % MGPU_BLOCK):
             raise ValueError(f"the 'mosaic_gpu' kernels need block_q = {MGPU_BLOCK} and block_k, head_dim multiples "
                              f"of {MGPU_BLOCK}, got {bq}, {bk}, {h}")
+        ws_blocks = (MGPU_BLOCK, 2 * MGPU_BLOCK)
+        if lowering == "mosaic_gpu_ws" and (bq not in ws_blocks or bk not in ws_blocks or h % MGPU_BLOCK):
+            raise ValueError(f"the 'mosaic_gpu_ws' kernels need block_q, block_k in {ws_blocks} and a head_dim "
+                             f"multiple of {MGPU_BLOCK}, got {bq}, {bk}, {h}")
+        _check_mgpu_smem(lowering, bq, bk, h, dtype)
     elif lowering == "tpu":
         g = _sublanes(dtype)
         if bq % g or bk % g:
@@ -1020,17 +1166,27 @@ def _check_compilable(lowering: str, bq: int, bk: int, h: int, dtype) -> None:
                              f"got {bad}")
 
 
-LOWERINGS = ("tpu", "gpu", "mosaic_gpu")
-_BACKEND = {"tpu": "tpu", "gpu": "gpu", "mosaic_gpu": "gpu"}  # The JAX backend each lowering compiles on.
+LOWERINGS = ("tpu", "gpu", *_MGPU_LOWERINGS)
+# The JAX backend each lowering compiles on.
+_BACKEND = {"tpu": "tpu", "gpu": "gpu", "mosaic_gpu": "gpu", "mosaic_gpu_ws": "gpu"}
 
 
 @dataclasses.dataclass(frozen=True)
 class _Mode:
-    """Which kernels run ('tpu': scalar-prefetch grid; 'gpu': Triton-style loop; 'mosaic_gpu': Hopper TMA /
-    wgmma kernels) and whether interpreted."""
+    """Which kernels run ('tpu': scalar-prefetch grid; 'gpu': Triton-style loop; 'mosaic_gpu' /
+    'mosaic_gpu_ws': Hopper TMA / wgmma kernels, one warpgroup / warp-specialized) and whether interpreted."""
 
     lowering: str
     interpret: bool
+
+    def after(self, x, deps):
+        """x, made to wait for `deps` (the previous kernel launch's results) where launches must not overlap:
+        JAX's GPU interpreter runs a warp-specialized kernel's warpgroups as host threads that block on each
+        other's barriers, and XLA:CPU runs independent calls concurrently, so two such kernels at once can
+        starve each other of threads (a hang, seen on 2 cores). Elsewhere x itself."""
+        if deps is None or not (self.interpret and self.lowering == "mosaic_gpu_ws"):
+            return x
+        return jax.lax.optimization_barrier((x, deps))[0]
 
 
 def _gpu_compute_capability() -> str | None:
@@ -1063,13 +1219,14 @@ def _default_lowering(backend: str, dtype, h: int, block_q: int | None, block_k:
 
 def compiled_lowerings() -> tuple[str, ...]:
     """The lowerings whose kernels compile on this process's default backend: ('tpu',) on TPU; on CUDA
-    ('gpu', 'mosaic_gpu') on Hopper, else ('gpu',); ('gpu',) on ROCm; () on CPU (which interprets them)."""
+    ('gpu', 'mosaic_gpu', 'mosaic_gpu_ws') on Hopper, else ('gpu',); ('gpu',) on ROCm; () on CPU (which
+    interprets them)."""
     backend = jax.default_backend()
     if backend == "tpu":
         return ("tpu",)
     if backend != "gpu":
         return ()
-    return ("gpu", "mosaic_gpu") if _has_wgmma() else ("gpu",)
+    return ("gpu", *_MGPU_LOWERINGS) if _has_wgmma() else ("gpu",)
 
 
 def _resolve_mode(interpret: bool | None, lowering: str | None, dtype, h: int, block_q: int | None,
@@ -1085,7 +1242,26 @@ def _resolve_mode(interpret: bool | None, lowering: str | None, dtype, h: int, b
         raise NotImplementedError(
             f"the {lowering!r} kernels compile only on {_BACKEND[lowering]!r}, not on {backend!r}; use interpret=True"
         )
+    if interpret and lowering == "mosaic_gpu_ws" and _xla_cpu_threads() < MGPU_INTERPRET_THREADS:
+        raise RuntimeError(
+            f"JAX's GPU interpreter runs each warpgroup of the 'mosaic_gpu_ws' kernels as a host thread that blocks "
+            f"in XLA:CPU's thread pool, which has {_xla_cpu_threads()} threads here and would hang: start the "
+            f"process with PJRT_NPROC={2 * MGPU_INTERPRET_THREADS} (or use lowering='mosaic_gpu')"
+        )
     return _Mode(lowering, bool(interpret))
+
+
+# XLA:CPU pool threads the interpreted 'mosaic_gpu_ws' kernels need: the kernel's own blocking call, two
+# warpgroups blocked on barriers, one left to run the third (the launches are chained: `_Mode.after`).
+MGPU_INTERPRET_THREADS = 4
+
+
+def _xla_cpu_threads() -> int:
+    """Threads in XLA:CPU's pool: $PJRT_NPROC or $NPROC if set (as XLA reads them), else the usable cores."""
+    for name in ("PJRT_NPROC", "NPROC"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _prepare(q, k, v, pattern, stride, summary, part, block_q, block_k, interpret, lowering=None, mode=None):
@@ -1099,7 +1275,7 @@ def _prepare(q, k, v, pattern, stride, summary, part, block_q, block_k, interpre
     mode = mode or _resolve_mode(interpret, lowering, q.dtype, q.shape[-1], block_q, block_k)
     bq = _block_size(block_q, DEFAULT_BLOCK_Q, t, mode.lowering, q.dtype)
     bk = _block_size(block_k, DEFAULT_BLOCK_K, t, mode.lowering, q.dtype)
-    if not mode.interpret or mode.lowering == "mosaic_gpu":
+    if not mode.interpret or mode.lowering in _MGPU_LOWERINGS:
         _check_compilable(mode.lowering, bq, bk, q.shape[-1], q.dtype)
     return _plan(pat, t, bq, bk), mode
 
@@ -1132,13 +1308,15 @@ def sparse_attention(
       pattern: 'dense' | 'strided' | 'fixed' (see `patterns`); stride: l; summary: c (fixed only);
         part: 'both' | 'local' | 'summary'.
       block_q, block_k: tile sizes in tokens (default 128, capped at T rounded up to what the kernels compile:
-        'tpu' a multiple of 8 (32-bit) / 16 (16-bit), 'gpu' a power of two >= 16; 'mosaic_gpu' 64).
+        'tpu' a multiple of 8 (32-bit) / 16 (16-bit), 'gpu' a power of two >= 16; 'mosaic_gpu' 64;
+        'mosaic_gpu_ws' 128).
       interpret: run the kernels in the Pallas interpreter; None = interpret on CPU, compile otherwise.
       lowering: 'tpu' (scalar-prefetch grid, Mosaic), 'gpu' (Triton-style loop over the listed blocks) or
-        'mosaic_gpu' (Hopper; bf16 / fp16, 64-tiles, H a multiple of 64: TMA copies and wgmma). None = on a
-        GPU backend 'mosaic_gpu' where it runs (sm_90, those dtypes and shapes), else 'gpu'; 'tpu' off GPU.
-        'tpu' and 'gpu' run on CPU in interpret mode, 'mosaic_gpu' in JAX's GPU interpreter (slow: tests
-        only).
+        'mosaic_gpu' (Hopper; bf16 / fp16, 64-tiles, H a multiple of 64: TMA copies and wgmma) or
+        'mosaic_gpu_ws' (the same warp-specialized: 64- or 128-tiles, a producer and two consumer
+        warpgroups). None = on a GPU backend 'mosaic_gpu' where it runs (sm_90, those dtypes and shapes),
+        else 'gpu'; 'tpu' off GPU. 'tpu' and 'gpu' run on CPU in interpret mode, the Mosaic GPU ones in JAX's
+        GPU interpreter (slow: tests only).
 
     Returns:
       [B, T, N, H] in q.dtype; scale 1/sqrt(H); rows with no allowed key are 0.
@@ -1153,9 +1331,10 @@ def sparse_attention(
 
 # Lowering platform (as `jax.jit(...).lower(lowering_platforms=...)` names it) -> the kernels it can take
 # (the first is the default).
-PLATFORM_LOWERINGS = {"tpu": ("tpu",), "cuda": ("gpu", "mosaic_gpu"), "rocm": ("gpu",)}
+PLATFORM_LOWERINGS = {"tpu": ("tpu",), "cuda": ("gpu", *_MGPU_LOWERINGS), "rocm": ("gpu",)}
 # Custom-call target of each kernel kind, one call per kernel launch: Mosaic TPU, Triton, Mosaic GPU.
-KERNEL_CALL_TARGETS = {"tpu": "tpu_custom_call", "gpu": "__gpu$xla.gpu.triton", "mosaic_gpu": "mosaic_gpu_v2"}
+KERNEL_CALL_TARGETS = {"tpu": "tpu_custom_call", "gpu": "__gpu$xla.gpu.triton", "mosaic_gpu": "mosaic_gpu_v2",
+                       "mosaic_gpu_ws": "mosaic_gpu_v2"}
 # The chip `lower_attention` lowers for unless told (`device_kind`): a v5e, an H100, an MI300X.
 LOWERING_DEVICE_KINDS = {"tpu": "TPU v5 lite", "cuda": "NVIDIA H100", "rocm": "gfx942"}
 
@@ -1191,7 +1370,8 @@ def lower_attention(
       q, k, v: [B, T, N, H] arrays or `jax.ShapeDtypeStruct`s (only shapes and dtypes are used).
       platform: 'tpu' | 'cuda' | 'rocm'.
       lowering: which kernels (see `sparse_attention`); default 'tpu' for 'tpu', 'gpu' (Triton) for 'cuda' /
-        'rocm'; 'mosaic_gpu' on 'cuda' lowers the Mosaic GPU kernels (forward, dq, dk/dv).
+        'rocm'; 'mosaic_gpu' or 'mosaic_gpu_ws' on 'cuda' lowers the Mosaic GPU kernels (forward, dq,
+        dk/dv).
       grad: also lower the custom VJP (the dq and dk/dv kernels) via `jax.vjp`; the lowered function is
         then (q, k, v, dout) -> (out, dq, dk, dv), else (q, k, v) -> out.
       pattern ... block_k: as `sparse_attention`; blocks must suit the target (see `_check_compilable`).
@@ -1201,7 +1381,7 @@ def lower_attention(
     Returns:
       The `jax.stages.Lowered`; `.as_text()` holds one custom call per kernel launch (see
       `KERNEL_CALL_TARGETS`): per pattern component, the forward kernel, plus the dq and dk/dv kernels
-      with grad. For 'mosaic_gpu' the Mosaic GPU module is lowered to its dialect here; its compile to PTX
+      with grad. For the Mosaic GPU lowerings the module is lowered to its dialect here; its compile to PTX
       (like Triton's) happens in XLA's CUDA backend.
     """
     if platform not in PLATFORM_LOWERINGS:

@@ -63,7 +63,7 @@ def test_defaults_on_this_host():
 @pytest.mark.parametrize(
     "flag, message",
     [
-        ("--lowerings=cuda", "--lowerings must be among tpu, gpu, mosaic_gpu"),
+        ("--lowerings=cuda", "--lowerings must be among tpu, gpu, mosaic_gpu, mosaic_gpu_ws"),
         ("--patterns=sliding", "--patterns must be among strided, fixed, dense"),
     ],
 )

@@ -288,21 +288,22 @@ def test_model_kernels_run_per_shard_under_a_mesh(impl, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "backend, capability, platform, target",
-    [("tpu", None, "tpu", "tpu_custom_call"), ("gpu", "8.0", "cuda", "__gpu$xla.gpu.triton"),
-     ("gpu", "9.0", "cuda", "mosaic_gpu_v2")],
-    ids=["tpu", "cuda-triton", "cuda-mosaic_gpu"],
+    "backend, capability, platform, target, lowering",
+    [("tpu", None, "tpu", "tpu_custom_call", "auto"), ("gpu", "8.0", "cuda", "__gpu$xla.gpu.triton", "auto"),
+     ("gpu", "9.0", "cuda", "mosaic_gpu_v2", "auto"), ("gpu", "9.0", "cuda", "mosaic_gpu_v2", "mosaic_gpu_ws")],
+    ids=["tpu", "cuda-triton", "cuda-mosaic_gpu", "cuda-mosaic_gpu_ws"],
 )
-def test_model_pallas_attention_lowers_per_shard(backend, capability, platform, target, monkeypatch):
+def test_model_pallas_attention_lowers_per_shard(backend, capability, platform, target, lowering, monkeypatch):
     # The train step's attention on an abstract 8-chip mesh (data 2 x fsdp 2 x tensor 2), lowered from this
-    # CPU host for TPU (Mosaic), an A100-class GPU (Triton) and a Hopper GPU (Mosaic GPU): the kernels
-    # (2 components x forward, dq, dk/dv) each run on one device's shard, batch 8 / 4 x heads 4 / 2 = 4 rows,
-    # not on gathered inputs (32 rows).
+    # CPU host for TPU (Mosaic), an A100-class GPU (Triton) and a Hopper GPU (Mosaic GPU, by default and
+    # warp-specialized as configured): the kernels (2 components x forward, dq, dk/dv) each run on one
+    # device's shard, batch 8 / 4 x heads 4 / 2 = 4 rows, not on gathered inputs (32 rows).
     monkeypatch.setattr(jax, "default_backend", lambda: backend)  # The kernels pick their target from these.
     monkeypatch.setattr(bsa, "_gpu_compute_capability", lambda: capability)
     config = model_lib.ModelConfig.from_config_dict(
         tiny.get_config().model, vocab_size=53, d_model=128, num_heads=4, head_dim=64, mlp_dim=29, num_layers=2,
-        attention_stride=16, max_len=256, vocab_multiple=1, attention_impl="pallas", dtype="bfloat16")
+        attention_stride=16, max_len=256, vocab_multiple=1, attention_impl="pallas", dtype="bfloat16",
+        pallas_lowering=lowering)
     graphdef, params = nnx.split(model_lib.Attention(config, "both", rngs=nnx.Rngs(0)))
 
     def loss(params, x):

@@ -10,7 +10,11 @@ compile, memory limits (bar Mosaic GPU's shared-memory check, which its lowering
 speed.
 """
 
+import os
+import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -156,8 +160,12 @@ def test_lowered_tile_configuration_matches_reference_in_interpret_mode(lowering
 
 
 def custom_calls(lowered) -> dict[str, int]:
+    """Kernel launches per custom-call target (both Mosaic GPU lowerings share 'mosaic_gpu_v2')."""
     text = lowered.as_text()
-    return {kind: text.count(f"custom_call @{target}(") for kind, target in bsa.KERNEL_CALL_TARGETS.items()}
+    return {target: text.count(f"custom_call @{target}(") for target in set(bsa.KERNEL_CALL_TARGETS.values())}
+
+
+NO_TRITON = {"tpu_custom_call": 0, "__gpu$xla.gpu.triton": 0}
 
 
 def mosaic_gpu_kernel_arities(lowered) -> list[tuple[int, int]]:
@@ -170,16 +178,16 @@ def mosaic_gpu_kernel_arities(lowered) -> list[tuple[int, int]]:
 MGPU_FWD, MGPU_DQ, MGPU_DKV = (7, 2), (11, 1), (12, 2)
 
 
+@pytest.mark.parametrize("lowering", ["mosaic_gpu", "mosaic_gpu_ws"])
 @pytest.mark.parametrize("pattern", ["strided", "fixed"])  # Two components each; 'dense' has one.
-def test_mosaic_gpu_forward_and_backward_lower_for_cuda(pattern):
+def test_mosaic_gpu_forward_and_backward_lower_for_cuda(pattern, lowering):
     c = COMPONENTS[pattern]
     x = spec(256, 64, jnp.bfloat16)
-    fwd = bsa.lower_attention(*x, platform="cuda", lowering="mosaic_gpu", **PATTERNS[pattern])
-    assert custom_calls(fwd) == {"tpu": 0, "gpu": 0, "mosaic_gpu": c}
+    fwd = bsa.lower_attention(*x, platform="cuda", lowering=lowering, **PATTERNS[pattern])
+    assert custom_calls(fwd) == NO_TRITON | {"mosaic_gpu_v2": c}
     assert mosaic_gpu_kernel_arities(fwd) == [MGPU_FWD] * c
-    both = bsa.lower_attention(*x, platform="cuda", lowering="mosaic_gpu", grad=True, block_k=128,
-                               **PATTERNS[pattern])
-    assert custom_calls(both) == {"tpu": 0, "gpu": 0, "mosaic_gpu": 3 * c}  # No Triton kernel left.
+    both = bsa.lower_attention(*x, platform="cuda", lowering=lowering, grad=True, block_k=128, **PATTERNS[pattern])
+    assert custom_calls(both) == NO_TRITON | {"mosaic_gpu_v2": 3 * c}  # No Triton kernel left.
     assert mosaic_gpu_kernel_arities(both) == sorted([MGPU_FWD, MGPU_DQ, MGPU_DKV] * c)
 
 
@@ -187,7 +195,7 @@ def test_mosaic_gpu_forward_and_backward_lower_for_cuda(pattern):
     "t, h, dtype, block_k, slots",
     [
         (256, 64, jnp.bfloat16, 64, [2, 2, 2]),
-        (200, 128, jnp.float16, 128, [2, 1, 1]),
+        (200, 128, jnp.float16, 128, [2, 1, 2]),
         (512, 64, jnp.bfloat16, 256, [2, 1, 2]),
         (256, 192, jnp.bfloat16, 64, [2, 2, 1]),
     ],
@@ -205,39 +213,116 @@ def test_mosaic_gpu_lowers_at_larger_tiles_and_head_dims(t, h, dtype, block_k, s
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "t, h, dtype, block_q, block_k, slots",
     [
-        (dict(dtype=jnp.float32), "bfloat16 or float16"),
-        (dict(h=32), "multiples of 64"),
-        (dict(block_q=128), "block_q = 64"),
-        (dict(platform="rocm"), "takes lowering"),
-        (dict(h=128, block_k=256), "exceeds available shared memory"),  # Mosaic GPU's own SMEM check (dk/dv).
+        (256, 64, jnp.bfloat16, 128, 128, [2, 2, 2]),  # the defaults: two consumers per row block
+        (200, 128, jnp.float16, 128, 64, [2, 2, 1]),
+        (256, 128, jnp.bfloat16, 64, 128, [2, 1, 2]),  # one consumer in the forward / dq, two in dk/dv
+        (256, 192, jnp.bfloat16, 64, 64, [2, 2, 1]),
+    ],
+    ids=["T256-H64-bq128-bk128", "T200-H128-fp16-bq128-bk64", "T256-H128-bq64-bk128", "T256-H192-bq64-bk64"],
+)
+def test_warp_specialized_mosaic_gpu_lowers_with_the_slots_it_picks(t, h, dtype, block_q, block_k, slots):
+    # Three / two warpgroups per block (consumers + producer), SMEM shared between them; the slots that
+    # `_mgpu_slots` picks per kernel (forward, dq by block_q's consumers; dk/dv by block_k's) pass Mosaic GPU's
+    # own SMEM check.
+    consumers = (block_q // bsa.MGPU_BLOCK,) * 2 + (block_k // bsa.MGPU_BLOCK,)
+    smem = (bsa._fwd_mgpu_smem, bsa._dq_mgpu_smem, bsa._dkv_mgpu_smem)
+    assert [bsa._mgpu_slots(f, block_q, block_k, h, dtype, c) for f, c in zip(smem, consumers)] == slots
+    lowered = bsa.lower_attention(*spec(t, h, dtype), platform="cuda", lowering="mosaic_gpu_ws", grad=True,
+                                  block_q=block_q, block_k=block_k, **PATTERNS["strided"])
+    assert mosaic_gpu_kernel_arities(lowered) == sorted([MGPU_FWD, MGPU_DQ, MGPU_DKV] * 2)
+
+
+@pytest.mark.parametrize(
+    "lowering, kwargs, match",
+    [
+        ("mosaic_gpu_ws", dict(dtype=jnp.float32), "'mosaic_gpu_ws' kernels need bfloat16 or float16"),
+        ("mosaic_gpu_ws", dict(block_q=256), r"block_q, block_k in \(64, 128\)"),
+        ("mosaic_gpu_ws", dict(block_k=192), r"block_q, block_k in \(64, 128\)"),
+        ("mosaic_gpu_ws", dict(h=96), "head_dim multiple of 64"),
+        ("mosaic_gpu_ws", dict(h=128), "'mosaic_gpu_ws' dk/dv kernel exceeds available shared memory at "
+                                       "block_q=128, block_k=128, head_dim=128: 228 KiB > 227 KiB"),
+        ("mosaic_gpu", dict(dtype=jnp.float32), "bfloat16 or float16"),
+        ("mosaic_gpu", dict(h=32), "multiples of 64"),
+        ("mosaic_gpu", dict(block_q=128), "block_q = 64"),
+        ("mosaic_gpu", dict(platform="rocm"), "takes lowering"),
+        ("mosaic_gpu_ws", dict(platform="rocm"), "takes lowering"),
+        ("mosaic_gpu", dict(h=128, block_k=256), "'mosaic_gpu' dq kernel exceeds available shared memory"),
     ],
 )
-def test_mosaic_gpu_rejects_what_it_cannot_run(kwargs, match):
+def test_mosaic_gpu_rejects_what_it_cannot_run(lowering, kwargs, match):
     args = dict(t=256, h=64, dtype=jnp.bfloat16, platform="cuda") | kwargs
     blocks = {key: kwargs[key] for key in ("block_q", "block_k") if key in kwargs}
     with pytest.raises(ValueError, match=match):
         bsa.lower_attention(*spec(args["t"], args["h"], args["dtype"]), platform=args["platform"],
-                            lowering="mosaic_gpu", grad=True, **blocks, **PATTERNS["dense"])
+                            lowering=lowering, grad=True, **blocks, **PATTERNS["dense"])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "b, t, n, pattern, block_k, smem",
-    [(1, 100, 1, "strided", 64, None), (2, 90, 2, "fixed", 128, 0)],
+    "b, t, n, pattern, block_k, slots",
+    [(1, 100, 1, "strided", 64, None), (2, 90, 2, "fixed", 128, 1)],
     ids=["strided-B1-N1-bk64", "fixed-B2-N2-bk128-single-buffered"],
 )
-def test_mosaic_gpu_kernels_match_reference_in_gpu_interpreter(b, t, n, pattern, block_k, smem, monkeypatch):
+def test_mosaic_gpu_kernels_match_reference_in_gpu_interpreter(b, t, n, pattern, block_k, slots, monkeypatch):
     # JAX's GPU interpreter simulates SMEM, TMA copies, barriers and wgmma on CPU (slow: ~10 s per call).
     # Forward, dq and dk/dv kernels; both components (strided A2 in column-major order: non-natural
     # positions); a ragged T; several k-blocks per tile row, and several (batch, head) rows. Its copies
     # complete at once, so a copy into the slot being computed corrupts values, and a barrier waited on in
-    # the wrong phase is an error: the double-buffering is checked too. smem = 0 forces one slot per operand
-    # (what large tiles get); its T is not used elsewhere, so no jit cache entry from other cases is reused.
-    if smem is not None:
-        monkeypatch.setattr(bsa, "MGPU_SMEM_BYTES", smem)
+    # the wrong phase is an error: the double-buffering is checked too. slots = 1 forces one slot per
+    # operand (what large tiles get); its T is not used elsewhere, so no jit cache entry is reused.
+    if slots is not None:
+        monkeypatch.setattr(bsa, "_mgpu_slots", lambda *args: slots)
     check_against_reference(b, t, n, 64, jnp.bfloat16, lowering="mosaic_gpu", block_k=block_k, **PATTERNS[pattern])
+
+
+# Run in a child process: XLA:CPU's pool needs more threads than CI's 2 cores give (`_xla_cpu_threads`).
+_WS_INTERPRETER_SCRIPT = """
+import sys
+import jax.numpy as jnp
+from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+from pallas_kernels import block_sparse_attention as bsa
+from tests.pallas_kernels.test_block_sparse_attention import check_against_reference
+
+bsa._mgpu_interpret_params = lambda: InterpretGPUParams(detect_races=True)
+for b, t, n, blocks, slots, pattern in CASES:
+    if slots:
+        bsa._mgpu_slots = lambda *args, slots=slots: slots
+    check_against_reference(b, t, n, 64, jnp.bfloat16, lowering="mosaic_gpu_ws", **blocks, **pattern)
+    assert not gpu_callbacks.get_races().races_found, ("data race", b, t, n, blocks, slots, pattern)
+    print("ok", t, blocks, slots, pattern["pattern"], flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_warp_specialized_kernels_match_reference_without_races_in_gpu_interpreter():
+    # The producer / consumer pipeline: the interpreter runs the producer and each consumer warpgroup as a
+    # thread, so a slot released too early, a barrier waited on in the wrong phase or a consumer reading its
+    # neighbour's rows shows as wrong values, an error, or (race detector on) a data race. Cases: two
+    # consumers over up to 5 k-tiles per row (slots reused) with one consumer in dk/dv; one consumer in the
+    # forward / dq and two in dk/dv, both components, several (batch, head) rows, rows with no key; one slot.
+    cases = [
+        (1, 300, 1, dict(block_q=128, block_k=64), None, PATTERNS["dense"]),
+        (2, 90, 2, dict(block_q=64, block_k=128), None, PATTERNS["fixed"]),
+        (1, 200, 1, dict(block_q=128, block_k=128), 1, PATTERNS["strided"]),
+    ]
+    env = {**os.environ, "PJRT_NPROC": "8", "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run([sys.executable, "-c", f"CASES = {cases!r}\n" + _WS_INTERPRETER_SCRIPT],
+                         cwd=pathlib.Path(__file__).parents[2], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("ok ") == len(cases)
+
+
+def test_warp_specialized_interpreter_refuses_a_thread_pool_it_would_hang_in(monkeypatch):
+    x = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
+    monkeypatch.setenv("PJRT_NPROC", "2")
+    with pytest.raises(RuntimeError, match="PJRT_NPROC=8"):
+        bsa.sparse_attention(x, x, x, pattern="dense", lowering="mosaic_gpu_ws", interpret=True)
+    monkeypatch.setenv("PJRT_NPROC", "8")  # What the child process above gets; plans without running.
+    plans, mode = bsa._prepare(x, x, x, "dense", None, None, "both", None, None, True, "mosaic_gpu_ws")
+    assert mode == bsa._Mode("mosaic_gpu_ws", True) and plans[0].fwd.block_q == 128
 
 
 @pytest.mark.parametrize(
@@ -264,7 +349,8 @@ def test_default_lowering_prefers_mosaic_gpu_where_it_runs(backend, capability, 
 
 @pytest.mark.parametrize(
     "backend, capability, want",
-    [("cpu", None, ()), ("tpu", None, ("tpu",)), ("gpu", "9.0", ("gpu", "mosaic_gpu")), ("gpu", "8.0", ("gpu",)),
+    [("cpu", None, ()), ("tpu", None, ("tpu",)), ("gpu", "9.0", ("gpu", "mosaic_gpu", "mosaic_gpu_ws")),
+     ("gpu", "8.0", ("gpu",)),
      ("gpu", None, ("gpu",))],
 )
 def test_compiled_lowerings_per_backend(backend, capability, want, monkeypatch):

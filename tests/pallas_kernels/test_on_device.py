@@ -2,8 +2,8 @@
 
 Skipped without a GPU or TPU (CI has none; there the kernels run in interpret mode, in the other files).
 On a GPU / TPU host: `python -m pytest tests/pallas_kernels/test_on_device.py`. Every lowering the backend
-compiles (`compiled_lowerings`: 'tpu'; 'gpu' (Triton) and, on Hopper, 'mosaic_gpu') at shapes they all
-take: H = 64, ragged T, default, 64 and 128 key tiles.
+compiles (`compiled_lowerings`: 'tpu'; 'gpu' (Triton) and, on Hopper, 'mosaic_gpu' and 'mosaic_gpu_ws') at
+shapes they all take: H = 64, ragged T, default, 64 and 128 key tiles.
 
 Tolerances. The reference runs at the highest matmul precision in fp32. bf16 inputs as in interpret mode
 (atol = rtol = 3e-2 on values, 6e-2 on gradients). fp32 inputs: a GPU's tensor cores multiply fp32 in TF32
@@ -34,7 +34,7 @@ PATTERNS = [
 def _cases():
     for lowering in bsa.compiled_lowerings() or ("none",):
         for dtype in (jnp.bfloat16, jnp.float32):
-            if lowering == "mosaic_gpu" and dtype == jnp.float32:
+            if lowering.startswith("mosaic_gpu") and dtype == jnp.float32:
                 continue  # 16-bit only.
             for kwargs in PATTERNS:
                 for block_k in (None, 64, 128):
