@@ -1,20 +1,16 @@
 """The compiled kernels lower for their real targets on a CPU-only host (no TPU / GPU needed).
 
-`lower_attention` runs Pallas's own lowering: Mosaic for 'tpu' (block shapes against the (8, 128) tiling,
-each op to the tpu / vector dialects, the module serialised into a `tpu_custom_call`), Triton for 'cuda' /
-'rocm' (power-of-two arrays, each op to Triton IR inside a `__gpu$xla.gpu.triton` call). Interpret mode
-accepts shapes and ops that these reject, so this is the check that the kernels can be compiled at all.
-The Mosaic GPU kernels (forward, dq, dk/dv) are lowered for 'cuda' too, and their values and gradients
-checked in JAX's GPU interpreter. Not covered (needs the device): libtpu's Mosaic layout passes, the PTX
-compile, memory limits (bar Mosaic GPU's shared-memory check, which its lowering runs), numerics on hardware,
-speed.
+`lower_attention` runs Pallas's own lowering: Mosaic for 'tpu' (block shapes against the (8, 128) tiling, each
+op to the tpu / vector dialects, the module serialised into a `tpu_custom_call`), Triton for 'cuda' / 'rocm'
+(power-of-two arrays, each op to Triton IR inside a `__gpu$xla.gpu.triton` call). Interpret mode accepts
+shapes and ops that these reject, so this is the check that the kernels can be compiled at all. The Mosaic GPU
+kernels (forward, dq, dk/dv; one warpgroup and warp-specialized) are lowered for 'cuda' too;
+test_mosaic_gpu_interpreter.py checks their values and gradients in JAX's GPU interpreter. Not covered (needs
+the device): libtpu's Mosaic layout passes, the PTX compile, memory limits (bar Mosaic GPU's shared-memory
+check, which its lowering runs), numerics on hardware, speed.
 """
 
-import os
-import pathlib
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -257,72 +253,6 @@ def test_mosaic_gpu_rejects_what_it_cannot_run(lowering, kwargs, match):
     with pytest.raises(ValueError, match=match):
         bsa.lower_attention(*spec(args["t"], args["h"], args["dtype"]), platform=args["platform"],
                             lowering=lowering, grad=True, **blocks, **PATTERNS["dense"])
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "b, t, n, pattern, block_k, slots",
-    [(1, 100, 1, "strided", 64, None), (2, 90, 2, "fixed", 128, 1)],
-    ids=["strided-B1-N1-bk64", "fixed-B2-N2-bk128-single-buffered"],
-)
-def test_mosaic_gpu_kernels_match_reference_in_gpu_interpreter(b, t, n, pattern, block_k, slots, monkeypatch):
-    # JAX's GPU interpreter simulates SMEM, TMA copies, barriers and wgmma on CPU (slow: ~10 s per call).
-    # Forward, dq and dk/dv kernels; both components (strided A2 in column-major order: non-natural
-    # positions); a ragged T; several k-blocks per tile row, and several (batch, head) rows. Its copies
-    # complete at once, so a copy into the slot being computed corrupts values, and a barrier waited on in
-    # the wrong phase is an error: the double-buffering is checked too. slots = 1 forces one slot per
-    # operand (what large tiles get); its T is not used elsewhere, so no jit cache entry is reused.
-    if slots is not None:
-        monkeypatch.setattr(bsa, "_mgpu_slots", lambda *args: slots)
-    check_against_reference(b, t, n, 64, jnp.bfloat16, lowering="mosaic_gpu", block_k=block_k, **PATTERNS[pattern])
-
-
-# Run in a child process: XLA:CPU's pool needs more threads than CI's 2 cores give (`_xla_cpu_threads`).
-_WS_INTERPRETER_SCRIPT = """
-import sys
-import jax.numpy as jnp
-from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
-from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-from pallas_kernels import block_sparse_attention as bsa
-from tests.pallas_kernels.test_block_sparse_attention import check_against_reference
-
-bsa._mgpu_interpret_params = lambda: InterpretGPUParams(detect_races=True)
-for b, t, n, blocks, slots, pattern in CASES:
-    if slots:
-        bsa._mgpu_slots = lambda *args, slots=slots: slots
-    check_against_reference(b, t, n, 64, jnp.bfloat16, lowering="mosaic_gpu_ws", **blocks, **pattern)
-    assert not gpu_callbacks.get_races().races_found, ("data race", b, t, n, blocks, slots, pattern)
-    print("ok", t, blocks, slots, pattern["pattern"], flush=True)
-"""
-
-
-@pytest.mark.slow
-def test_warp_specialized_kernels_match_reference_without_races_in_gpu_interpreter():
-    # The producer / consumer pipeline: the interpreter runs the producer and each consumer warpgroup as a
-    # thread, so a slot released too early, a barrier waited on in the wrong phase or a consumer reading its
-    # neighbour's rows shows as wrong values, an error, or (race detector on) a data race. Cases: two
-    # consumers over up to 5 k-tiles per row (slots reused) with one consumer in dk/dv; one consumer in the
-    # forward / dq and two in dk/dv, both components, several (batch, head) rows, rows with no key; one slot.
-    cases = [
-        (1, 300, 1, dict(block_q=128, block_k=64), None, PATTERNS["dense"]),
-        (2, 90, 2, dict(block_q=64, block_k=128), None, PATTERNS["fixed"]),
-        (1, 200, 1, dict(block_q=128, block_k=128), 1, PATTERNS["strided"]),
-    ]
-    env = {**os.environ, "PJRT_NPROC": "8", "JAX_PLATFORMS": "cpu"}
-    res = subprocess.run([sys.executable, "-c", f"CASES = {cases!r}\n" + _WS_INTERPRETER_SCRIPT],
-                         cwd=pathlib.Path(__file__).parents[2], env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("ok ") == len(cases)
-
-
-def test_warp_specialized_interpreter_refuses_a_thread_pool_it_would_hang_in(monkeypatch):
-    x = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
-    monkeypatch.setenv("PJRT_NPROC", "2")
-    with pytest.raises(RuntimeError, match="PJRT_NPROC=8"):
-        bsa.sparse_attention(x, x, x, pattern="dense", lowering="mosaic_gpu_ws", interpret=True)
-    monkeypatch.setenv("PJRT_NPROC", "8")  # What the child process above gets; plans without running.
-    plans, mode = bsa._prepare(x, x, x, "dense", None, None, "both", None, None, True, "mosaic_gpu_ws")
-    assert mode == bsa._Mode("mosaic_gpu_ws", True) and plans[0].fwd.block_q == 128
 
 
 @pytest.mark.parametrize(
