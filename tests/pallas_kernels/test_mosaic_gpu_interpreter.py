@@ -4,8 +4,8 @@ The interpreter (a private API in JAX 0.10) simulates SMEM, TMA copies, barriers
 each warpgroup as a thread: a copy into a slot still being read, a slot released too early, a barrier
 waited on in the wrong phase or a warpgroup touching its neighbour's rows shows as wrong values, an error,
 or, with its race detector on (here), a reported data race. Forward, dq and dk/dv kernels, values and
-gradients. Each test runs in a child process: the detector's state is per process, and the warp-specialized
-kernels need more XLA:CPU pool threads than CI's two cores give (`bsa._xla_cpu_threads`). Slow: ~5-40 s a
+gradients. Each case runs in a child process: the detector's state is per process, and the warp-specialized
+kernels need more XLA:CPU pool threads than CI's two cores give (`bsa._xla_cpu_threads`). Slow: ~20-40 s a
 case.
 """
 
@@ -43,12 +43,16 @@ for lowering, b, t, n, blocks, slots, pattern in CASES:
 
 
 def _run(cases):
-    """Runs `cases` (lowering, B, T, N, blocks, forced slots or None, pattern) in a child process."""
+    """Runs each of `cases` (lowering, B, T, N, blocks, forced slots or None, pattern) in a child process of
+    its own, all at once: the interpreter mostly waits on its simulated barriers (~20 % of a core each)."""
     env = {**os.environ, "PJRT_NPROC": "8", "JAX_PLATFORMS": "cpu"}
-    res = subprocess.run([sys.executable, "-c", f"CASES = {cases!r}\n" + _SCRIPT], env=env, capture_output=True,
-                         text=True, timeout=900, cwd=pathlib.Path(__file__).parents[2])
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("ok ") == len(cases), res.stdout
+    children = [subprocess.Popen([sys.executable, "-c", f"CASES = {[case]!r}\n" + _SCRIPT], env=env, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 cwd=pathlib.Path(__file__).parents[2]) for case in cases]
+    for case, child in zip(cases, children, strict=True):
+        out, err = child.communicate(timeout=900)
+        assert child.returncode == 0, (case, err[-3000:])
+        assert out.count("ok ") == 1, (case, out)
 
 
 @pytest.mark.slow
