@@ -125,7 +125,7 @@ def test_data_sharding_splits_the_batch():
 # In a subprocess: XLA's SPMD partitioner reports its fallbacks on the C++ log (stderr), not to Python.
 _STEP_SCRIPT = """
 from musenet_jax import sharding as sharding_lib
-from tests.musenet_jax.test_train import _batch, _one_step, _step_config
+from tests.musenet_jax.test_train_step import _batch, _one_step, _step_config
 model_config, train_config = _step_config()
 _, metrics = _one_step(sharding_lib.make_mesh(2, 2, 2), model_config, _batch(model_config.vocab_size), train_config)
 print("loss", float(metrics["train/loss"]))
