@@ -40,6 +40,7 @@ setup(
             "ruff>=0.8,<1",
             "miditok>=3.0.4,<4",  # reference tokenizer for benchmarks/tokenize.py
             "mido>=1.3,<2",  # hand-made MIDI files in tests
+            "filelock>=3.12,<4",  # tests/conftest.py: the run's shared JAX compilation cache is locked with it
         ],
     },
     entry_points={

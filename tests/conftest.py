@@ -7,11 +7,13 @@ are installed, e.g. on an accelerator host with its own JAX.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import pathlib
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -26,6 +28,29 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+# One persistent compilation cache per test run, shared by the xdist workers and every process a test starts
+# (they inherit the environment): many tests compile the same small model's steps, in-process and in
+# `python -m launch.*` children, and on 2 cores compiling is most of their time. A size limit makes JAX lock
+# the cache directory, so that a process never reads an entry another is still writing.
+_CACHE_DIR_ENV, _CACHE_SIZE_ENV = "JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE"
+_OWN_CACHE = pytest.StashKey[str]()  # the directory that this process made, and removes at the end
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if (os.environ.get("PYTEST_XDIST_WORKER") is None and _CACHE_DIR_ENV not in os.environ
+            and importlib.util.find_spec("filelock") is not None):  # JAX's lock needs it
+        config.stash[_OWN_CACHE] = tempfile.mkdtemp(prefix="musenet-jax-tests-compilation-cache-")
+        os.environ.update({_CACHE_DIR_ENV: config.stash[_OWN_CACHE], _CACHE_SIZE_ENV: str(4 << 30)})
+    if _CACHE_DIR_ENV in os.environ:  # JAX read its environment on import, before this ran
+        jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_DIR_ENV])
+        jax.config.update("jax_compilation_cache_max_size", int(os.environ.get(_CACHE_SIZE_ENV, -1)))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if (own := config.stash.get(_OWN_CACHE, None)) is not None:
+        shutil.rmtree(own, ignore_errors=True)
+
 
 
 @pytest.fixture(scope="session")
