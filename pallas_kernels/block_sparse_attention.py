@@ -47,6 +47,7 @@ import dataclasses
 import functools
 import math
 import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -937,42 +938,59 @@ def _dkv_mgpu_smem(block_q, block_k, h, dtype, slots, consumers=1):
     ]
 
 
-def _mgpu_smem_bytes(smem, block_q: int, block_k: int, h: int, dtype, slots: int, consumers: int = 1) -> int:
-    """SMEM bytes of a kernel (`smem`: one of the `_*_mgpu_smem`), each buffer rounded up to 1 KiB (the
-    swizzle alignment): within a few hundred bytes (its barriers) of what Mosaic GPU allocates."""
-    return sum(-(-math.prod(ref.shape) * jnp.dtype(ref.dtype).itemsize // 1024) * 1024
-               for ref in smem(block_q, block_k, h, dtype, slots, consumers))
+@dataclasses.dataclass(frozen=True)
+class _MgpuKernel:
+    """One Mosaic GPU kernel: its `body`, its SMEM list `smem(block_q, block_k, h, dtype, slots, consumers)`
+    (in the order of `body`'s `scoped`, barriers apart) and whose tokens its row blocks are: queries
+    (forward, dq; one grid step per q-block) or keys (dk/dv; per k-block)."""
+
+    name: str
+    body: Callable
+    smem: Callable
+    key_rows: bool
+
+    def warpgroups(self, lowering: str, block_q: int, block_k: int) -> _Warpgroups:
+        return _Warpgroups.for_rows(lowering, block_k if self.key_rows else block_q)
+
+    def smem_bytes(self, lowering: str, block_q: int, block_k: int, h: int, dtype, slots: int) -> int:
+        """SMEM bytes, each buffer rounded up to 1 KiB (the swizzle alignment): within a few hundred bytes
+        (its barriers) of what Mosaic GPU allocates."""
+        consumers = self.warpgroups(lowering, block_q, block_k).consumers
+        return sum(-(-math.prod(ref.shape) * jnp.dtype(ref.dtype).itemsize // 1024) * 1024
+                   for ref in self.smem(block_q, block_k, h, dtype, slots, consumers))
 
 
-def _mgpu_slots(smem, block_q: int, block_k: int, h: int, dtype, consumers: int = 1) -> int:
-    """2 (double-buffered copies) if a kernel's SMEM fits the budget with two slots per streamed operand,
+_MGPU_KERNELS = (_MgpuKernel("forward", _fwd_mgpu_kernel, _fwd_mgpu_smem, key_rows=False),
+                _MgpuKernel("dq", _dq_mgpu_kernel, _dq_mgpu_smem, key_rows=False),
+                _MgpuKernel("dk/dv", _dkv_mgpu_kernel, _dkv_mgpu_smem, key_rows=True))
+_MGPU_FWD, _MGPU_DQ, _MGPU_DKV = _MGPU_KERNELS
+
+
+def _mgpu_slots(kernel: _MgpuKernel, lowering: str, block_q: int, block_k: int, h: int, dtype) -> int:
+    """2 (double-buffered copies) if `kernel`'s SMEM fits the budget with two slots per streamed operand,
     else 1 (`_check_compilable` rejects tiles that do not fit even so)."""
-    return 2 if _mgpu_smem_bytes(smem, block_q, block_k, h, dtype, 2, consumers) <= MGPU_SMEM_BYTES else 1
+    return 2 if kernel.smem_bytes(lowering, block_q, block_k, h, dtype, 2) <= MGPU_SMEM_BYTES else 1
 
 
 def _check_mgpu_smem(lowering: str, block_q: int, block_k: int, h: int, dtype) -> None:
     """Raises ValueError if a Mosaic GPU kernel would not fit in SMEM even with one slot per operand."""
-    rows = {"forward": block_q, "dq": block_q, "dk/dv": block_k}
-    for name, smem in (("forward", _fwd_mgpu_smem), ("dq", _dq_mgpu_smem), ("dk/dv", _dkv_mgpu_smem)):
-        need = _mgpu_smem_bytes(smem, block_q, block_k, h, dtype, 1,
-                                _Warpgroups.for_rows(lowering, rows[name]).consumers)
-        if need > MGPU_SMEM_BYTES:
-            raise ValueError(f"the {lowering!r} {name} kernel exceeds available shared memory at block_q={block_q}, "
-                             f"block_k={block_k}, head_dim={h}: {need // 1024} KiB > {MGPU_SMEM_BYTES // 1024} KiB; "
-                             f"use smaller tiles")
+    for kernel in _MGPU_KERNELS:
+        if (need := kernel.smem_bytes(lowering, block_q, block_k, h, dtype, 1)) > MGPU_SMEM_BYTES:
+            raise ValueError(f"the {lowering!r} {kernel.name} kernel exceeds available shared memory at "
+                             f"block_q={block_q}, block_k={block_k}, head_dim={h}: {need // 1024} KiB > "
+                             f"{MGPU_SMEM_BYTES // 1024} KiB; use smaller tiles")
 
 
-def _mgpu_call(kernel, smem, plan: _ComponentPlan, scale: float, mode: _Mode, rows: int, grid, grid_names,
-               out_type, *args):
-    """One `plgpu.kernel` launch of a Mosaic GPU kernel over grid (BN, row blocks of `rows` tokens), with the
-    warpgroups `mode.lowering` asks for; `smem` is the kernel's SMEM list (to choose its copy slots);
-    args[2] is q or k [BN, T, H]."""
+def _mgpu_call(kernel: _MgpuKernel, plan: _ComponentPlan, scale: float, mode: _Mode, grid, grid_names, out_type,
+               *args):
+    """One `plgpu.kernel` launch of `kernel` over grid (BN, row blocks), with the warpgroups `mode.lowering`
+    asks for and the copy slots that fit; args[2] is q or k [BN, T, H]."""
     bq, bk, (h, dtype) = plan.fwd.block_q, plan.fwd.block_k, (args[2].shape[-1], args[2].dtype)
-    wgs = _Warpgroups.for_rows(mode.lowering, rows)
+    wgs = kernel.warpgroups(mode.lowering, bq, bk)
     threads = dict(num_threads=wgs.consumers + 1, thread_name="wg") if wgs.producer else {}
     outs = plgpu.kernel(
-        functools.partial(kernel, allows=plan.allows, scale=scale, block_q=bq, block_k=bk,
-                          slots=_mgpu_slots(smem, bq, bk, h, dtype, wgs.consumers), wgs=wgs),
+        functools.partial(kernel.body, allows=plan.allows, scale=scale, block_q=bq, block_k=bk,
+                          slots=_mgpu_slots(kernel, mode.lowering, bq, bk, h, dtype), wgs=wgs),
         out_type=out_type,
         grid=grid,
         grid_names=grid_names,
@@ -988,8 +1006,7 @@ def _component_fwd_mgpu(plan: _ComponentPlan, qc, kc, vc, scale: float, mode: _M
     bn, tqp, h = qc.shape
     lay = plan.fwd
     o, lse = _mgpu_call(
-        _fwd_mgpu_kernel, _fwd_mgpu_smem, plan, scale, mode, lay.block_q, (bn, lay.kv_blocks.shape[0]),
-        ("rows", "q_blocks"),
+        _MGPU_FWD, plan, scale, mode, (bn, lay.kv_blocks.shape[0]), ("rows", "q_blocks"),
         (jax.ShapeDtypeStruct((bn, tqp, h), qc.dtype), jax.ShapeDtypeStruct((bn, tqp), jnp.float32)),
         jnp.asarray(lay.kv_blocks), jnp.asarray(lay.kv_counts), qc, jnp.swapaxes(kc, 1, 2), vc,
         jnp.asarray(plan.q_pos), jnp.asarray(plan.k_pos),
@@ -1006,14 +1023,13 @@ def _component_bwd_mgpu(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, sca
     q_pos, k_pos = jnp.asarray(plan.q_pos), jnp.asarray(plan.k_pos)
     t = lambda x: jnp.swapaxes(x, 1, 2)  # The transposed wgmma operands (see the section comment).
     dq = _mgpu_call(
-        _dq_mgpu_kernel, _dq_mgpu_smem, plan, scale, mode, fwd.block_q, (bn, fwd.kv_blocks.shape[0]),
-        ("rows", "q_blocks"), jax.ShapeDtypeStruct((bn, tqp, h), qc.dtype),
+        _MGPU_DQ, plan, scale, mode, (bn, fwd.kv_blocks.shape[0]), ("rows", "q_blocks"),
+        jax.ShapeDtypeStruct((bn, tqp, h), qc.dtype),
         jnp.asarray(fwd.kv_blocks), jnp.asarray(fwd.kv_counts), qc, doc, lse, delta, q_pos, t(kc), t(vc), kc, k_pos,
     )
     kc, vc, qc, doc = mode.after((kc, vc, qc, doc), dq)
     dk, dv = _mgpu_call(
-        _dkv_mgpu_kernel, _dkv_mgpu_smem, plan, scale, mode, fwd.block_k, (bn, bwd.kv_blocks.shape[0]),
-        ("rows", "k_blocks"),
+        _MGPU_DKV, plan, scale, mode, (bn, bwd.kv_blocks.shape[0]), ("rows", "k_blocks"),
         (jax.ShapeDtypeStruct((bn, tkp, h), kc.dtype), jax.ShapeDtypeStruct((bn, tkp, h), vc.dtype)),
         jnp.asarray(bwd.kv_blocks), jnp.asarray(bwd.kv_counts), kc, vc, k_pos, t(qc), qc, t(doc), doc, lse, delta,
         q_pos,
@@ -1242,10 +1258,10 @@ def _resolve_mode(interpret: bool | None, lowering: str | None, dtype, h: int, b
         raise NotImplementedError(
             f"the {lowering!r} kernels compile only on {_BACKEND[lowering]!r}, not on {backend!r}; use interpret=True"
         )
-    if interpret and lowering == "mosaic_gpu_ws" and _xla_cpu_threads() < MGPU_INTERPRET_THREADS:
+    if interpret and lowering == "mosaic_gpu_ws" and (threads := _xla_cpu_threads()) < MGPU_INTERPRET_THREADS:
         raise RuntimeError(
             f"JAX's GPU interpreter runs each warpgroup of the 'mosaic_gpu_ws' kernels as a host thread that blocks "
-            f"in XLA:CPU's thread pool, which has {_xla_cpu_threads()} threads here and would hang: start the "
+            f"in XLA:CPU's thread pool, which has {threads} threads here and would hang: start the "
             f"process with PJRT_NPROC={2 * MGPU_INTERPRET_THREADS} (or use lowering='mosaic_gpu')"
         )
     return _Mode(lowering, bool(interpret))

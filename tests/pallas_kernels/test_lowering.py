@@ -201,8 +201,7 @@ def test_mosaic_gpu_lowers_at_larger_tiles_and_head_dims(t, h, dtype, block_k, s
     # Ragged T, and tiles / head dims that are multiples of 64 but not Triton's powers of two. Each kernel
     # double-buffers its copies where two slots fit in SMEM (forward, dq, dk/dv); what it picks lowers, so
     # Mosaic GPU's own SMEM check agrees with `_mgpu_slots`.
-    smem = (bsa._fwd_mgpu_smem, bsa._dq_mgpu_smem, bsa._dkv_mgpu_smem)
-    assert [bsa._mgpu_slots(f, bsa.MGPU_BLOCK, block_k, h, dtype) for f in smem] == slots
+    assert [bsa._mgpu_slots(k, "mosaic_gpu", bsa.MGPU_BLOCK, block_k, h, dtype) for k in bsa._MGPU_KERNELS] == slots
     lowered = bsa.lower_attention(*spec(t, h, dtype), platform="cuda", lowering="mosaic_gpu", grad=True,
                                   block_k=block_k, **PATTERNS["strided"])
     assert mosaic_gpu_kernel_arities(lowered) == sorted([MGPU_FWD, MGPU_DQ, MGPU_DKV] * 2)
@@ -222,9 +221,9 @@ def test_warp_specialized_mosaic_gpu_lowers_with_the_slots_it_picks(t, h, dtype,
     # Three / two warpgroups per block (consumers + producer), SMEM shared between them; the slots that
     # `_mgpu_slots` picks per kernel (forward, dq by block_q's consumers; dk/dv by block_k's) pass Mosaic GPU's
     # own SMEM check.
-    consumers = (block_q // bsa.MGPU_BLOCK,) * 2 + (block_k // bsa.MGPU_BLOCK,)
-    smem = (bsa._fwd_mgpu_smem, bsa._dq_mgpu_smem, bsa._dkv_mgpu_smem)
-    assert [bsa._mgpu_slots(f, block_q, block_k, h, dtype, c) for f, c in zip(smem, consumers)] == slots
+    assert [k.warpgroups("mosaic_gpu_ws", block_q, block_k).consumers for k in bsa._MGPU_KERNELS] == [
+        block_q // bsa.MGPU_BLOCK, block_q // bsa.MGPU_BLOCK, block_k // bsa.MGPU_BLOCK]
+    assert [bsa._mgpu_slots(k, "mosaic_gpu_ws", block_q, block_k, h, dtype) for k in bsa._MGPU_KERNELS] == slots
     lowered = bsa.lower_attention(*spec(t, h, dtype), platform="cuda", lowering="mosaic_gpu_ws", grad=True,
                                   block_q=block_q, block_k=block_k, **PATTERNS["strided"])
     assert mosaic_gpu_kernel_arities(lowered) == sorted([MGPU_FWD, MGPU_DQ, MGPU_DKV] * 2)
