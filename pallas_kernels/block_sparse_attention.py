@@ -27,18 +27,19 @@ accumulators are fp32. Logits are scaled by 1/sqrt(H). A query with no allowed k
 
 Lowerings (`lowering=`): 'tpu' kernels follow the TPU (Mosaic) pipeline model (`pltpu` scalar prefetch, VMEM
 scratch); 'gpu' kernels follow the Triton model (grid (B * N, row blocks), a `fori_loop` whose trip count is
-the row's count of listed blocks, tiles sliced with `pl.ds`; no FULL-tile fast path; explicit Triton compiler
-params, since JAX 0.10 sends a plain GPU `pallas_call` to Mosaic GPU); 'mosaic_gpu' kernels (forward, dq,
-dk/dv) use Pallas's Mosaic GPU backend for Hopper (TMA copies, wgmma; the same walk over listed tiles, one
-warpgroup per row block; see its section below), and 'mosaic_gpu_ws' the same kernels warp-specialized (a
-producer warpgroup streams the tiles to two consumer warpgroups). 'tpu' and 'gpu' are tested against the
-reference in interpret mode, the Mosaic GPU ones in JAX's GPU interpreter, and `lower_attention` lowers them
-all for TPU / CUDA / ROCm on a CPU-only host (tests/pallas_kernels/test_lowering.py); none has run on a device
-yet. On a GPU, `lowering=None` picks 'mosaic_gpu' where its kernels run (Hopper, 16-bit inputs, H a multiple
-of 64), else 'gpu'. When compiling, tiles must suit the target (`_check_compilable`): 'tpu' rows a multiple of
-8 (fp32) / 16 (bf16); 'gpu' block_q, block_k and H powers of two >= 16; 'mosaic_gpu' 16-bit inputs, block_q
-64, block_k and H multiples of 64; 'mosaic_gpu_ws' 16-bit inputs, block_q and block_k 64 or 128 (default 128),
-H a multiple of 64; both within Hopper's SMEM. Default tiles are rounded accordingly.
+the row's count of listed blocks, tiles sliced with `pl.ds`; a FULL tile's mask skipped by a branch on its
+flag; explicit Triton compiler params, since JAX 0.10 sends a plain GPU `pallas_call` to Mosaic GPU);
+'mosaic_gpu' kernels (forward, dq, dk/dv) use Pallas's Mosaic GPU backend for Hopper (TMA copies, wgmma; the
+same walk over listed tiles, one warpgroup per row block; see its section below), and 'mosaic_gpu_ws' the same
+kernels warp-specialized (a producer warpgroup streams the tiles to two consumer warpgroups). 'tpu' and 'gpu'
+are tested against the reference in interpret mode, the Mosaic GPU ones in JAX's GPU interpreter, and
+`lower_attention` lowers them all for TPU / CUDA / ROCm on a CPU-only host
+(tests/pallas_kernels/test_lowering.py); none has run on a device yet. On a GPU, `lowering=None` picks
+'mosaic_gpu' where its kernels run (Hopper, 16-bit inputs, H a multiple of 64), else 'gpu'. When compiling,
+tiles must suit the target (`_check_compilable`): 'tpu' rows a multiple of 8 (fp32) / 16 (bf16); 'gpu'
+block_q, block_k and H powers of two >= 16; 'mosaic_gpu' 16-bit inputs, block_q 64, block_k and H multiples of
+64; 'mosaic_gpu_ws' 16-bit inputs, block_q and block_k 64 or 128 (default 128), H a multiple of 64; both
+within Hopper's SMEM. Default tiles are rounded accordingly.
 """
 
 from __future__ import annotations
@@ -155,6 +156,12 @@ def _where(mask, x, fill):
     return x if mask is None else jnp.where(mask, x, fill)
 
 
+def _mask_partial(s, full, mask):
+    """The logits tile s with -inf where mask() is False (exp() then gives 0), unless the tile is FULL
+    (`full` != 0): there every entry is allowed and in range, and the predicate is not evaluated."""
+    return jax.lax.cond(full != 0, lambda: s, lambda: jnp.where(mask(), s, -jnp.inf))
+
+
 def _on_listed_tile(counts_ref, full_ref, row, j, body):
     """Runs body(masked) at step j of `row` if that step is a listed (non-empty) tile.
 
@@ -219,10 +226,10 @@ def _fwd_kernel(
         lse_ref[...] = jnp.where(live, m_scr[...] + jnp.log(denom), -jnp.inf)
 
 
-def _probs_and_dlogits(q, k, v, do, lse, delta, mask, scale):
-    """Recomputed probabilities p and logit gradients ds (both fp32 [bq, bk]) from the global lse."""
-    s = _logits(q, k, scale)
-    p = _where(mask, jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)), 0.0)
+def _probs_and_dlogits(s, v, do, lse, delta):
+    """Recomputed probabilities p and logit gradients ds (both fp32 [bq, bk]) from the logits s (-inf where
+    masked: p is 0 there) and the global lse."""
+    p = jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0))
     dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return p, p * (dp - delta)
 
@@ -244,7 +251,8 @@ def _dq_kernel(
     def visit(masked: bool):
         mask = _tile_mask(allows, q_pos_ref, k_pos_ref) if masked else None
         k = k_ref[...]
-        _, ds = _probs_and_dlogits(q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...], mask, scale)
+        s = _where(mask, _logits(q_ref[...], k, scale), -jnp.inf)
+        _, ds = _probs_and_dlogits(s, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...])
         acc_scr[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
     _on_listed_tile(kv_counts_ref, kv_full_ref, i, j, visit)
@@ -272,7 +280,8 @@ def _dkv_kernel(
     def visit(masked: bool):
         mask = _tile_mask(allows, q_pos_ref, k_pos_ref) if masked else None
         q, do = q_ref[...], do_ref[...]
-        p, ds = _probs_and_dlogits(q, k_ref[...], v_ref[...], do, lse_ref[...], delta_ref[...], mask, scale)
+        s = _where(mask, _logits(q, k_ref[...], scale), -jnp.inf)
+        p, ds = _probs_and_dlogits(s, v_ref[...], do, lse_ref[...], delta_ref[...])
         t = (((0,), (0,)), ((), ()))  # Contract the query axis: [bq, bk]^T @ [bq, H].
         dv_scr[...] += jax.lax.dot_general(p.astype(do.dtype), do, t, preferred_element_type=jnp.float32)
         dk_scr[...] += jax.lax.dot_general(ds.astype(q.dtype), q, t, preferred_element_type=jnp.float32)
@@ -420,7 +429,14 @@ def _component_bwd(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, scale: f
 # for CUDA / ROCm in the tests.
 
 
-def _fwd_gpu_kernel(blocks_ref, counts_ref, q_ref, k_ref, v_ref, q_pos_ref, k_pos_ref, o_ref, lse_ref,
+def _gpu_tile_logits(q, k, full, allows, i_pos, j_pos, scale):
+    """A 'gpu' tile's logits [bq, bk], -inf where masked; a FULL tile (`full` != 0) skips the mask.
+    i_pos [bq, 1], j_pos () -> [1, bk]: natural positions (padding -1)."""
+    return _mask_partial(_logits(q, k, scale), full,
+                         lambda: allows(i_pos, j_pos()) & (i_pos >= 0) & (j_pos() >= 0))
+
+
+def _fwd_gpu_kernel(blocks_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, q_pos_ref, k_pos_ref, o_ref, lse_ref,
                     *, allows, scale, block_k):
     bq, h = q_ref.shape
     q, i_pos = q_ref[...], q_pos_ref[...][:, None]
@@ -428,13 +444,11 @@ def _fwd_gpu_kernel(blocks_ref, counts_ref, q_ref, k_ref, v_ref, q_pos_ref, k_po
     def body(j, carry):
         m_prev, l_prev, acc = carry
         tile = pl.ds(blocks_ref[j] * block_k, block_k)
-        j_pos = k_pos_ref[tile][None, :]
-        mask = allows(i_pos, j_pos) & (i_pos >= 0) & (j_pos >= 0)
-        s = _logits(q, k_ref[tile, :], scale)
-        m_new = jnp.maximum(m_prev, jnp.max(jnp.where(mask, s, -jnp.inf), axis=1))
+        s = _gpu_tile_logits(q, k_ref[tile, :], full_ref[j], allows, i_pos, lambda: k_pos_ref[tile][None, :], scale)
+        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         alpha = jnp.exp(m_prev - m_safe)
-        p = jnp.where(mask, jnp.exp(s - m_safe[:, None]), 0.0)
+        p = jnp.exp(s - m_safe[:, None])
         v = v_ref[tile, :]
         acc = alpha[:, None] * acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return m_new, alpha * l_prev + jnp.sum(p, axis=1), acc
@@ -447,35 +461,33 @@ def _fwd_gpu_kernel(blocks_ref, counts_ref, q_ref, k_ref, v_ref, q_pos_ref, k_po
     lse_ref[...] = jnp.where(live, m + jnp.log(denom), -jnp.inf)
 
 
-def _dq_gpu_kernel(blocks_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, k_pos_ref,
-                   dq_ref, *, allows, scale, block_k):
+def _dq_gpu_kernel(blocks_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref,
+                   k_pos_ref, dq_ref, *, allows, scale, block_k):
     q, do, i_pos = q_ref[...], do_ref[...], q_pos_ref[...][:, None]
     lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
 
     def body(j, acc):
         tile = pl.ds(blocks_ref[j] * block_k, block_k)
-        j_pos = k_pos_ref[tile][None, :]
-        mask = allows(i_pos, j_pos) & (i_pos >= 0) & (j_pos >= 0)
         k = k_ref[tile, :]
-        _, ds = _probs_and_dlogits(q, k, v_ref[tile, :], do, lse, delta, mask, scale)
+        s = _gpu_tile_logits(q, k, full_ref[j], allows, i_pos, lambda: k_pos_ref[tile][None, :], scale)
+        _, ds = _probs_and_dlogits(s, v_ref[tile, :], do, lse, delta)
         return acc + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
     acc = jax.lax.fori_loop(0, counts_ref[pl.program_id(1)], body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (acc * scale).astype(dq_ref.dtype)
 
 
-def _dkv_gpu_kernel(blocks_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, k_pos_ref,
-                    dk_ref, dv_ref, *, allows, scale, block_q):
+def _dkv_gpu_kernel(blocks_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref,
+                    k_pos_ref, dk_ref, dv_ref, *, allows, scale, block_q):
     k, v, j_pos = k_ref[...], v_ref[...], k_pos_ref[...][None, :]
     t = (((0,), (0,)), ((), ()))  # Contract the query axis: [bq, bk]^T @ [bq, H].
 
     def body(j, carry):
         dk, dv = carry
         tile = pl.ds(blocks_ref[j] * block_q, block_q)
-        i_pos = q_pos_ref[tile][:, None]
-        mask = allows(i_pos, j_pos) & (i_pos >= 0) & (j_pos >= 0)
         q, do = q_ref[tile, :], do_ref[tile, :]
-        p, ds = _probs_and_dlogits(q, k, v, do, lse_ref[tile][:, None], delta_ref[tile][:, None], mask, scale)
+        s = _gpu_tile_logits(q, k, full_ref[j], allows, q_pos_ref[tile][:, None], lambda: j_pos, scale)
+        p, ds = _probs_and_dlogits(s, v, do, lse_ref[tile][:, None], delta_ref[tile][:, None])
         dv = dv + jax.lax.dot_general(p.astype(do.dtype), do, t, preferred_element_type=jnp.float32)
         dk = dk + jax.lax.dot_general(ds.astype(q.dtype), q, t, preferred_element_type=jnp.float32)
         return dk, dv
@@ -484,6 +496,13 @@ def _dkv_gpu_kernel(blocks_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
     dk, dv = jax.lax.fori_loop(0, counts_ref[pl.program_id(1)], body, (zeros, zeros))
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _gpu_table_specs(layout: patterns_lib.BlockLayout):
+    """BlockSpecs of `_tables(layout)` for a (BN, row blocks) grid: the row's listed blocks and FULL flags
+    [W], every row's count [n]."""
+    row = pl.BlockSpec((None, layout.kv_blocks.shape[1]), lambda b, i: (i, 0))
+    return row, pl.BlockSpec((layout.kv_blocks.shape[0],), lambda b, i: (0,)), row
 
 
 def _component_fwd_gpu(plan: _ComponentPlan, qc, kc, vc, scale: float, interpret: bool):
@@ -495,8 +514,7 @@ def _component_fwd_gpu(plan: _ComponentPlan, qc, kc, vc, scale: float, interpret
         functools.partial(_fwd_gpu_kernel, allows=plan.allows, scale=scale, block_k=bk),
         grid=(bn, nq),
         in_specs=[
-            pl.BlockSpec((None, lay.kv_blocks.shape[1]), lambda b, i: (i, 0)),
-            pl.BlockSpec((nq,), lambda b, i: (0,)),
+            *_gpu_table_specs(lay),
             pl.BlockSpec((None, bq, h), lambda b, i: (b, i, 0)),
             pl.BlockSpec((None, tkp, h), lambda b, i: (b, 0, 0)),
             pl.BlockSpec((None, tkp, h), lambda b, i: (b, 0, 0)),
@@ -507,8 +525,7 @@ def _component_fwd_gpu(plan: _ComponentPlan, qc, kc, vc, scale: float, interpret
         out_shape=[_out(qc, (bn, tqp, h), jnp.float32), _out(qc, (bn, tqp), jnp.float32)],
         compiler_params=_TRITON,
         interpret=interpret,
-    )(jnp.asarray(lay.kv_blocks), jnp.asarray(lay.kv_counts), qc, kc, vc, jnp.asarray(plan.q_pos),
-      jnp.asarray(plan.k_pos))
+    )(*_tables(lay), qc, kc, vc, jnp.asarray(plan.q_pos), jnp.asarray(plan.k_pos))
     return o, lse[..., None]
 
 
@@ -524,29 +541,27 @@ def _component_bwd_gpu(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, scal
     whole = lambda n, h=h: pl.BlockSpec((None, n, h), lambda b, i: (b, 0, 0))
     row1 = lambda n: pl.BlockSpec((None, n), lambda b, i: (b, i))
     whole1 = lambda n: pl.BlockSpec((None, n), lambda b, i: (b, 0))
-    table = lambda lay: [pl.BlockSpec((None, lay.kv_blocks.shape[1]), lambda b, i: (i, 0)),
-                         pl.BlockSpec((lay.kv_blocks.shape[0],), lambda b, i: (0,))]
     nq, nk = fwd.kv_blocks.shape[0], bwd.kv_blocks.shape[0]
     dq = pl.pallas_call(
         functools.partial(_dq_gpu_kernel, allows=plan.allows, scale=scale, block_k=bk),
         grid=(bn, nq),
-        in_specs=table(fwd) + [row(bq), whole(tkp), whole(tkp), row(bq), row1(bq), row1(bq),
+        in_specs=[*_gpu_table_specs(fwd),row(bq), whole(tkp), whole(tkp), row(bq), row1(bq), row1(bq),
                                pl.BlockSpec((bq,), lambda b, i: (i,)), pl.BlockSpec((tkp,), lambda b, i: (0,))],
         out_specs=row(bq),
         out_shape=_out(qc, (bn, tqp, h), qc.dtype),
         compiler_params=_TRITON,
         interpret=interpret,
-    )(jnp.asarray(fwd.kv_blocks), jnp.asarray(fwd.kv_counts), qc, kc, vc, doc, lse, delta, q_pos, k_pos)
+    )(*_tables(fwd), qc, kc, vc, doc, lse, delta, q_pos, k_pos)
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_gpu_kernel, allows=plan.allows, scale=scale, block_q=bq),
         grid=(bn, nk),
-        in_specs=table(bwd) + [whole(tqp), row(bk), row(bk), whole(tqp), whole1(tqp), whole1(tqp),
+        in_specs=[*_gpu_table_specs(bwd),whole(tqp), row(bk), row(bk), whole(tqp), whole1(tqp), whole1(tqp),
                                pl.BlockSpec((tqp,), lambda b, i: (0,)), pl.BlockSpec((bk,), lambda b, i: (i,))],
         out_specs=[row(bk), row(bk)],
         out_shape=[_out(kc, (bn, tkp, h), kc.dtype), _out(kc, (bn, tkp, h), vc.dtype)],
         compiler_params=_TRITON,
         interpret=interpret,
-    )(jnp.asarray(bwd.kv_blocks), jnp.asarray(bwd.kv_counts), qc, kc, vc, doc, lse, delta, q_pos, k_pos)
+    )(*_tables(bwd), qc, kc, vc, doc, lse, delta, q_pos, k_pos)
     return dq, dk, dv
 
 
@@ -572,10 +587,10 @@ def _component_bwd_gpu(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, scal
 # A kernel whose two slots would not fit in SMEM (large tiles or H; `_mgpu_slots`) gets one. Layouts are
 # inferred ('Warpgroup' lowering semantics). Kept simple enough for JAX's GPU interpreter (which lacks
 # `transpose_ref`, register wgmma operands, `layout_cast`, `run_state`) to run every kernel on CPU: the
-# operands wgmma needs transposed (K^T, V^T, Q^T, dO^T) are transposed in HBM by the caller. Not yet done
-# (needs a GPU to tune): P as a register operand, transposed SMEM views instead of the HBM transposes, the
-# two consumers' ping-pong schedule barrier (one's softmax under the other's matmuls), FULL tiles skipping
-# the mask.
+# operands wgmma needs transposed (K^T, V^T, Q^T, dO^T) are transposed in HBM by the caller. FULL tiles skip
+# the mask (a branch on the tile's flag, read from GMEM as the block list is). Not yet done (needs a GPU to
+# tune): P as a register operand, transposed SMEM views instead of the HBM transposes, the two consumers'
+# ping-pong schedule barrier (one's softmax under the other's matmuls).
 
 MGPU_BLOCK = 64  # wgmma M per warpgroup; also the k-tile (128-byte swizzled rows of 16-bit K^T / P).
 # SMEM per thread block on Hopper (227 KiB opt-in), what Mosaic GPU checks a kernel against.
@@ -643,7 +658,7 @@ def _walk_tiles(count, sources, buffers, barriers, body, init):
 
     sources: per streamed operand, j -> the GMEM view of listed tile j; buffers: per operand, its SMEM
     [slots, ...] (slots 2, or 1 where two do not fit: `_mgpu_slots`); barriers: slots * len(sources), one per
-    (slot, operand). body(tile refs, carry) -> carry. With two slots, tile j runs from slot j % 2 while tile
+    (slot, operand). body(j, tile refs, carry) -> carry. With two slots, tile j runs from slot j % 2 while tile
     j + 1 is copied into the other. That slot was last read by tile j - 1: its wgmmas are complete (`_mma`
     waits) and its register reads of positions / lse precede that step's `commit_smem`, a warpgroup
     barrier, so no copy overwrites a slot still being read. With one slot each step copies, then computes.
@@ -672,13 +687,13 @@ def _walk_tiles(count, sources, buffers, barriers, body, init):
             start(j, 0)
         for n in range(m):
             plgpu.barrier_wait(barriers.at[slot * m + n])
-        return body(tuple(buf.at[slot] for buf in buffers), carry)
+        return body(j, tuple(buf.at[slot] for buf in buffers), carry)
 
     return jax.lax.fori_loop(0, count, step, init)
 
 
 def _pipeline(wgs: _Warpgroups, count, sources, buffers, full, free, compute):
-    """Runs compute(wg, walk) on each consumer warpgroup wg, where walk(body, init) folds body(tile refs,
+    """Runs compute(wg, walk) on each consumer warpgroup wg, where walk(body, init) folds body(j, tile refs,
     carry) over the row block's `count` listed tiles (sources / buffers / full barriers as `_walk_tiles`).
 
     Without a producer that is `_walk_tiles` on the one warpgroup. With one, the producer copies tile j into
@@ -726,7 +741,7 @@ def _pipeline(wgs: _Warpgroups, count, sources, buffers, full, free, compute):
                 slot = j % slots
                 for n in range(m):
                     plgpu.barrier_wait(full.at[slot * m + n])
-                carry = body(tuple(buf.at[slot] for buf in buffers), carry)
+                carry = body(j, tuple(buf.at[slot] for buf in buffers), carry)
                 plgpu.barrier_arrive(free.at[slot])
                 return carry
 
@@ -750,10 +765,10 @@ def _lse_or_zero(lse):
     return jnp.where(lse == -jnp.inf, 0.0, lse)
 
 
-def _fwd_mgpu_kernel(blocks_ref, counts_ref, q_ref, kt_ref, v_ref, q_pos_ref, k_pos_ref, o_ref, lse_ref,
+def _fwd_mgpu_kernel(blocks_ref, counts_ref, full_ref, q_ref, kt_ref, v_ref, q_pos_ref, k_pos_ref, o_ref, lse_ref,
                      *, allows, scale, block_q, block_k, slots, wgs):
-    """GMEM refs: blocks int32[nq, W], counts int32[nq], q/v [BN, T, H], kt [BN, H, Tkp], positions int32[T];
-    out o [BN, Tqp, H] in q's dtype, lse f32[BN, Tqp]."""
+    """GMEM refs: blocks int32[nq, W], counts int32[nq], FULL flags int32[nq, W], q/v [BN, T, H],
+    kt [BN, H, Tkp], positions int32[T]; out o [BN, Tqp, H] in q's dtype, lse f32[BN, Tqp]."""
     b, i = jax.lax.axis_index("rows"), jax.lax.axis_index("q_blocks")
     h, dtype = q_ref.shape[-1], q_ref.dtype
     sub = block_q // wgs.consumers
@@ -767,16 +782,16 @@ def _fwd_mgpu_kernel(blocks_ref, counts_ref, q_ref, kt_ref, v_ref, q_pos_ref, k_
             _copy_in([(q_ref.at[b, rows], q_tile), (q_pos_ref.at[rows], q_pos_smem.at[wg])], once, 2 * wg)
             i_pos = jax.lax.broadcast_in_dim(q_pos_smem.at[wg][...], tile, (0,))
 
-            def visit(refs, carry):
+            def visit(j, refs, carry):
                 kt, v, k_pos = refs
                 m_prev, l_prev, acc = carry
-                s = _mma(q_tile, kt, tile) * scale
-                j_pos = jax.lax.broadcast_in_dim(k_pos[...], tile, (1,))
-                mask = allows(i_pos, j_pos) & (i_pos >= 0) & (j_pos >= 0)
-                m_new = jnp.maximum(m_prev, jnp.max(jnp.where(mask, s, -jnp.inf), axis=1))
+                j_pos = lambda: jax.lax.broadcast_in_dim(k_pos[...], tile, (1,))
+                s = _mask_partial(_mma(q_tile, kt, tile) * scale, full_ref[i, j],
+                                  lambda: allows(i_pos, j_pos()) & (i_pos >= 0) & (j_pos() >= 0))
+                m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
                 m_safe = _lse_or_zero(m_new)  # As in `_fwd_kernel`: keep exp() finite.
                 alpha = jnp.exp(m_prev - m_safe)
-                p = jnp.where(mask, jnp.exp(s - jax.lax.broadcast_in_dim(m_safe, s.shape, (0,))), 0.0)
+                p = jnp.exp(s - jax.lax.broadcast_in_dim(m_safe, s.shape, (0,)))
                 p_tile[...] = p.astype(dtype)
                 plgpu.commit_smem()  # Make the register -> SMEM store visible to the tensor cores.
                 acc = jax.lax.broadcast_in_dim(alpha, acc.shape, (0,)) * acc + _mma(p_tile, v, (sub, h))
@@ -812,10 +827,11 @@ def _fwd_mgpu_smem(block_q, block_k, h, dtype, slots, consumers=1):
     ]
 
 
-def _dq_mgpu_kernel(blocks_ref, counts_ref, q_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kt_ref, vt_ref, k_ref,
-                    k_pos_ref, dq_ref, *, allows, scale, block_q, block_k, slots, wgs):
-    """GMEM refs: blocks int32[nq, W], counts int32[nq], q/do [BN, Tqp, H], lse/delta f32[BN, Tqp],
-    kt/vt [BN, H, Tkp], k [BN, Tkp, H], positions int32[Tqp] / [Tkp]; out dq [BN, Tqp, H] in q's dtype."""
+def _dq_mgpu_kernel(blocks_ref, counts_ref, full_ref, q_ref, do_ref, lse_ref, delta_ref, q_pos_ref, kt_ref, vt_ref,
+                    k_ref, k_pos_ref, dq_ref, *, allows, scale, block_q, block_k, slots, wgs):
+    """GMEM refs: blocks int32[nq, W], counts int32[nq], FULL flags int32[nq, W], q/do [BN, Tqp, H],
+    lse/delta f32[BN, Tqp], kt/vt [BN, H, Tkp], k [BN, Tkp, H], positions int32[Tqp] / [Tkp]; out dq
+    [BN, Tqp, H] in q's dtype."""
     b, i = jax.lax.axis_index("rows"), jax.lax.axis_index("q_blocks")
     h, dtype = q_ref.shape[-1], q_ref.dtype
     sub = block_q // wgs.consumers
@@ -834,11 +850,11 @@ def _dq_mgpu_kernel(blocks_ref, counts_ref, q_ref, do_ref, lse_ref, delta_ref, q
             i_pos, lse = by_row(q_pos_smem.at[wg][...]), by_row(_lse_or_zero(lse_smem.at[wg][...]))
             delta = by_row(delta_smem.at[wg][...])
 
-            def visit(refs, acc):
+            def visit(j, refs, acc):
                 kt, vt, k, k_pos = refs
-                j_pos = jax.lax.broadcast_in_dim(k_pos[...], tile, (1,))
-                mask = allows(i_pos, j_pos) & (i_pos >= 0) & (j_pos >= 0)
-                p = jnp.where(mask, jnp.exp(_mma(q_tile, kt, tile) * scale - lse), 0.0)
+                j_pos = lambda: jax.lax.broadcast_in_dim(k_pos[...], tile, (1,))
+                p = jnp.exp(_mask_partial(_mma(q_tile, kt, tile) * scale, full_ref[i, j],
+                                          lambda: allows(i_pos, j_pos()) & (i_pos >= 0) & (j_pos() >= 0)) - lse)
                 ds_tile[...] = (p * (_mma(do_tile, vt, tile) - delta)).astype(dtype)
                 plgpu.commit_smem()
                 return acc + _mma(ds_tile, k, (sub, h))
@@ -870,9 +886,10 @@ def _dq_mgpu_smem(block_q, block_k, h, dtype, slots, consumers=1):
     ]
 
 
-def _dkv_mgpu_kernel(blocks_ref, counts_ref, k_ref, v_ref, k_pos_ref, qt_ref, q_ref, dot_ref, do_ref, lse_ref,
-                     delta_ref, q_pos_ref, dk_ref, dv_ref, *, allows, scale, block_q, block_k, slots, wgs):
-    """GMEM refs: blocks int32[nk, W] (listed q-blocks per k-block), counts int32[nk], k/v [BN, Tkp, H],
+def _dkv_mgpu_kernel(blocks_ref, counts_ref, full_ref, k_ref, v_ref, k_pos_ref, qt_ref, q_ref, dot_ref, do_ref,
+                     lse_ref, delta_ref, q_pos_ref, dk_ref, dv_ref, *, allows, scale, block_q, block_k, slots, wgs):
+    """GMEM refs: blocks int32[nk, W] (listed q-blocks per k-block), counts int32[nk], their FULL flags
+    int32[nk, W], k/v [BN, Tkp, H],
     qt/dot [BN, H, Tqp], q/do [BN, Tqp, H], lse/delta f32[BN, Tqp], positions; out dk, dv [BN, Tkp, H] in
     k's dtype."""
     b, kb = jax.lax.axis_index("rows"), jax.lax.axis_index("k_blocks")
@@ -891,12 +908,13 @@ def _dkv_mgpu_kernel(blocks_ref, counts_ref, k_ref, v_ref, k_pos_ref, qt_ref, q_
             j_pos = jax.lax.broadcast_in_dim(k_pos_smem.at[wg][...], tile, (0,))
             by_col = lambda x: jax.lax.broadcast_in_dim(x, tile, (1,))
 
-            def visit(refs, carry):
+            def visit(j, refs, carry):
                 qt, q, dot, do, q_pos, lse, delta = refs
                 dk, dv = carry
-                i_pos = by_col(q_pos[...])
-                mask = allows(i_pos, j_pos) & (i_pos >= 0) & (j_pos >= 0)
-                pt = jnp.where(mask, jnp.exp(_mma(k_tile, qt, tile) * scale - by_col(_lse_or_zero(lse[...]))), 0.0)
+                i_pos = lambda: by_col(q_pos[...])
+                st = _mask_partial(_mma(k_tile, qt, tile) * scale, full_ref[kb, j],
+                                   lambda: allows(i_pos(), j_pos) & (i_pos() >= 0) & (j_pos >= 0))
+                pt = jnp.exp(st - by_col(_lse_or_zero(lse[...])))
                 dst = pt * (_mma(v_tile, dot, tile) - by_col(delta[...]))
                 # P^T, then dS^T, through one SMEM tile: `_mma` has waited for the first product's reads.
                 s_tile[...] = pt.astype(dtype)
@@ -984,8 +1002,8 @@ def _check_mgpu_smem(lowering: str, block_q: int, block_k: int, h: int, dtype) -
 def _mgpu_call(kernel: _MgpuKernel, plan: _ComponentPlan, scale: float, mode: _Mode, grid, grid_names, out_type,
                *args):
     """One `plgpu.kernel` launch of `kernel` over grid (BN, row blocks), with the warpgroups `mode.lowering`
-    asks for and the copy slots that fit; args[2] is q or k [BN, T, H]."""
-    bq, bk, (h, dtype) = plan.fwd.block_q, plan.fwd.block_k, (args[2].shape[-1], args[2].dtype)
+    asks for and the copy slots that fit; args[3] is q or k [BN, T, H]."""
+    bq, bk, (h, dtype) = plan.fwd.block_q, plan.fwd.block_k, (args[3].shape[-1], args[3].dtype)
     wgs = kernel.warpgroups(mode.lowering, bq, bk)
     threads = dict(num_threads=wgs.consumers + 1, thread_name="wg") if wgs.producer else {}
     outs = plgpu.kernel(
@@ -998,7 +1016,7 @@ def _mgpu_call(kernel: _MgpuKernel, plan: _ComponentPlan, scale: float, mode: _M
         interpret=_mgpu_interpret_params() if mode.interpret else False,
         **threads,
     )(*args)
-    return jax.tree.map(lambda out: _vary_like(out, args[2]), outs)
+    return jax.tree.map(lambda out: _vary_like(out, args[3]), outs)
 
 
 def _component_fwd_mgpu(plan: _ComponentPlan, qc, kc, vc, scale: float, mode: _Mode):
@@ -1008,7 +1026,7 @@ def _component_fwd_mgpu(plan: _ComponentPlan, qc, kc, vc, scale: float, mode: _M
     o, lse = _mgpu_call(
         _MGPU_FWD, plan, scale, mode, (bn, lay.kv_blocks.shape[0]), ("rows", "q_blocks"),
         (jax.ShapeDtypeStruct((bn, tqp, h), qc.dtype), jax.ShapeDtypeStruct((bn, tqp), jnp.float32)),
-        jnp.asarray(lay.kv_blocks), jnp.asarray(lay.kv_counts), qc, jnp.swapaxes(kc, 1, 2), vc,
+        *_tables(lay), qc, jnp.swapaxes(kc, 1, 2), vc,
         jnp.asarray(plan.q_pos), jnp.asarray(plan.k_pos),
     )
     return o, lse[..., None]
@@ -1025,14 +1043,13 @@ def _component_bwd_mgpu(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, sca
     dq = _mgpu_call(
         _MGPU_DQ, plan, scale, mode, (bn, fwd.kv_blocks.shape[0]), ("rows", "q_blocks"),
         jax.ShapeDtypeStruct((bn, tqp, h), qc.dtype),
-        jnp.asarray(fwd.kv_blocks), jnp.asarray(fwd.kv_counts), qc, doc, lse, delta, q_pos, t(kc), t(vc), kc, k_pos,
+        *_tables(fwd), qc, doc, lse, delta, q_pos, t(kc), t(vc), kc, k_pos,
     )
     kc, vc, qc, doc = mode.after((kc, vc, qc, doc), dq)
     dk, dv = _mgpu_call(
         _MGPU_DKV, plan, scale, mode, (bn, bwd.kv_blocks.shape[0]), ("rows", "k_blocks"),
         (jax.ShapeDtypeStruct((bn, tkp, h), kc.dtype), jax.ShapeDtypeStruct((bn, tkp, h), vc.dtype)),
-        jnp.asarray(bwd.kv_blocks), jnp.asarray(bwd.kv_counts), kc, vc, k_pos, t(qc), qc, t(doc), doc, lse, delta,
-        q_pos,
+        *_tables(bwd), kc, vc, k_pos, t(qc), qc, t(doc), doc, lse, delta, q_pos,
     )
     return dq, dk, dv
 

@@ -166,12 +166,12 @@ NO_TRITON = {"tpu_custom_call": 0, "__gpu$xla.gpu.triton": 0}
 
 def mosaic_gpu_kernel_arities(lowered) -> list[tuple[int, int]]:
     """(operands, results) of each Mosaic GPU call: the serialised module carries no kernel name, but the
-    forward (7 operands, o + lse), dq (11, dq) and dk/dv (12, dk + dv) kernels differ in their signatures."""
+    forward (8 operands, o + lse), dq (12, dq) and dk/dv (13, dk + dv) kernels differ in their signatures."""
     calls = re.findall(r"(%\w+(?::(\d+))?) = stablehlo\.custom_call @mosaic_gpu_v2\(([^)]*)\)", lowered.as_text())
     return sorted((len(args.split(",")), int(results or 1)) for _, results, args in calls)
 
 
-MGPU_FWD, MGPU_DQ, MGPU_DKV = (7, 2), (11, 1), (12, 2)
+MGPU_FWD, MGPU_DQ, MGPU_DKV = (8, 2), (12, 1), (13, 2)
 
 
 @pytest.mark.parametrize("lowering", ["mosaic_gpu", "mosaic_gpu_ws"])

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels import block_sparse_attention as bsa
+from pallas_kernels import patterns
 
 PATTERNS = {
     "dense": dict(pattern="dense"),
@@ -69,10 +70,12 @@ def test_one_warpgroup_kernels_match_reference_without_races():
 @pytest.mark.slow
 def test_warp_specialized_kernels_match_reference_without_races():
     # The producer / consumer pipeline: two consumers over up to 4 k-tiles a row (each slot reused) with one
-    # consumer in dk/dv; one consumer in the forward / dq and two in dk/dv, both components, two heads, rows
-    # with no allowed key; one slot per operand.
+    # consumer in dk/dv, FULL tiles (mask skipped) among partial ones; one consumer in the forward / dq and two
+    # in dk/dv, both components, two heads, rows with no allowed key; one slot per operand.
+    dense = patterns.make_pattern("dense").block_layout(256, 128, 64).components[0].layout
+    assert 0 < dense.kv_full.sum() < dense.kv_counts.sum()
     _run([
-        ("mosaic_gpu_ws", 1, 200, 1, dict(block_q=128, block_k=64), None, PATTERNS["dense"]),
+        ("mosaic_gpu_ws", 1, 256, 1, dict(block_q=128, block_k=64), None, PATTERNS["dense"]),
         ("mosaic_gpu_ws", 1, 90, 2, dict(block_q=64, block_k=128), None, PATTERNS["fixed"]),
         ("mosaic_gpu_ws", 1, 200, 1, dict(block_q=128, block_k=128), 1, PATTERNS["strided"]),
     ])
