@@ -592,6 +592,12 @@ def _component_bwd_gpu(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, scal
 # tune): P as a register operand, transposed SMEM views instead of the HBM transposes, the two consumers'
 # ping-pong schedule barrier (one's softmax under the other's matmuls).
 
+# Approximate exp2 / log2 / division (the `ex2.approx` / `lg2.approx` / `div.approx` PTX instructions, a few
+# ulp of fp32): the softmax's exponentials are the kernels' bottleneck besides the matmuls, and their error
+# is far below bf16's. Logits are scaled by log2(e) along with 1/sqrt(H) (one multiply), so that exp2 needs
+# no further one; lse leaves in natural-log units, as every other lowering's.
+MGPU_COMPILER_PARAMS = plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+LOG2E, LN2 = math.log2(math.e), math.log(2.0)
 MGPU_BLOCK = 64  # wgmma M per warpgroup; also the k-tile (128-byte swizzled rows of 16-bit K^T / P).
 # SMEM per thread block on Hopper (227 KiB opt-in), what Mosaic GPU checks a kernel against.
 MGPU_SMEM_BYTES = 227 * 1024
@@ -786,12 +792,12 @@ def _fwd_mgpu_kernel(blocks_ref, counts_ref, full_ref, q_ref, kt_ref, v_ref, q_p
                 kt, v, k_pos = refs
                 m_prev, l_prev, acc = carry
                 j_pos = lambda: jax.lax.broadcast_in_dim(k_pos[...], tile, (1,))
-                s = _mask_partial(_mma(q_tile, kt, tile) * scale, full_ref[i, j],
+                s = _mask_partial(_mma(q_tile, kt, tile) * (scale * LOG2E), full_ref[i, j],  # base-2 logits
                                   lambda: allows(i_pos, j_pos()) & (i_pos >= 0) & (j_pos() >= 0))
                 m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
-                m_safe = _lse_or_zero(m_new)  # As in `_fwd_kernel`: keep exp() finite.
-                alpha = jnp.exp(m_prev - m_safe)
-                p = jnp.exp(s - jax.lax.broadcast_in_dim(m_safe, s.shape, (0,)))
+                m_safe = _lse_or_zero(m_new)  # As in `_fwd_kernel`: keep exp2() finite.
+                alpha = jnp.exp2(m_prev - m_safe)
+                p = jnp.exp2(s - jax.lax.broadcast_in_dim(m_safe, s.shape, (0,)))
                 p_tile[...] = p.astype(dtype)
                 plgpu.commit_smem()  # Make the register -> SMEM store visible to the tensor cores.
                 acc = jax.lax.broadcast_in_dim(alpha, acc.shape, (0,)) * acc + _mma(p_tile, v, (sub, h))
@@ -803,7 +809,7 @@ def _fwd_mgpu_kernel(blocks_ref, counts_ref, full_ref, q_ref, kt_ref, v_ref, q_p
             live = denom > 0
             denom = jnp.where(live, denom, 1.0)  # Rows with no allowed key: output 0, lse -inf.
             q_tile[...] = (acc / jax.lax.broadcast_in_dim(denom, acc.shape, (0,))).astype(dtype)
-            lse_tile[...] = jnp.where(live, m + jnp.log(denom), -jnp.inf)
+            lse_tile[...] = jnp.where(live, (m + jnp.log2(denom)) * LN2, -jnp.inf)  # natural log units
             _copy_out([(q_tile, o_ref.at[b, rows]), (lse_tile, lse_ref.at[b, rows])])
 
         _pipeline(
@@ -847,14 +853,14 @@ def _dq_mgpu_kernel(blocks_ref, counts_ref, full_ref, q_ref, do_ref, lse_ref, de
                       (q_pos_ref.at[rows], q_pos_smem.at[wg]), (lse_ref.at[b, rows], lse_smem.at[wg]),
                       (delta_ref.at[b, rows], delta_smem.at[wg])], once, 5 * wg)
             by_row = lambda x: jax.lax.broadcast_in_dim(x, tile, (0,))
-            i_pos, lse = by_row(q_pos_smem.at[wg][...]), by_row(_lse_or_zero(lse_smem.at[wg][...]))
+            i_pos, lse2 = by_row(q_pos_smem.at[wg][...]), by_row(_lse_or_zero(lse_smem.at[wg][...]) * LOG2E)
             delta = by_row(delta_smem.at[wg][...])
 
             def visit(j, refs, acc):
                 kt, vt, k, k_pos = refs
                 j_pos = lambda: jax.lax.broadcast_in_dim(k_pos[...], tile, (1,))
-                p = jnp.exp(_mask_partial(_mma(q_tile, kt, tile) * scale, full_ref[i, j],
-                                          lambda: allows(i_pos, j_pos()) & (i_pos >= 0) & (j_pos() >= 0)) - lse)
+                p = jnp.exp2(_mask_partial(_mma(q_tile, kt, tile) * (scale * LOG2E), full_ref[i, j],
+                                           lambda: allows(i_pos, j_pos()) & (i_pos >= 0) & (j_pos() >= 0)) - lse2)
                 ds_tile[...] = (p * (_mma(do_tile, vt, tile) - delta)).astype(dtype)
                 plgpu.commit_smem()
                 return acc + _mma(ds_tile, k, (sub, h))
@@ -912,9 +918,9 @@ def _dkv_mgpu_kernel(blocks_ref, counts_ref, full_ref, k_ref, v_ref, k_pos_ref, 
                 qt, q, dot, do, q_pos, lse, delta = refs
                 dk, dv = carry
                 i_pos = lambda: by_col(q_pos[...])
-                st = _mask_partial(_mma(k_tile, qt, tile) * scale, full_ref[kb, j],
+                st = _mask_partial(_mma(k_tile, qt, tile) * (scale * LOG2E), full_ref[kb, j],
                                    lambda: allows(i_pos(), j_pos) & (i_pos() >= 0) & (j_pos >= 0))
-                pt = jnp.exp(st - by_col(_lse_or_zero(lse[...])))
+                pt = jnp.exp2(st - by_col(_lse_or_zero(lse[...]) * LOG2E))
                 dst = pt * (_mma(v_tile, dot, tile) - by_col(delta[...]))
                 # P^T, then dS^T, through one SMEM tile: `_mma` has waited for the first product's reads.
                 s_tile[...] = pt.astype(dtype)
@@ -1012,7 +1018,7 @@ def _mgpu_call(kernel: _MgpuKernel, plan: _ComponentPlan, scale: float, mode: _M
         out_type=out_type,
         grid=grid,
         grid_names=grid_names,
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        compiler_params=MGPU_COMPILER_PARAMS,
         interpret=_mgpu_interpret_params() if mode.interpret else False,
         **threads,
     )(*args)

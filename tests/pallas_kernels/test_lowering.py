@@ -187,6 +187,18 @@ def test_mosaic_gpu_forward_and_backward_lower_for_cuda(pattern, lowering):
     assert mosaic_gpu_kernel_arities(both) == sorted([MGPU_FWD, MGPU_DQ, MGPU_DKV] * c)
 
 
+@pytest.mark.parametrize("lowering", ["mosaic_gpu", "mosaic_gpu_ws"])
+def test_mosaic_gpu_kernels_ask_for_approximate_math(monkeypatch, lowering):
+    # exp2 / log2 / division as `ex2.approx` etc. (as FlashAttention kernels): the lowered module is bytecode,
+    # so check what each of the three launches asks for.
+    params, kernel = [], bsa.plgpu.kernel
+    spy = lambda body, **kw: params.append(kw["compiler_params"]) or kernel(body, **kw)
+    monkeypatch.setattr(bsa.plgpu, "kernel", spy)
+    bsa.lower_attention(*spec(136, 64, jnp.bfloat16), platform="cuda", lowering=lowering, grad=True,
+                        **PATTERNS["dense"])
+    assert len(params) == 3 and all(p.approx_math for p in params), params
+
+
 @pytest.mark.parametrize(
     "t, h, dtype, block_k, slots",
     [
