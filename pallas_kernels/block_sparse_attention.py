@@ -583,14 +583,16 @@ def _component_bwd_gpu(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, scal
 #                    (one) consumer warpgroups of 64 rows that share each streamed tile, and a producer
 #                    warpgroup with few registers copies the tiles up to `slots` ahead, into a slot once both
 #                    consumers have released it. Twice the rows per tile copied, and copies never wait on
-#                    compute.
+#                    compute. In the forward the two consumers take turns on the tensor cores (ping-pong,
+#                    `_take_turns`): one's softmax runs under the other's matmuls.
 # A kernel whose two slots would not fit in SMEM (large tiles or H; `_mgpu_slots`) gets one. Layouts are
 # inferred ('Warpgroup' lowering semantics). Kept simple enough for JAX's GPU interpreter (which lacks
 # `transpose_ref`, register wgmma operands, `layout_cast`, `run_state`) to run every kernel on CPU: the
 # operands wgmma needs transposed (K^T, V^T, Q^T, dO^T) are transposed in HBM by the caller. FULL tiles skip
-# the mask (a branch on the tile's flag, read from GMEM as the block list is). Not yet done (needs a GPU to
-# tune): P as a register operand, transposed SMEM views instead of the HBM transposes, the two consumers'
-# ping-pong schedule barrier (one's softmax under the other's matmuls).
+# the mask (a branch on the tile's flag, read from GMEM as the block list is). Exponentials are approximate
+# base-2 ones (`MGPU_COMPILER_PARAMS`). Not yet done (needs a GPU to tune, and the interpreter cannot check
+# them): P as a register operand, transposed SMEM views instead of the HBM transposes, ping-pong in the
+# backward kernels.
 
 # Approximate exp2 / log2 / division (the `ex2.approx` / `lg2.approx` / `div.approx` PTX instructions, a few
 # ulp of fp32): the softmax's exponentials are the kernels' bottleneck besides the matmuls, and their error
@@ -631,13 +633,15 @@ def _smem_tiled(shape, dtype):
     return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(swizzle)))
 
 
-def _mma(a_smem, b_smem, shape):
-    """a @ b on the tensor cores (wgmma; a [M, K], b [K, N] in SMEM) -> f32[M, N] in registers.
+def _mma(a_smem, b_smem, shape, issued=lambda: None):
+    """a @ b on the tensor cores (wgmma; a [M, K], b [K, N] in SMEM) -> f32[M, N] in registers; `issued()`
+    runs between issuing the wgmma and waiting for it.
 
     Reading the accumulator waits for the wgmma, so a, b may be overwritten as soon as this returns."""
 
     def run(acc_ref):
         plgpu.wgmma(acc_ref, a_smem, b_smem)
+        issued()
         return acc_ref[...]
 
     return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
@@ -756,14 +760,25 @@ def _pipeline(wgs: _Warpgroups, count, sources, buffers, full, free, compute):
         compute(wg, walk)
 
 
-def _mgpu_scoped(scoped, smem, wgs: _Warpgroups, slots: int, once: int, streamed: int):
+def _mgpu_scoped(scoped, smem, wgs: _Warpgroups, slots: int, once: int, streamed: int, turns: bool = False):
     """pl.run_scoped(scoped, *smem, barriers): `once` barriers per consumer (its own row slice's copies),
-    `streamed` per slot (the tile copies), and with a producer the slots' release barriers (shared by all
-    warpgroups of the block)."""
+    `streamed` per slot (the tile copies), with a producer the slots' release barriers (shared by all
+    warpgroups of the block), and with `turns` the consumers' turn barrier (`_take_turns`)."""
     barriers = [plgpu.Barrier(num_barriers=wgs.consumers * once), plgpu.Barrier(num_barriers=slots * streamed)]
     if wgs.producer:
         barriers.append(plgpu.Barrier(num_arrivals=wgs.consumers, num_barriers=slots))
+    if turns:
+        barriers.append(plgpu.Barrier(num_arrivals=wgs.consumers))
     pl.run_scoped(scoped, *smem, *barriers, collective_axes="wg" if wgs.producer else ())
+
+
+def _take_turns(wgs: _Warpgroups, slots: int) -> bool:
+    """Whether a forward launch's two consumers take turns on the tensor cores (FlashAttention-3's ping-pong):
+    each passes the turn barrier (both arrive, then wait) after issuing its S = Q K^T and before issuing its
+    P V, and consumer 1 once before its walk, consumer 0 once after it, so that one's softmax runs while the
+    other's matmuls do. Needs two copy slots: with one, consumer 0 would wait for the next tile, whose copy
+    waits for consumer 1 to release the slot, which waits for consumer 0's turn."""
+    return wgs.consumers == 2 and slots == 2
 
 
 def _lse_or_zero(lse):
@@ -781,18 +796,26 @@ def _fwd_mgpu_kernel(blocks_ref, counts_ref, full_ref, q_ref, kt_ref, v_ref, q_p
     tile = (sub, block_k)
     cols = lambda j: pl.ds(blocks_ref[i, j] * block_k, block_k)
 
-    def scoped(q_smem, q_pos_smem, kt_smem, v_smem, k_pos_smem, p_smem, lse_smem, once, full, free=None):
+    def scoped(q_smem, q_pos_smem, kt_smem, v_smem, k_pos_smem, p_smem, lse_smem, once, full, free=None,
+               turn=None):
+        def take_turn():
+            if turn is not None:
+                plgpu.barrier_arrive(turn)
+                plgpu.barrier_wait(turn)
+
         def compute(wg, walk):
             rows = pl.ds(i * block_q + wg * sub, sub)
             q_tile, p_tile, lse_tile = q_smem.at[wg], p_smem.at[wg], lse_smem.at[wg]
             _copy_in([(q_ref.at[b, rows], q_tile), (q_pos_ref.at[rows], q_pos_smem.at[wg])], once, 2 * wg)
             i_pos = jax.lax.broadcast_in_dim(q_pos_smem.at[wg][...], tile, (0,))
+            if turn is not None:
+                pl.when(wg == 1)(take_turn)
 
             def visit(j, refs, carry):
                 kt, v, k_pos = refs
                 m_prev, l_prev, acc = carry
                 j_pos = lambda: jax.lax.broadcast_in_dim(k_pos[...], tile, (1,))
-                s = _mask_partial(_mma(q_tile, kt, tile) * (scale * LOG2E), full_ref[i, j],  # base-2 logits
+                s = _mask_partial(_mma(q_tile, kt, tile, take_turn) * (scale * LOG2E), full_ref[i, j],  # base 2
                                   lambda: allows(i_pos, j_pos()) & (i_pos >= 0) & (j_pos() >= 0))
                 m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
                 m_safe = _lse_or_zero(m_new)  # As in `_fwd_kernel`: keep exp2() finite.
@@ -800,12 +823,15 @@ def _fwd_mgpu_kernel(blocks_ref, counts_ref, full_ref, q_ref, kt_ref, v_ref, q_p
                 p = jnp.exp2(s - jax.lax.broadcast_in_dim(m_safe, s.shape, (0,)))
                 p_tile[...] = p.astype(dtype)
                 plgpu.commit_smem()  # Make the register -> SMEM store visible to the tensor cores.
+                take_turn()
                 acc = jax.lax.broadcast_in_dim(alpha, acc.shape, (0,)) * acc + _mma(p_tile, v, (sub, h))
                 return m_new, alpha * l_prev + jnp.sum(p, axis=1), acc
 
             init = (jnp.full((sub,), -jnp.inf, jnp.float32), jnp.zeros((sub,), jnp.float32),
                     jnp.zeros((sub, h), jnp.float32))
             m, denom, acc = walk(visit, init)
+            if turn is not None:
+                pl.when(wg == 0)(take_turn)
             live = denom > 0
             denom = jnp.where(live, denom, 1.0)  # Rows with no allowed key: output 0, lse -inf.
             q_tile[...] = (acc / jax.lax.broadcast_in_dim(denom, acc.shape, (0,))).astype(dtype)
@@ -818,7 +844,8 @@ def _fwd_mgpu_kernel(blocks_ref, counts_ref, full_ref, q_ref, kt_ref, v_ref, q_p
             [kt_smem, v_smem, k_pos_smem], full, free, compute,
         )
 
-    _mgpu_scoped(scoped, _fwd_mgpu_smem(block_q, block_k, h, dtype, slots, wgs.consumers), wgs, slots, 2, 3)
+    _mgpu_scoped(scoped, _fwd_mgpu_smem(block_q, block_k, h, dtype, slots, wgs.consumers), wgs, slots, 2, 3,
+                 turns=_take_turns(wgs, slots))
 
 
 def _fwd_mgpu_smem(block_q, block_k, h, dtype, slots, consumers=1):
