@@ -74,6 +74,10 @@ def test_warp_specialized_kernels_match_reference_without_races():
     # in dk/dv, both components, two heads, rows with no allowed key; one slot per operand.
     dense = patterns.make_pattern("dense").block_layout(256, 128, 64).components[0].layout
     assert 0 < dense.kv_full.sum() < dense.kv_counts.sum()
+    # Its forward's consumers take turns on the tensor cores (ping-pong); the last case's (one slot) do not.
+    fwd = bsa._MGPU_FWD.warpgroups("mosaic_gpu_ws", 128, 64)
+    assert bsa._take_turns(fwd, bsa._mgpu_slots(bsa._MGPU_FWD, "mosaic_gpu_ws", 128, 64, 64, jnp.bfloat16))
+    assert not bsa._take_turns(bsa._MGPU_FWD.warpgroups("mosaic_gpu_ws", 128, 128), 1)
     _run([
         ("mosaic_gpu_ws", 1, 256, 1, dict(block_q=128, block_k=64), None, PATTERNS["dense"]),
         ("mosaic_gpu_ws", 1, 90, 2, dict(block_q=64, block_k=128), None, PATTERNS["fixed"]),
