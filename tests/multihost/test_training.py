@@ -60,9 +60,13 @@ def runs(data_dir, tmp_path_factory) -> Runs:
     print(f"SIGTERM after step {r.sigterm_after}")
     args = dict(steps=STEPS, checkpoint_every=4)
 
-    # Phase 1: everything that starts from scratch, together.
+    # Phase 1: everything that starts from scratch. The preempted runs compile what the uninterrupted ones do
+    # (the same programs on the same meshes), so they start once those have taken a step: the run's shared
+    # compilation cache (tests/conftest.py) then serves them.
     ref = Running(train_args(data_dir, r.dirs["ref"], **args), devices=8)
     multi = Running(launch_args(2, 4, train_args(data_dir, r.dirs["multi"], **args)), devices=4)
+    for running, first_step in ((ref, "step 1/"), (multi, "[p0] step 1/")):
+        running.wait_for(lambda line, first_step=first_step: line.startswith(first_step))
     preempted = Running(launch_args(2, 4, train_args(data_dir, r.dirs["preempted"], **args)), devices=4)
     single = Running(train_args(data_dir, r.dirs["single"], **args), devices=8)
     _sigterm_at(single, r.sigterm_after, lambda x: x.proc.pid)
@@ -167,9 +171,11 @@ def test_killed_peer_stops_the_other_with_its_name_then_restart_resumes_from_a_c
         procs[0].output[:3000] + "\n...\n" + procs[0].output[-3000:])
 
     # Restart (one process of 8 devices): it resumes from the newest complete checkpoint, never a torn one.
+    # With the fixture's step count (when it leaves steps to take) it runs the reference run's program, which
+    # the shared compilation cache holds.
     complete = checkpoint_steps(workdir)
     assert complete
-    res = run(train_args(data_dir, workdir, steps=complete[-1] + 2, checkpoint_every=1), devices=8)
+    res = run(train_args(data_dir, workdir, steps=max(STEPS, complete[-1] + 2), checkpoint_every=1), devices=8)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resumed from {workdir} at step {complete[-1]} " in res.stderr
     got = losses(workdir)
