@@ -14,10 +14,10 @@ SMALL = ["--patterns=strided", "--lowerings=gpu", "--stride=16", "--heads=1", "-
          "--min_time=0", "--dense_xla_max_n=64", "--check_max_n=0"]
 
 
-def _check(*args: str) -> subprocess.CompletedProcess:
+def _check(*args: str, **env: str) -> subprocess.CompletedProcess:
     # Run from elsewhere: the script finds the repository itself.
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=600,
-                          cwd=ROOT.parent, env=dict(os.environ, PYTHON=sys.executable))
+                          cwd=ROOT.parent, env=dict(os.environ, PYTHON=sys.executable, **env))
 
 
 @pytest.mark.e2e
@@ -42,6 +42,15 @@ def test_a_failed_step_is_a_non_zero_exit_after_both_ran(tmp_path):
     assert " skipped" in (tmp_path / "out" / "on_device.log").read_text()
     assert "--lowerings must be among" in (tmp_path / "out" / "pallas_attention.log").read_text()
     assert "on-device tests: exit 0; benchmark: exit 2" in res.stdout
+
+
+@pytest.mark.e2e
+def test_on_device_tests_past_their_time_are_stopped_and_the_benchmark_still_runs(tmp_path):
+    res = _check(str(tmp_path / "out"), "64", *SMALL, ON_DEVICE_TIMEOUT_S="0.01")  # before pytest even starts
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "error: the on-device tests did not finish in 0.01 s" in res.stderr
+    assert "on-device tests: exit 124; benchmark: exit 0" in res.stdout
+    assert json.loads((tmp_path / "out" / "pallas_attention.json").read_text())["done_lengths"] == [64]
 
 
 def test_usage():
