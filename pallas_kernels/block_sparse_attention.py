@@ -145,10 +145,14 @@ def _vary_like(x, like):
     return jax.lax.pcast(x, axes, to="varying") if axes else x
 
 
+def _allowed(allows, i, j):
+    """bool (broadcast of i, j): query i may see key j and neither is padding (natural positions, -1)."""
+    return allows(i, j) & (i >= 0) & (j >= 0)
+
+
 def _tile_mask(allows, q_pos_ref, k_pos_ref):
     """bool[bq, bk]: allowed and not padding, from the tile's natural positions."""
-    i, j = q_pos_ref[...], k_pos_ref[...]
-    return allows(i, j) & (i >= 0) & (j >= 0)
+    return _allowed(allows, q_pos_ref[...], k_pos_ref[...])
 
 
 def _where(mask, x, fill):
@@ -433,7 +437,7 @@ def _gpu_tile_logits(q, k, full, allows, i_pos, j_pos, scale):
     """A 'gpu' tile's logits [bq, bk], -inf where masked; a FULL tile (`full` != 0) skips the mask.
     i_pos [bq, 1], j_pos () -> [1, bk]: natural positions (padding -1)."""
     return _mask_partial(_logits(q, k, scale), full,
-                         lambda: allows(i_pos, j_pos()) & (i_pos >= 0) & (j_pos() >= 0))
+                         lambda: _allowed(allows, i_pos, j_pos()))
 
 
 def _fwd_gpu_kernel(blocks_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, q_pos_ref, k_pos_ref, o_ref, lse_ref,
@@ -545,8 +549,8 @@ def _component_bwd_gpu(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, scal
     dq = pl.pallas_call(
         functools.partial(_dq_gpu_kernel, allows=plan.allows, scale=scale, block_k=bk),
         grid=(bn, nq),
-        in_specs=[*_gpu_table_specs(fwd),row(bq), whole(tkp), whole(tkp), row(bq), row1(bq), row1(bq),
-                               pl.BlockSpec((bq,), lambda b, i: (i,)), pl.BlockSpec((tkp,), lambda b, i: (0,))],
+        in_specs=[*_gpu_table_specs(fwd), row(bq), whole(tkp), whole(tkp), row(bq), row1(bq), row1(bq),
+                  pl.BlockSpec((bq,), lambda b, i: (i,)), pl.BlockSpec((tkp,), lambda b, i: (0,))],
         out_specs=row(bq),
         out_shape=_out(qc, (bn, tqp, h), qc.dtype),
         compiler_params=_TRITON,
@@ -555,8 +559,8 @@ def _component_bwd_gpu(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, scal
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_gpu_kernel, allows=plan.allows, scale=scale, block_q=bq),
         grid=(bn, nk),
-        in_specs=[*_gpu_table_specs(bwd),whole(tqp), row(bk), row(bk), whole(tqp), whole1(tqp), whole1(tqp),
-                               pl.BlockSpec((tqp,), lambda b, i: (0,)), pl.BlockSpec((bk,), lambda b, i: (i,))],
+        in_specs=[*_gpu_table_specs(bwd), whole(tqp), row(bk), row(bk), whole(tqp), whole1(tqp), whole1(tqp),
+                  pl.BlockSpec((tqp,), lambda b, i: (0,)), pl.BlockSpec((bk,), lambda b, i: (i,))],
         out_specs=[row(bk), row(bk)],
         out_shape=[_out(kc, (bn, tkp, h), kc.dtype), _out(kc, (bn, tkp, h), vc.dtype)],
         compiler_params=_TRITON,
@@ -816,7 +820,7 @@ def _fwd_mgpu_kernel(blocks_ref, counts_ref, full_ref, q_ref, kt_ref, v_ref, q_p
                 m_prev, l_prev, acc = carry
                 j_pos = lambda: jax.lax.broadcast_in_dim(k_pos[...], tile, (1,))
                 s = _mask_partial(_mma(q_tile, kt, tile, take_turn) * (scale * LOG2E), full_ref[i, j],  # base 2
-                                  lambda: allows(i_pos, j_pos()) & (i_pos >= 0) & (j_pos() >= 0))
+                                  lambda: _allowed(allows, i_pos, j_pos()))
                 m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
                 m_safe = _lse_or_zero(m_new)  # As in `_fwd_kernel`: keep exp2() finite.
                 alpha = jnp.exp2(m_prev - m_safe)
@@ -887,7 +891,7 @@ def _dq_mgpu_kernel(blocks_ref, counts_ref, full_ref, q_ref, do_ref, lse_ref, de
                 kt, vt, k, k_pos = refs
                 j_pos = lambda: jax.lax.broadcast_in_dim(k_pos[...], tile, (1,))
                 p = jnp.exp2(_mask_partial(_mma(q_tile, kt, tile) * (scale * LOG2E), full_ref[i, j],
-                                           lambda: allows(i_pos, j_pos()) & (i_pos >= 0) & (j_pos() >= 0)) - lse2)
+                                           lambda: _allowed(allows, i_pos, j_pos())) - lse2)
                 ds_tile[...] = (p * (_mma(do_tile, vt, tile) - delta)).astype(dtype)
                 plgpu.commit_smem()
                 return acc + _mma(ds_tile, k, (sub, h))
@@ -922,9 +926,8 @@ def _dq_mgpu_smem(block_q, block_k, h, dtype, slots, consumers=1):
 def _dkv_mgpu_kernel(blocks_ref, counts_ref, full_ref, k_ref, v_ref, k_pos_ref, qt_ref, q_ref, dot_ref, do_ref,
                      lse_ref, delta_ref, q_pos_ref, dk_ref, dv_ref, *, allows, scale, block_q, block_k, slots, wgs):
     """GMEM refs: blocks int32[nk, W] (listed q-blocks per k-block), counts int32[nk], their FULL flags
-    int32[nk, W], k/v [BN, Tkp, H],
-    qt/dot [BN, H, Tqp], q/do [BN, Tqp, H], lse/delta f32[BN, Tqp], positions; out dk, dv [BN, Tkp, H] in
-    k's dtype."""
+    int32[nk, W], k/v [BN, Tkp, H], qt/dot [BN, H, Tqp], q/do [BN, Tqp, H], lse/delta f32[BN, Tqp], positions;
+    out dk, dv [BN, Tkp, H] in k's dtype."""
     b, kb = jax.lax.axis_index("rows"), jax.lax.axis_index("k_blocks")
     h, dtype = k_ref.shape[-1], k_ref.dtype
     sub = block_k // wgs.consumers
@@ -946,7 +949,7 @@ def _dkv_mgpu_kernel(blocks_ref, counts_ref, full_ref, k_ref, v_ref, k_pos_ref, 
                 dk, dv = carry
                 i_pos = lambda: by_col(q_pos[...])
                 st = _mask_partial(_mma(k_tile, qt, tile) * (scale * LOG2E), full_ref[kb, j],
-                                   lambda: allows(i_pos(), j_pos) & (i_pos() >= 0) & (j_pos >= 0))
+                                   lambda: _allowed(allows, i_pos(), j_pos))
                 pt = jnp.exp2(st - by_col(_lse_or_zero(lse[...]) * LOG2E))
                 dst = pt * (_mma(v_tile, dot, tile) - by_col(delta[...]))
                 # P^T, then dS^T, through one SMEM tile: `_mma` has waited for the first product's reads.

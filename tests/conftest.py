@@ -52,7 +52,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         shutil.rmtree(own, ignore_errors=True)
 
 
-
 @pytest.fixture(scope="session")
 def midi_fixtures() -> pathlib.Path:
     """Folder of small real MIDI files (licences in its LICENSES.md)."""
