@@ -19,6 +19,14 @@ restarted job resumes from it (data position included) on the same trajectory. A
 starts (start-up, restore, first compile) ends the process as usual; JAX's own preemption service is
 switched off so that it does not take the signal over.
 
+Starting together. gloo, JAX's CPU collectives, gives the processes 30 s to meet the first time a program
+connects a group of devices ("Gloo context initialization failed: DEADLINE_EXCEEDED"), and the time to
+compile a program differs between processes (one reads it from the compilation cache, another shares a busy
+host). `compile_together(name, jitted, *args)` therefore compiles on this process, then waits at a barrier
+of the coordination service (`wait_for_all`) until every process has compiled, so the first run finds its
+peers within milliseconds; jit's cache serves the real call with the same argument types. The trainer does
+this for the train step, the evaluation step and `any_process` before their first run.
+
 Failure detection. `Watchdog` runs two daemon threads in each process of a multi-process job:
   - heartbeat: every ~timeout/10 s (at most 1 s) it writes a counter and the current step under
     `musenet/heartbeat/<p>` in the coordination service's key-value store, and reads everybody's;
@@ -36,6 +44,7 @@ error still names who is gone. Detection therefore takes between `timeout_s` and
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import re
@@ -192,12 +201,53 @@ def any_process(flag: bool, mesh: jax.sharding.Mesh) -> bool:
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))
     local = np.full((len(mesh.local_devices),), int(flag), np.int32)
     flags = jax.make_array_from_process_local_data(sharding, local, (mesh.size,))
+    if mesh not in _max_compiled:
+        compile_together("any_process", _global_max, flags)
+        _max_compiled.add(mesh)
     return bool(_global_max(flags))
 
 
 @jax.jit
 def _global_max(x):
     return x.max()
+
+
+_max_compiled: set[jax.sharding.Mesh] = set()
+
+
+# -- starting together -----------------------------------------------------------------------------
+BARRIER_TIMEOUT_S = 3600.0  # a dead peer is the watchdog's to report, long before; this bounds the rest
+_barrier_calls: collections.Counter[str] = collections.Counter()
+
+
+def wait_for_all(name: str, timeout_s: float = BARRIER_TIMEOUT_S, *, client=None) -> None:
+    """Blocks until every process of the job has called `wait_for_all(name)` as many times as this one.
+
+    A barrier of the coordination service (its key-value store, no device collective); a no-op in a
+    single-process run. Raises DistributedError (one line, naming the barrier) if it fails or times out.
+    """
+    if client is None:
+        if jax.process_count() == 1:
+            return
+        from jax._src import distributed as jax_distributed  # the coordination service client
+
+        client = jax_distributed.global_state.client
+    _barrier_calls[name] += 1
+    barrier_id = f"musenet/{name}/{_barrier_calls[name]}"
+    try:
+        client.wait_at_barrier(barrier_id, int(timeout_s * 1000))
+    except Exception as e:  # the client raises its runtime's error types
+        raise DistributedError(f"processes did not all reach {name!r} within {timeout_s:g} s: "
+                               f"{first_line(e)}") from e
+
+
+def compile_together(name: str, jitted, *args, **kwargs) -> None:
+    """Compiles `jitted` for these arguments (arrays or `jax.ShapeDtypeStruct`s with shardings), then
+    `wait_for_all(name)`: the first run of the program then starts on every process at once (module
+    docstring, "Starting together"). Call it inside the same mesh context as the run itself.
+    """
+    jitted.lower(*args, **kwargs).compile()
+    wait_for_all(name)
 
 
 # -- failure detection -----------------------------------------------------------------------------

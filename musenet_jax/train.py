@@ -369,11 +369,18 @@ def _train_and_evaluate(config, workdir: str, data_dir: str, preemption: distrib
         eval_source, vocab, config.data.seq_len, config.eval.batch_size // jax.process_count(),
         max_windows=config.eval.max_batches * config.eval.batch_size if config.eval.max_batches else None)
 
+    eval_compiled = False
+
     def evaluate() -> float:
+        nonlocal eval_compiled
         total, count = 0.0, 0.0
         with jax.set_mesh(mesh):
             for batch in eval_batches:
-                loss_sum, n = p_eval_step(state, global_batch(batch, eval_sharding))
+                batch = global_batch(batch, eval_sharding)
+                if not eval_compiled:  # every batch has the same shapes: one program
+                    distributed.compile_together("eval step", p_eval_step, state, batch)
+                    eval_compiled = True
+                loss_sum, n = p_eval_step(state, batch)
                 total, count = total + float(loss_sum), count + float(n)
         return losses.bits(total / max(count, 1.0))
 
@@ -408,8 +415,11 @@ def _train_and_evaluate(config, workdir: str, data_dir: str, preemption: distrib
         for step in range(start_step, config.train.total_steps):
             done = step + 1
             batch = global_batch(next(train_iter), batch_sharding)
+            step_rng = jax.random.fold_in(rng, step)
             with jax.set_mesh(mesh):
-                state, step_metrics = p_train_step(state, batch, jax.random.fold_in(rng, step))
+                if step == start_step:  # processes compile at different speeds; they start the step together
+                    distributed.compile_together("train step", p_train_step, state, batch, step_rng)
+                state, step_metrics = p_train_step(state, batch, step_rng)
             host = {k: float(v) for k, v in step_metrics.items()}
             # Every process learns about a SIGTERM anywhere after the same step (distributed module docstring).
             preempted = distributed.any_process(preemption is not None and preemption.requested, mesh)

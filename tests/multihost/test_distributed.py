@@ -141,3 +141,34 @@ def test_watchdog_threads_report_a_failure_once():
     with dog:
         dog._stop.wait(4)
     assert len(failures) == 1 and "process 1 (last step 0) sent no heartbeat" in failures[0]
+
+
+class FakeBarrier:
+    def __init__(self, error=None):
+        self.calls, self.error = [], error
+
+    def wait_at_barrier(self, barrier_id, timeout_in_ms, process_ids=None):
+        self.calls.append((barrier_id, timeout_in_ms))
+        if self.error:
+            raise self.error
+
+
+def test_wait_for_all_numbers_each_use_of_a_name():
+    client = FakeBarrier()
+    distributed.wait_for_all("unit a", 2.5, client=client)
+    distributed.wait_for_all("unit a", 2.5, client=client)
+    distributed.wait_for_all("unit b", client=client)
+    assert client.calls == [("musenet/unit a/1", 2500), ("musenet/unit a/2", 2500),
+                            ("musenet/unit b/1", int(distributed.BARRIER_TIMEOUT_S * 1000))]
+
+
+def test_wait_for_all_fails_with_one_line_naming_the_barrier():
+    client = FakeBarrier(RuntimeError("DEADLINE_EXCEEDED: Barrier timed out.\nmore detail"))
+    with pytest.raises(distributed.DistributedError,
+                       match=r"^processes did not all reach 'unit c' within 5 s: DEADLINE_EXCEEDED: Barrier timed "
+                             r"out\.$"):
+        distributed.wait_for_all("unit c", 5, client=client)
+
+
+def test_wait_for_all_is_a_no_op_in_one_process():
+    distributed.wait_for_all("unit d")  # no coordination service here: would fail if it tried to reach one

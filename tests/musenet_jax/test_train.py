@@ -6,6 +6,7 @@ The train step on its own (sharded, accumulated, the optimizer) is in test_train
 from __future__ import annotations
 
 import json
+import logging
 
 import jax
 import numpy as np
@@ -23,9 +24,14 @@ def _losses(workdir) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_train_resume_matches_uninterrupted_run(data_dir, tmp_path, capsys):
+def test_train_resume_matches_uninterrupted_run(data_dir, tmp_path, capsys, caplog):
     full = tmp_path / "full"
-    result = train.train_and_evaluate(small_config(6), str(full), data_dir)
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        result = train.train_and_evaluate(small_config(6), str(full), data_dir)
+    # The steps run the programs compiled before the start barrier (distributed.compile_together): one
+    # compilation each, two evaluations included.
+    compiled = [r.getMessage().split(" with ")[0] for r in caplog.records if r.getMessage().startswith("Compiling")]
+    assert compiled.count("Compiling jit(train_step)") == 1 and compiled.count("Compiling jit(eval_step)") == 1
     # Windows drawn per piece in proportion to its length, from the counts stored with the dataset.
     counts = datasets.token_counts(data_dir, "directory", "train")
     windows = input_pipeline.record_windows(len(counts), datasets.load_vocab(data_dir, "directory"),
