@@ -35,7 +35,7 @@ setup(
         "gcs": ["gcsfs>=2024.2", "google-cloud-storage>=2.14,<4"],
         "dev": [
             "pytest>=8.0,<10",
-            "pytest-xdist>=3.5,<4",  # .ci/run: test files spread over the cores
+            "pytest-xdist>=3.8,<4",  # .ci/run: test files spread over the cores (3.8: --no-loadscope-reorder)
             "hypothesis>=6.100,<7",
             "ruff>=0.8,<1",
             "miditok>=3.0.4,<4",  # reference tokenizer for benchmarks/tokenize.py

@@ -52,6 +52,26 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         shutil.rmtree(own, ignore_errors=True)
 
 
+# The files that take longest on a 2-core CI machine (seconds of one worker, from `--durations`), collected
+# first; `.ci/run` turns off xdist's reordering by test count, under which these came last and ran alone at the
+# end. The GPU-interpreter file (~170 s, its own child processes) comes after the single-process ones: next to
+# the multi-host runs' processes at the start it took ~280 s.
+LONG_FILES = ("multihost/test_training.py",  # ~300
+              "pallas_kernels/test_block_sparse_attention.py",  # ~140
+              "launch/test_evaluate.py",  # ~120
+              "musenet_jax/test_train_step.py",  # ~105
+              "musenet_jax/test_train.py",  # ~105
+              "pallas_kernels/test_lowering.py",  # ~95
+              "musenet_jax/test_model.py",  # ~90
+              "pallas_kernels/test_mosaic_gpu_interpreter.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    del config
+    rank = {pathlib.Path(__file__).parent / name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path, len(rank)))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def midi_fixtures() -> pathlib.Path:
     """Folder of small real MIDI files (licences in its LICENSES.md)."""

@@ -22,7 +22,7 @@ from tests.multihost.conftest import Running, checkpoint_steps, free_port, launc
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow, pytest.mark.e2e]
 
-STEPS = 12
+STEPS = 8
 # What the JAX distributed runtime / gloo print when they abort a process whose peer vanished.
 RUNTIME_ABORT_MESSAGES = ("JAX distributed service detected fatal errors", "Connection closed by peer",
                           "gloo::IoException")
