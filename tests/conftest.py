@@ -53,7 +53,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 # The files that take longest on a 2-core CI machine (seconds of one worker, from `--durations`), collected
-# first; `.ci/run` turns off xdist's reordering by test count, under which these came last and ran alone at the
+# first; `.ci/run` turns off xdist's reordering by test count, under which these came last and could run alone at the
 # end. The GPU-interpreter file (~170 s, its own child processes) comes after the single-process ones: next to
 # the multi-host runs' processes at the start it took ~280 s.
 LONG_FILES = ("multihost/test_training.py",  # ~300
