@@ -1036,10 +1036,11 @@ def _check_mgpu_smem(lowering: str, block_q: int, block_k: int, h: int, dtype) -
 
 
 def _mgpu_call(kernel: _MgpuKernel, plan: _ComponentPlan, scale: float, mode: _Mode, grid, grid_names, out_type,
-               *args):
+               layout: patterns_lib.BlockLayout, rows, *operands):
     """One `plgpu.kernel` launch of `kernel` over grid (BN, row blocks), with the warpgroups `mode.lowering`
-    asks for and the copy slots that fit; args[3] is q or k [BN, T, H]."""
-    bq, bk, (h, dtype) = plan.fwd.block_q, plan.fwd.block_k, (args[3].shape[-1], args[3].dtype)
+    asks for and the copy slots that fit. The kernel's operands are `layout`'s tables, then `rows` (the
+    [BN, T, H] q or k whose tiles the grid's row blocks are), then `operands`."""
+    bq, bk, (h, dtype) = plan.fwd.block_q, plan.fwd.block_k, (rows.shape[-1], rows.dtype)
     wgs = kernel.warpgroups(mode.lowering, bq, bk)
     threads = dict(num_threads=wgs.consumers + 1, thread_name="wg") if wgs.producer else {}
     outs = plgpu.kernel(
@@ -1051,8 +1052,8 @@ def _mgpu_call(kernel: _MgpuKernel, plan: _ComponentPlan, scale: float, mode: _M
         compiler_params=MGPU_COMPILER_PARAMS,
         interpret=_mgpu_interpret_params() if mode.interpret else False,
         **threads,
-    )(*args)
-    return jax.tree.map(lambda out: _vary_like(out, args[3]), outs)
+    )(*_tables(layout), rows, *operands)
+    return jax.tree.map(lambda out: _vary_like(out, rows), outs)
 
 
 def _component_fwd_mgpu(plan: _ComponentPlan, qc, kc, vc, scale: float, mode: _Mode):
@@ -1062,7 +1063,7 @@ def _component_fwd_mgpu(plan: _ComponentPlan, qc, kc, vc, scale: float, mode: _M
     o, lse = _mgpu_call(
         _MGPU_FWD, plan, scale, mode, (bn, lay.kv_blocks.shape[0]), ("rows", "q_blocks"),
         (jax.ShapeDtypeStruct((bn, tqp, h), qc.dtype), jax.ShapeDtypeStruct((bn, tqp), jnp.float32)),
-        *_tables(lay), qc, jnp.swapaxes(kc, 1, 2), vc,
+        lay, qc, jnp.swapaxes(kc, 1, 2), vc,
         jnp.asarray(plan.q_pos), jnp.asarray(plan.k_pos),
     )
     return o, lse[..., None]
@@ -1079,13 +1080,13 @@ def _component_bwd_mgpu(plan: _ComponentPlan, qc, kc, vc, doc, lsec, deltac, sca
     dq = _mgpu_call(
         _MGPU_DQ, plan, scale, mode, (bn, fwd.kv_blocks.shape[0]), ("rows", "q_blocks"),
         jax.ShapeDtypeStruct((bn, tqp, h), qc.dtype),
-        *_tables(fwd), qc, doc, lse, delta, q_pos, t(kc), t(vc), kc, k_pos,
+        fwd, qc, doc, lse, delta, q_pos, t(kc), t(vc), kc, k_pos,
     )
     kc, vc, qc, doc = mode.after((kc, vc, qc, doc), dq)
     dk, dv = _mgpu_call(
         _MGPU_DKV, plan, scale, mode, (bn, bwd.kv_blocks.shape[0]), ("rows", "k_blocks"),
         (jax.ShapeDtypeStruct((bn, tkp, h), kc.dtype), jax.ShapeDtypeStruct((bn, tkp, h), vc.dtype)),
-        *_tables(bwd), kc, vc, k_pos, t(qc), qc, t(doc), doc, lse, delta, q_pos,
+        bwd, kc, vc, k_pos, t(qc), qc, t(doc), doc, lse, delta, q_pos,
     )
     return dq, dk, dv
 
