@@ -2,8 +2,10 @@
 
 A built dataset lives in `<data_dir>/musenet_midi/<config>/<version>/`: the ArrayRecord files, TFDS's
 `dataset_info.json` / `features.json` / `metadata.json`, and ours: `vocab.json` (the vocabulary,
-label table included), `rejected.tsv` and `token_counts.npz` (the body-token count of every record of
-every split, in record order). None of these functions imports the builder or TensorFlow.
+label table included), `rejected.tsv` and `token_counts.npz`: per split, in record order, the body-token
+count and the conditioning-prefix length of every record, and the split's body-token histogram, so
+that a trainer can lay out windows and a unigram baseline without reading every record (minutes at
+start-up for a large split on remote storage). None of these functions imports the builder or TensorFlow.
 
     vocab = datasets.load_vocab(data_dir, "default")
     train = datasets.data_source(data_dir, "default", "train")   # len(train), train[i] -> dict
@@ -25,6 +27,9 @@ DATASET_NAME = "musenet_midi"
 VOCAB_FILE = "vocab.json"
 REPORT_FILE = "rejected.tsv"
 TOKEN_COUNTS_FILE = "token_counts.npz"
+# Keys of `token_counts.npz`: "<split>" holds the token counts (the file's first content), then these.
+PREFIX_LEN_SUFFIX = "_prefix_len"
+HISTOGRAM_SUFFIX = "_histogram"
 
 
 def _version_key(version: str) -> tuple[int, ...]:
@@ -78,19 +83,66 @@ def token_counts(data_dir: str | os.PathLike, config_name: str = "default", spli
     Takes the same slicing syntax as `data_source`. None for a dataset built before the counts were
     stored (count them from the records instead: `input_pipeline.count_tokens`).
     """
+    return _per_record(data_dir, config_name, split, version, "", "counts")
+
+
+def prefix_lengths(data_dir: str | os.PathLike, config_name: str = "default", split: str = "train",
+                   version: str | None = None) -> np.ndarray | None:
+    """int32[n]: the conditioning-prefix length (`[label] instrument.. start`, tokens) of each record of
+    `split`, aligned with `data_source(...)[i]`; slicing as `data_source`. None for a dataset built
+    before they were stored."""
+    return _per_record(data_dir, config_name, split, version, PREFIX_LEN_SUFFIX, "prefix lengths")
+
+
+def token_histogram(data_dir: str | os.PathLike, config_name: str = "default", split: str = "train",
+                    version: str | None = None) -> np.ndarray | None:
+    """int64[vocab size]: how often each token id occurs in the bodies of `split`'s records.
+
+    `split` may join whole splits (`"train+validation"`); None for a slice of a split (`"train[:10%]"`)
+    or a dataset built before the histograms were stored.
+    """
     path = dataset_dir(data_dir, config_name, version)
+    stored = _load_stored(path)
+    if stored is None:
+        return None
+    info = tfds.builder_from_directory(path).info
+    total = None
+    for instruction in tfds.core.ReadInstruction.from_spec(split).to_absolute(info.splits):
+        key = instruction.splitname + HISTOGRAM_SUFFIX
+        whole = (instruction.from_ in (None, 0)
+                 and instruction.to in (None, info.splits[instruction.splitname].num_examples))
+        if key not in stored or not whole:
+            return None
+        total = stored[key].astype(np.int64) + (0 if total is None else total)
+    return total
+
+
+def _load_stored(path: str) -> dict[str, np.ndarray] | None:
     counts_path = os.path.join(path, TOKEN_COUNTS_FILE)
     if not os.path.isfile(counts_path):
         return None
-    info = tfds.builder_from_directory(path).info
     with np.load(counts_path) as stored:
-        parts = []
-        for instruction in tfds.core.ReadInstruction.from_spec(split).to_absolute(info.splits):
-            counts = stored[instruction.splitname]
-            if len(counts) != info.splits[instruction.splitname].num_examples:
-                raise ValueError(f"{counts_path}: {len(counts)} counts for split {instruction.splitname!r} "
-                                 f"of {info.splits[instruction.splitname].num_examples} records")
-            parts.append(counts[instruction.from_:instruction.to])
+        return {key: stored[key] for key in stored.files}
+
+
+def _per_record(data_dir, config_name: str, split: str, version: str | None, suffix: str,
+                what: str) -> np.ndarray | None:
+    """The per-record array `<split><suffix>` of `token_counts.npz` for a (sliced) split, or None."""
+    path = dataset_dir(data_dir, config_name, version)
+    stored = _load_stored(path)
+    if stored is None:
+        return None
+    info = tfds.builder_from_directory(path).info
+    parts = []
+    for instruction in tfds.core.ReadInstruction.from_spec(split).to_absolute(info.splits):
+        key = instruction.splitname + suffix
+        if key not in stored:
+            return None
+        values = stored[key]
+        if len(values) != info.splits[instruction.splitname].num_examples:
+            raise ValueError(f"{os.path.join(path, TOKEN_COUNTS_FILE)}: {len(values)} {what} for split "
+                             f"{instruction.splitname!r} of {info.splits[instruction.splitname].num_examples} records")
+        parts.append(values[instruction.from_:instruction.to])
     return np.concatenate(parts).astype(np.int32)
 
 

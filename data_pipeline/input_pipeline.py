@@ -764,7 +764,8 @@ class _EvalBatch(grain.transforms.Map):
 
 
 def make_eval_batches(source: Sequence, vocab: Vocab, seq_len: int, batch_size: int, *,
-                      max_windows: int | None = None, process_index: int | None = None,
+                      max_windows: int | None = None, token_counts: Sequence[int] | np.ndarray | None = None,
+                      prefix_lengths: Sequence[int] | np.ndarray | None = None, process_index: int | None = None,
                       process_count: int | None = None) -> grain.MapDataset:
     """Deterministic validation batches covering every body token of every record exactly once.
 
@@ -776,18 +777,33 @@ def make_eval_batches(source: Sequence, vocab: Vocab, seq_len: int, batch_size: 
     processes in turn (batch k to process k mod n), and each process gets the same number of
     batches (empty ones at the end where needed) so multi-host evaluation steps stay in lockstep.
 
-    Reads every record once up front to count windows. Returns a Grain `MapDataset` of batches
-    (iterate it, index it, or `.to_iter_dataset()` it for prefetching).
+    The windows are laid out from each record's body-token count and prefix length: given as
+    `token_counts` and `prefix_lengths` (int[n], stored with the dataset: `datasets.token_counts`,
+    `datasets.prefix_lengths`), no record is read here; without them every record is read once.
+    Returns a Grain `MapDataset` of batches (iterate it, index it, or `.to_iter_dataset()` it for
+    prefetching); a batch reads only its own records.
     """
     process_index, process_count = _process_shard(process_index, process_count)
     if seq_len <= max_prefix_len(vocab):
         raise ValueError(f"seq_len {seq_len} leaves no room after the longest prefix "
                          f"({max_prefix_len(vocab)} tokens)")
+    if (token_counts is None) != (prefix_lengths is None):
+        raise ValueError("give both token_counts and prefix_lengths, or neither")
+    if token_counts is None:
+        pieces = (parse_record(source[i], vocab) for i in range(len(source)))
+        sizes = [(len(piece.tokens), len(vocab.prefix(piece.label, piece.instruments))) for piece in pieces]
+    else:
+        counts, prefixes = np.asarray(token_counts, np.int64), np.asarray(prefix_lengths, np.int64)
+        if counts.shape != (len(source),) or prefixes.shape != (len(source),):
+            raise ValueError(f"token counts {counts.shape} and prefix lengths {prefixes.shape} for a source of "
+                             f"{len(source)} records (stats of another dataset or split?)")
+        if len(source) and not (counts.min() >= 1 and 1 <= prefixes.min() and prefixes.max() <= max_prefix_len(vocab)):
+            raise ValueError("token counts must be >= 1 and prefix lengths within 1.."
+                             f"{max_prefix_len(vocab)} (stats of another vocabulary?)")
+        sizes = zip(counts.tolist(), prefixes.tolist())
     windows = []
-    for i in range(len(source)):
-        piece = parse_record(source[i], vocab)
-        step = seq_len + 1 - len(vocab.prefix(piece.label, piece.instruments))
-        windows.extend((i, s) for s in range(0, len(piece.tokens), step))
+    for i, (num_tokens, prefix_len) in enumerate(sizes):
+        windows.extend((i, s) for s in range(0, num_tokens, seq_len + 1 - prefix_len))
     if max_windows is not None:
         if max_windows < 1:
             raise ValueError(f"max_windows must be >= 1, got {max_windows}")

@@ -71,8 +71,17 @@ def unigram_bits_per_token(train_source: Sequence, eval_source: Sequence, vocab:
     included). Frequencies get add-`smoothing` counts so unseen tokens have finite cost; at most
     `max_records` records of each source are read.
     """
-    train = _token_counts(train_source, vocab, max_records).astype(np.float64) + smoothing
-    evals = _token_counts(eval_source, vocab, max_records)
+    return unigram_bits_from_histograms(_token_counts(train_source, vocab, max_records),
+                                        _token_counts(eval_source, vocab, max_records), smoothing=smoothing)
+
+
+def unigram_bits_from_histograms(train_histogram: np.ndarray, eval_histogram: np.ndarray, *,
+                                 smoothing: float = 0.5) -> float:
+    """`unigram_bits_per_token` from int[V] body-token histograms (`datasets.token_histogram`)."""
+    train = np.asarray(train_histogram, np.float64) + smoothing
+    evals = np.asarray(eval_histogram, np.float64)
+    if train.shape != evals.shape:
+        raise ValueError(f"token histograms of {train.shape[0]} and {evals.shape[0]} ids (another vocabulary?)")
     if evals.sum() == 0:
         raise ValueError("the evaluation split has no tokens")
     log_p = np.log2(train / train.sum())

@@ -363,11 +363,16 @@ def _train_and_evaluate(config, workdir: str, data_dir: str, preemption: distrib
         run_dir.write_json(run_path / "config.json", _config_json(config))
 
     # Evaluation.
-    # Built once: it reads every eval record to lay out the windows. max_batches global batches' worth
-    # of windows, spread over the whole split.
+    # Built once: max_batches global batches' worth of windows, spread over the whole split, laid out from
+    # the stats stored with the dataset (a dataset built before they were stored: from every eval record).
+    eval_counts = datasets.token_counts(data_dir, config.data.name, config.data.eval_split)
+    eval_prefixes = datasets.prefix_lengths(data_dir, config.data.name, config.data.eval_split)
+    if eval_counts is None or eval_prefixes is None:
+        eval_counts = eval_prefixes = None
     eval_batches = input_lib.make_eval_batches(
         eval_source, vocab, config.data.seq_len, config.eval.batch_size // jax.process_count(),
-        max_windows=config.eval.max_batches * config.eval.batch_size if config.eval.max_batches else None)
+        max_windows=config.eval.max_batches * config.eval.batch_size if config.eval.max_batches else None,
+        token_counts=eval_counts, prefix_lengths=eval_prefixes)
 
     eval_compiled = False
 
@@ -385,7 +390,12 @@ def _train_and_evaluate(config, workdir: str, data_dir: str, preemption: distrib
         return losses.bits(total / max(count, 1.0))
 
     eval_sharding = sharding_lib.data_sharding(mesh, batch_size=config.eval.batch_size)
-    unigram = evaluation.unigram_bits_per_token(train_source, eval_source, vocab)
+    histograms = [datasets.token_histogram(data_dir, config.data.name, split)
+                  for split in (config.data.train_split, config.data.eval_split)]
+    if any(h is None for h in histograms):  # a slice of a split, or a dataset built before they were stored
+        unigram = evaluation.unigram_bits_per_token(train_source, eval_source, vocab)
+    else:
+        unigram = evaluation.unigram_bits_from_histograms(*histograms)
     total_bytes, local_bytes = state_bytes(state)
     reporter.message(f"model: {model_lib.count_params(nnx.to_pure_dict(abstract_state)[0]):,} parameters; "
                      f"mesh {dict(mesh.shape)}; unigram baseline {unigram:.3f} bits/token")

@@ -15,9 +15,10 @@ Filters (per config, `convert.Filters`): fewer than 16 notes, more than 3600 s o
 262,144 body tokens -> rejected. Every rejected file is listed in `rejected.tsv` (path, reason,
 detail) next to the records, and counted per reason in the dataset metadata (`metadata.json`).
 The dataset's vocabulary (label table included) is saved as `vocab.json` in the same folder; read
-it with `data_pipeline.datasets.load_vocab`. The body-token count of every record is saved as
-`token_counts.npz` (`datasets.token_counts`), so training can weigh pieces by length without
-reading every record first.
+it with `data_pipeline.datasets.load_vocab`. The body-token count and prefix length of every record and
+each split's token histogram are saved as `token_counts.npz` (`datasets.token_counts`, `prefix_lengths`,
+`token_histogram`), so training can weigh pieces by length, lay out evaluation windows and compute its
+unigram baseline without reading every record first.
 
 Build (no TensorFlow needed): `musenet-build-data --config directory --manual_dir DIR --data_dir OUT`,
 or in Python `Builder(config="default", data_dir=OUT, file_format="array_record").download_and_prepare()`.
@@ -47,7 +48,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from data_pipeline import archives
-from data_pipeline.datasets import REPORT_FILE, TOKEN_COUNTS_FILE, VOCAB_FILE
+from data_pipeline.datasets import HISTOGRAM_SUFFIX, PREFIX_LEN_SUFFIX, REPORT_FILE, TOKEN_COUNTS_FILE, VOCAB_FILE
 from data_pipeline.musenet_midi import convert, sources
 from data_pipeline.vocab import Vocab, VocabConfig
 
@@ -170,14 +171,25 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             shutil.rmtree(self._spill_dir, ignore_errors=True)
 
     def _write_token_counts(self):
-        """`token_counts.npz` (one int32 array per split, in record order) for window sampling.
+        """`token_counts.npz` (`datasets.token_counts`, `prefix_lengths`, `token_histogram`): per split, the
+        body-token count and prefix length of each record in record order, and the body-token histogram.
 
         Read back from the written records: TFDS orders them by a hash of their keys as it writes.
         """
-        counts = {split: np.fromiter((len(record["tokens"]) for record in self.as_data_source(split)), np.int32)
-                  for split in self.info.splits}
+        vocab = Vocab.load(os.path.join(self.data_dir, VOCAB_FILE))
+        stats = {}
+        for split in self.info.splits:
+            counts, prefix_lens, histogram = [], [], np.zeros(vocab.size, np.int64)
+            for record in self.as_data_source(split):
+                counts.append(len(record["tokens"]))
+                label = record["label"].decode() if isinstance(record["label"], bytes) else record["label"]
+                prefix_lens.append(len(vocab.prefix(label or None, record["instruments"])))
+                histogram += np.bincount(record["tokens"], minlength=vocab.size)
+            stats[split] = np.asarray(counts, np.int32)
+            stats[split + PREFIX_LEN_SUFFIX] = np.asarray(prefix_lens, np.int32)
+            stats[split + HISTOGRAM_SUFFIX] = histogram
         with open(os.path.join(self.data_dir, TOKEN_COUNTS_FILE), "wb") as f:
-            np.savez(f, **counts)
+            np.savez(f, **stats)
 
     def _manual_dir(self, dl_manager) -> str | None:
         if self.builder_config.source == "bundled":

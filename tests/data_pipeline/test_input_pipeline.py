@@ -552,6 +552,44 @@ def test_eval_max_windows_keeps_windows_spread_over_the_split(records, vocab):
         ip.make_eval_batches(records, vocab, SEQ_LEN, 5, max_windows=0, process_index=0, process_count=1)
 
 
+class _CountingSource:
+    """A list of records that counts reads."""
+
+    def __init__(self, records):
+        self.records, self.reads = records, 0
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.records[i]
+
+
+def test_eval_windows_laid_out_from_stored_stats_read_no_record(records, pieces, vocab):
+    counts = [len(piece.tokens) for piece in pieces]
+    prefix_lens = [len(vocab.prefix(piece.label, piece.instruments)) for piece in pieces]
+    for process_count, max_windows in ((1, None), (2, 7)):
+        source = _CountingSource(records)
+        given = ip.make_eval_batches(source, vocab, SEQ_LEN, 5, max_windows=max_windows, token_counts=counts,
+                                     prefix_lengths=prefix_lens, process_index=0, process_count=process_count)
+        assert source.reads == 0
+        read = ip.make_eval_batches(records, vocab, SEQ_LEN, 5, max_windows=max_windows, process_index=0,
+                                    process_count=process_count)
+        given = list(given)
+        _assert_batches_equal(given, list(read))
+        assert source.reads == len(_scored_rows(given))  # a batch reads one record per window, and only those
+    with pytest.raises(ValueError, match="give both token_counts and prefix_lengths"):
+        ip.make_eval_batches(records, vocab, SEQ_LEN, 5, token_counts=counts, process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="another dataset or split"):
+        ip.make_eval_batches(records, vocab, SEQ_LEN, 5, token_counts=counts[1:], prefix_lengths=prefix_lens[1:],
+                             process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="another vocabulary"):
+        ip.make_eval_batches(records, vocab, SEQ_LEN, 5, token_counts=counts,
+                             prefix_lengths=[ip.max_prefix_len(vocab) + 1] * len(records), process_index=0,
+                             process_count=1)
+
+
 # -- global stream sharding ------------------------------------------------------------------------
 def _global_batches(records, vocab, process_count, n, start_batch=0, **kw):
     """n global batches read by `process_count` processes, their rows concatenated in process order."""

@@ -130,24 +130,42 @@ def test_directory_records_read_back_through_tfds(messy_build, messy_dir):
     assert seen == KEPT
 
 
-def test_token_counts_match_the_records_of_every_split_and_slice(messy_build, tmp_path):
+def test_stored_stats_match_the_records_of_every_split_and_slice(messy_build, tmp_path):
+    vocab = datasets.load_vocab(messy_build, "directory")
     meta = datasets.load_metadata(messy_build, "directory")
     splits = [split for split, n in meta["examples"].items() if n]
-    specs = [*splits, f"{splits[0]}[1:]+{splits[-1]}[:1]", f"{splits[0]}[:50%]"]
+    specs = [*splits, f"{splits[0]}[1:]+{splits[-1]}[:1]", f"{splits[0]}[:50%]", "+".join(splits)]
     for spec in specs:
         source = datasets.data_source(messy_build, "directory", spec)
+        records = [source[i] for i in range(len(source))]
         counts = datasets.token_counts(messy_build, "directory", spec)
         assert counts.dtype == np.int32
-        np.testing.assert_array_equal(counts, [len(source[i]["tokens"]) for i in range(len(source))], err_msg=spec)
-    # A dataset built before the counts were stored has none; one whose counts disagree is refused.
+        np.testing.assert_array_equal(counts, [len(r["tokens"]) for r in records], err_msg=spec)
+        prefix_lens = datasets.prefix_lengths(messy_build, "directory", spec)
+        assert prefix_lens.dtype == np.int32
+        np.testing.assert_array_equal(
+            prefix_lens, [len(vocab.prefix(r["label"].decode() or None, r["instruments"])) for r in records],
+            err_msg=spec)
+        histogram = datasets.token_histogram(messy_build, "directory", spec)
+        if "[" in spec:  # a slice of a split has none
+            assert histogram is None
+        else:
+            expected = np.bincount(np.concatenate([r["tokens"] for r in records]), minlength=vocab.size)
+            np.testing.assert_array_equal(histogram, expected, err_msg=spec)
+    # A dataset built before the stats were stored has none; one whose stats disagree is refused.
     copy = tmp_path / "copy"
     shutil.copytree(messy_build, copy)
     counts_path = os.path.join(datasets.dataset_dir(copy, "directory"), datasets.TOKEN_COUNTS_FILE)
     np.savez(counts_path, **{split: np.ones(1000, np.int32) for split in splits})
     with pytest.raises(ValueError, match=f"1000 counts for split '{splits[0]}'"):
         datasets.token_counts(copy, "directory", splits[0])
+    np.savez(counts_path, **{split: datasets.token_counts(messy_build, "directory", split) for split in splits})
+    assert datasets.token_counts(copy, "directory", splits[0]) is not None  # counts only: an older build
+    assert datasets.prefix_lengths(copy, "directory", splits[0]) is None
+    assert datasets.token_histogram(copy, "directory", splits[0]) is None
     os.remove(counts_path)
     assert datasets.token_counts(copy, "directory", splits[0]) is None
+    assert datasets.prefix_lengths(copy, "directory", splits[0]) is None
 
 
 @pytest.mark.multiprocess

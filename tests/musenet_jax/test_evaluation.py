@@ -223,3 +223,21 @@ def test_metrics_with_zero_denominators_are_none():
     m = evaluation.metrics(tokens=3, notes=0, seconds=0.0, total_bits=6.0, total_bits_no_velocity=6.0)
     assert m["bits_per_token"] == 2.0 and m["bits_per_note"] is None and m["bits_per_second"] is None
     assert tuple(m) == evaluation.METRIC_FIELDS
+
+
+def test_unigram_baseline_from_records_and_from_histograms():
+    # Tokens 5 and 6 only, V ids, add-0.5 smoothing: train counts 5 -> 3, 6 -> 1; eval tokens 5, 6, 7.
+    train = [{"tokens": np.array([5, 5, 6])}, {"tokens": np.array([5])}]
+    evals = [{"tokens": np.array([5, 6, 7])}]
+    v, total = VOCAB.size, 4 + 0.5 * VOCAB.size
+    expected = -(math.log2(3.5 / total) + math.log2(1.5 / total) + math.log2(0.5 / total)) / 3
+    assert evaluation.unigram_bits_per_token(train, evals, VOCAB) == pytest.approx(expected, rel=1e-12)
+    hist = lambda records: np.bincount(np.concatenate([r["tokens"] for r in records]), minlength=v)
+    assert evaluation.unigram_bits_from_histograms(hist(train), hist(evals)) == pytest.approx(expected, rel=1e-12)
+    # Capped at one record of each source: the first train record only.
+    capped = -(math.log2(2.5 / (3 + 0.5 * v)) + math.log2(1.5 / (3 + 0.5 * v)) + math.log2(0.5 / (3 + 0.5 * v))) / 3
+    assert evaluation.unigram_bits_per_token(train, evals, VOCAB, max_records=1) == pytest.approx(capped, rel=1e-12)
+    with pytest.raises(ValueError, match="another vocabulary"):
+        evaluation.unigram_bits_from_histograms(hist(train), hist(evals)[:-1])
+    with pytest.raises(ValueError, match="no tokens"):
+        evaluation.unigram_bits_from_histograms(hist(train), np.zeros(v, np.int64))
