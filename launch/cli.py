@@ -44,9 +44,34 @@ def guarded(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
     return wrapper
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-    """`absl.app.run` for a guarded main."""
-    app.run(guarded(main))
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing whose errors (unknown flag, bad value) are one line and exit code 2."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        fail(f"{e} (see --help)", code=2)
+
+
+def run(main: Callable[[list[str]], None],
+        flags_parser: Callable[[list[str]], list[str]] = parse_flags) -> None:
+    """`absl.app.run` for a guarded main, with one-line flag errors and a `--help` that lists main's flags."""
+    _help_from(sys.modules[main.__module__])
+    app.run(guarded(main), flags_parser=flags_parser)
+
+
+def _help_from(module) -> None:
+    """Makes `--help` show `module`'s docstring and flags when it runs as an installed console script.
+
+    absl's `--help` prints `__main__`'s docstring and the flags of the module named by `sys.argv[0]`;
+    under a console script that is the generated wrapper, which has neither, so the help was empty.
+    """
+    main = sys.modules["__main__"]
+    if main is module:  # `python -m launch.generate`: absl finds both itself
+        return
+    if not main.__doc__:
+        main.__doc__ = module.__doc__
+    for flag in flags.FLAGS.get_key_flags_for_module(module):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:

@@ -38,7 +38,7 @@ import string
 import subprocess
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from launch import cli
 
@@ -499,15 +499,11 @@ def parse_flags(argv: list[str]) -> list[str]:
         (passed if arg.startswith("--config.") else ours).append(arg)
     else:
         passed_after = []
-    try:
-        rest = flags.FLAGS(ours)
-    except flags.Error as e:
-        cli.fail(f"{e} (see --help)", code=2)
-    return [*rest, *passed, *passed_after]
+    return [*cli.parse_flags(ours), *passed, *passed_after]
 
 
 def run():
-    app.run(cli.guarded(main), flags_parser=parse_flags)
+    cli.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

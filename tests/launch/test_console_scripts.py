@@ -1,0 +1,48 @@
+"""The installed console scripts (setup.py's entry points) as a user types them: help and flag errors.
+
+Other tests run the tools as `python -m launch.X`, where absl finds the module's help by itself; an installed
+script's `__main__` is a generated wrapper, so these run the real scripts next to this Python.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import importlib.util
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+SCRIPTS = sorted((ep.name, ep.value.split(":")[0]) for ep in importlib.metadata.entry_points(group="console_scripts")
+                 if ep.name.startswith("musenet-"))
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    path = pathlib.Path(sys.executable).parent / script
+    assert path.exists(), f"{path}: not installed (pip install -e .)"
+    return subprocess.run([str(path), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_every_launch_module_is_installed_as_a_script():
+    assert {module for _, module in SCRIPTS} >= {"launch.generate", "launch.train", "launch.evaluate",
+                                                  "launch.export", "launch.build_data", "launch.pod"}
+
+
+@pytest.mark.parametrize("script,module", SCRIPTS)
+def test_help_shows_the_tools_docstring_and_flags_and_a_bad_flag_is_one_line(script, module):
+    # Read from the source: the tools cannot all be imported into one process (they share flag names).
+    source = pathlib.Path(importlib.util.find_spec(module).origin).read_text()
+    doc = ast.get_docstring(ast.parse(source))
+    names = re.findall(r"flags\.DEFINE_\w+\(\s*\"(\w+)\"", source)
+    res = _run(script, "--help")  # absl's --help exits 1
+    assert doc.splitlines()[0] in res.stdout
+    listed = set(re.findall(r"^\s+--(?:\[no\])?(\w+)", res.stdout, re.M))
+    assert names and set(names) <= listed, (names, res.stdout)
+    bad = _run(script, "--no_such_flag=1")
+    assert bad.returncode == 2
+    assert bad.stderr.splitlines() == ["error: Unknown command line flag 'no_such_flag' (see --help)"]
