@@ -153,6 +153,13 @@ class VocabConfig:
         unknown = set(d) - known - {"format", "size"}
         if unknown:
             raise ValueError(f"vocab config has unknown fields: {sorted(unknown)}")
+        for field in dataclasses.fields(cls):  # JSON types: a wrong one would fail later, far from here
+            value, kind = d.get(field.name, field.default), type(field.default)
+            if field.name == "labels":
+                if not isinstance(value, (list, tuple)) or not all(isinstance(x, str) for x in value):
+                    raise ValueError(f"vocab config labels must be a list of strings, got {value!r}")
+            elif not isinstance(value, kind) or isinstance(value, bool):
+                raise ValueError(f"vocab config {field.name} must be {kind.__name__}, got {value!r}")
         return cls(**{k: (tuple(v) if k == "labels" else v) for k, v in d.items() if k in known})
 
 
@@ -351,6 +358,8 @@ class Vocab:
     @classmethod
     def from_json(cls, text: str) -> Vocab:
         d = json.loads(text)
+        if not isinstance(d, dict):
+            raise ValueError(f"not a {cls.FORMAT} file (a JSON {type(d).__name__}, not an object)")
         if d.get("format") != cls.FORMAT:
             raise ValueError(f"not a {cls.FORMAT} file (format={d.get('format')!r})")
         vocab = cls(VocabConfig.from_dict(d))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable
 
@@ -38,7 +39,8 @@ def guarded(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
             fail(f"{e} (see --help)", code=2)
         except USER_ERRORS as e:
             if isinstance(e, OSError) and e.filename and e.strerror:
-                fail(f"{e.filename}: {e.strerror}")
+                # Outputs are written as `<path>.partial` and renamed: name the file the user asked for.
+                fail(f"{re.sub(r'[.]partial$', '', str(e.filename))}: {e.strerror}")
             fail(str(e) or type(e).__name__)
 
     return wrapper

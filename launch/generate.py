@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import tempfile
 
 import numpy as np
 from absl import flags
@@ -99,14 +100,36 @@ def check_flags() -> None:
     for path in outputs:
         if os.path.isdir(path):
             raise cli.UsageError(f"{path} is a directory; give a file name")
+    if _PRIMER.value is not None:
+        primer = os.path.realpath(_PRIMER.value)
+        if any(os.path.realpath(path) == primer for path in output_paths()):
+            raise cli.UsageError(f"--primer {_PRIMER.value} is also an output file; write the piece elsewhere")
 
 
-def check_output_dirs() -> None:
-    for path in (_OUT.value, _WAV.value, _PIANOROLL.value):
-        if path is not None:
-            parent = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(parent):
-                raise ValueError(f"{path}: output folder {parent} does not exist")
+def output_paths() -> list[str]:
+    """Every file the run will write: --out, --wav, --pianoroll, numbered per piece."""
+    return [numbered(path, k, _NUM_SAMPLES.value) for path in (_OUT.value, _WAV.value, _PIANOROLL.value)
+            if path is not None for k in range(1, _NUM_SAMPLES.value + 1)]
+
+
+def check_outputs() -> None:
+    """Bad input: an output that cannot be written is found before the model loads, not after a piece."""
+    folders = {}
+    for path in output_paths():
+        if os.path.isdir(path):
+            raise ValueError(f"{path} is a directory; give another --out / --wav / --pianoroll")
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.exists(parent):
+            raise ValueError(f"{path}: output folder {parent} does not exist")
+        if not os.path.isdir(parent):
+            raise ValueError(f"{path}: {parent} is not a folder")
+        folders.setdefault(parent, path)
+    for parent, path in folders.items():
+        try:  # Permissions alone do not tell (root, read-only mounts, special file systems): try.
+            with tempfile.TemporaryFile(dir=parent):
+                pass
+        except OSError as e:
+            raise ValueError(f"{path}: cannot write in {parent} ({e.strerror or e})") from None
 
 
 def resolve_label(genre: str, vocab: Vocab) -> str | None:
@@ -204,7 +227,7 @@ def main(argv):
     if len(argv) > 1:
         raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     check_flags()
-    check_output_dirs()
+    check_outputs()
     seconds, num_samples = _SECONDS.value, _NUM_SAMPLES.value
 
     vocab = read_vocab(_MODEL.value)
@@ -256,7 +279,8 @@ def main(argv):
             written.append(wav_path)
         played = ",".join(vocab.instruments.names[i] for i in np.unique(notes.instrument).tolist()) or "silence"
         status = "ended" if piece.ended else "ran out of token budget (open notes closed)"
-        print(f"wrote {' + '.join(written)}: {piece.seconds:.1f} s, {len(notes)} notes, {played}, {status}")
+        print(f"wrote {' + '.join(written)}: {piece.seconds:.{1 if piece.seconds >= 1 else 2}f} s, {len(notes)} "
+              f"note{'' if len(notes) == 1 else 's'}, {played}, {status}")
     sys.stdout.flush()
     if audio_problem is not None:
         raise rendering.RenderError(audio_problem)

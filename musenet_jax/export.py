@@ -153,10 +153,15 @@ def export_checkpoint(workdir: str | os.PathLike, out_dir: str | os.PathLike, dt
     _check_params(params, out_config, where, check_dtype=True)
 
     parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.partial-", dir=parent)
     try:
-        save_file(params, os.path.join(tmp, WEIGHTS), metadata={"format": FORMAT, "step": str(step)})
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.partial-", dir=parent)
+    except OSError as e:
+        raise ExportError(f"{out_dir}: cannot write in {parent} ({e.strerror or e})") from None
+    try:
+        # One metadata key: safetensors writes its metadata in hash-map order, which differs between
+        # processes, and the same checkpoint should give the same bytes. The step is in config.json.
+        save_file(params, os.path.join(tmp, WEIGHTS), metadata={"format": FORMAT})
         # mkdtemp (and safetensors) create owner-only files; an export is meant to be shared like any output.
         umask = os.umask(0)
         os.umask(umask)

@@ -35,7 +35,9 @@ that is what `compute_features` of the whole piece gives too). Positions restart
 Constraints, by masking logits before sampling (a token never allowed gets probability 0):
 - the body may only hold waits, END, note-on / note-off of the chosen pitched instruments and drum hits if
   `drums` is chosen: never PAD, START, labels or instrument-presence tokens;
-- time never passes the target: `wait:w` is allowed only while timing + w <= D;
+- time never passes the target: `wait:w` is allowed only while timing + w <= D; in the ending window
+  (below) a longer wait reads as a closing rest (its probability goes to `wait:(D - timing)`), where masking
+  it would push its probability onto note-ons and end the piece with a burst of notes;
 - ending: END is masked until timing >= D - tolerance, with tolerance = min(`END_TOLERANCE_MS`, 10% of the
   target) so short pieces keep a window too; once timing reaches D only END is allowed (forced). An ended
   piece therefore lasts between D - tolerance and D time units.
@@ -298,8 +300,16 @@ def _decode_window(graphdef, state, piece, timing, chord, length, done, ended, s
 
         # Constraints for the new token (see module doc).
         fits = nxt_timing[:, None] + wait_units[None, :] <= duration
+        # Where the piece may end, a wait past the target reads as a closing rest: its probability moves to the
+        # wait that reaches the target exactly. Masked and renormalised instead, a model that wants to close
+        # with a rest would spread that mass over the note-ons, which do not advance time: a burst of notes
+        # in the last time step. (Earlier, the piece must go on: there the mask stands.)
+        closing = nxt_timing >= duration - tolerance
+        exact = closing[:, None] & wait_ids[None, :] & (wait_units[None, :] == (duration - nxt_timing)[:, None])
+        rest = jax.nn.logsumexp(jnp.where(exact | (wait_ids[None, :] & ~fits), logits, -jnp.inf), axis=-1)
+        logits = jnp.where(exact, rest[:, None], logits)
         mask = allowed[None, :] & (~wait_ids[None, :] | fits)
-        mask = mask.at[:, END].set(nxt_timing >= duration - tolerance)
+        mask = mask.at[:, END].set(closing)
         mask = jnp.where((nxt_timing >= duration)[:, None], only_end[None, :], mask)
         logits = jnp.where(mask, logits / temperature, -jnp.inf)
         logits = _filter_logits(logits, top_k, top_p)

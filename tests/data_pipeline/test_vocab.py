@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -98,6 +100,21 @@ def test_vocab_json_round_trip(tmp_path):
     (tmp_path / "bad.json").write_text('{"format": "something-else"}')
     with pytest.raises(ValueError, match="musenet-vocab-v1"):
         Vocab.load(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[1, 2]", "a JSON list, not an object"),
+    ("42", "a JSON int, not an object"),
+    ('{"format": "musenet-vocab-v1", "labels": "bach"}', "labels must be a list of strings, got 'bach'"),
+    ('{"format": "musenet-vocab-v1", "labels": ["bach", 3]}', "labels must be a list of strings"),
+    ('{"format": "musenet-vocab-v1", "velocity_bins": "16"}', "velocity_bins must be int, got '16'"),
+    ('{"format": "musenet-vocab-v1", "max_wait": true}', "max_wait must be int, got True"),
+    ('{"format": "musenet-vocab-v1", "instrument_set": null}', "instrument_set must be str, got None"),
+])
+def test_a_vocab_json_of_the_wrong_shape_is_a_value_error(tmp_path, text, message):
+    (tmp_path / "vocab.json").write_text(text)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Vocab.load(tmp_path / "vocab.json")
 
 
 def test_instrument_tables():

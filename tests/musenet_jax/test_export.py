@@ -13,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from data_pipeline.vocab import Vocab, VocabConfig
@@ -151,6 +152,14 @@ def test_cli_exports_and_refuses_bad_input(workdir, tmp_path):
     res = _cli("--workdir", workdir, "--out", out, "--dtype", "bfloat16", "--step", "5")
     assert res.returncode == 0, res.stderr
     assert "exported step 5" in res.stdout and (out / "model.safetensors").exists()
+    # The same checkpoint gives the same bytes, in another process too: safetensors writes metadata in
+    # hash-map order, so there is one key.
+    with safe_open(out / "model.safetensors", "np") as f:
+        assert f.metadata() == {"format": export.FORMAT}
+    again = export.export_checkpoint(workdir, tmp_path / "again", dtype="bfloat16", step=5)
+    for name in ("config.json", "model.safetensors", "vocab.json"):
+        assert (out / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
+    shutil.rmtree(again)
 
     assert "no such workdir" in _one_line_error(_cli("--workdir", tmp_path / "missing", "--out", tmp_path / "x"))
     assert "no checkpoint at step 7" in _one_line_error(_cli("--workdir", workdir, "--out", tmp_path / "x",
@@ -159,5 +168,7 @@ def test_cli_exports_and_refuses_bad_input(workdir, tmp_path):
     assert "not an empty directory" in _one_line_error(_cli("--workdir", workdir, "--out", out))
     assert sorted(p.name for p in out.iterdir()) == before
     assert "required" in _one_line_error(_cli("--workdir", workdir), code=2)
+    assert "/proc/musenet-x: cannot write in /proc" in _one_line_error(_cli("--workdir", workdir, "--out",
+                                                                            "/proc/musenet-x"))
     # Nothing half-written: no output dir and no temporary sibling left behind.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cli"]

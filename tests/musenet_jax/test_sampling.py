@@ -207,6 +207,41 @@ def test_long_pieces_end_near_the_target(short_model, vocab):
         assert seconds - tolerance / 100 - 1e-9 <= piece.seconds <= seconds + 1e-9
 
 
+def _constant_model(model, vocab, logits: np.ndarray):
+    """`model` changed to predict `logits` float[V] after every token: the final LayerNorm outputs e_0 (scale 0,
+    bias e_0) and the (tied) head's entries for dimension 0 are `logits`. Same graph as `model`: its compiled
+    loop is reused."""
+    assert model.config.tie_embeddings
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    d = model.config.d_model
+    params["final_norm"]["scale"] = np.zeros(d, np.float32)
+    params["final_norm"]["bias"] = np.eye(d, dtype=np.float32)[0]
+    table = np.array(params["token_embed"])  # [Vp, D]: logits = hidden @ table.T
+    table[:, 0] = 0.0
+    table[: len(logits), 0] = logits
+    params["token_embed"] = table
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def test_a_closing_rest_stays_a_rest(model, vocab):
+    # A model that rests: the longest wait (16 units) 99.5% of the time. 0.5 s = 50 units = 3 x 16 + 2: the
+    # fourth wait would pass the target, so it becomes wait:2, and the piece ends on time with no note added
+    # (masked and renormalised instead, the rest's probability went to the note-ons: a burst of notes there).
+    logits = np.zeros(vocab.size, np.float32)
+    logits[vocab.wait(vocab.config.max_wait)] = 10.0
+    out = sampling.decode_arrays(_constant_model(model, vocab, logits), vocab, label="bach",
+                                 instruments=["piano", "violin"], seconds=SECONDS, num_samples=BATCH, seed=0)
+    assert out.duration_units == 50
+    for row in range(BATCH):
+        tokens = out.tokens[row, out.prefix_len: out.lengths[row]]
+        assert tokens[-1] == END and int(vocab.wait_units[tokens].sum()) == 50
+        last_wait = max(i for i, t in enumerate(tokens) if vocab.wait_units[t])
+        assert vocab.wait_units[tokens[last_wait]] == 2
+        assert len(tokens) - last_wait - 1 == 1  # only END after the closing rest
+
+
 def test_token_cap_stops_a_piece_without_end(short_model, vocab):
     cap = SHORT_CAP - 10  # the same buffer size: no new compilation
     out = sampling.decode_arrays(short_model, vocab, label="bach", instruments=["piano"], seconds=100.0,
