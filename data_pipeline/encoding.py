@@ -364,8 +364,9 @@ def encode_midi(source, vocab: Vocab, label: str | None = None, reader: str = "s
     return piece
 
 
-def notes_to_midi(notes: Notes, vocab: Vocab, path: str | os.PathLike) -> None:
-    """Writes `Notes` as a format-1 MIDI file: one track per instrument class, drums on channel 10."""
+def notes_to_midi(notes: Notes, vocab: Vocab, path: str | os.PathLike, duration_units: int | None = None) -> None:
+    """Writes `Notes` as a format-1 MIDI file: one track per instrument class, drums on channel 10; with
+    `duration_units`, the file lasts that long even when it ends in silence."""
     unit_ms = vocab.config.time_unit_ms
     tracks = []
     for i in np.unique(notes.instrument):
@@ -375,10 +376,11 @@ def notes_to_midi(notes: Notes, vocab: Vocab, path: str | os.PathLike) -> None:
                            is_drum=is_drum, start_ms=notes.start[sel] * unit_ms,
                            end_ms=notes.end[sel] * unit_ms, pitch=notes.pitch[sel],
                            velocity=notes.velocity[sel]))
-    midi_io.write_midi(path, tracks)
+    midi_io.write_midi(path, tracks, None if duration_units is None else duration_units * unit_ms)
 
 
 def tokens_to_midi(tokens, vocab: Vocab, path: str | os.PathLike) -> Notes:
-    notes, _ = decode_tokens(tokens, vocab)
-    notes_to_midi(notes, vocab, path)
+    """Decodes tokens and writes them as MIDI lasting as long as their waits (a closing rest included)."""
+    notes, duration = decode_tokens(tokens, vocab)
+    notes_to_midi(notes, vocab, path, duration_units=duration)
     return notes

@@ -259,13 +259,15 @@ WRITE_TICKS_PER_QUARTER = 500  # with 120 BPM, one tick is exactly one milliseco
 WRITE_TEMPO_BPM = 120.0
 
 
-def write_midi(path: str | os.PathLike, tracks: list[dict]) -> None:
+def write_midi(path: str | os.PathLike, tracks: list[dict], length_ms: int | None = None) -> None:
     """Writes a clean format-1 file atomically: one track per instrument, drums on channel 10.
 
     Args:
       path: output file; written to a temporary name first, so a failure leaves no partial file.
       tracks: dicts with `name`, `program`, `is_drum`, and int arrays `start_ms`, `end_ms`,
         `pitch`, `velocity` (times in milliseconds).
+      length_ms: the music's length when it ends in silence after its last note: a marker ("end") makes
+        the file last that long (a file ends with its last event, so a closing rest would be cut off).
     """
     import miditoolkit
 
@@ -281,6 +283,10 @@ def write_midi(path: str | os.PathLike, tracks: list[dict]) -> None:
         inst.notes = [miditoolkit.Note(velocity=v, pitch=p, start=round(s * ticks_per_ms),
                                        end=round(e * ticks_per_ms)) for s, e, p, v in rows]
         midi.instruments.append(inst)
+    last_tick = max((n.end for inst in midi.instruments for n in inst.notes), default=0)
+    if length_ms is not None and round(length_ms * ticks_per_ms) > last_tick:
+        # The track's end-of-track event follows its last event by one tick.
+        midi.markers = [miditoolkit.Marker("end", max(round(length_ms * ticks_per_ms) - 1, 0))]
     path = os.fspath(path)
     tmp = f"{path}.partial"
     try:

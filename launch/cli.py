@@ -35,6 +35,8 @@ def guarded(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
             logging.set_verbosity(logging.WARNING)
         try:
             main(argv)
+        except KeyboardInterrupt:
+            fail("interrupted", code=130)  # 128 + SIGINT, as a shell reports it
         except UsageError as e:
             fail(f"{e} (see --help)", code=2)
         except USER_ERRORS as e:
@@ -52,6 +54,10 @@ def parse_flags(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except flags.Error as e:
         fail(f"{e} (see --help)", code=2)
+    except (AttributeError, KeyError) as e:  # ml_collections: a --config.a.b override naming no field
+        detail = " ".join(str(e.args[0] if e.args else e).split()).replace("'", "")
+        detail = detail if " " in detail else detail.strip('"')
+        fail(f"no such config field: {detail} (see --help)", code=2)
 
 
 def run(main: Callable[[list[str]], None],

@@ -55,7 +55,7 @@ def main(argv):
             text = f.read()
     tokens, vocab = parse_tokens(text, _VOCAB.value)
     notes = encoding.tokens_to_midi(tokens, vocab, _OUT.value)
-    print(f"wrote {_OUT.value}: {len(notes)} notes", file=sys.stderr)
+    print(f"wrote {_OUT.value}: {len(notes)} note{'' if len(notes) == 1 else 's'}", file=sys.stderr)
 
 
 def run():

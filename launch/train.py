@@ -15,13 +15,17 @@ three explicit flags are given or a cluster is detected (TPU VM pod worker, SLUR
 task, Kubernetes indexed Job / JobSet pod; `musenet_jax.distributed`); `on` always calls
 jax.distributed.initialize() and lets JAX detect the cluster; `off` runs a single process.
 
-Exit codes: 0 when training finished or was preempted (SIGTERM on any process: every process saves a
-checkpoint of the same step and exits 0 with a message; rerun the same command to resume); 1 for errors;
-2 for bad flags; 3 (`distributed.ABORT_EXIT_CODE`) when another process of the job died or hung for
---heartbeat_timeout_s seconds (a one-line message names it).
+Exit codes: 0 when training finished or was preempted (SIGTERM or Ctrl-C on any process: every process
+saves a checkpoint of the same step and exits 0 with a message; rerun the same command to resume), and when
+the workdir's checkpoint has already reached total_steps (nothing is trained or rewritten); 1 for errors;
+2 for bad flags; 130 for a second Ctrl-C (stops at once, without the checkpoint); 3
+(`distributed.ABORT_EXIT_CODE`) when another process of the job died or hung for --heartbeat_timeout_s
+seconds (a one-line message names it).
 """
 
 from __future__ import annotations
+
+import os
 
 from absl import flags
 from ml_collections import config_flags
@@ -47,6 +51,9 @@ _HEARTBEAT = flags.DEFINE_float("heartbeat_timeout_s", 60.0,
 def main(argv):
     if len(argv) > 1:
         raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config_file = flags.FLAGS["config"].present and config_flags.get_config_filename(flags.FLAGS["config"])
+    if config_file and not os.path.isfile(config_file.split(":")[0]):
+        raise cli.UsageError(f"--config {config_file}: no such file")
     if _CONFIG.value is None:
         raise cli.UsageError("--config is required (e.g. --config=configs/tiny.py)")
     if not _WORKDIR.value or not _DATA_DIR.value:
@@ -67,6 +74,8 @@ def main(argv):
 
     result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _DATA_DIR.value,
                                       heartbeat_timeout_s=_HEARTBEAT.value)
+    if not result["trained"]:
+        return  # the trainer said why
     if result["preempted"]:
         print(f"preempted: stopped after step {result['step']} with a checkpoint in {_WORKDIR.value}; rerun the "
               "same command to resume", flush=True)

@@ -174,9 +174,13 @@ def abort(message: str, code: int = ABORT_EXIT_CODE) -> None:
 
 # -- preemption ------------------------------------------------------------------------------------
 class PreemptionFlag:
-    """Records SIGTERM instead of dying, until `restore()`. Install from the main thread."""
+    """Records SIGTERM (and Ctrl-C's SIGINT) instead of dying, until `restore()`. Install from the main thread.
 
-    def __init__(self, signals=(signal.SIGTERM,)):
+    A second SIGINT raises KeyboardInterrupt at once: whoever presses Ctrl-C twice does not want to wait for
+    the step and its checkpoint.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self.requested = False
         self.signal_name = ""
         self._previous = {}
@@ -185,6 +189,11 @@ class PreemptionFlag:
 
     def _handler(self, signum, frame):
         del frame
+        if signum == signal.SIGINT:
+            if self.requested:
+                raise KeyboardInterrupt
+            print("interrupted: stopping after this step with a checkpoint (Ctrl-C again to stop at once, "
+                  "without it)", file=sys.stderr, flush=True)
         self.requested = True
         self.signal_name = signal.Signals(signum).name
 

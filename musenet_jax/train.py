@@ -61,6 +61,24 @@ class TrainingError(ValueError):
     """A run that cannot start or go on (mismatched checkpoint, non-finite loss...); one-line message."""
 
 
+# Run-loop settings and their smallest values: outside them a run divides by zero or silently does nothing.
+_AT_LEAST = {"train.total_steps": 1, "train.batch_size": 1, "train.microbatches": 1, "train.log_every": 1,
+             "train.warmup_steps": 0, "eval.batch_size": 1, "eval.every_steps": 1, "eval.max_batches": 0,
+             "checkpoint.every_steps": 1, "checkpoint.max_to_keep": 1}
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """TrainingError naming the first run-loop setting out of range (the model checks its own config)."""
+    for path, least in _AT_LEAST.items():
+        section, name = path.split(".")
+        value = config[section].get(name)
+        if value is not None and (not isinstance(value, int) or value < least):
+            raise TrainingError(f"config {path} must be an integer >= {least}, got {value!r}")
+    lr = config.train.learning_rate
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise TrainingError(f"config train.learning_rate must be > 0, got {lr!r}")
+
+
 # -- input -----------------------------------------------------------------------------------------
 def input_config(config: ml_collections.ConfigDict, process_count: int) -> input_lib.InputConfig:
     """The per-process input settings from the run config's `data` and `train` sections."""
@@ -273,6 +291,17 @@ def state_bytes(state) -> tuple[int, int]:
 
 
 # -- the run ---------------------------------------------------------------------------------------
+def _stored_final_metrics(run_path, step: int) -> dict[str, Any]:
+    """The `final_metrics.json` of a run that ended at `step`, or NaN validation figures if there is none."""
+    try:
+        stored = json.loads((run_path / "final_metrics.json").read_text())
+    except (OSError, ValueError):
+        stored = {}
+    if not isinstance(stored, dict) or stored.get("step") != step:
+        stored = {}
+    return {"eval/bits_per_token": math.nan, "eval/unigram_bits_per_token": math.nan, **stored}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir: str, *,
                        heartbeat_timeout_s: float = 60.0) -> dict[str, Any]:
     """Trains `config` on the dataset in `data_dir`, checkpointing and evaluating in `workdir`.
@@ -300,6 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
 
 def _train_and_evaluate(config, workdir: str, data_dir: str, preemption: distributed.PreemptionFlag | None,
                         watchdog: distributed.Watchdog) -> dict[str, Any]:
+    check_config(config)
     run_path = run_dir.resolve(workdir)
     run_path.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
@@ -346,6 +376,14 @@ def _train_and_evaluate(config, workdir: str, data_dir: str, preemption: distrib
     reporter = reporting.Reporter(workdir, config.train.total_steps, enabled=is_main)
     # latest_step() only lists finished checkpoints: orbax writes each under a temporary name and renames it.
     start_step = manager.latest_step() or 0
+    if start_step >= config.train.total_steps:
+        # A finished run started again (a rerun, a restarted job): it leaves the workdir as it was.
+        manager.close()
+        reporter.message(f"nothing to train: {workdir} has a checkpoint at step {start_step} and "
+                         f"train.total_steps is {config.train.total_steps}; raise it to train on")
+        reporter.close()
+        return {**_stored_final_metrics(run_path, start_step), "step": start_step, "preempted": False,
+                "trained": False}
     start_batch = 0
     if start_step:
         with jax.set_mesh(mesh):
@@ -486,7 +524,7 @@ def _train_and_evaluate(config, workdir: str, data_dir: str, preemption: distrib
         raise
     reporter.close()
     result = {**metrics, "eval/bits_per_token": last_eval, "eval/unigram_bits_per_token": unigram,
-              "step": done, "preempted": preempted}
+              "step": done, "preempted": preempted, "trained": True}
     if is_main and not preempted:
         run_dir.write_json(run_path / "final_metrics.json", result)
     return result

@@ -6,6 +6,7 @@ import pathlib
 import tempfile
 
 import miditoolkit
+import mido
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -286,3 +287,15 @@ def test_random_notes_survive_a_midi_file(rows):
         encoding.tokens_to_midi(piece.tokens, VOCAB, path)
         for reader in midi_io.READERS:
             np.testing.assert_array_equal(encoding.encode_midi(path, VOCAB, reader=reader).tokens, piece.tokens)
+
+
+@pytest.mark.parametrize("text,seconds", [
+    ("piano start piano:v68:C4 wait:50 piano:v0:C4 wait:100 end", 1.5),  # a closing rest
+    ("piano start wait:100 wait:20 end", 1.2),  # silence only
+    ("piano start piano:v68:C4 wait:50 piano:v0:C4 end", 0.5),  # ends on its last note: no marker
+])
+def test_a_midi_file_lasts_as_long_as_its_tokens(tmp_path, text, seconds):
+    path = tmp_path / "piece.mid"
+    encoding.tokens_to_midi(VOCAB.from_text(text), VOCAB, path)
+    assert mido.MidiFile(path).length == pytest.approx(seconds, abs=1.5e-3)  # end-of-track: 1 tick (ms) after
+    assert len(miditoolkit.MidiFile(path).markers) == (0 if seconds == 0.5 else 1)

@@ -16,6 +16,8 @@ import sys
 
 import pytest
 
+from launch import cli
+
 pytestmark = pytest.mark.e2e
 
 SCRIPTS = sorted((ep.name, ep.value.split(":")[0]) for ep in importlib.metadata.entry_points(group="console_scripts")
@@ -46,3 +48,31 @@ def test_help_shows_the_tools_docstring_and_flags_and_a_bad_flag_is_one_line(scr
     bad = _run(script, "--no_such_flag=1")
     assert bad.returncode == 2
     assert bad.stderr.splitlines() == ["error: Unknown command line flag 'no_such_flag' (see --help)"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.model.bogus=1"], "error: no such config field: bogus (see --help)"),
+    (["--config.modle.d_model=8"], 'error: no such config field: modle Did you mean "model" instead of "modle"?'),
+    (["--config.train.total_steps=0"], "error: config train.total_steps must be an integer >= 1, got 0"),
+])
+def test_train_config_errors_are_one_line(tmp_path, args, message):
+    config = pathlib.Path(__file__).parents[2] / "configs" / "tiny.py"
+    res = _run("musenet-train", f"--config={config}", f"--workdir={tmp_path / 'run'}",
+               f"--data_dir={tmp_path}", *args)
+    assert res.returncode in (1, 2) and res.stderr.splitlines()[-1].startswith(message), res.stderr
+    assert len([line for line in res.stderr.splitlines() if line.strip()]) == 1, res.stderr
+
+
+def test_a_missing_train_config_file_is_named(tmp_path):
+    missing = _run("musenet-train", f"--config={tmp_path / 'nope.py'}", f"--workdir={tmp_path}", "--data_dir=x")
+    assert (missing.returncode, missing.stderr.strip()) == (2, f"error: --config {tmp_path / 'nope.py'}: no such "
+                                                               "file (see --help)")
+
+
+def test_ctrl_c_is_one_line_with_the_shells_exit_code(capsys):
+    def main(argv):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.guarded(main)(["tool"])
+    assert exit_.value.code == 130 and capsys.readouterr().err == "error: interrupted\n"

@@ -62,6 +62,20 @@ def test_preemption_flag_turns_sigterm_into_a_flag():
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+def test_ctrl_c_asks_for_a_checkpoint_and_a_second_one_stops_at_once(capsys):
+    before = signal.getsignal(signal.SIGINT)
+    flag = distributed.PreemptionFlag()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag.requested and flag.signal_name == "SIGINT"
+        assert "stopping after this step with a checkpoint" in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        flag.restore()
+    assert signal.getsignal(signal.SIGINT) == before
+
+
 class FakeStore:
     """The coordination service's key-value store, in memory."""
 

@@ -81,11 +81,32 @@ def test_checkpoint_from_another_model_is_refused(data_dir, tmp_path):
     # How the model runs may change (model.EXECUTION_FIELDS): e.g. trained with 'xla', resumed with another
     # attention implementation and remat policy. Configs of checkpoints written before a field existed
     # (here: `pallas_lowering`) compare the same way.
-    same = small_config(3)  # Nothing left to train: restoring is the check.
+    same = small_config(4)
     same.model.update(attention_impl="reference", remat_policy="dots")
     del same.model["pallas_lowering"]
     train.train_and_evaluate(same, str(tmp_path), data_dir)
-    assert sorted(_losses(tmp_path)) == [1, 2, 3]
+    assert sorted(_losses(tmp_path)) == [1, 2, 3, 4]
+
+    # Started again when finished (a rerun, a restarted job), a run trains nothing and changes nothing.
+    files = {name: (tmp_path / name).read_bytes() for name in ("final_metrics.json", "config.json", "metrics.jsonl")}
+    for total_steps in (4, 2):
+        result = train.train_and_evaluate(small_config(total_steps), str(tmp_path), data_dir)
+        assert not result["trained"] and result["step"] == 4
+        assert result["eval/bits_per_token"] == json.loads(files["final_metrics.json"])["eval/bits_per_token"]
+        assert {name: (tmp_path / name).read_bytes() for name in files} == files
+
+
+@pytest.mark.parametrize("field,value", [("train.total_steps", 0), ("train.total_steps", -5),
+                                         ("train.log_every", 0), ("eval.every_steps", 0),
+                                         ("checkpoint.every_steps", 0), ("train.microbatches", 0),
+                                         ("train.learning_rate", 0.0)])
+def test_run_loop_settings_out_of_range_are_refused_before_anything_is_written(field, value, tmp_path):
+    config = small_config(3)
+    section, name = field.split(".")
+    config[section][name] = value
+    with pytest.raises(train.TrainingError, match=f"config {field} must be"):
+        train.train_and_evaluate(config, str(tmp_path / "run"), str(tmp_path / "no_data"))
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
