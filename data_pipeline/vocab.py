@@ -147,6 +147,11 @@ class VocabConfig:
         out["labels"] = list(self.labels)
         return out
 
+    def differences(self, other: VocabConfig) -> str:
+        """The fields that differ, as `field: mine vs other` (for one-line errors; long values shortened)."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return "; ".join(f"{k}: {_short(mine[k])} vs {_short(theirs[k])}" for k in mine if mine[k] != theirs[k])
+
     @classmethod
     def from_dict(cls, d: dict) -> VocabConfig:
         known = {f.name for f in dataclasses.fields(cls)}
@@ -161,6 +166,11 @@ class VocabConfig:
             elif not isinstance(value, kind) or isinstance(value, bool):
                 raise ValueError(f"vocab config {field.name} must be {kind.__name__}, got {value!r}")
         return cls(**{k: (tuple(v) if k == "labels" else v) for k, v in d.items() if k in known})
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class Vocab:

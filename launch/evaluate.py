@@ -113,8 +113,9 @@ def _split_pieces(vocab, evaluation):
 
     data_vocab = datasets.load_vocab(_DATA_DIR.value, _DATASET.value)
     if data_vocab != vocab:
-        raise ValueError(f"the model's vocabulary (size {vocab.size}) differs from the dataset's (size "
-                         f"{data_vocab.size}, {_DATA_DIR.value} {_DATASET.value}); evaluate with --midi_dir instead")
+        raise ValueError(f"the model's vocabulary differs from the dataset's ({_DATA_DIR.value} {_DATASET.value}; "
+                         f"model vs dataset: {vocab.config.differences(data_vocab.config)}); evaluate with "
+                         "--midi_dir instead")
     try:
         source = datasets.data_source(_DATA_DIR.value, _DATASET.value, _SPLIT.value)
     except (ValueError, KeyError) as e:

@@ -200,6 +200,12 @@ class ModelConfig:
             raise ValueError(
                 f"model.attention_pattern must be one of {PATTERNS}, got {self.attention_pattern!r}"
             )
+        if self.attention_pattern in ("strided", "fixed") and not self.attention_stride:
+            raise ValueError(f"model.attention_pattern={self.attention_pattern} needs model.attention_stride "
+                             "(l, in tokens; about sqrt(max_len))")
+        if self.attention_pattern == "fixed" and not self.attention_summary:
+            raise ValueError("model.attention_pattern=fixed needs model.attention_summary (c, in tokens, "
+                             f"1..attention_stride={self.attention_stride})")
         if self.attention_combination not in COMBINATIONS:
             raise ValueError(
                 f"model.attention_combination must be one of {COMBINATIONS}, "

@@ -30,6 +30,15 @@ def format_count(x: float) -> str:
     return f"{x:.0f}"
 
 
+def _row_step(line: str) -> int | None:
+    """The step of a `metrics.jsonl` row; None for a line that is not one (torn by a crash)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row.get("step") if isinstance(row, dict) and isinstance(row.get("step"), int) else None
+
+
 class Reporter:
     """TensorBoard scalars under `workdir/tensorboard` and progress lines on stdout.
 
@@ -70,6 +79,27 @@ class Reporter:
         else:
             self._jsonl_lines.append(line)
             run_dir.write_text(self._jsonl_path, "".join(self._jsonl_lines))
+
+    def resume_at(self, step: int) -> None:
+        """Drops `metrics.jsonl` rows past `step`, the checkpoint a run starts from: a run that stopped before
+        its next checkpoint (a crash, a kill) logged steps that are about to be trained again, and a torn
+        last line. Each step is then in the file once."""
+        if not self._writer:
+            return
+        if self._jsonl is not None:
+            self._jsonl.flush()
+            lines = self._jsonl_path.read_text().splitlines(keepends=True)
+        else:
+            lines = self._jsonl_lines
+        kept = [line for line in lines if _row_step(line) is not None and _row_step(line) <= step]
+        if len(kept) == len(lines):
+            return
+        run_dir.write_text(self._jsonl_path, "".join(kept))
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = open(self._jsonl_path, "a")
+        else:
+            self._jsonl_lines = kept
 
     def start(self, step: int) -> None:
         """Marks where timing for the ETA starts (after compilation, ideally)."""

@@ -237,12 +237,19 @@ def restore_checkpoint(manager, step: int, abstract_state, config, vocab: Vocab)
         config=ocp.args.JsonRestore(), vocab=ocp.args.JsonRestore(),
         **({"data_position": ocp.args.JsonRestore()} if has_position else {})))
     if saved.vocab != json.loads(vocab.to_json()):
-        raise TrainingError(f"checkpoint at step {step} was trained on a different vocabulary "
-                            f"(size {saved.vocab.get('size')}, this data has {vocab.size})")
+        try:
+            change = Vocab.from_json(json.dumps(saved.vocab)).config.differences(vocab.config)
+        except (ValueError, TypeError):
+            change = f"size {saved.vocab.get('size')} vs {vocab.size}"
+        raise TrainingError(f"checkpoint at step {step} was trained on a different vocabulary (checkpoint vs "
+                            f"this data: {change})")
     saved_model, model = saved.config.get("model") or {}, _config_json(config).get("model") or {}
-    if model_lib.architecture(saved_model) != model_lib.architecture(model):
-        raise TrainingError(f"checkpoint at step {step} has a different model config; use a new --workdir "
-                            "or the checkpoint's config")
+    saved_arch, arch = model_lib.architecture(saved_model), model_lib.architecture(model)
+    if saved_arch != arch:
+        change = "; ".join(f"model.{k}: {saved_arch.get(k)!r} vs {arch.get(k)!r}" for k in sorted({*saved_arch, *arch})
+                           if saved_arch.get(k) != arch.get(k))
+        raise TrainingError(f"checkpoint at step {step} has a different model config (checkpoint vs this run: "
+                            f"{change}); use a new --workdir or the checkpoint's config")
     if has_position:
         position = saved.data_position
     else:  # written before data positions were stored: one global batch per step, same batch size
@@ -385,6 +392,7 @@ def _train_and_evaluate(config, workdir: str, data_dir: str, preemption: distrib
         return {**_stored_final_metrics(run_path, start_step), "step": start_step, "preempted": False,
                 "trained": False}
     start_batch = 0
+    reporter.resume_at(start_step)
     if start_step:
         with jax.set_mesh(mesh):
             state, start_batch = restore_checkpoint(manager, start_step, abstract_state, config, vocab)

@@ -151,7 +151,8 @@ def test_errors_are_one_line_without_output(run, midi_fixtures, tmp_path, case):
     expected = {"no_args": "exactly one of --workdir or --model", "both_models": "exactly one",
                 "missing_model_dir": "no such directory", "no_checkpoints": "no checkpoints",
                 "split_only": "--split needs --data_dir", "missing_midi_dir": "no such directory",
-                "unknown_label": "unknown label 'baroque'", "other_vocab": "differs from the dataset's",
+                "unknown_label": "unknown label 'baroque'",
+                "other_vocab": "vs dataset: labels: ['classical', 'freedoom'] vs ['classical', 'freedoom', 'zzz']",
                 "bad_stride": "--stride must be at most",
                 "bad_attention_impl": "--attention_impl must be one of reference, xla, cpu, pallas"}[case]
     out = tmp_path / "out.json"

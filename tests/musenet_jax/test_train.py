@@ -65,7 +65,12 @@ def test_train_resume_matches_uninterrupted_run(data_dir, tmp_path, capsys, capl
     # Interrupted after step 3, then resumed from its checkpoint: the same next losses, data order included.
     part = tmp_path / "part"
     train.train_and_evaluate(small_config(3), str(part), data_dir)
+    # As if a run had died after logging steps 4 and 5 without a checkpoint of them, mid-write.
+    with open(part / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "train/loss": -1.0}\n{"step": 5, "train/loss": -1.0}\n{"step": 5, "tr')
     train.train_and_evaluate(small_config(6), str(part), data_dir)
+    rows = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 5, 6]  # each step once
     resumed = _losses(part)
     for step in (4, 5, 6):
         assert resumed[step] == pytest.approx(losses[step], rel=1e-5, abs=1e-6)
@@ -76,7 +81,8 @@ def test_checkpoint_from_another_model_is_refused(data_dir, tmp_path):
     train.train_and_evaluate(small_config(3), str(tmp_path), data_dir)
     other = small_config(6)
     other.model.d_model = 48
-    with pytest.raises(train.TrainingError, match="different model config"):
+    with pytest.raises(train.TrainingError,
+                       match=r"different model config \(checkpoint vs this run: model.d_model: 32 vs 48\)"):
         train.train_and_evaluate(other, str(tmp_path), data_dir)
     # How the model runs may change (model.EXECUTION_FIELDS): e.g. trained with 'xla', resumed with another
     # attention implementation and remat policy. Configs of checkpoints written before a field existed
