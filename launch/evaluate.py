@@ -85,7 +85,8 @@ def _midi_pieces(vocab, evaluation):
     from data_pipeline.midi_io import MidiError
 
     root = pathlib.Path(_MIDI_DIR.value)
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in MIDI_SUFFIXES and p.is_file())
+    # Not is_file(): a broken link is then listed as skipped, not silently left out.
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in MIDI_SUFFIXES and not p.is_dir())
     if not files:
         raise ValueError(f"{root}: no .mid or .midi files")
     if _MAX_FILES.value:
@@ -119,6 +120,10 @@ def _split_pieces(vocab, evaluation):
     try:
         source = datasets.data_source(_DATA_DIR.value, _DATASET.value, _SPLIT.value)
     except (ValueError, KeyError) as e:
+        built = datasets.load_metadata(_DATA_DIR.value, _DATASET.value).get("examples", {})
+        if built.get(_SPLIT.value) == 0:  # TFDS does not register an empty split
+            raise ValueError(f"{_DATA_DIR.value} {_DATASET.value}: split {_SPLIT.value!r} has no records (this "
+                             f"build: {', '.join(f'{k} {v}' for k, v in built.items())})") from None
         raise ValueError(f"{_DATA_DIR.value} {_DATASET.value}: cannot open split {_SPLIT.value!r} "
                          f"({' '.join(str(e).split())[:200]})") from None
     count = len(source) if not _MAX_FILES.value else min(len(source), _MAX_FILES.value)

@@ -116,6 +116,22 @@ def _restore_params(manager: ocp.CheckpointManager, step: int, config: model_lib
     return {_key(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(restored.state["0"])[0]}
 
 
+def _read_checkpoint(manager: ocp.CheckpointManager, step: int, where: str):
+    """(vocab, model config, {key: host array} parameters) of checkpoint `step`; ExportError naming `where` for
+    one that cannot be read (a damaged or half-copied checkpoint: orbax's errors name no file)."""
+    try:
+        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
+                                                              vocab=ocp.args.JsonRestore()))
+        vocab = Vocab.from_json(json.dumps(saved.vocab))
+        config = model_lib.ModelConfig.from_config_dict(saved.config["model"], vocab_size=vocab.size)
+        return vocab, config, _restore_params(manager, step, config, where)
+    except ExportError:
+        raise
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        detail = " ".join(str(e).split())[:300] or type(e).__name__
+        raise ExportError(f"{where}: the checkpoint cannot be read ({detail})") from None
+
+
 def export_checkpoint(workdir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float32",
                       step: int | None = None) -> str:
     """Writes the model parameters of checkpoint `step` (default: newest) of `workdir` to `out_dir`.
@@ -141,11 +157,7 @@ def export_checkpoint(workdir: str | os.PathLike, out_dir: str | os.PathLike, dt
     step = _checkpoint_step(manager, workdir, step, f"{workdir}: no checkpoint to export")
     where = f"{workdir} step {step}"
 
-    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
-                                                          vocab=ocp.args.JsonRestore()))
-    vocab = Vocab.from_json(json.dumps(saved.vocab))
-    config = model_lib.ModelConfig.from_config_dict(saved.config["model"], vocab_size=vocab.size)
-    params = _restore_params(manager, step, config, where)
+    vocab, config, params = _read_checkpoint(manager, step, where)
     manager.close()
 
     out_config = model_lib.ModelConfig.from_config_dict(config.to_dict(), param_dtype=dtype)
@@ -268,11 +280,7 @@ def load_checkpoint(workdir: str | os.PathLike, step: int | None = None,
     try:
         step = _checkpoint_step(manager, workdir, step,
                                 f"{workdir}: no checkpoint in {os.path.join(workdir, 'checkpoints')}")
-        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
-                                                              vocab=ocp.args.JsonRestore()))
-        vocab = Vocab.from_json(json.dumps(saved.vocab))
-        config = model_lib.ModelConfig.from_config_dict(saved.config["model"], vocab_size=vocab.size)
-        params = _restore_params(manager, step, config, f"{workdir} step {step}")
+        vocab, config, params = _read_checkpoint(manager, step, f"{workdir} step {step}")
     finally:
         manager.close()
     params = {k: v.astype(config.params_dtype) for k, v in params.items()}

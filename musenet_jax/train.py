@@ -231,7 +231,19 @@ def restore_checkpoint(manager, step: int, abstract_state, config, vocab: Vocab)
 
     The saved position is in global batches, independent of how many processes wrote it; every process of
     this run restarts its input at that global batch (module docstring, "Data position").
+    Raises TrainingError for a checkpoint of another model or vocabulary, or one that cannot be read.
     """
+    try:
+        return _restore_checkpoint(manager, step, abstract_state, config, vocab)
+    except TrainingError:
+        raise
+    except (ValueError, KeyError, TypeError, OSError) as e:  # damaged or half-copied: orbax names no file
+        detail = " ".join(str(e).split())[:300] or type(e).__name__
+        raise TrainingError(f"checkpoint at step {step} in {manager.directory} cannot be read ({detail}); move it "
+                            "away to resume from the one before") from None
+
+
+def _restore_checkpoint(manager, step: int, abstract_state, config, vocab: Vocab):
     has_position = (manager.directory / str(step) / "data_position").exists()
     saved = manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore(), vocab=ocp.args.JsonRestore(),

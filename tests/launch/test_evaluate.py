@@ -74,6 +74,7 @@ def test_export_on_a_midi_folder_skips_unreadable_files(run, midi_fixtures, tmp_
     (midi / "corrupt.mid").write_bytes(b"MThd\x00\x00\x00\x06 this is not a midi file")
     (midi / "empty.midi").write_bytes(b"")
     (midi / "notes.txt").write_text("not music")
+    (midi / "gone.mid").symlink_to(tmp_path / "deleted.mid")  # a broken link is listed, not left out
     out = tmp_path / "results.json"
     res = musenet_eval("--model", run.export, "--midi_dir", midi, "--label", "freedoom", "--batch_size", 3,
                        "--out", out)
@@ -83,7 +84,8 @@ def test_export_on_a_midi_folder_skips_unreadable_files(run, midi_fixtures, tmp_
     assert result["step"] == 10 and result["model"] == str(run.export) and result["attention_impl"] == "xla"
     assert result["source"] == {"midi_dir": str(midi), "label": "freedoom"}
     assert [row["path"] for row in result["files"]] == [str(midi / "b.mid"), str(midi / "sub" / "a.MIDI")]
-    assert sorted(s["path"] for s in result["skipped"]) == [str(midi / "corrupt.mid"), str(midi / "empty.midi")]
+    assert sorted(s["path"] for s in result["skipped"]) == [str(midi / "corrupt.mid"), str(midi / "empty.midi"),
+                                                            str(midi / "gone.mid")]
     assert all(s["reason"] for s in result["skipped"])
     assert "skipped" in res.stderr and "corrupt.mid" in res.stderr and "Traceback" not in res.stderr
     lines = res.stdout.strip().splitlines()
@@ -127,7 +129,7 @@ def _dataset_with_other_vocab(run, tmp_path):
 @pytest.mark.e2e
 @pytest.mark.parametrize("case", ["no_args", "both_models", "missing_model_dir", "no_checkpoints", "split_only",
                                   "missing_midi_dir", "unknown_label", "other_vocab", "bad_stride",
-                                  "bad_attention_impl"])
+                                  "bad_attention_impl", "empty_split"])
 def test_errors_are_one_line_without_output(run, midi_fixtures, tmp_path, case):
     empty = tmp_path / "empty_workdir"
     empty.mkdir()
@@ -146,6 +148,8 @@ def test_errors_are_one_line_without_output(run, midi_fixtures, tmp_path, case):
         "other_vocab": (*model, "--split", "train", "--data_dir", _dataset_with_other_vocab(run, tmp_path),
                         "--dataset", "directory"),
         "bad_stride": (*model, "--midi_dir", midi, "--stride", 64),
+        # The fixture dataset's 13 files split 12 / 1 / 0 (by content hash).
+        "empty_split": (*model, "--split", "test", "--data_dir", run.data_dir, "--dataset", "directory"),
         "bad_attention_impl": (*model, "--midi_dir", midi, "--attention_impl", "cuda"),
     }[case]
     expected = {"no_args": "exactly one of --workdir or --model", "both_models": "exactly one",
@@ -154,6 +158,7 @@ def test_errors_are_one_line_without_output(run, midi_fixtures, tmp_path, case):
                 "unknown_label": "unknown label 'baroque'",
                 "other_vocab": "vs dataset: labels: ['classical', 'freedoom'] vs ['classical', 'freedoom', 'zzz']",
                 "bad_stride": "--stride must be at most",
+                "empty_split": "split 'test' has no records (this build: train 12, validation 1, test 0)",
                 "bad_attention_impl": "--attention_impl must be one of reference, xla, cpu, pallas"}[case]
     out = tmp_path / "out.json"
     res = musenet_eval(*args, "--out", out)

@@ -104,6 +104,14 @@ def test_bad_exports_are_refused(workdir, tmp_path):
     with pytest.raises(export.ExportError, match="no checkpoints"):
         export.export_checkpoint(tmp_path, tmp_path / "a")
     assert not (tmp_path / "a").exists()
+    # A damaged checkpoint (here its state metadata, emptied): one line that names it.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(workdir, damaged)
+    (damaged / "checkpoints" / "10" / "state" / "_METADATA").write_text("")
+    for read in (lambda: export.export_checkpoint(damaged, tmp_path / "a"), lambda: export.load_checkpoint(damaged)):
+        with pytest.raises(export.ExportError, match=f"{damaged} step 10: the checkpoint cannot be read"):
+            read()
+    assert not (tmp_path / "a").exists()
 
     out = tmp_path / "e"
     export.export_checkpoint(workdir, out)

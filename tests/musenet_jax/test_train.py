@@ -101,6 +101,11 @@ def test_checkpoint_from_another_model_is_refused(data_dir, tmp_path):
         assert result["eval/bits_per_token"] == json.loads(files["final_metrics.json"])["eval/bits_per_token"]
         assert {name: (tmp_path / name).read_bytes() for name in files} == files
 
+    # A damaged checkpoint (its state metadata emptied) is named, with what to do.
+    (tmp_path / "checkpoints" / "4" / "state" / "_METADATA").write_text("")
+    with pytest.raises(train.TrainingError, match=r"checkpoint at step 4 in .* cannot be read \(.*\); move it away"):
+        train.train_and_evaluate(small_config(5), str(tmp_path), data_dir)
+
 
 @pytest.mark.parametrize("field,value", [("train.total_steps", 0), ("train.total_steps", -5),
                                          ("train.log_every", 0), ("eval.every_steps", 0),
