@@ -227,7 +227,8 @@ def save_checkpoint(manager, step: int, state, config, vocab: Vocab) -> None:
 
 
 def restore_checkpoint(manager, step: int, abstract_state, config, vocab: Vocab):
-    """(state resharded onto the shardings of `abstract_state`, global batches of the data stream consumed).
+    """(state resharded onto the shardings of `abstract_state`, global batches of the data stream consumed,
+    the train.total_steps the checkpoint's run had).
 
     The saved position is in global batches, independent of how many processes wrote it; every process of
     this run restarts its input at that global batch (module docstring, "Data position").
@@ -275,7 +276,7 @@ def _restore_checkpoint(manager, step: int, abstract_state, config, vocab: Vocab
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     state = jax.tree.map(lambda x: x, abstract_state)
     nnx.replace_by_pure_dict(state, restored.state)
-    return state, examples // config.train.batch_size
+    return state, examples // config.train.batch_size, (saved.config.get("train") or {}).get("total_steps")
 
 
 def check_process_rows(sharding: jax.sharding.NamedSharding, global_batch_size: int) -> None:
@@ -407,9 +408,16 @@ def _train_and_evaluate(config, workdir: str, data_dir: str, preemption: distrib
     reporter.resume_at(start_step)
     if start_step:
         with jax.set_mesh(mesh):
-            state, start_batch = restore_checkpoint(manager, start_step, abstract_state, config, vocab)
+            state, start_batch, saved_total = restore_checkpoint(manager, start_step, abstract_state, config, vocab)
         reporter.message(f"resumed from {workdir} at step {start_step} (data position: global batch "
                          f"{start_batch}, {jax.process_count()} processes)")
+        total = config.train.total_steps
+        if isinstance(saved_total, int) and saved_total != total:  # the cosine is stretched: say so
+            before = optim.learning_rate_schedule(ml_collections.ConfigDict({**config.train,
+                                                                              "total_steps": saved_total}))
+            reporter.message(f"train.total_steps is {total}, the checkpoint's run had {saved_total}: the learning "
+                             f"rate now decays over {total} steps (at step {start_step}: "
+                             f"{float(schedule(start_step)):.3g}, was {float(before(start_step)):.3g})")
     else:
         state = init_train_state(model_config, tx, mesh, config.seed)
     # Every process starts at the same global batch and reads its own rows of it, whatever process count

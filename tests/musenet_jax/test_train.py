@@ -68,7 +68,10 @@ def test_train_resume_matches_uninterrupted_run(data_dir, tmp_path, capsys, capl
     # As if a run had died after logging steps 4 and 5 without a checkpoint of them, mid-write.
     with open(part / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "train/loss": -1.0}\n{"step": 5, "train/loss": -1.0}\n{"step": 5, "tr')
+    capsys.readouterr()
     train.train_and_evaluate(small_config(6), str(part), data_dir)
+    assert ("train.total_steps is 6, the checkpoint's run had 3: the learning rate now decays over 6 steps (at "
+            "step 3:" in capsys.readouterr().err)
     rows = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 5, 6]  # each step once
     resumed = _losses(part)
