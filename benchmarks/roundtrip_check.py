@@ -31,7 +31,7 @@ import tempfile
 import numpy as np
 from absl import flags
 
-from data_pipeline import encoding, midi_io
+from data_pipeline import encoding, midi_io, outputs
 from data_pipeline.vocab import Vocab
 from launch import cli
 
@@ -132,6 +132,8 @@ def main(argv):
     root = pathlib.Path(_MIDI_DIR.value)
     if not root.is_dir():
         raise cli.UsageError(f"--midi_dir {root} is not a folder")
+    if _SAVE.value and not os.path.isdir(os.path.dirname(os.path.abspath(_SAVE.value))):
+        raise cli.UsageError(f"--save {_SAVE.value}: its folder does not exist")
     if _COMPARE.value and not os.path.isfile(_COMPARE.value):
         raise cli.UsageError(f"--compare {_COMPARE.value}: no such file")
     paths = sorted(root.rglob("*.mid"))[:_LIMIT.value]
@@ -154,13 +156,9 @@ def main(argv):
         compared = compare_snapshot(_COMPARE.value, results, problems)
         print(f"snapshot entries compared: {compared:,}")
     if _SAVE.value:
-        tmp = f"{_SAVE.value}.partial.npz"  # np.savez adds .npz to names without it
-        try:
-            np.savez(tmp, **_flatten(results))
-            os.replace(tmp, _SAVE.value)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        # A file object: np.savez would add .npz to a temporary name without it.
+        with outputs.atomic_path(_SAVE.value) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **_flatten(results))
         print(f"wrote {_SAVE.value}")
     for line in problems:
         print(f"MISMATCH {line}")

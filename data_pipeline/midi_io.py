@@ -21,6 +21,8 @@ import struct
 
 import numpy as np
 
+from data_pipeline import outputs
+
 DEFAULT_TEMPO_US = 500_000  # MIDI's default: 120 quarter notes per minute
 SUSTAIN_CC = 64
 READERS = ("symusic", "miditoolkit")
@@ -287,11 +289,5 @@ def write_midi(path: str | os.PathLike, tracks: list[dict], length_ms: int | Non
     if length_ms is not None and round(length_ms * ticks_per_ms) > last_tick:
         # The track's end-of-track event follows its last event by one tick.
         midi.markers = [miditoolkit.Marker("end", max(round(length_ms * ticks_per_ms) - 1, 0))]
-    path = os.fspath(path)
-    tmp = f"{path}.partial"
-    try:
+    with outputs.atomic_path(path) as tmp:
         midi.dump(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

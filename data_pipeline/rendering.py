@@ -20,6 +20,7 @@ import wave
 
 import numpy as np
 
+from data_pipeline import outputs
 from data_pipeline.encoding import Notes
 from data_pipeline.vocab import Vocab
 
@@ -120,12 +121,11 @@ def render_wav(midi_path: str | os.PathLike, wav_path: str | os.PathLike, soundf
     midi_path, wav_path = os.fspath(midi_path), os.fspath(wav_path)
     if not os.path.isfile(midi_path):
         raise RenderError(f"{midi_path}: no such MIDI file")
-    tmp = f"{wav_path}.partial"
-    # -n/-i: no MIDI input driver, no shell; -q: no banner; -T wav: the type, as the temporary name has no
-    # .wav suffix to guess it from; -F renders as fast as possible instead of in real time.
-    cmd = [program, "-n", "-i", "-q", "-T", "wav", "-O", "s16", "-r", str(int(sample_rate)), "-F", tmp,
-           soundfont, midi_path]
-    try:
+    with outputs.atomic_path(wav_path) as tmp:
+        # -n/-i: no MIDI input driver, no shell; -q: no banner; -T wav: the type, as the temporary name has no
+        # .wav suffix to guess it from; -F renders as fast as possible instead of in real time.
+        cmd = [program, "-n", "-i", "-q", "-T", "wav", "-O", "s16", "-r", str(int(sample_rate)), "-F", tmp,
+               soundfont, midi_path]
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
                                  stdin=subprocess.DEVNULL)
@@ -133,14 +133,10 @@ def render_wav(midi_path: str | os.PathLike, wav_path: str | os.PathLike, soundf
             raise RenderError(f"{wav_path}: fluidsynth did not finish within {timeout_s:.0f} s") from None
         except OSError as e:
             raise RenderError(f"cannot run {program}: {e.strerror or e}") from None
-        if res.returncode != 0 or not os.path.isfile(tmp) or os.path.getsize(tmp) <= 44:
+        if res.returncode != 0 or not os.path.exists(tmp) or (os.path.isfile(tmp) and os.path.getsize(tmp) <= 44):
             lines = [ln.strip() for ln in (res.stderr + res.stdout).splitlines() if ln.strip()]
             why = lines[-1] if lines else f"exit code {res.returncode}, no audio written"
             raise RenderError(f"{wav_path}: fluidsynth failed: {why}")
-        os.replace(tmp, wav_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return soundfont
 
 
@@ -238,11 +234,5 @@ def instrument_colour(instrument: int, vocab: Vocab) -> tuple[float, float, floa
 
 def save_png(figure, path: str | os.PathLike) -> None:
     """Saves a figure as PNG atomically (temporary name, then rename)."""
-    path = os.fspath(path)
-    tmp = f"{path}.partial"
-    try:
+    with outputs.atomic_path(path) as tmp:
         figure.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

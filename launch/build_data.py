@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 
 from absl import flags, logging
 
@@ -42,6 +43,11 @@ def _filter_overrides() -> dict:
         if value <= 0:
             raise cli.UsageError(f"--{name} must be positive, got {value}")
     return overrides
+
+
+def _interrupt(signum, frame):
+    del signum, frame
+    raise KeyboardInterrupt
 
 
 def main(argv):
@@ -77,10 +83,23 @@ def main(argv):
     # existing build, which is what --overwrite replaces.
     builder = Builder(config=_CONFIG.value, data_dir=_DATA_DIR.value, num_workers=_NUM_WORKERS.value,
                       label_csv=_LABEL_CSV.value, filters=filters, file_format="array_record")
+    source = builder.make_source(_MANUAL_DIR.value)  # fail on a bad source before TFDS creates any folder
     if builder.is_prepared() and not _OVERWRITE.value:
+        # The same command again is a no-op; other sources or filters must not pass for the old build.
+        built = datasets.load_metadata(_DATA_DIR.value, _CONFIG.value)
+        asked = {"source": source.description, **{f"filters.{k}": v for k, v in
+                                                   dataclasses.asdict(builder.filters).items()}}
+        source_was = str(built.get("source"))  # builds before descriptions were normalised: `folder dir/`
+        source_was = f"folder {os.path.normpath(source_was[7:])}" if source_was.startswith("folder ") else source_was
+        had = {"source": source_was, **{f"filters.{k}": v for k, v in (built.get("filters") or {}).items()}}
+        changed = [f"{k}: {had.get(k)!r} built, {v!r} asked" for k, v in asked.items() if had.get(k) != v]
+        if changed:
+            raise cli.UsageError(f"{builder.data_dir} was built from other settings ({'; '.join(changed)}); "
+                                 "pass --overwrite to rebuild it, or use another --data_dir")
         print(f"{builder.data_dir}: already built (pass --overwrite to rebuild)")
         return
-    builder.make_source(_MANUAL_DIR.value)  # fail on a bad source before TFDS creates any folder
+    # SIGTERM (a job scheduler, `kill`) stops the build as Ctrl-C does: workers stopped, no half-built folder.
+    signal.signal(signal.SIGTERM, _interrupt)
     mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if _OVERWRITE.value
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
     download_config = tfds.download.DownloadConfig(manual_dir=_MANUAL_DIR.value, download_mode=mode)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from absl import app, flags, logging
 
+from data_pipeline import outputs
 from data_pipeline.midi_io import MidiError
 
 # Errors a user can cause (bad files, bad flags, missing paths): reported in one line, exit code 1.
@@ -42,7 +43,7 @@ def guarded(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
         except USER_ERRORS as e:
             if isinstance(e, OSError) and e.filename and e.strerror:
                 # Outputs are written as `<path>.partial` and renamed: name the file the user asked for.
-                fail(f"{re.sub(r'[.]partial$', '', str(e.filename))}: {e.strerror}")
+                fail(f"{re.sub(re.escape(outputs.PARTIAL_SUFFIX) + '$', '', str(e.filename))}: {e.strerror}")
             fail(str(e) or type(e).__name__)
 
     return wrapper
@@ -83,13 +84,6 @@ def _help_from(module) -> None:
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
-    """Writes a whole file or nothing: a temporary file renamed into place."""
-    path = os.fspath(path)
-    tmp = f"{path}.partial"
-    try:
-        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Writes a whole file or nothing (`data_pipeline.outputs.atomic_path`)."""
+    with outputs.atomic_path(path) as tmp, open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)

@@ -108,6 +108,17 @@ class SourceItem:
     detail: str = ""
 
 
+def printable_path(path: str) -> str:
+    """`path` as UTF-8 text that says what it is, for records and `rejected.tsv`: bytes that are not UTF-8
+    (file systems and archives may hold any) as `\\xNN`, control characters (tab, newline) as escapes."""
+    try:
+        raw = path.encode("utf-8", "surrogateescape")  # undecodable bytes come as surrogates from os / tarfile
+    except UnicodeEncodeError:
+        raw = path.encode("utf-8", "backslashreplace")
+    text = raw.decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def split_for_hash(content_hash: str, validation_fraction: float, test_fraction: float) -> str:
     """Deterministic split from the first 32 bits of a sha256 hex digest, read as a fraction in
     [0, 1): [0, 1 - v - t) -> train, then validation, then test."""
@@ -194,8 +205,8 @@ class Summary:
     def report_tsv(self) -> str:
         """`rejected.tsv`: a header line, then `path<TAB>reason<TAB>detail` per rejected file, by path."""
         clean = lambda s: " ".join(str(s).split())  # no tabs or newlines inside a field
-        rows = sorted(self.rejected)
-        lines = ["path\treason\tdetail"] + [f"{clean(p)}\t{r}\t{clean(d)}" for p, r, d in rows]
+        rows = sorted(self.rejected)  # paths are already printable (`printable_path`): kept as they are
+        lines = ["path\treason\tdetail"] + [f"{p}\t{r}\t{clean(printable_path(d))}" for p, r, d in rows]
         return "\n".join(lines) + "\n"
 
 
@@ -370,6 +381,7 @@ def convert_all(items: Iterable[SourceItem], *, spill_dir: str, instrument_set: 
 
     try:
         for item in items:
+            item = dataclasses.replace(item, path=printable_path(item.path))
             summary.files_seen += 1
             if item.rejected is not None:
                 summary.rejected.append((item.path, item.rejected, item.detail))

@@ -223,6 +223,9 @@ class MaestroSource(Source):
             raise SourceError(f"{self.csv_name}: missing MAESTRO columns {sorted(missing)}")
         rows = {}
         for i, row in enumerate(reader, 2):
+            short = [column for column in MAESTRO_COLUMNS if row.get(column) is None]
+            if short:  # csv.DictReader fills the columns a short row lacks with None
+                raise SourceError(f"{self.csv_name}:{i}: the row has no {', '.join(short)}")
             split = MAESTRO_SPLITS.get((row["split"] or "").strip())
             if split is None:
                 raise SourceError(f"{self.csv_name}:{i}: unknown split {row['split']!r}")
@@ -263,7 +266,7 @@ class DirectorySource(Source):
         label_csv = label_csv or _default_manifest(manual_dir)
         self.manifest_path = os.path.abspath(label_csv) if label_csv else None
         self.manifest = read_label_csv(label_csv, instrument_set) if label_csv else {}
-        self.description = f"folder {manual_dir}"
+        self.description = f"folder {os.path.normpath(manual_dir)}"
 
     def _label(self, path: str):
         listed = _manifest_lookup(self.manifest, path)

@@ -239,6 +239,27 @@ def test_config_filters_apply_in_a_build(tmp_path, midi_fixtures):
         intro.duration_units / 100 + 1)
 
 
+def test_file_names_that_are_not_utf8_or_hold_control_characters_are_kept_escaped(tmp_path, midi_fixtures):
+    manual = tmp_path / "m" / "game"
+    manual.mkdir(parents=True)
+    # Any bytes but / and NUL make a Linux file name: a Latin-1 name, a tab and a newline.
+    shutil.copy(midi_fixtures / "freedoom1_D_INTRO.mid", os.path.join(os.fsencode(manual), b"caf\xe9.mid"))
+    shutil.copy(midi_fixtures / "freedoom1_D_E1M1.mid", manual / "two  spaces.mid")
+    (manual / "bad\tname\n.mid").write_text("not MIDI")
+    with tarfile.open(manual.parent / "t.tar", "w") as tf:  # a tar member name in Latin-1
+        info = tarfile.TarInfo("latin/\udcfcber.mid")
+        data = (midi_fixtures / "freedoom1_D_E1M6.mid").read_bytes()
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    build("directory", tmp_path / "d", manual.parent)
+    paths = sorted(r["path"].decode() for split in ("train", "validation", "test")
+                   for r in (read_split(tmp_path / "d", "directory", split)
+                             if datasets.load_metadata(tmp_path / "d", "directory")["examples"][split] else []))
+    assert paths == ["game/caf\\xe9.mid", "game/two  spaces.mid", "t.tar/latin/\\xfcber.mid"]
+    assert [(p, r) for p, r, _ in datasets.load_report(tmp_path / "d", "directory")] == [
+        ("game/bad\\tname\\n.mid", convert.INVALID_MIDI)]
+
+
 # -- label manifest ----------------------------------------------------------------------------------
 def test_label_manifest_overrides_folder_labels(tmp_path, midi_fixtures):
     manual = tmp_path / "m"
@@ -364,6 +385,10 @@ def test_maestro_csv_without_required_columns(tmp_path, midi_fixtures):
         zf.write(midi_fixtures / "bach_bwv1.6.mid", "maestro-v3.0.0/2004/a.midi")
     (manual / "maestro-v3.0.0.csv").write_text("composer,file\nBach,2004/a.midi\n")
     with pytest.raises(sources.SourceError, match="missing MAESTRO columns"):
+        sources.make_source("maestro", manual_dir=str(manual), instrument_set="musenet10",
+                            limits=sources.archives.Limits())
+    (manual / "maestro-v3.0.0.csv").write_text("canonical_composer,split,year,midi_filename\nBach,train,2004\n")
+    with pytest.raises(sources.SourceError, match=r"maestro-v3.0.0.csv:2: the row has no midi_filename"):
         sources.make_source("maestro", manual_dir=str(manual), instrument_set="musenet10",
                             limits=sources.archives.Limits())
 

@@ -1,8 +1,10 @@
 """musenet-build-data end to end: a real folder with damaged files, and one-line errors for bad input."""
 
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -36,8 +38,29 @@ def test_directory_build_with_corrupt_files(tmp_path, midi_fixtures):
     assert sum(meta["examples"].values()) == 3
     assert len(datasets.data_source(data_dir, "directory", "train")) == meta["examples"]["train"]
 
-    again = run_cli("--config=directory", f"--manual_dir={manual}", f"--data_dir={data_dir}")
+    again = run_cli("--config=directory", f"--manual_dir={manual}/", f"--data_dir={data_dir}")
     assert again.returncode == 0 and "already built" in again.stdout
+    # Other filters or another source must not pass for the old build.
+    for other, change in (("--min_notes=5000", "filters.min_notes: 16 built, 5000 asked"),
+                          (f"--manual_dir={manual / 'game'}", f"source: 'folder {manual}' built")):
+        refused = run_cli("--config=directory", f"--manual_dir={manual}", f"--data_dir={data_dir}", other)
+        assert refused.returncode == 2 and change in refused.stderr and "pass --overwrite" in refused.stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_sigterm_stops_a_build_like_ctrl_c_with_nothing_left_behind(tmp_path):
+    data_dir = tmp_path / "data"
+    proc = subprocess.Popen([sys.executable, "-m", "launch.build_data", "--config=default", f"--data_dir={data_dir}",
+                             "--num_workers=2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(data_dir.glob("musenet_midi/default/incomplete.*/spill.*")):  # converting
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "error: interrupted", err
+    assert not list(data_dir.glob("musenet_midi/default/*")), list(data_dir.rglob("*"))
 
 
 @pytest.mark.e2e
