@@ -109,7 +109,9 @@ def main(argv):
         raise cli.UsageError("--out is required")
     lengths, stride_of = timing.parse_lengths(_LENGTHS.value), timing.stride_rule(_STRIDE.value)
     b, nh, h, reps = _BATCH.value, _HEADS.value, _HEAD_DIM.value, _REPEATS.value
-    os.makedirs(_OUT.value, exist_ok=True)
+    timing.check_sizes(batch=_BATCH.value, heads=_HEADS.value, head_dim=_HEAD_DIM.value, repeats=_REPEATS.value,
+                       min_time=_MIN_TIME.value)
+    cli.prepare_output_dir(_OUT.value)
 
     cpu_note = None
     peak = matmul_flops_per_s(reps)

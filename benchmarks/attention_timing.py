@@ -34,6 +34,13 @@ def forward_backward(attn):
     return jax.jit(step)
 
 
+def check_sizes(**sizes: float) -> None:
+    """Usage error for a size flag below 1 (batch, heads, head_dim, repeats) or a negative --min_time."""
+    for name, value in sizes.items():
+        if value < (0 if name == "min_time" else 1):
+            raise cli.UsageError(f"--{name} must be {'>= 0' if name == 'min_time' else '>= 1'}, got {value}")
+
+
 def parse_lengths(values: list[str]) -> list[int]:
     """--lengths: positive integers (tokens), else a usage error."""
     try:

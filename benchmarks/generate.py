@@ -133,6 +133,7 @@ def main(argv):
         raise cli.UsageError(f"unexpected arguments {argv[1:]}")
     if _REPEATS.value < 1 or _STEPS.value < 1:
         raise cli.UsageError("--repeats and --steps must be >= 1")
+    cli.prepare_output_file(_OUT.value)
     sizes = QUICK if _QUICK.value else FULL
     vocab_size = sizes.get("vocab_size", Vocab().size)
     positions, batches = sizes["positions"], sizes["batches"]
@@ -206,7 +207,6 @@ def main(argv):
         "notes": notes,
     }
     if _OUT.value:
-        os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
         cli.write_atomic(_OUT.value, json.dumps(report, indent=1) + "\n")
         print(f"wrote {_OUT.value}")
 

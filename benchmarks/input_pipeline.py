@@ -147,6 +147,7 @@ def main(argv):
     for flag in (_SEQ_LEN, _BATCH_SIZE, _NUM_BATCHES, _REPEATS):
         if flag.value < 1:
             raise cli.UsageError(f"--{flag.name} must be >= 1")
+    cli.prepare_output_file(_OUT.value)
     if _WORKER_COUNT.value < 0:
         raise cli.UsageError("--worker_count must be >= 0")
     model_rate = _MODEL_TOKENS_PER_S.value

@@ -106,6 +106,8 @@ def _parse_flags():
     if not _OUT.value:
         raise cli.UsageError("--out is required")
     lengths, stride_of = timing.parse_lengths(_LENGTHS.value), timing.stride_rule(_STRIDE.value)
+    timing.check_sizes(batch=_BATCH.value, heads=_HEADS.value, head_dim=_HEAD_DIM.value, repeats=_REPEATS.value,
+                       min_time=_MIN_TIME.value)
     bad = sorted(set(_PATTERNS.value) - {"strided", "fixed", "dense"})
     if bad:
         raise cli.UsageError(f"--patterns must be among strided, fixed, dense; got {bad}")
@@ -122,7 +124,7 @@ def main(argv):
     lengths, stride_of, lowerings = _parse_flags()
     b, nh, h, reps = _BATCH.value, _HEADS.value, _HEAD_DIM.value, _REPEATS.value
     backend, device = jax.default_backend(), jax.devices()[0].device_kind
-    os.makedirs(_OUT.value, exist_ok=True)
+    cli.prepare_output_dir(_OUT.value)
 
     peak = _PEAK_TFLOPS.value or peak_tflops(device)
     mm = matmul_tflops(reps)

@@ -165,6 +165,7 @@ def main(argv):
         raise cli.UsageError("--midi_dir is required")
     if _REPEATS.value < 1 or _MIDITOOLKIT_REPEATS.value < 1:
         raise cli.UsageError("--repeats and --miditoolkit_repeats must be >= 1")
+    cli.prepare_output_file(_OUT.value)
     # One core: the numbers are per core, and a second core would only add scheduling noise.
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})

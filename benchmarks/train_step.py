@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import time
 
 import jax
@@ -112,7 +111,11 @@ def main(argv):
         raise cli.UsageError(f"unexpected arguments {argv[1:]}")
     if _STEPS.value < 1 or any(v is not None and v < 1 for v in (_BATCH.value, _SEQ.value)):
         raise cli.UsageError("--steps, --batch_size and --seq_len must be >= 1")
-    dtype = jnp.dtype(_DTYPE.value or "float32")
+    cli.prepare_output_file(_OUT.value)
+    try:
+        dtype = jnp.dtype(_DTYPE.value or "float32")
+    except TypeError:
+        raise cli.UsageError(f"--dtype must be a JAX dtype such as float32 or bfloat16, got {_DTYPE.value!r}") from None
     peak = matmul_flops_per_second(dtype)
     rows = [bench_config(name) for name in _CONFIGS.value]
     for r in rows:
@@ -126,7 +129,6 @@ def main(argv):
               f"{r['dtype']:>8} {r['step_s']:>8.3f} {r['tokens_per_s']:>9.0f} {r['achieved_gflops']:>9.1f} "
               f"{100 * r['fraction_of_matmul']:>8.1f}%")
     if _OUT.value:
-        os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
         cli.write_atomic(_OUT.value, json.dumps({"matmul_gflops": peak / 1e9, "platform": jax.devices()[0].platform,
                                                  "device_count": jax.device_count(), "results": rows}, indent=2))
         print(f"wrote {_OUT.value}")

@@ -59,6 +59,12 @@ def parse_flags(argv: list[str]) -> list[str]:
         detail = " ".join(str(e.args[0] if e.args else e).split()).replace("'", "")
         detail = detail if " " in detail else detail.strip('"')
         fail(f"no such config field: {detail} (see --help)", code=2)
+    except Exception as e:  # a --config file that cannot be loaded: missing, broken, raising
+        missing = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")
+                   and not os.path.isfile(a.split("=", 1)[1].split(":")[0])]
+        if missing:
+            fail(f"--config {missing[0]}: no such file (see --help)", code=2)
+        fail(f"cannot read the flags: {type(e).__name__}: {e} (see --help)", code=2)
 
 
 def run(main: Callable[[list[str]], None],
@@ -81,6 +87,29 @@ def _help_from(module) -> None:
         main.__doc__ = module.__doc__
     for flag in flags.FLAGS.get_key_flags_for_module(module):
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
+def prepare_output_file(path: str | None, flag: str = "--out") -> None:
+    """Before a long run: the folder of output file `path` is created, and a path that is a folder or
+    cannot be created is a usage error, so that the results are not lost at the end."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a folder; give a file name (e.g. {os.path.join(path, 'results.json')})")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot create its folder ({e.strerror or e})") from None
+
+
+def prepare_output_dir(path: str, flag: str = "--out") -> None:
+    """Before a long run: output folder `path` is created; a file there or no permission is a usage error."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a file; give a folder (the JSON goes inside it)")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot create it ({e.strerror or e})") from None
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:

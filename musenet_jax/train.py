@@ -34,6 +34,7 @@ import dataclasses
 import functools
 import json
 import math
+import sys
 import threading
 import time
 from typing import Any
@@ -393,17 +394,18 @@ def _train_and_evaluate(config, workdir: str, data_dir: str, preemption: distrib
 
     # Checkpoint: resume from the newest one, else initialise.
     manager = checkpoint_manager(workdir, config)
-    reporter = reporting.Reporter(workdir, config.train.total_steps, enabled=is_main)
     # latest_step() only lists finished checkpoints: orbax writes each under a temporary name and renames it.
     start_step = manager.latest_step() or 0
     if start_step >= config.train.total_steps:
-        # A finished run started again (a rerun, a restarted job): it leaves the workdir as it was.
+        # A finished run started again (a rerun, a restarted job): it leaves the workdir as it was (no
+        # Reporter yet: it would start a TensorBoard file).
         manager.close()
-        reporter.message(f"nothing to train: {workdir} has a checkpoint at step {start_step} and "
-                         f"train.total_steps is {config.train.total_steps}; raise it to train on")
-        reporter.close()
+        if is_main:
+            print(f"nothing to train: {workdir} has a checkpoint at step {start_step} and train.total_steps is "
+                  f"{config.train.total_steps}; raise it to train on", file=sys.stderr, flush=True)
         return {**_stored_final_metrics(run_path, start_step), "step": start_step, "preempted": False,
                 "trained": False}
+    reporter = reporting.Reporter(workdir, config.train.total_steps, enabled=is_main)
     start_batch = 0
     reporter.resume_at(start_step)
     if start_step:

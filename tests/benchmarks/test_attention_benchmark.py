@@ -50,8 +50,12 @@ def test_small_run_writes_rows_ratios_and_floors(tmp_path):
 
 def test_bad_flags_are_one_line_errors(tmp_path):
     for flag, message in (("--stride=0", "--stride must be a positive integer or 'sqrt'"),
-                          ("--lengths=12,x", "--lengths must be integers")):
+                          ("--lengths=12,x", "--lengths must be integers"), ("--heads=0", "--heads must be >= 1"),
+                          ("--min_time=-1", "--min_time must be >= 0")):
         res = _run(flag, f"--out={tmp_path / 'bench'}")
         assert res.returncode != 0
         assert res.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), res.stderr
         assert not (tmp_path / "bench").exists()
+    (tmp_path / "file").write_text("")  # --out is a folder: refused before the run, not after it
+    res = _run("--lengths=64", f"--out={tmp_path / 'file'}")
+    assert res.returncode == 2 and "is a file; give a folder" in res.stderr.strip().splitlines()[-1], res.stderr

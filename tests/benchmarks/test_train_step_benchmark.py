@@ -33,9 +33,12 @@ def test_small_run_writes_tokens_per_second_and_fraction_of_matmul(tmp_path):
 @pytest.mark.parametrize("flag, message", [
     ("--configs=nope", "--configs: no config module configs/nope.py"),
     ("--steps=0", "--steps, --batch_size and --seq_len must be >= 1"),
+    ("--dtype=bogus", "--dtype must be a JAX dtype such as float32 or bfloat16, got 'bogus'"),
+    ("--out={tmp}", "--out {tmp} is a folder; give a file name"),  # refused before the run, not after it
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, flag, message):
-    res = _run(flag, f"--out={tmp_path / 'r.json'}")
+    flag, message = flag.format(tmp=tmp_path), message.format(tmp=tmp_path)
+    res = _run(f"--out={tmp_path / 'r.json'}", flag)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), res.stderr
     assert not (tmp_path / "r.json").exists()

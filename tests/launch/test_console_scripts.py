@@ -63,6 +63,16 @@ def test_train_config_errors_are_one_line(tmp_path, args, message):
     assert len([line for line in res.stderr.splitlines() if line.strip()]) == 1, res.stderr
 
 
+def test_a_train_config_file_that_cannot_be_loaded_is_one_line(tmp_path):
+    (tmp_path / "broken.py").write_text("def get_config(:\n")
+    (tmp_path / "raising.py").write_text("def get_config():\n    raise RuntimeError('boom')\n")
+    for name, message in (("broken.py", "SyntaxError: invalid syntax"), ("raising.py", "RuntimeError: boom"),
+                          ("nope.py", "no such file")):
+        res = _run("musenet-train", f"--config={tmp_path / name}", "--config.train.total_steps=1",
+                   f"--workdir={tmp_path}", "--data_dir=x")
+        assert res.returncode == 2 and len(res.stderr.splitlines()) == 1 and message in res.stderr, res.stderr
+
+
 def test_a_missing_train_config_file_is_named(tmp_path):
     missing = _run("musenet-train", f"--config={tmp_path / 'nope.py'}", f"--workdir={tmp_path}", "--data_dir=x")
     assert (missing.returncode, missing.stderr.strip()) == (2, f"error: --config {tmp_path / 'nope.py'}: no such "
