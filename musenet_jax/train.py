@@ -280,6 +280,22 @@ def _restore_checkpoint(manager, step: int, abstract_state, config, vocab: Vocab
     return state, examples // config.train.batch_size, (saved.config.get("train") or {}).get("total_steps")
 
 
+def check_batch_splits(mesh: jax.sharding.Mesh, global_batch_size: int) -> str | None:
+    """A warning when the batch does not divide over the mesh axes the "batch" rule splits it over: the
+    sharding rules then replicate it, and those devices all compute the same rows. With several processes
+    it is a TrainingError (a process could not read rows of its own)."""
+    spec = sharding_lib.logical_to_spec(("batch",), mesh_shape=dict(mesh.shape))[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    splits = math.prod(mesh.shape[a] for a in axes)
+    if global_batch_size % splits == 0:
+        return None
+    text = (f"train.batch_size={global_batch_size} does not divide over the {splits} batch shards of mesh "
+            f"{dict(mesh.shape)} (axes {', '.join(axes)}); use a multiple of {splits}")
+    if jax.process_count() > 1:
+        raise TrainingError(text)
+    return f"warning: {text}. Until then the batch is replicated: those devices all compute the same rows"
+
+
 def check_process_rows(sharding: jax.sharding.NamedSharding, global_batch_size: int) -> None:
     """Checks that this process's devices hold rows [p B / P, (p + 1) B / P) of a global batch.
 
@@ -373,6 +389,7 @@ def _train_and_evaluate(config, workdir: str, data_dir: str, preemption: distrib
             counted_s = time.perf_counter() - counted_s
     train_windows = input_lib.record_windows(len(train_source), vocab, in_config, train_tokens)
     batch_sharding = sharding_lib.data_sharding(mesh, batch_size=config.train.batch_size)
+    split_warning = check_batch_splits(mesh, config.train.batch_size)
     check_process_rows(batch_sharding, config.train.batch_size)
 
     # Model and optimizer.
@@ -406,6 +423,8 @@ def _train_and_evaluate(config, workdir: str, data_dir: str, preemption: distrib
         return {**_stored_final_metrics(run_path, start_step), "step": start_step, "preempted": False,
                 "trained": False}
     reporter = reporting.Reporter(workdir, config.train.total_steps, enabled=is_main)
+    if split_warning:
+        reporter.message(split_warning)
     start_batch = 0
     reporter.resume_at(start_step)
     if start_step:

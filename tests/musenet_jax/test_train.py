@@ -50,8 +50,11 @@ def test_train_resume_matches_uninterrupted_run(data_dir, tmp_path, capsys, capl
     windows = input_pipeline.record_windows(len(counts), datasets.load_vocab(data_dir, "directory"),
                                             input_pipeline.InputConfig(seq_len=64), counts)
     assert windows.sum() > len(counts)
+    err = capsys.readouterr().err
     assert (f"training data: {len(counts)} pieces, {windows.sum()} windows of 64 tokens an epoch (tokens sampling)"
-            in capsys.readouterr().err)
+            in err)
+    # The tests' batch of 4 on 8 devices (data 8): replicated in pairs, and the run says so.
+    assert "warning: train.batch_size=4 does not divide over the 8 batch shards of mesh" in err
     losses = _losses(full)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     assert losses[6] < losses[1]
@@ -138,3 +141,12 @@ def test_non_finite_loss_stops_with_a_kept_checkpoint(data_dir, tmp_path):
     # What was kept is really good: every parameter and optimizer moment is finite.
     state = ocp.StandardCheckpointer().restore(kept[-1] / "state")
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
+
+
+def test_a_batch_that_does_not_divide_over_the_batch_shards(monkeypatch):
+    mesh = jax.make_mesh((4, 2, 1), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    assert train.check_batch_splits(mesh, 16) is None
+    assert "batch_size=12 does not divide over the 8 batch shards" in train.check_batch_splits(mesh, 12)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)  # several processes: each could not read its own rows
+    with pytest.raises(train.TrainingError, match="use a multiple of 8"):
+        train.check_batch_splits(mesh, 12)
