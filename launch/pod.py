@@ -85,8 +85,8 @@ _TPU_TYPE = flags.DEFINE_string("tpu_type", None, "gke: v4, v5p, v5e, v6e, or th
                                 "(tpu-v4-podslice, tpu-v5p-slice, tpu-v5-lite-podslice, tpu-v6e-slice).")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "gke: slice topology, e.g. 2x2x4 (v4, v5p) or 4x4 (v5e, v6e).")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "gke: number of TPU slices (JobSet replicas).")
-_HOSTS_PER_SLICE = flags.DEFINE_integer("hosts_per_slice", None, "gke: hosts (pods) per slice; default from "
-                                        "--tpu_type and --topology.")
+_HOSTS_PER_SLICE = flags.DEFINE_integer("hosts_per_slice", None, "gke: hosts (pods) per slice; default and "
+                                        "checked: from --tpu_type and --topology.")
 _MAX_RESTARTS = flags.DEFINE_integer("max_restarts", 10, "gke: JobSet restarts after failures or preemptions.")
 # slurm
 _NODES = flags.DEFINE_integer("nodes", 1, "slurm: nodes.")
@@ -360,10 +360,17 @@ def gke_shape(tpu_type: str, topology: str, hosts_per_slice: int | None = None) 
         example = "2x2x4" if tpu.rank == 3 else "4x4"
         raise cli.UsageError(f"--topology {topology!r}: {tpu.accelerator} needs {tpu.rank} sizes, e.g. {example}")
     chips = math.prod(int(d) for d in dims)
+    multi_host = chips > tpu.max_single_host_chips
+    if multi_host and chips % tpu.chips_per_host:
+        raise cli.UsageError(f"--topology {topology}: {chips} chips, not a whole number of {tpu.accelerator} hosts "
+                             f"of {tpu.chips_per_host} chips")
+    needed = chips // tpu.chips_per_host if multi_host else 1
     if hosts_per_slice is None:
-        hosts_per_slice = 1 if chips <= tpu.max_single_host_chips else chips // tpu.chips_per_host
-    if hosts_per_slice < 1 or chips % hosts_per_slice:
-        raise cli.UsageError(f"--hosts_per_slice {hosts_per_slice} does not divide the {chips} chips of {topology}")
+        hosts_per_slice = needed
+    if hosts_per_slice != needed:  # the node pool's machines fix the chips per host: pods of other sizes never fit
+        raise cli.UsageError(f"--hosts_per_slice {hosts_per_slice}: a {topology} {tpu.accelerator} slice runs on "
+                             f"{needed} host{'s' if needed > 1 else ''}"
+                             + (f" of {tpu.chips_per_host} chips" if multi_host else ""))
     return tpu.accelerator, hosts_per_slice, chips // hosts_per_slice
 
 
@@ -409,6 +416,21 @@ def gke_steps(opts: Options) -> list[Step]:
 
 # --- SLURM --------------------------------------------------------------------------------------------------
 
+SLURM_MAX_SIGNAL_S = 65535  # sbatch --signal=SIG@T: T in 0..65535 s
+
+
+def slurm_seconds(time: str) -> int:
+    """An sbatch --time value in seconds: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."""
+    days, _, rest = time.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:  # after a day count the first field is hours
+        parts += [0] * (3 - len(parts))
+        h, m, sec = parts
+    else:
+        h, m, sec = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]
+    return ((int(days or 0) * 24 + h) * 60 + m) * 60 + sec
+
+
 def slurm_script(opts: Options) -> str:
     """The sbatch batch script."""
     _check_positive(nodes=opts.nodes, gpus_per_node=opts.gpus_per_node, grace_s=opts.grace_s)
@@ -423,6 +445,11 @@ def slurm_script(opts: Options) -> str:
         raise cli.UsageError(f"--name {job_name!r}: use letters, digits, '.', '_' and '-'")
     if opts.time and not re.fullmatch(r"(\d+-)?\d+(:\d\d){0,2}", opts.time):
         raise cli.UsageError(f"--time {opts.time!r}: expected minutes, HH:MM:SS or D-HH:MM:SS")
+    if opts.grace_s > SLURM_MAX_SIGNAL_S:
+        raise cli.UsageError(f"--grace_s {opts.grace_s}: sbatch --signal takes at most {SLURM_MAX_SIGNAL_S} s")
+    if opts.time and opts.grace_s >= slurm_seconds(opts.time):
+        raise cli.UsageError(f"--grace_s {opts.grace_s} is not shorter than --time {opts.time}: every job would be "
+                             "told to stop as it starts")
     optional = {"time": opts.time, "partition": opts.partition, "account": opts.account}
     for key, value in optional.items():
         if value and not re.fullmatch(r"[\w.,:-]+", value):

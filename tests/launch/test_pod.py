@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import shlex
 import signal
 import subprocess
@@ -233,16 +234,21 @@ def test_gke_single_slice_has_no_multislice_env():
     ("v4", "2x2x1", None, ("tpu-v4-podslice", 1, 4)),
     ("v5e", "2x4", None, ("tpu-v5-lite-podslice", 1, 8)),
     ("v6e", "4x4", None, ("tpu-v6e-slice", 4, 4)),
-    ("tpu-v6e-slice", "4x4", 2, ("tpu-v6e-slice", 2, 8)),
+    ("tpu-v6e-slice", "4x4", 4, ("tpu-v6e-slice", 4, 4)),
 ])
 def test_gke_shape(tpu_type, topology, hosts, expected):
     assert pod.gke_shape(tpu_type, topology, hosts) == expected
 
 
-@pytest.mark.parametrize("tpu_type, topology, hosts", [("v5p", "4x4", None), ("v5e", "2x2x2", None),
-                                                       ("v5p", "2x2x4", 3), ("v7", "2x2", None)])
-def test_gke_shape_rejects(tpu_type, topology, hosts):
-    with pytest.raises(cli.UsageError):
+@pytest.mark.parametrize("tpu_type, topology, hosts, message", [
+    ("v5p", "4x4", None, "needs 3 sizes"), ("v5e", "2x2x2", None, "needs 2 sizes"), ("v7", "2x2", None, "v7"),
+    ("v5p", "2x2x4", 3, "runs on 4 hosts of 4 chips"),
+    ("v5p", "2x2x4", 16, "runs on 4 hosts of 4 chips"),  # 1 chip a pod: it would never be scheduled
+    ("v6e", "2x4", 2, "runs on 1 host"),
+    ("v5p", "3x3x3", None, "27 chips, not a whole number of tpu-v5p-slice hosts of 4 chips"),
+])
+def test_gke_shape_rejects(tpu_type, topology, hosts, message):
+    with pytest.raises(cli.UsageError, match=re.escape(message)):
         pod.gke_shape(tpu_type, topology, hosts)
 
 
@@ -408,6 +414,8 @@ def test_missing_cloud_cli_is_one_line_error(tmp_path):
     ([*SLURM, "--nodes=0"], "--nodes must be >= 1"),
     ([*SLURM, "--time=tomorrow"], "--time"),
     ([*SLURM, "--workdir=gs://bucket/w"], "shared filesystem"),
+    ([*SLURM, "--time=10", "--grace_s=600"], "--grace_s 600 is not shorter than --time 10"),
+    ([*SLURM, "--grace_s=100000"], "sbatch --signal takes at most 65535 s"),
 ])
 def test_bad_flags_are_one_line_errors(args, message):
     result = run_pod("--dry_run", *args)
