@@ -480,7 +480,8 @@ def steps_for(opts: Options) -> list[Step]:
     for recipe, names in _RECIPE_ONLY_FLAGS.items():
         misplaced = [n for n in names if getattr(opts, n) and recipe != opts.recipe]
         if misplaced and not (misplaced == ["spot"] and opts.recipe in ("tpu_vm", "gke")):
-            raise cli.UsageError(f"--{misplaced[0]} is a --recipe={recipe} flag")
+            owner = "tpu_vm or gke" if misplaced[0] == "spot" else recipe
+            raise cli.UsageError(f"--{misplaced[0]} is a --recipe={owner} flag")
     return {"tpu_vm": tpu_vm_steps, "gke": gke_steps, "slurm": slurm_steps}[opts.recipe](opts)
 
 
@@ -508,7 +509,15 @@ def options_from_flags(train_args: list[str]) -> Options:
     return Options(**values, train_args=tuple(train_args))
 
 
+# Flags with a default that only one recipe reads: given explicitly to another, they would be ignored.
+_RECIPE_ONLY_DEFAULTED = {"gke": ("num_slices", "max_restarts"), "slurm": ("nodes", "gpus_per_node", "max_requeues")}
+
+
 def main(argv):
+    for recipe, names in _RECIPE_ONLY_DEFAULTED.items():
+        given = [n for n in names if flags.FLAGS[n].present and _RECIPE.value not in (None, recipe)]
+        if given:
+            raise cli.UsageError(f"--{given[0]} is a --recipe={recipe} flag")
     steps = steps_for(options_from_flags(argv[1:]))
     if _DRY_RUN.value:
         print("\n".join(step.shell() for step in steps))

@@ -416,6 +416,9 @@ def test_missing_cloud_cli_is_one_line_error(tmp_path):
     ([*SLURM, "--workdir=gs://bucket/w"], "shared filesystem"),
     ([*SLURM, "--time=10", "--grace_s=600"], "--grace_s 600 is not shorter than --time 10"),
     ([*SLURM, "--grace_s=100000"], "sbatch --signal takes at most 65535 s"),
+    ([*GKE, "--nodes=4"], "--nodes is a --recipe=slurm flag"),  # flags with a default, given to another recipe
+    ([*SLURM, "--num_slices=4"], "--num_slices is a --recipe=gke flag"),
+    ([*SLURM, "--spot"], "--spot is a --recipe=tpu_vm or gke flag"),
 ])
 def test_bad_flags_are_one_line_errors(args, message):
     result = run_pod("--dry_run", *args)
