@@ -40,6 +40,7 @@ SPECIAL_FILE = "special_file"
 TOO_LARGE = "too_large"
 ENCRYPTED = "encrypted"
 CORRUPT_MEMBER = "corrupt_member"
+BROKEN_ARCHIVE = "broken_archive"  # an archive inside a folder that cannot be read (its readable entries are kept)
 NOT_SELECTED = "not_selected"
 
 ZIP_SUFFIXES = (".zip",)
@@ -58,6 +59,10 @@ class ArchiveError(ValueError):
         self.path = os.fspath(path)
         self.reason = " ".join(str(reason).split())  # one line, whatever the library said
         super().__init__(f"{self.path}: {self.reason}")
+
+
+class BudgetError(ArchiveError):
+    """The whole source expands past `Limits.max_total_bytes`: the read stops (one damaged archive does not)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +138,7 @@ class _Budget:
     def spend(self, nbytes: int, where) -> None:
         self.used += nbytes
         if self.used > self.limits.max_total_bytes:
-            raise ArchiveError(where, f"expands past the limit of {self.limits.max_total_bytes} bytes "
+            raise BudgetError(where, f"expands past the limit of {self.limits.max_total_bytes} bytes "
                                       "(decompression bomb?); raise Limits.max_total_bytes to allow it")
 
 
@@ -162,11 +167,12 @@ def iter_members(source: str | os.PathLike, *, limits: Limits = Limits(),
         when `open_archives` is set, and `select` applies to their members.
       open_archives: when `source` is a folder, read archives inside it as if they were folders
         (their members are named `path/of/archive.zip/member`); archives inside archives are not
-        opened.
+        opened. One that cannot be read (or read to its end) is yielded as a member skipped with
+        `BROKEN_ARCHIVE`, after the entries read before the damage.
 
     Raises:
-      ArchiveError: `source` is missing, not a folder or supported archive, is damaged beyond
-        reading, or expands past `limits.max_total_bytes`.
+      ArchiveError: `source` is missing, not a folder or supported archive, or is itself damaged
+        beyond reading; `BudgetError` when it expands past `limits.max_total_bytes`.
     """
     source = os.fspath(source)
     budget = _Budget(limits)
@@ -211,7 +217,13 @@ def _iter_folder(root: str, budget: _Budget, select, open_archives: bool) -> Ite
                 yield Member(rel, None, SPECIAL_FILE, "not a regular file")
                 continue
             if open_archives and is_archive(name):
-                yield from _iter_archive(full, rel + "/", budget, select)
+                # One damaged archive among many files costs its own unreadable part, not the whole read.
+                try:
+                    yield from _iter_archive(full, rel + "/", budget, select)
+                except BudgetError:
+                    raise
+                except ArchiveError as e:
+                    yield Member(rel, None, BROKEN_ARCHIVE, e.reason)
                 continue
             if select is not None and not select(rel):
                 yield Member(rel, None, NOT_SELECTED)

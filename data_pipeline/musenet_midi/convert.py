@@ -16,7 +16,8 @@ Records (one per kept file; the schema the input pipeline reads):
 
 Reject reasons (counted in the dataset metadata and listed in `rejected.tsv`): the archive reasons
 of `data_pipeline.archives` (`unsafe_path`, `symlink`, `hardlink`, `special_file`, `too_large`,
-`encrypted`, `corrupt_member`), and
+`encrypted`, `corrupt_member`, `broken_archive`: an archive in a folder that cannot be read past some
+point, its readable entries kept), and
   not_midi_name: a file without a MIDI suffix (.mid .midi .kar .smf); never read.
   no_label / bad_label: no label for the file (MAESTRO file missing from the CSV) / a label name
     with no letters or digits.

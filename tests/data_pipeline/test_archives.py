@@ -257,6 +257,28 @@ def test_folder_skips_links_and_special_files_and_opens_archives(tmp_path):
         root, select=lambda p: p.endswith(".mid"), open_archives=True)]
 
 
+def test_a_damaged_archive_in_a_folder_costs_only_its_unreadable_part(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "a.mid").write_bytes(b"a")
+    (root / "bad.zip").write_bytes(b"PK this is not a zip")
+    tgz = tmp_path / "full.tar.gz"
+    with tarfile.open(tgz, "w:gz") as tf:
+        _tar_add(tf, "first.mid", b"f" * 100)  # compresses well: read before the cut
+        for i in range(5):
+            _tar_add(tf, f"{i}.mid", os.urandom(50_000))
+    (root / "cut.tar.gz").write_bytes(tgz.read_bytes()[: tgz.stat().st_size // 2])
+    (root / "z.mid").write_bytes(b"z")
+    got = _by_path(archives.iter_members(root, open_archives=True))
+    assert got["a.mid"].data == b"a" and got["z.mid"].data == b"z"  # the files after them are read too
+    assert got["bad.zip"].skipped == got["cut.tar.gz"].skipped == archives.BROKEN_ARCHIVE
+    assert "not a readable zip archive" in got["bad.zip"].detail
+    assert got["cut.tar.gz/first.mid"].data == b"f" * 100
+    # The whole read's size budget still stops everything.
+    with pytest.raises(archives.BudgetError):
+        list(archives.iter_members(root, open_archives=True, limits=Limits(max_total_bytes=50)))
+
+
 def test_folder_member_size_limit(tmp_path):
     (tmp_path / "big.mid").write_bytes(bytes(2 * MIB))
     (tmp_path / "small.mid").write_bytes(b"s")
