@@ -6,15 +6,19 @@ r"""musenet-build-data: build the `musenet_midi` dataset (ArrayRecord, no Tensor
     musenet-build-data --config maestro --manual_dir ~/downloads --data_dir ~/data
 
 The dataset lands in `<data_dir>/musenet_midi/<config>/<version>/` with `vocab.json`,
-`rejected.tsv` (every file left out, and why) and `token_counts.npz` (each record's length in tokens).
-An existing build is kept unless --overwrite, which deletes it before building anew.
+`rejected.tsv` (every file left out, and why) and `token_counts.npz` (each record's length and prefix
+length in tokens, each split's token histogram). The same command again leaves an existing build alone;
+asked for with other filters or another source it is refused. --overwrite rebuilds it beside the old
+one, which it replaces only once the new build is complete.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
+import tempfile
 
 from absl import flags, logging
 
@@ -29,7 +33,8 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where datasets are written (T
 _LABEL_CSV = flags.DEFINE_string("label_csv", None, "path,label manifest (lakh, directory); "
                                  "default: <manual_dir>/labels.csv when present.")
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", None, "Conversion processes (default: all cores).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rebuild even if the dataset is already built.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rebuild even if the dataset is already built (the old build "
+                                "is replaced once the new one is complete).")
 _MIN_NOTES = flags.DEFINE_integer("min_notes", None, "Override the config's minimum notes per piece.")
 _MAX_DURATION_S = flags.DEFINE_float("max_duration_s", None, "Override the config's longest piece, seconds.")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", None, "Override the config's most body tokens per piece.")
@@ -80,7 +85,7 @@ def main(argv):
         filters = dataclasses.replace(config.filters, **overrides)
 
     # The file format goes to the constructor: TFDS refuses to change it on a builder that found an
-    # existing build, which is what --overwrite replaces.
+    # existing build.
     builder = Builder(config=_CONFIG.value, data_dir=_DATA_DIR.value, num_workers=_NUM_WORKERS.value,
                       label_csv=_LABEL_CSV.value, filters=filters, file_format="array_record")
     source = builder.make_source(_MANUAL_DIR.value)  # fail on a bad source before TFDS creates any folder
@@ -100,13 +105,25 @@ def main(argv):
         return
     # SIGTERM (a job scheduler, `kill`) stops the build as Ctrl-C does: workers stopped, no half-built folder.
     signal.signal(signal.SIGTERM, _interrupt)
-    mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if _OVERWRITE.value
-            else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-    download_config = tfds.download.DownloadConfig(manual_dir=_MANUAL_DIR.value, download_mode=mode)
+    download_config = tfds.download.DownloadConfig(manual_dir=_MANUAL_DIR.value)
+    # --overwrite builds beside the old build and replaces it only once the new one is complete: a rebuild
+    # that fails (a bad source, an interrupt) leaves the old one as it was.
+    staging = tempfile.mkdtemp(prefix=".rebuild-", dir=_DATA_DIR.value) if builder.is_prepared() else None
     try:
-        builder.download_and_prepare(download_config=download_config)
+        staged = builder if staging is None else Builder(
+            config=_CONFIG.value, data_dir=staging, num_workers=_NUM_WORKERS.value, label_csv=_LABEL_CSV.value,
+            filters=filters, file_format="array_record")
+        staged.download_and_prepare(download_config=download_config)
+        if staging is not None:
+            old = tempfile.mkdtemp(prefix=".replaced-", dir=_DATA_DIR.value)
+            os.replace(builder.data_dir, os.path.join(old, "build"))
+            os.replace(staged.data_dir, builder.data_dir)
+            shutil.rmtree(old)
     except convert.ConversionError as e:
         cli.fail(str(e))
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
     meta = datasets.load_metadata(_DATA_DIR.value, _CONFIG.value)
     examples = ", ".join(f"{split} {n}" for split, n in meta["examples"].items())

@@ -1,5 +1,6 @@
 """musenet-build-data end to end: a real folder with damaged files, and one-line errors for bad input."""
 
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -45,6 +46,20 @@ def test_directory_build_with_corrupt_files(tmp_path, midi_fixtures):
                           (f"--manual_dir={manual / 'game'}", f"source: 'folder {manual}' built")):
         refused = run_cli("--config=directory", f"--manual_dir={manual}", f"--data_dir={data_dir}", other)
         assert refused.returncode == 2 and change in refused.stderr and "pass --overwrite" in refused.stderr
+    # --overwrite replaces the build only once the new one is complete: a failing rebuild keeps the old one.
+    build = datasets.dataset_dir(data_dir, "directory")
+    before = {p.relative_to(build): p.read_bytes() for p in pathlib.Path(build).rglob("*") if p.is_file()}
+    names = sorted(p.name for p in data_dir.iterdir())
+    failing = run_cli("--config=directory", f"--manual_dir={manual}", f"--data_dir={data_dir}", "--overwrite",
+                      "--min_notes=100000")  # every file rejected: the build fails
+    assert failing.returncode == 1 and "no usable MIDI" in failing.stderr.strip().splitlines()[-1], failing.stderr
+    assert {p.relative_to(build): p.read_bytes() for p in pathlib.Path(build).rglob("*") if p.is_file()} == before
+    rebuilt = run_cli("--config=directory", f"--manual_dir={manual}", f"--data_dir={data_dir}", "--overwrite",
+                      "--min_notes=20")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert datasets.load_metadata(data_dir, "directory")["filters"]["min_notes"] == 20
+    assert len(datasets.data_source(data_dir, "directory", "train")) == meta["examples"]["train"]
+    assert sorted(p.name for p in data_dir.iterdir()) == names  # no staging folder left behind
 
 
 @pytest.mark.e2e
