@@ -385,8 +385,12 @@ class Vocab:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Vocab:
-        with open(path) as f:
-            return cls.from_json(f.read())
+        """Reads a vocab.json; ValueError naming the file for one that is not one (not JSON, not UTF-8...)."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                return cls.from_json(f.read())
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors too
+            raise ValueError(f"{os.fspath(path)}: not a usable vocab.json ({' '.join(str(e).split())})") from None
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Vocab) and self.config == other.config

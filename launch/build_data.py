@@ -75,6 +75,8 @@ def main(argv):
 
     import tensorflow_datasets as tfds
 
+    tfds.disable_progress_bar()  # the conversion reports its own progress (convert._Progress)
+
     from data_pipeline import datasets
     from data_pipeline.musenet_midi import convert
     from data_pipeline.musenet_midi.musenet_midi_dataset_builder import Builder

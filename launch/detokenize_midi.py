@@ -51,8 +51,11 @@ def main(argv):
     if argv[1] == "-":
         text = sys.stdin.read()
     else:
-        with open(argv[1]) as f:
-            text = f.read()
+        try:
+            with open(argv[1], encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError:
+            raise ValueError(f"{argv[1]}: not a token file (not UTF-8 text; token files hold names or ids)") from None
     tokens, vocab = parse_tokens(text, _VOCAB.value)
     notes = encoding.tokens_to_midi(tokens, vocab, _OUT.value)
     print(f"wrote {_OUT.value}: {len(notes)} note{'' if len(notes) == 1 else 's'}", file=sys.stderr)

@@ -12,7 +12,7 @@ import sys
 from absl import flags
 
 from data_pipeline import encoding
-from data_pipeline.vocab import Vocab, VocabConfig
+from data_pipeline.vocab import Vocab, VocabConfig, normalize_label
 from launch import cli
 
 _IDS = flags.DEFINE_bool("ids", False, "Print token ids instead of the human-readable form.")
@@ -32,8 +32,10 @@ def load_vocab(vocab_path: str | None, labels: tuple[str, ...] = ()) -> Vocab:
 def main(argv):
     if len(argv) != 2:
         raise cli.UsageError("expected exactly one MIDI file: musenet-tokenize IN.mid")
-    vocab = load_vocab(_VOCAB.value, (_LABEL.value,) if _LABEL.value else ())
-    piece = encoding.encode_midi(argv[1], vocab, label=_LABEL.value, reader=_READER.value)
+    # Normalised as the dataset builder does folder names ("Rock Music" -> rock_music).
+    label = normalize_label(_LABEL.value) if _LABEL.value else None
+    vocab = load_vocab(_VOCAB.value, (label,) if label else ())
+    piece = encoding.encode_midi(argv[1], vocab, label=label, reader=_READER.value)
     if _IDS.value:
         text = " ".join(map(str, piece.tokens.tolist()))
     else:

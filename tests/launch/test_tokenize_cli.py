@@ -61,3 +61,17 @@ def test_usage_errors(tmp_path):
     assert res.returncode == 1 and "Q4" in res.stderr and not (tmp_path / "x.mid").exists()
     res = _run("detokenize_midi", str(tmp_path / "bad.tokens"))
     assert res.returncode == 2 and "--out" in res.stderr
+
+
+def test_labels_are_normalised_and_unreadable_inputs_are_named(midi_fixtures, tmp_path):
+    src = midi_fixtures / "bach_bwv1.6.mid"
+    labelled = _run("tokenize_midi", str(src), "--label", "Rock Music")  # as the builder names folders
+    assert labelled.returncode == 0 and labelled.stdout.startswith("rock_music piano start "), labelled.stderr
+    not_vocab = _run("tokenize_midi", str(src), "--vocab", str(src))
+    assert not_vocab.returncode == 1
+    assert not_vocab.stderr.strip() == f"error: {src}: not a usable vocab.json ('utf-8' codec can't decode byte " \
+                                       "0xe0 in position 13: invalid continuation byte)"
+    (tmp_path / "binary.tok").write_bytes(bytes(range(128, 256)))
+    binary = _run("detokenize_midi", str(tmp_path / "binary.tok"), "--out", str(tmp_path / "x.mid"))
+    assert binary.returncode == 1 and binary.stderr.strip().startswith(f"error: {tmp_path / 'binary.tok'}: not a token")
+    assert not (tmp_path / "x.mid").exists()
