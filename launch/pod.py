@@ -28,9 +28,11 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import importlib.resources
+import importlib.util
 import json
 import math
 import os
+import pathlib
 import re
 import shlex
 import shutil
@@ -229,15 +231,27 @@ def _check_dns_name(name: str, max_len: int) -> None:
                              "starting with a letter")
 
 
+def train_flag_names() -> set[str]:
+    """The flags musenet-train accepts: its module's own (read from its source: importing it here would define
+    flags that clash with ours) and absl's common ones (-v, --logtostderr, ...)."""
+    source = pathlib.Path(importlib.util.find_spec("launch.train").origin).read_text()
+    ours = {flag.name for flag in flags.FLAGS.get_key_flags_for_module(sys.modules[__name__])}
+    return set(re.findall(r"DEFINE_\w+\(\s*\"(\w+)\"", source)) | (set(flags.FLAGS) - ours)
+
+
 def train_command(opts: Options, config: str | None = None) -> list[str]:
     """The musenet-train argv every process runs (distributed set-up detected by musenet-train itself)."""
     _require(opts, "config", "workdir", "data_dir")
+    known = train_flag_names()
     for arg in opts.train_args:
         name = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
         if not name:
             raise cli.UsageError(f"unexpected argument {arg!r}: only --flags pass through to musenet-train")
         if name in MANAGED_TRAIN_FLAGS or name.removeprefix("no") == "distributed":
             raise cli.UsageError(f"{arg}: musenet-pod sets --{name} itself; use musenet-pod's own flag")
+        # A typo would otherwise surface on the cluster, after the slice was created and set up.
+        if not (name.startswith("config.") or name in known or name.removeprefix("no") in known):
+            raise cli.UsageError(f"{arg}: musenet-train has no --{name} (see musenet-train --help)")
     return ["musenet-train", f"--config={config or opts.config}", f"--workdir={opts.workdir}",
             f"--data_dir={opts.data_dir}", "--distributed=auto", *opts.train_args]
 

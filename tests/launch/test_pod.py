@@ -419,6 +419,9 @@ def test_missing_cloud_cli_is_one_line_error(tmp_path):
     ([*GKE, "--nodes=4"], "--nodes is a --recipe=slurm flag"),  # flags with a default, given to another recipe
     ([*SLURM, "--num_slices=4"], "--num_slices is a --recipe=gke flag"),
     ([*SLURM, "--spot"], "--spot is a --recipe=tpu_vm or gke flag"),
+    # musenet-train's flags are checked here, not on the cluster after the slice was made.
+    ([*TPU, "--action=run", "--", "--heartbeat_timeout=600"], "musenet-train has no --heartbeat_timeout"),
+    ([*SLURM, "--", "--dry_run"], "musenet-train has no --dry_run"),
 ])
 def test_bad_flags_are_one_line_errors(args, message):
     result = run_pod("--dry_run", *args)
