@@ -14,10 +14,12 @@ one, which it replaces only once the new build is complete.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
 import signal
+import sys
 import tempfile
 
 from absl import flags, logging
@@ -115,7 +117,8 @@ def main(argv):
         staged = builder if staging is None else Builder(
             config=_CONFIG.value, data_dir=staging, num_workers=_NUM_WORKERS.value, label_csv=_LABEL_CSV.value,
             filters=filters, file_format="array_record")
-        staged.download_and_prepare(download_config=download_config)
+        with contextlib.redirect_stdout(sys.stderr):  # TFDS's own "Downloading and preparing..." lines
+            staged.download_and_prepare(download_config=download_config)
         if staging is not None:
             old = tempfile.mkdtemp(prefix=".replaced-", dir=_DATA_DIR.value)
             os.replace(builder.data_dir, os.path.join(old, "build"))

@@ -148,13 +148,13 @@ def _fmt(value, spec: str) -> str:
 
 def format_table(rows: list[tuple[str, dict]]) -> str:
     """One line per (name, metrics) row, fixed-width columns."""
-    headers = ("file", "notes", "seconds", "bits/token", "bits/note", "bits/s", "bits/s (no vel)")
+    headers = ("file", "tokens", "notes", "seconds", "bits/token", "bits/note", "bits/s", "bits/s (no vel)")
     width = min(max([len(headers[0])] + [len(name) for name, _ in rows]), 48)
     lines = [f"{headers[0]:<{width}} " + " ".join(f"{h:>{max(len(h), 9)}}" for h in headers[1:])]
     for name, m in rows:
         if len(name) > width:
             name = "..." + name[-(width - 3):]
-        cells = (str(m["notes"]), f"{m['seconds']:.1f}", _fmt(m["bits_per_token"], ".3f"),
+        cells = (str(m["tokens"]), str(m["notes"]), f"{m['seconds']:.1f}", _fmt(m["bits_per_token"], ".3f"),
                  _fmt(m["bits_per_note"], ".2f"), _fmt(m["bits_per_second"], ".1f"),
                  _fmt(m["bits_per_second_no_velocity"], ".1f"))
         lines.append(f"{name:<{width}} " + " ".join(f"{c:>{max(len(h), 9)}}" for c, h in zip(cells, headers[1:])))

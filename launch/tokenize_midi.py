@@ -3,6 +3,7 @@ r"""musenet-tokenize: print a MIDI file as MuseNet tokens.
     musenet-tokenize song.mid                       # human-readable tokens
     musenet-tokenize song.mid --ids --out song.ids  # token ids, one line
     musenet-tokenize song.mid --label bach --vocab vocab.json
+    cat song.mid | musenet-tokenize -               # '-' reads the MIDI file from standard input
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def main(argv):
     # Normalised as the dataset builder does folder names ("Rock Music" -> rock_music).
     label = normalize_label(_LABEL.value) if _LABEL.value else None
     vocab = load_vocab(_VOCAB.value, (label,) if label else ())
-    piece = encoding.encode_midi(argv[1], vocab, label=label, reader=_READER.value)
+    source = sys.stdin.buffer.read() if argv[1] == "-" else argv[1]
+    piece = encoding.encode_midi(source, vocab, label=label, reader=_READER.value, path=argv[1])
     if _IDS.value:
         text = " ".join(map(str, piece.tokens.tolist()))
     else:

@@ -89,7 +89,7 @@ def test_export_on_a_midi_folder_skips_unreadable_files(run, midi_fixtures, tmp_
     assert all(s["reason"] for s in result["skipped"])
     assert "skipped" in res.stderr and "corrupt.mid" in res.stderr and "Traceback" not in res.stderr
     lines = res.stdout.strip().splitlines()
-    assert len(lines) == 4 and lines[0].split()[:2] == ["file", "notes"] and lines[-1].startswith("TOTAL")
+    assert len(lines) == 4 and lines[0].split()[:3] == ["file", "tokens", "notes"] and lines[-1].startswith("TOTAL")
     assert f"{result['total']['bits_per_token']:.3f}" in lines[-1]
 
 

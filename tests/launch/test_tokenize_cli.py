@@ -67,6 +67,9 @@ def test_labels_are_normalised_and_unreadable_inputs_are_named(midi_fixtures, tm
     src = midi_fixtures / "bach_bwv1.6.mid"
     labelled = _run("tokenize_midi", str(src), "--label", "Rock Music")  # as the builder names folders
     assert labelled.returncode == 0 and labelled.stdout.startswith("rock_music piano start "), labelled.stderr
+    piped = subprocess.run([sys.executable, "-m", "launch.tokenize_midi", "-"], input=src.read_bytes(),
+                           capture_output=True, timeout=120)  # '-' reads the MIDI file from stdin
+    assert piped.returncode == 0 and piped.stdout.decode() == _run("tokenize_midi", str(src)).stdout
     not_vocab = _run("tokenize_midi", str(src), "--vocab", str(src))
     assert not_vocab.returncode == 1
     assert not_vocab.stderr.strip() == f"error: {src}: not a usable vocab.json ('utf-8' codec can't decode byte " \
