@@ -46,9 +46,13 @@ class Reporter:
       workdir: run directory.
       total_steps: the run length, for the ETA.
       enabled: whether this process writes (process 0 only).
+      start_step: the checkpoint a training run starts from (0: none): what an earlier run logged after it
+        (one stopped before its next checkpoint) is dropped from `metrics.jsonl` and hidden in TensorBoard,
+        as those steps are trained again. None keeps everything.
     """
 
-    def __init__(self, workdir: str | os.PathLike, total_steps: int, enabled: bool = True):
+    def __init__(self, workdir: str | os.PathLike, total_steps: int, enabled: bool = True,
+                 start_step: int | None = None):
         self.total_steps = total_steps
         self.enabled = enabled
         self._writer = None
@@ -58,7 +62,9 @@ class Reporter:
         if enabled:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(os.fspath(run_dir.resolve(workdir) / "tensorboard"), flush_secs=10)
+            # purge_step: TensorBoard drops the earlier events at steps >= it when it reads this file.
+            self._writer = SummaryWriter(os.fspath(run_dir.resolve(workdir) / "tensorboard"), flush_secs=10,
+                                         purge_step=None if start_step is None else start_step + 1)
             if run_dir.is_remote(self._jsonl_path):
                 exists = self._jsonl_path.exists()
                 self._jsonl_lines = self._jsonl_path.read_text().splitlines(keepends=True) if exists else []
@@ -66,6 +72,8 @@ class Reporter:
                 self._jsonl = open(self._jsonl_path, "a")
         self._t0 = None
         self._step0 = None
+        if start_step is not None:
+            self._drop_rows_after(start_step)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self._writer:
@@ -80,10 +88,9 @@ class Reporter:
             self._jsonl_lines.append(line)
             run_dir.write_text(self._jsonl_path, "".join(self._jsonl_lines))
 
-    def resume_at(self, step: int) -> None:
-        """Drops `metrics.jsonl` rows past `step`, the checkpoint a run starts from: a run that stopped before
-        its next checkpoint (a crash, a kill) logged steps that are about to be trained again, and a torn
-        last line. Each step is then in the file once."""
+    def _drop_rows_after(self, step: int) -> None:
+        """Drops `metrics.jsonl` rows past `step` (logged by a run that stopped before its next checkpoint:
+        those steps are trained again) and a torn last line, so that each step is in the file once."""
         if not self._writer:
             return
         if self._jsonl is not None:

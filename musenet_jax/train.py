@@ -422,11 +422,10 @@ def _train_and_evaluate(config, workdir: str, data_dir: str, preemption: distrib
                   f"{config.train.total_steps}; raise it to train on", file=sys.stderr, flush=True)
         return {**_stored_final_metrics(run_path, start_step), "step": start_step, "preempted": False,
                 "trained": False}
-    reporter = reporting.Reporter(workdir, config.train.total_steps, enabled=is_main)
+    reporter = reporting.Reporter(workdir, config.train.total_steps, enabled=is_main, start_step=start_step)
     if split_warning:
         reporter.message(split_warning)
     start_batch = 0
-    reporter.resume_at(start_step)
     if start_step:
         with jax.set_mesh(mesh):
             state, start_batch, saved_total = restore_checkpoint(manager, start_step, abstract_state, config, vocab)
