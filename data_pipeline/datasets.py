@@ -101,49 +101,44 @@ def token_histogram(data_dir: str | os.PathLike, config_name: str = "default", s
     `split` may join whole splits (`"train+validation"`); None for a slice of a split (`"train[:10%]"`)
     or a dataset built before the histograms were stored.
     """
-    path = dataset_dir(data_dir, config_name, version)
-    stored = _load_stored(path)
+    stored = _stored_parts(data_dir, config_name, split, version, HISTOGRAM_SUFFIX)
     if stored is None:
         return None
-    info = tfds.builder_from_directory(path).info
-    total = None
-    for instruction in tfds.core.ReadInstruction.from_spec(split).to_absolute(info.splits):
-        key = instruction.splitname + HISTOGRAM_SUFFIX
-        whole = (instruction.from_ in (None, 0)
-                 and instruction.to in (None, info.splits[instruction.splitname].num_examples))
-        if key not in stored or not whole:
-            return None
-        total = stored[key].astype(np.int64) + (0 if total is None else total)
-    return total
-
-
-def _load_stored(path: str) -> dict[str, np.ndarray] | None:
-    counts_path = os.path.join(path, TOKEN_COUNTS_FILE)
-    if not os.path.isfile(counts_path):
+    _, parts = stored
+    if any(instruction.from_ not in (None, 0) or instruction.to not in (None, num_records)
+           for instruction, _, num_records in parts):
         return None
-    with np.load(counts_path) as stored:
-        return {key: stored[key] for key in stored.files}
+    return sum(values.astype(np.int64) for _, values, _ in parts)
 
 
 def _per_record(data_dir, config_name: str, split: str, version: str | None, suffix: str,
                 what: str) -> np.ndarray | None:
     """The per-record array `<split><suffix>` of `token_counts.npz` for a (sliced) split, or None."""
-    path = dataset_dir(data_dir, config_name, version)
-    stored = _load_stored(path)
+    stored = _stored_parts(data_dir, config_name, split, version, suffix)
     if stored is None:
         return None
-    info = tfds.builder_from_directory(path).info
-    parts = []
-    for instruction in tfds.core.ReadInstruction.from_spec(split).to_absolute(info.splits):
-        key = instruction.splitname + suffix
-        if key not in stored:
+    counts_path, parts = stored
+    for instruction, values, num_records in parts:
+        if len(values) != num_records:
+            raise ValueError(f"{counts_path}: {len(values)} {what} for split {instruction.splitname!r} of "
+                             f"{num_records} records")
+    return np.concatenate([values[i.from_:i.to] for i, values, _ in parts]).astype(np.int32)
+
+
+def _stored_parts(data_dir, config_name: str, split: str, version: str | None, suffix: str):
+    """(path of `token_counts.npz`, [(read instruction, its split's array `<split><suffix>`, records in that
+    split)] for each split `split` reads); None when the file or one of those arrays is missing."""
+    path = dataset_dir(data_dir, config_name, version)
+    counts_path = os.path.join(path, TOKEN_COUNTS_FILE)
+    if not os.path.isfile(counts_path):
+        return None
+    splits = tfds.builder_from_directory(path).info.splits
+    instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(splits)
+    with np.load(counts_path) as stored:  # reads only the arrays asked for
+        if any(i.splitname + suffix not in stored.files for i in instructions):
             return None
-        values = stored[key]
-        if len(values) != info.splits[instruction.splitname].num_examples:
-            raise ValueError(f"{os.path.join(path, TOKEN_COUNTS_FILE)}: {len(values)} {what} for split "
-                             f"{instruction.splitname!r} of {info.splits[instruction.splitname].num_examples} records")
-        parts.append(values[instruction.from_:instruction.to])
-    return np.concatenate(parts).astype(np.int32)
+        return counts_path, [(i, stored[i.splitname + suffix], splits[i.splitname].num_examples)
+                             for i in instructions]
 
 
 def load_metadata(data_dir: str | os.PathLike, config_name: str = "default",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import shutil
 import signal
@@ -90,8 +91,9 @@ def main(argv):
 
     # The file format goes to the constructor: TFDS refuses to change it on a builder that found an
     # existing build.
-    builder = Builder(config=_CONFIG.value, data_dir=_DATA_DIR.value, num_workers=_NUM_WORKERS.value,
-                      label_csv=_LABEL_CSV.value, filters=filters, file_format="array_record")
+    make_builder = functools.partial(Builder, config=_CONFIG.value, num_workers=_NUM_WORKERS.value,
+                                     label_csv=_LABEL_CSV.value, filters=filters, file_format="array_record")
+    builder = make_builder(data_dir=_DATA_DIR.value)
     source = builder.make_source(_MANUAL_DIR.value)  # fail on a bad source before TFDS creates any folder
     if builder.is_prepared() and not _OVERWRITE.value:
         # The same command again is a no-op; other sources or filters must not pass for the old build.
@@ -114,9 +116,7 @@ def main(argv):
     # that fails (a bad source, an interrupt) leaves the old one as it was.
     staging = tempfile.mkdtemp(prefix=".rebuild-", dir=_DATA_DIR.value) if builder.is_prepared() else None
     try:
-        staged = builder if staging is None else Builder(
-            config=_CONFIG.value, data_dir=staging, num_workers=_NUM_WORKERS.value, label_csv=_LABEL_CSV.value,
-            filters=filters, file_format="array_record")
+        staged = builder if staging is None else make_builder(data_dir=staging)
         with contextlib.redirect_stdout(sys.stderr):  # TFDS's own "Downloading and preparing..." lines
             staged.download_and_prepare(download_config=download_config)
         if staging is not None:

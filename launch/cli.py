@@ -59,11 +59,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         detail = " ".join(str(e.args[0] if e.args else e).split()).replace("'", "")
         detail = detail if " " in detail else detail.strip('"')
         fail(f"no such config field: {detail} (see --help)", code=2)
-    except Exception as e:  # a --config file that cannot be loaded: missing, broken, raising
-        missing = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")
-                   and not os.path.isfile(a.split("=", 1)[1].split(":")[0])]
-        if missing:
-            fail(f"--config {missing[0]}: no such file (see --help)", code=2)
+    except Exception as e:  # a config file flag whose file cannot be loaded: broken, raising
         fail(f"cannot read the flags: {type(e).__name__}: {e} (see --help)", code=2)
 
 

@@ -51,9 +51,6 @@ _HEARTBEAT = flags.DEFINE_float("heartbeat_timeout_s", 60.0,
 def main(argv):
     if len(argv) > 1:
         raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    config_file = flags.FLAGS["config"].present and config_flags.get_config_filename(flags.FLAGS["config"])
-    if config_file and not os.path.isfile(config_file.split(":")[0]):
-        raise cli.UsageError(f"--config {config_file}: no such file")
     if _CONFIG.value is None:
         raise cli.UsageError("--config is required (e.g. --config=configs/tiny.py)")
     if not _WORKDIR.value or not _DATA_DIR.value:
@@ -84,8 +81,18 @@ def main(argv):
           f"(unigram baseline {result['eval/unigram_bits_per_token']:.3f}); checkpoints in {_WORKDIR.value}")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """`cli.parse_flags`, after checking that the --config file exists: ml_collections reports a missing one
+    only as "Failed loading config file" (with overrides) or at first use (without), naming no path."""
+    for arg, after in zip(argv[1:], [*argv[2:], None]):
+        path = arg.removeprefix("--config=") if arg.startswith("--config=") else after if arg == "--config" else None
+        if path is not None and not os.path.isfile(path.split(":")[0]):  # `file.py:argument` passes an argument
+            cli.fail(f"--config {path}: no such file (see --help)", code=2)
+    return cli.parse_flags(argv)
+
+
 def run():
-    cli.run(main)
+    cli.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

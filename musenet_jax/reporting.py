@@ -65,15 +65,23 @@ class Reporter:
             # purge_step: TensorBoard drops the earlier events at steps >= it when it reads this file.
             self._writer = SummaryWriter(os.fspath(run_dir.resolve(workdir) / "tensorboard"), flush_secs=10,
                                          purge_step=None if start_step is None else start_step + 1)
-            if run_dir.is_remote(self._jsonl_path):
-                exists = self._jsonl_path.exists()
-                self._jsonl_lines = self._jsonl_path.read_text().splitlines(keepends=True) if exists else []
+            remote = run_dir.is_remote(self._jsonl_path)
+            lines = []
+            if (remote or start_step is not None) and self._jsonl_path.exists():
+                lines = self._jsonl_path.read_text().splitlines(keepends=True)
+            if start_step is not None:
+                # Rows past the checkpoint were logged by a run that stopped before its next one: those steps
+                # are trained again. A torn last line goes too, so that each step is in the file once.
+                kept = [line for line in lines if (step := _row_step(line)) is not None and step <= start_step]
+                if len(kept) < len(lines):
+                    run_dir.write_text(self._jsonl_path, "".join(kept))
+                lines = kept
+            if remote:
+                self._jsonl_lines = lines
             else:
                 self._jsonl = open(self._jsonl_path, "a")
         self._t0 = None
         self._step0 = None
-        if start_step is not None:
-            self._drop_rows_after(start_step)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self._writer:
@@ -87,26 +95,6 @@ class Reporter:
         else:
             self._jsonl_lines.append(line)
             run_dir.write_text(self._jsonl_path, "".join(self._jsonl_lines))
-
-    def _drop_rows_after(self, step: int) -> None:
-        """Drops `metrics.jsonl` rows past `step` (logged by a run that stopped before its next checkpoint:
-        those steps are trained again) and a torn last line, so that each step is in the file once."""
-        if not self._writer:
-            return
-        if self._jsonl is not None:
-            self._jsonl.flush()
-            lines = self._jsonl_path.read_text().splitlines(keepends=True)
-        else:
-            lines = self._jsonl_lines
-        kept = [line for line in lines if _row_step(line) is not None and _row_step(line) <= step]
-        if len(kept) == len(lines):
-            return
-        run_dir.write_text(self._jsonl_path, "".join(kept))
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = open(self._jsonl_path, "a")
-        else:
-            self._jsonl_lines = kept
 
     def start(self, step: int) -> None:
         """Marks where timing for the ETA starts (after compilation, ideally)."""
