@@ -327,7 +327,14 @@ class _Workers:
         return ERROR, "the conversion process crashed on this file"
 
     def close(self):
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        try:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        except RuntimeError:
+            # Interrupted (Ctrl-C, SIGTERM) while the pool was starting its manager thread: there is no thread
+            # to join ("cannot join thread before it is started"), and that error would replace the interrupt.
+            # The worker processes it had launched are stopped here instead.
+            for process in list((getattr(self.pool, "_processes", None) or {}).values()):
+                process.terminate()
 
 
 def convert_all(items: Iterable[SourceItem], *, spill_dir: str, instrument_set: str, filters: Filters,
