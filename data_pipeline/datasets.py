@@ -6,6 +6,8 @@ label table included), `rejected.tsv` and `token_counts.npz`: per split, in reco
 count and the conditioning-prefix length of every record, and the split's body-token histogram, so
 that a trainer can lay out windows and a unigram baseline without reading every record (minutes at
 start-up for a large split on remote storage). None of these functions imports the builder or TensorFlow.
+Without an explicit version they read the newest build, and refuse builds older than
+`CURRENT_ENCODING_VERSION`, whose records the current encoder would write differently.
 
     vocab = datasets.load_vocab(data_dir, "default")
     train = datasets.data_source(data_dir, "default", "train")   # len(train), train[i] -> dict
@@ -30,6 +32,10 @@ TOKEN_COUNTS_FILE = "token_counts.npz"
 # Keys of `token_counts.npz`: "<split>" holds the token counts (the file's first content), then these.
 PREFIX_LEN_SUFFIX = "_prefix_len"
 HISTOGRAM_SUFFIX = "_histogram"
+# The oldest builder version whose records the current encoder would write the same way. Builds of
+# older versions (their release notes, in the builder, say what changed) are not picked by default:
+# training on them would teach the old encoding. Raise this when a builder version changes the records.
+CURRENT_ENCODING_VERSION = "1.1.0"
 
 
 def _version_key(version: str) -> tuple[int, ...]:
@@ -39,11 +45,20 @@ def _version_key(version: str) -> tuple[int, ...]:
         return (-1,)
 
 
+def _build_command(data_dir, config_name: str) -> str:
+    manual = "" if config_name == "default" else " --manual_dir DIR"  # the MIDI it was built from
+    return f"musenet-build-data --config {config_name}{manual} --data_dir {os.fspath(data_dir)}"
+
+
 def dataset_dir(data_dir: str | os.PathLike, config_name: str = "default", version: str | None = None) -> str:
-    """The folder of a built dataset (the newest complete version unless `version` is given).
+    """The folder of a built dataset: the newest complete version unless `version` is given.
+
+    Without `version`, a build older than `CURRENT_ENCODING_VERSION` (encoded the old way) is refused;
+    name its version to read it anyway.
 
     Raises:
-      FileNotFoundError: nothing built there.
+      FileNotFoundError: nothing built there, or only builds older than `CURRENT_ENCODING_VERSION`; the
+        message is one line naming the build command.
     """
     config_dir = os.path.join(os.fspath(data_dir), DATASET_NAME, config_name)
     if version is None:
@@ -51,8 +66,14 @@ def dataset_dir(data_dir: str | os.PathLike, config_name: str = "default", versi
                  if os.path.isfile(os.path.join(config_dir, v, "dataset_info.json"))]
         if not built:
             raise FileNotFoundError(f"no built {DATASET_NAME}/{config_name} dataset in {data_dir} "
-                                    f"(build it with musenet-build-data --config {config_name})")
+                                    f"(build it with {_build_command(data_dir, config_name)})")
         version = max(built, key=_version_key)
+        if _version_key(version) < _version_key(CURRENT_ENCODING_VERSION):
+            raise FileNotFoundError(
+                f"{config_dir} holds only {DATASET_NAME} version {version}, encoded before version "
+                f"{CURRENT_ENCODING_VERSION} changed the encoding (a note-off now releases its key); rebuild "
+                f"it with {_build_command(data_dir, config_name)} (or name version={version!r} to read the old "
+                f"build from Python)")
     path = os.path.join(config_dir, version)
     if not os.path.isfile(os.path.join(path, "dataset_info.json")):
         raise FileNotFoundError(f"{path}: not a built dataset (no dataset_info.json)")

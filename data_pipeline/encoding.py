@@ -2,7 +2,19 @@
 
 Encoding a file runs these steps, all deterministic:
 
-1. Read (`midi_io.read_midi`): notes in ticks, the tempo map, sustain-pedal events.
+1. Read (`midi_io.read_midi`): notes in ticks, the tempo map, sustain-pedal events. Then note-offs
+   (`_release_at_note_offs`, before the pedal of step 3, whose holds are not note-offs): within one voice
+   (the readers' note group: one track's channel; symusic also splits a channel at program changes) a
+   note-off releases its key, as a synthesizer and pretty_midi play it: a note sounds from its attack
+   until the next attack of the same key or the first note-off of that key after its attack, whichever
+   comes first. So an unmatched note-on holds its key only until the key is next attacked or released,
+   not for the rest of the piece, and nested notes on one key (on A, on B, off, off) end at the first
+   note-off. A note-off at a note's own attack time makes it a zero-length note, unless it releases a
+   note that was sounding before (the usual off-then-on of repeated notes). The rule reads only the
+   attack and note-off times of each key, not which note-off a reader paired with which note-on. A voice
+   whose notes on each key do not overlap (a well-formed file) keeps its notes as they are. (Both
+   readers pair first in, first out and drop a note-on still open at the end of its track: a key's last
+   attack, when the key had an unmatched note-on.)
 2. Time: ticks -> seconds through every tempo change -> time units (`time_unit_ms`, rounded to the
    nearest unit, halves up).
 3. Sustain (`sustain='extend'`, the default): while a track's pedal (CC64) is >= 64, a note that is
@@ -10,11 +22,13 @@ Encoding a file runs these steps, all deterministic:
 4. Instruments: each note's GM program maps to its class (`instruments.py`); channel 10 is drums.
    Pitched notes outside `pitch_min..pitch_max` are dropped and counted.
 5. One voice per key: for each (instrument class, pitch) the key sounds while any note on it sounds.
-   Every note-on (re-)attacks the key; the sounding note then lasts until the next attack of the
-   same key or until the key falls silent. So overlapping same-pitch notes become consecutive notes
-   (as a piano re-strikes a key), and several attacks within one unit keep the loudest. Notes shorter
-   than one unit (zero-length notes included) last one unit. This canonical form does not depend on
-   how a parser pairs note-offs with overlapping note-ons, so both readers agree.
+   After step 1 a key's notes overlap only across voices (tracks or channels of one class, e.g. two
+   violins in unison), under the pedal, or within a unit. Every note-on (re-)attacks the key; the sounding
+   note then lasts until the next attack of the same key or until the key falls silent. So overlapping
+   same-pitch notes become consecutive notes (as a piano re-strikes a key), and several attacks within
+   one unit keep the loudest. Notes shorter than one unit (zero-length notes included) last one unit.
+   This canonical form does not depend on how a parser pairs note-offs with overlapping note-ons, so
+   both readers agree.
 6. Tokens: at each time, releases first, then attacks (pitched and drums), each group sorted by
    (instrument, pitch); `wait:N` tokens advance time between event times (several for long rests).
    A release is written only when the key is not re-attacked at that same time, because a note-on on
@@ -81,6 +95,7 @@ class Stats:
     notes_out: int = 0
     dropped_pitch_range: int = 0
     merged_attacks: int = 0  # several attacks of one key within one time unit
+    released_early: int = 0  # pitched notes ended before their own note-off by another attack or note-off (step 1)
 
 
 @dataclasses.dataclass
@@ -112,6 +127,81 @@ class EncodedPiece:
 # -- MIDI -> notes ---------------------------------------------------------------------------------
 def _round_half_up(x: np.ndarray) -> np.ndarray:
     return np.floor(x + 0.5).astype(np.int64)
+
+
+def _release_at_note_offs(voice: np.ndarray, pitch: np.ndarray, start: np.ndarray,
+                          end: np.ndarray) -> np.ndarray:
+    """Step 1's note-off rule: int64[N] note ends (ticks) where a note-off releases its key.
+
+    Args:
+      voice: int[N] the note's voice (`RawScore.track`: the reader's note group, one track's channel;
+        symusic also splits a channel at program changes); the rule applies within a (voice, pitch) key.
+      pitch: int[N] MIDI pitch 0..127.
+      start, end: int64[N] attack and note-off ticks, end >= start, however the reader paired them.
+
+    Returns:
+      int64[N], in the input's order: each note ends at the earlier of the key's next attack (after its
+      own) and the key's first note-off after its attack; or at its attack (zero length) when more
+      note-offs fall at its attack time than notes were sounding just before it. Only the multisets of
+      attack and note-off times of a key enter, so any pairing of note-offs with note-ons gives the same
+      ends (for notes attacked at one time, the same end each).
+    """
+    n = len(start)
+    if n < 2:
+        return end
+    # (key, tick) packed into one int64 code per attack and per note-off: keys in the high bits, ticks
+    # below `shift`. Voices are int32, so keys < 2^38; readers give ticks < 2^32, mostly < 2^24.
+    shift = (int(end.max()) + 1).bit_length()
+    key = voice.astype(np.int64) * 128 + pitch
+    if shift > 24 and int(key.max()).bit_length() + shift > 62:
+        # Only the order of ticks matters: rank them (ranks < 2N fit) and map the ends back.
+        ticks, rank = np.unique(np.concatenate([start, end]), return_inverse=True)
+        return ticks[_release_at_note_offs(voice, pitch, rank[:n], rank[n:])]
+    key <<= shift
+    attack = key | start
+    # Well-formed voices (nearly every file) have no overlapping notes on a key: then every note ends
+    # where it says. A zero-length note reaches one tick, so that two attacks at one tick count as
+    # overlapping (the rule decides which note-off ends them). Sorted attack codes and sorted reach codes
+    # interleave (a1 < r1 <= a2 < r2 ...; codes of different keys never mix) exactly when each key's
+    # notes lie end to end, and then they pair in that one way only: the reader's pairing. Two plain
+    # sorts, no argsort: this is the hot path.
+    reach = np.sort(key | np.maximum(end, start + 1))
+    if (np.sort(attack)[1:] >= reach[:-1]).all():
+        return end
+    # The attacks in code order, with the notes they belong to. Ties are notes of one key attacked at
+    # one tick, which get one end.
+    index_bits = (n - 1).bit_length()
+    if int(attack.max()).bit_length() + index_bits <= 63:
+        # A sort of the codes with each note's index in the low bits: several times faster than argsort.
+        packed = np.sort((attack << index_bits) | np.arange(n))
+        order, attack = packed & ((1 << index_bits) - 1), packed >> index_bits
+    else:
+        order = np.argsort(attack)
+        attack = attack[order]
+    releases = np.sort(key | end)
+    # Counted over all codes up to a note's attack: note-offs at or before it, and attacks before it.
+    # Earlier keys add one of each per note, so the difference is the key's note-offs at the attack time
+    # minus its notes sounding just before: more note-offs than that release a note attacked here, here.
+    first_after = np.searchsorted(releases, attack, side="right")
+    tie = attack[1:] == attack[:-1]
+    if tie.any():
+        # Runs of equal codes: the attacks before a run (its first index) and the index after it, by
+        # running extrema over the sorted codes (linear, where binary searches would be n log n).
+        index = np.arange(n)
+        attacks_before = np.maximum.accumulate(np.where(np.concatenate([[True], ~tie]), index, 0))
+        run_end = np.minimum.accumulate(np.where(np.concatenate([~tie, [True]]), index, n)[::-1])[::-1]
+        next_attack_code = np.append(attack, np.iinfo(np.int64).max)[run_end + 1]
+    else:
+        attacks_before = np.arange(n)
+        next_attack_code = np.append(attack[1:], np.iinfo(np.int64).max)
+    zero_length = first_after > attacks_before
+    # Not zero length: a note-off after the attack exists in the same key (its own), and the key's codes
+    # are below every later key's, so plain minima of codes stay within the key.
+    release_code = releases[np.minimum(first_after, n - 1)]
+    new_end = np.where(zero_length, attack, np.minimum(next_attack_code, release_code))
+    out = np.empty_like(end)
+    out[order] = new_end & ((1 << shift) - 1)
+    return out
 
 
 def _apply_sustain(score: midi_io.RawScore, end_ticks: np.ndarray) -> np.ndarray:
@@ -146,10 +236,24 @@ def _apply_sustain(score: midi_io.RawScore, end_ticks: np.ndarray) -> np.ndarray
 
 
 def score_to_notes(score: midi_io.RawScore, vocab: Vocab) -> tuple[Notes, Stats]:
-    """Steps 2-5 of the module docstring: a `RawScore` -> canonical `Notes` (sorted by start)."""
+    """Steps 1 (note-offs) to 5 of the module docstring: a `RawScore` -> canonical `Notes` (sorted by start)."""
     cfg = vocab.config
     stats = Stats(notes_in=score.num_notes)
-    end_ticks = score.end if cfg.sustain == "ignore" else _apply_sustain(score, score.end)
+    # Note-offs before the pedal: a pedal-held release is not a note-off, and a key re-struck under the
+    # pedal is held by its new note-on until that note's own note-off. Drum hits keep their ends (step 5
+    # gives them a fixed length), and skipping them keeps drum tracks off the rule's slow path.
+    drum = score.is_drum
+    if not drum.any():
+        end_ticks = _release_at_note_offs(score.track, score.pitch, score.start, score.end)
+    else:
+        pitched = ~drum
+        end_ticks = score.end.copy()
+        end_ticks[pitched] = _release_at_note_offs(score.track[pitched], score.pitch[pitched],
+                                                   score.start[pitched], score.end[pitched])
+    if end_ticks is not score.end:
+        stats.released_early = int(np.count_nonzero(end_ticks < score.end))
+    if cfg.sustain != "ignore":
+        end_ticks = _apply_sustain(score, end_ticks)
     units_per_second = 1000.0 / cfg.time_unit_ms
     n = score.num_notes
     both = _round_half_up(midi_io.ticks_to_seconds(np.concatenate([score.start, end_ticks]), score)

@@ -104,8 +104,17 @@ directory: point manual_dir at a folder of MIDI files, sub-folders and .zip / .t
 class Builder(tfds.core.GeneratorBasedBuilder):
     """MuseNet token records from MIDI; see the module docstring."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Body tokens + structural features, hash splits."}
+    # A version that changes what the records hold must also raise `datasets.CURRENT_ENCODING_VERSION`.
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "Body tokens + structural features, hash splits.",
+        "1.1.0": "Encoding: within a track's channel a note-off releases its key (a note lasts until the key's next "
+                 "attack or its first note-off after the attack, as synthesizers play it). Before, a key sounded "
+                 "while any note on it sounded, so one unmatched note-on held its key for the rest of the piece "
+                 "and made every later note on it legato: on the bundled corpus's train split 2.35% of pitched "
+                 "notes lasted longer than 4 s (Beethoven 5.9%, one of 380 s), 0.54% now. Records of 1.0.0 builds "
+                 "hold the old encoding; `datasets` refuses them unless their version is named: rebuild.",
+    }
     BUILDER_CONFIGS: ClassVar[list[MusenetMidiConfig]] = [
         MusenetMidiConfig(name="default", source="bundled",
                           description="Bundled corpus: Freedoom game music (BSD-3) and music21 scores."),

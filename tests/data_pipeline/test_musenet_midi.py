@@ -468,7 +468,28 @@ def test_dataset_helpers_on_missing_builds(tmp_path, messy_build):
         datasets.load_vocab(tmp_path, "lakh")
     with pytest.raises(FileNotFoundError, match="not a built dataset"):
         datasets.dataset_dir(messy_build, "directory", version="9.9.9")
-    assert datasets.dataset_dir(messy_build, "directory").endswith(os.path.join("directory", "1.0.0"))
+    assert datasets.dataset_dir(messy_build, "directory").endswith(os.path.join("directory", str(Builder.VERSION)))
+
+
+def test_builds_of_an_older_encoding_are_refused_with_the_rebuild_command(tmp_path, messy_build):
+    # The builder's version and the oldest version `datasets` reads by default move together.
+    assert str(Builder.VERSION) == datasets.CURRENT_ENCODING_VERSION
+    assert "1.1.0" in Builder.RELEASE_NOTES and "note-off" in Builder.RELEASE_NOTES["1.1.0"]
+    # A data_dir holding only a 1.0.0 build (the old encoding): every helper refuses it in one line that names
+    # the build command; naming the version reads it anyway.
+    old = tmp_path / "musenet_midi" / "directory" / "1.0.0"
+    shutil.copytree(datasets.dataset_dir(messy_build, "directory"), old)
+    for helper in (datasets.load_vocab, datasets.load_metadata, datasets.data_source, datasets.token_counts):
+        with pytest.raises(FileNotFoundError) as exc:
+            helper(tmp_path, "directory")
+        message = str(exc.value)
+        assert "\n" not in message and "version 1.0.0" in message
+        command = f"musenet-build-data --config directory --manual_dir DIR --data_dir {tmp_path}"
+        assert f"rebuild it with {command} " in message
+    assert datasets.load_vocab(tmp_path, "directory", version="1.0.0") == datasets.load_vocab(messy_build, "directory")
+    # Beside a current build the newest is read.
+    shutil.copytree(datasets.dataset_dir(messy_build, "directory"), old.parent / str(Builder.VERSION))
+    assert datasets.dataset_dir(tmp_path, "directory").endswith(str(Builder.VERSION))
 
 
 def test_manual_configs_without_manual_dir_fail_with_one_line(tmp_path):
