@@ -54,6 +54,7 @@ setup(
             "musenet-pod=launch.pod:run",
             "musenet-eval=launch.evaluate:run",
             "musenet-generate=launch.generate:run",
+            "musenet-stats=launch.stats:run",
         ],
     },
 )

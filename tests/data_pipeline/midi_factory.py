@@ -64,3 +64,36 @@ def with_smpte_division(data: bytes, fps: int, ticks_per_frame: int) -> bytes:
     header[12] = (256 - fps) & 0xFF
     header[13] = ticks_per_frame
     return bytes(header) + data[14:]
+
+
+# -- pieces with statistics known by hand (tests/data_pipeline/test_music_stats.py) ----------------------------------
+# At MIDI's default tempo (120 quarter notes per minute) and 480 ticks per quarter, one second is 960 ticks.
+TICKS_PER_SECOND = 960
+
+
+def _note(channel: int, pitch: int, on_s: float, off_s: float, velocity: int = 80) -> list[tuple]:
+    return [(round(on_s * TICKS_PER_SECOND), "on", channel, pitch, velocity),
+            (round(off_s * TICKS_PER_SECOND), "off", channel, pitch)]
+
+
+def c_major_scale() -> bytes:
+    """C4 D4 E4 F4 G4 A4 B4 C5 on a piano, quarter notes (0.5 s each) back to back: 0 - 4 s."""
+    pitches = (60, 62, 64, 65, 67, 69, 71, 72)
+    return midi_bytes([[e for i, p in enumerate(pitches) for e in _note(0, p, 0.5 * i, 0.5 * (i + 1))]])
+
+
+def held_chord_and_melody() -> bytes:
+    """A piano chord C3 E3 G3 held 0 - 6 s under a violin melody C5 1 - 1.5 s, D5 1.5 - 2 s, E5 4 - 5 s,
+    F5 6 - 7 s. The violin's track comes first in the file (the piano comes first in the instrument table)."""
+    violin = [(0, "program", 1, 40), *_note(1, 72, 1, 1.5), *_note(1, 74, 1.5, 2), *_note(1, 76, 4, 5),
+              *_note(1, 77, 6, 7)]
+    piano = [e for p in (48, 52, 55) for e in _note(0, p, 0, 6)]
+    return midi_bytes([violin, piano])
+
+
+def notes_with_gaps_and_drums() -> bytes:
+    """Piano C4 0 - 1 s, D4 3 - 4 s, E4 6 - 7 s; drum hits (channel 10, written 0.5 s long) at 3 s (under
+    the D4) and 5 s (in the gap)."""
+    piano = _note(0, 60, 0, 1) + _note(0, 62, 3, 4) + _note(0, 64, 6, 7)
+    drums = _note(9, 36, 3, 3.5) + _note(9, 38, 5, 5.5)
+    return midi_bytes([piano, drums])
