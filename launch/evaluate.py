@@ -1,8 +1,9 @@
 r"""musenet-eval: how well a model predicts held-out music, in bits per token, per note and per second.
 
     musenet-eval --model=exports/tiny --midi_dir=held_out/ [--label=classical] --out=results.json
+        [--baseline_data_dir=data [--dataset=default] | --baseline_train=train_midi/]
     musenet-eval --workdir=runs/tiny [--step=600] --split=test --data_dir=data [--dataset=default]
-    [--attention_impl=cpu]
+    [--attention_impl=cpu] [--baseline_order=N] [--baselines=false]
 
 The model comes from an export directory (--model) or a training workdir (--workdir; newest checkpoint
 unless --step). The music is every *.mid / *.midi under --midi_dir (recursive, sorted; encoded with the
@@ -10,12 +11,33 @@ model's vocabulary; files that cannot be read are skipped and listed) or the pie
 split (--split, --data_dir, --dataset; the dataset's vocabulary must be the model's).
 
 Every body token is scored once by sliding windows of the model's context L with stride --stride
-(default L / 2), see `musenet_jax.evaluation`. Prints one row per piece and a TOTAL row; --out writes:
+(default L / 2), see `musenet_jax.evaluation`. Prints one row per piece and a TOTAL row.
+
+Baselines (on by default; --baselines=false turns them off): a unigram and a smoothed n-gram
+(interpolated modified Kneser-Ney, `musenet_jax.ngram`; the unigram is its order 1), scored by the same
+windows on exactly the same tokens, in bits/token and velocity-free bits/s. They train on the
+--baseline_split (default train) of the dataset: --data_dir's with --split, --baseline_data_dir's with
+--midi_dir; or on the MIDI files under --baseline_train (encoded like --midi_dir's). --midi_dir with
+neither computes no n-gram (a note on stderr says how to get one). The order is --baseline_order, or
+(0, the default) the one of 1..5 with the lowest bits/token on the dataset's validation split; without
+one, every 20th training record / file (by index) is held out for that choice, and the chosen order is
+then fitted on all of them. At most --baseline_max_tokens training tokens are read, spread over the data.
+A summary table follows the per-piece one: model, unigram and n-gram rows, and a line comparing the
+model with the n-gram.
+
+--out writes:
 
     {"model": str, "step": int, "attention_impl": str, "source": {...}, "context_tokens": L, "stride": S,
      "files": [{"path", "tokens", "notes", "seconds", "total_bits", "total_bits_no_velocity",
                 "bits_per_token", "bits_per_note", "bits_per_second", "bits_per_second_no_velocity"}],
-     "skipped": [{"path", "reason"}], "total": {the same fields but path}}
+     "skipped": [{"path", "reason"}], "total": {the same fields but path},
+     "baselines": null | {"unigram": {the total fields},
+                          "ngram": {"order": k, "validation_bits_per_token": {"1": x, ..., "5": y} | null (order
+                                    given), "train_tokens": int, "train_pieces": int,
+                                    "train_source": {"data_dir", "dataset", "split" | "midi_dir", "label";
+                                                     "order_chosen_on"}, the total fields}},
+     "model_vs_ngram": null | {"bits_per_token_ratio": model / n-gram,
+                               "bits_per_second_no_velocity_ratio": model / n-gram}}
 
 Totals are sums of bits over sums of tokens / notes / seconds. A ratio whose denominator is 0 is null.
 """
@@ -48,7 +70,29 @@ _ATTENTION_IMPL = flags.DEFINE_string(
     "attention_impl", None, "Score with this attention implementation (reference, xla, cpu, pallas) instead of "
     "the model's own, e.g. 'cpu' on a CPU for a model trained with 'pallas' (which CPUs only interpret, slowly).")
 
+_BASELINES = flags.DEFINE_bool(
+    "baselines", True, "Also score a unigram and the best smoothed n-gram (interpolated Kneser-Ney) on the same "
+    "tokens; they train on --split's dataset, --baseline_data_dir or --baseline_train.")
+_BASELINE_SPLIT = flags.DEFINE_string(
+    "baseline_split", "train", "Split of the dataset (--data_dir with --split, or --baseline_data_dir) the baselines "
+    "train on.")
+_BASELINE_ORDER = flags.DEFINE_integer(
+    "baseline_order", 0, "n-gram order; 0: the best of 1..5 on held-out data (the dataset's validation split, else "
+    "every 20th training record or file).")
+_BASELINE_DATA_DIR = flags.DEFINE_string(
+    "baseline_data_dir", None, "With --midi_dir: a built dataset with the model's vocabulary (config --dataset) whose "
+    "--baseline_split trains the baselines.")
+_BASELINE_TRAIN = flags.DEFINE_string(
+    "baseline_train", None, "With --midi_dir: a folder of MIDI files (encoded like --midi_dir's, with --label) the "
+    "baselines train on.")
+_BASELINE_MAX_TOKENS = flags.DEFINE_integer(
+    "baseline_max_tokens", 10_000_000, "Train the baselines on at most this many tokens (records or files spread "
+    "evenly over the data).")
+
 MIDI_SUFFIXES = (".mid", ".midi")
+MAX_BASELINE_ORDER = 10
+HELD_OUT_EVERY = 20  # without a validation split, every 20th training record / file chooses the n-gram order
+HELD_OUT_MAX_TOKENS = 1_000_000  # of a validation split, spread over it: plenty to rank five orders
 
 
 def _check_flags(argv) -> None:
@@ -63,14 +107,16 @@ def _check_flags(argv) -> None:
         raise cli.UsageError("give exactly one of --midi_dir or --split")
     if _SPLIT.value and not _DATA_DIR.value:
         raise cli.UsageError("--split needs --data_dir")
-    if _MIDI_DIR.value and (_DATA_DIR.value or flags.FLAGS["dataset"].present):
-        raise cli.UsageError("--data_dir and --dataset go with --split, not --midi_dir")
+    if _MIDI_DIR.value and (_DATA_DIR.value or (flags.FLAGS["dataset"].present and not _BASELINE_DATA_DIR.value)):
+        raise cli.UsageError("--data_dir and --dataset go with --split, not --midi_dir (--dataset also goes with "
+                             "--baseline_data_dir)")
+    _check_baseline_flags()
     if _LABEL.value is not None and not _MIDI_DIR.value:
         raise cli.UsageError("--label goes with --midi_dir (dataset records carry their own labels)")
     for flag, low in ((_BATCH_SIZE, 1), (_STRIDE, 1), (_MAX_FILES, 1)):
         if flag.value is not None and flag.value < low:
             raise cli.UsageError(f"--{flag.name} must be >= {low}, got {flag.value}")
-    for flag in (_WORKDIR, _MODEL, _MIDI_DIR, _DATA_DIR):
+    for flag in (_WORKDIR, _MODEL, _MIDI_DIR, _DATA_DIR, _BASELINE_DATA_DIR, _BASELINE_TRAIN):
         if flag.value and not os.path.isdir(flag.value):
             raise ValueError(f"{flag.value}: no such directory (--{flag.name})")
     if _OUT.value:
@@ -79,14 +125,49 @@ def _check_flags(argv) -> None:
             raise ValueError(f"{_OUT.value}: cannot write there (--out must be a file in an existing directory)")
 
 
-def _midi_pieces(vocab, evaluation):
-    """(pieces, skipped) for --midi_dir: every MIDI file, encoded; unusable ones listed with the reason."""
+def _check_baseline_flags() -> None:
+    present = [f"--{name}" for name in ("baseline_split", "baseline_order", "baseline_data_dir", "baseline_train",
+                                         "baseline_max_tokens") if flags.FLAGS[name].present]
+    if not _BASELINES.value:
+        if present:
+            raise cli.UsageError(f"{present[0]} goes with --baselines (--baselines=false turns them off)")
+        return
+    if _SPLIT.value and (_BASELINE_DATA_DIR.value or _BASELINE_TRAIN.value):
+        raise cli.UsageError("--baseline_data_dir and --baseline_train go with --midi_dir (with --split the baselines "
+                             "train on that dataset's --baseline_split)")
+    if _BASELINE_DATA_DIR.value and _BASELINE_TRAIN.value:
+        raise cli.UsageError("give at most one of --baseline_data_dir or --baseline_train")
+    if flags.FLAGS["baseline_split"].present and not (_SPLIT.value or _BASELINE_DATA_DIR.value):
+        raise cli.UsageError("--baseline_split names a split of a dataset: it goes with --split or --baseline_data_dir")
+    if not 0 <= _BASELINE_ORDER.value <= MAX_BASELINE_ORDER:
+        raise cli.UsageError(f"--baseline_order must be in 0..{MAX_BASELINE_ORDER} (0: the best of 1..5), got "
+                             f"{_BASELINE_ORDER.value}")
+    if _BASELINE_MAX_TOKENS.value < 1:
+        raise cli.UsageError(f"--baseline_max_tokens must be >= 1, got {_BASELINE_MAX_TOKENS.value}")
+
+
+def _midi_files(root: pathlib.Path) -> list[pathlib.Path]:
+    # Not is_file(): a broken link is then listed as skipped, not silently left out.
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in MIDI_SUFFIXES and not p.is_dir())
+
+
+def _encode(path: pathlib.Path, vocab):
+    """(EncodedPiece, None) or (None, the reason it cannot be used)."""
     from data_pipeline import encoding
     from data_pipeline.midi_io import MidiError
 
+    try:
+        return encoding.encode_midi(path, vocab, label=_LABEL.value, path=path), None
+    except MidiError as e:
+        return None, e.reason
+    except OSError as e:
+        return None, e.strerror or type(e).__name__
+
+
+def _midi_pieces(vocab, evaluation):
+    """(pieces, skipped) for --midi_dir: every MIDI file, encoded; unusable ones listed with the reason."""
     root = pathlib.Path(_MIDI_DIR.value)
-    # Not is_file(): a broken link is then listed as skipped, not silently left out.
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in MIDI_SUFFIXES and not p.is_dir())
+    files = _midi_files(root)
     if not files:
         raise ValueError(f"{root}: no .mid or .midi files")
     if _MAX_FILES.value:
@@ -96,36 +177,44 @@ def _midi_pieces(vocab, evaluation):
         vocab.label_token(label)  # an unknown label is a usage error, not a per-file one
     pieces, skipped = [], []
     for path in files:
-        try:
-            piece = encoding.encode_midi(path, vocab, label=label, path=path)
-        except MidiError as e:
-            skipped.append({"path": str(path), "reason": e.reason})
-            continue
-        except OSError as e:
-            skipped.append({"path": str(path), "reason": e.strerror or type(e).__name__})
+        piece, reason = _encode(path, vocab)
+        if piece is None:
+            skipped.append({"path": str(path), "reason": reason})
             continue
         pieces.append(evaluation.EvalPiece.from_encoded(piece, vocab, name=str(path)))
     return pieces, skipped
 
 
-def _split_pieces(vocab, evaluation):
-    """(pieces, skipped) for --split: the split's records; the dataset's vocabulary must be the model's."""
+def _check_dataset_vocab(data_dir: str, vocab, instead: str) -> None:
     from data_pipeline import datasets
 
-    data_vocab = datasets.load_vocab(_DATA_DIR.value, _DATASET.value)
+    data_vocab = datasets.load_vocab(data_dir, _DATASET.value)
     if data_vocab != vocab:
-        raise ValueError(f"the model's vocabulary differs from the dataset's ({_DATA_DIR.value} {_DATASET.value}; "
-                         f"model vs dataset: {vocab.config.differences(data_vocab.config)}); evaluate with "
-                         "--midi_dir instead")
+        raise ValueError(f"the model's vocabulary differs from the dataset's ({data_dir} {_DATASET.value}; "
+                         f"model vs dataset: {vocab.config.differences(data_vocab.config)}); {instead}")
+
+
+def _open_split(data_dir: str, split: str, *, missing_ok: bool = False):
+    """A dataset split as a source; one-line errors for a split that is missing or empty (None if missing_ok)."""
+    from data_pipeline import datasets
+
     try:
-        source = datasets.data_source(_DATA_DIR.value, _DATASET.value, _SPLIT.value)
+        return datasets.data_source(data_dir, _DATASET.value, split)
     except (ValueError, KeyError) as e:
-        built = datasets.load_metadata(_DATA_DIR.value, _DATASET.value).get("examples", {})
-        if built.get(_SPLIT.value) == 0:  # TFDS does not register an empty split
-            raise ValueError(f"{_DATA_DIR.value} {_DATASET.value}: split {_SPLIT.value!r} has no records (this "
+        if missing_ok:
+            return None
+        built = datasets.load_metadata(data_dir, _DATASET.value).get("examples", {})
+        if built.get(split) == 0:  # TFDS does not register an empty split
+            raise ValueError(f"{data_dir} {_DATASET.value}: split {split!r} has no records (this "
                              f"build: {', '.join(f'{k} {v}' for k, v in built.items())})") from None
-        raise ValueError(f"{_DATA_DIR.value} {_DATASET.value}: cannot open split {_SPLIT.value!r} "
+        raise ValueError(f"{data_dir} {_DATASET.value}: cannot open split {split!r} "
                          f"({' '.join(str(e).split())[:200]})") from None
+
+
+def _split_pieces(vocab, evaluation):
+    """(pieces, skipped) for --split: the split's records; the dataset's vocabulary must be the model's."""
+    _check_dataset_vocab(_DATA_DIR.value, vocab, "evaluate with --midi_dir instead")
+    source = _open_split(_DATA_DIR.value, _SPLIT.value)
     count = len(source) if not _MAX_FILES.value else min(len(source), _MAX_FILES.value)
     pieces, skipped = [], []
     for i in range(count):
@@ -140,6 +229,134 @@ def _split_pieces(vocab, evaluation):
     if not count:
         raise ValueError(f"{_DATA_DIR.value} {_DATASET.value}: split {_SPLIT.value!r} is empty")
     return pieces, skipped
+
+
+# -- baselines ---------------------------------------------------------------------------------------
+def _baseline_data(vocab):
+    """(train, held out or None, what they are: a dict for the JSON) for the baselines; None without data.
+
+    Dataset: --baseline_split of --data_dir (with --split) or --baseline_data_dir; held out: its validation
+    split when the order is to be chosen. MIDI (--baseline_train): every file, encoded like --midi_dir's.
+    Records / files are read spread over the data up to --baseline_max_tokens.
+    """
+    from musenet_jax import ngram
+
+    data_dir = _DATA_DIR.value if _SPLIT.value else _BASELINE_DATA_DIR.value
+    if data_dir:
+        if _BASELINE_DATA_DIR.value:
+            _check_dataset_vocab(data_dir, vocab, "train the baselines on MIDI files with --baseline_train instead")
+        source = _open_split(data_dir, _BASELINE_SPLIT.value)
+        train = ngram.read_sequences(source, vocab, indices=ngram.spread_order(len(source)),
+                                     max_tokens=_BASELINE_MAX_TOKENS.value)
+        what = {"data_dir": data_dir, "dataset": _DATASET.value, "split": _BASELINE_SPLIT.value}
+        held_out = None
+        if _BASELINE_ORDER.value == 0 and _BASELINE_SPLIT.value != "validation":
+            validation = _open_split(data_dir, "validation", missing_ok=True)  # missing when built empty
+            if validation is not None and len(validation):
+                held_out = ngram.read_sequences(validation, vocab, indices=ngram.spread_order(len(validation)),
+                                                max_tokens=HELD_OUT_MAX_TOKENS)
+                what["order_chosen_on"] = "validation split"
+        if not train.tokens:
+            raise ValueError(f"{data_dir} {_DATASET.value}: split {_BASELINE_SPLIT.value!r} has no usable records "
+                             "for the baselines")
+        return train, held_out, what
+    if not _BASELINE_TRAIN.value:
+        print("note: no n-gram baseline computed: --midi_dir needs --baseline_data_dir=DATA (a built dataset with "
+              "the model's vocabulary) or --baseline_train=DIR (MIDI files) to train one", file=sys.stderr)
+        return None
+    files = _midi_files(pathlib.Path(_BASELINE_TRAIN.value))
+
+    def get(i: int):
+        piece, _ = _encode(files[i], vocab)
+        return None if piece is None else (piece.tokens, piece.prefix_len)
+
+    train = ngram.gather(ngram.spread_order(len(files)), get, max_tokens=_BASELINE_MAX_TOKENS.value)
+    if not train.tokens:
+        raise ValueError(f"{_BASELINE_TRAIN.value}: no usable MIDI files to train the baselines on "
+                         f"({len(files)} .mid / .midi files, {len(train.skipped)} unreadable)")
+    return train, None, {"midi_dir": _BASELINE_TRAIN.value, "label": _LABEL.value}
+
+
+def _fit_baselines(train, held_out, what: dict, vocab) -> tuple[object, object, dict]:
+    """(unigram, n-gram, its JSON description): the n-gram of --baseline_order, or the order of 1..5 with the
+    lowest held-out bits/token. Without held-out data every 20th training item is held out for the choice,
+    then the chosen order is fitted on all of them."""
+    from musenet_jax import ngram
+
+    order, bits = _BASELINE_ORDER.value, None
+    if order:
+        model = ngram.NgramModel.fit(train.tokens, vocab.size, order)
+    else:
+        fit_on = train
+        if held_out is None:
+            fit_on, held_out = ngram.hold_out(train, HELD_OUT_EVERY)
+            if not held_out.tokens:
+                raise ValueError(f"one training {'record' if 'dataset' in what else 'file'} is too little to choose "
+                                 "the n-gram order on held-out data; give --baseline_order")
+            what["order_chosen_on"] = f"every {HELD_OUT_EVERY}th training {'record' if 'dataset' in what else 'file'}"
+        model = ngram.NgramModel.fit(fit_on.tokens, vocab.size, max(ngram.DEFAULT_ORDERS))
+        order, bits = ngram.select_order(model, held_out.tokens, ngram.DEFAULT_ORDERS,
+                                         context_lengths=held_out.prefix_lengths)
+        model = (model.with_order(order) if fit_on is train else
+                 ngram.NgramModel.fit(train.tokens, vocab.size, order))
+    info = {"order": order, "validation_bits_per_token": None if bits is None else {str(k): v for k, v in bits.items()},
+            "train_tokens": model.train_tokens, "train_pieces": len(train.tokens), "train_source": what}
+    return model.with_order(1), model, info
+
+
+def _prepare_baselines(vocab) -> tuple[object, object, dict, float] | None:
+    """(unigram, n-gram, the n-gram's JSON description, seconds taken) fitted on the baselines' training data,
+    or None without any (before the model is scored: a bad baseline flag fails fast)."""
+    t0 = time.perf_counter()
+    data = _baseline_data(vocab)
+    if data is None:
+        return None
+    return (*_fit_baselines(*data, vocab), time.perf_counter() - t0)
+
+
+def _score_baselines(prepared, vocab, evaluation, pieces, seq_len: int, stride: int) -> dict:
+    """{"unigram": total metrics, "ngram": {order, validation bits, training data, total metrics}} on the
+    windows and tokens the model was scored on."""
+    unigram, ngram_model, info, fit_s = prepared
+    t0 = time.perf_counter()
+    totals = {}
+    for name, model in (("unigram", unigram), ("ngram", ngram_model)):
+        scorer = evaluation.NgramScorer(model, vocab, seq_len=seq_len, batch_size=64)  # B: speed only
+        totals[name] = evaluation.total_metrics(evaluation.score_pieces(scorer, pieces, stride=stride))
+    held = info["validation_bits_per_token"]
+    print(f"baselines: {info['order']}-gram (held-out bits/token "
+          f"{', '.join(f'{k}: {v:.3f}' for k, v in held.items()) if held else 'not measured: order given'}), "
+          f"trained on {info['train_tokens']:,} tokens of {info['train_pieces']} pieces in {fit_s:.1f} s, scored "
+          f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return {"unigram": totals["unigram"], "ngram": {**info, **totals["ngram"]}}
+
+
+def _ratio(a, b):
+    return None if a is None or not b else a / b
+
+
+def model_vs_ngram(model: dict, ngram_total: dict) -> tuple[dict, str]:
+    """(the JSON's model_vs_ngram ratios, the verdict line)."""
+    ratios = {"bits_per_token_ratio": _ratio(model["bits_per_token"], ngram_total["bits_per_token"]),
+              "bits_per_second_no_velocity_ratio": _ratio(model["bits_per_second_no_velocity"],
+                                                          ngram_total["bits_per_second_no_velocity"])}
+    change = ", ".join(f"{'-' if r is None else f'{100 * (r - 1):+.1f}%'} {unit}" for r, unit in
+                       zip(ratios.values(), ("bits/token", "bits/s (no velocity)")))
+    beats = all(r is not None and r < 1 for r in ratios.values())
+    return ratios, (f"model vs best n-gram: {change}" if beats else
+                    f"model does NOT beat the n-gram baseline ({change})")
+
+
+def format_summary(rows: list[tuple[str, dict]]) -> str:
+    """Model and baselines side by side: bits/token, bits/s, bits/s (no vel)."""
+    headers = ("bits/token", "bits/s", "bits/s (no vel)")
+    width = max(len(name) for name, _ in rows)
+    lines = [" " * width + " " + " ".join(f"{h:>{max(len(h), 10)}}" for h in headers)]
+    for name, m in rows:
+        cells = (_fmt(m["bits_per_token"], ".3f"), _fmt(m["bits_per_second"], ".1f"),
+                 _fmt(m["bits_per_second_no_velocity"], ".1f"))
+        lines.append(f"{name:<{width}} " + " ".join(f"{c:>{max(len(h), 10)}}" for c, h in zip(cells, headers)))
+    return "\n".join(lines)
 
 
 def _fmt(value, spec: str) -> str:
@@ -195,6 +412,7 @@ def main(argv):
     if stride > room:
         raise cli.UsageError(f"--stride must be at most {room} (context {seq_len} + 1 - longest prefix)")
 
+    prepared = _prepare_baselines(vocab) if _BASELINES.value else None
     t0 = time.perf_counter()
     scorer = evaluation.Scorer(model, vocab, batch_size=_BATCH_SIZE.value)
     scores = evaluation.score_pieces(scorer, pieces, stride=stride)
@@ -202,11 +420,22 @@ def main(argv):
     print(f"scored {total['tokens']} tokens of {len(scores)} pieces in {time.perf_counter() - t0:.1f} s "
           f"(context {seq_len}, stride {stride})", file=sys.stderr)
 
+    baselines = None if prepared is None else _score_baselines(prepared, vocab, evaluation, pieces, seq_len,
+                                                               stride)
+
     print(format_table([(s.name, s.metrics()) for s in scores] + [("TOTAL", total)]))
+    ratios = None
+    if baselines:
+        ratios, verdict = model_vs_ngram(total, baselines["ngram"])
+        print()
+        print(format_summary([("model", total), ("unigram", baselines["unigram"]),
+                              (f"n-gram (order {baselines['ngram']['order']})", baselines["ngram"])]))
+        print(verdict)
     if _OUT.value:
         result = {"model": model_path, "step": step, "attention_impl": model.config.attention_impl, "source": source,
                   "context_tokens": seq_len, "stride": stride,
-                  "files": [{"path": s.name, **s.metrics()} for s in scores], "skipped": skipped, "total": total}
+                  "files": [{"path": s.name, **s.metrics()} for s in scores], "skipped": skipped, "total": total,
+                  "baselines": baselines, "model_vs_ngram": ratios}
         cli.write_atomic(_OUT.value, json.dumps(result, indent=2) + "\n")
 
 

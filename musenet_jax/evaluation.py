@@ -22,6 +22,10 @@ replaced by log sum_v p(v) over the velocity bins v of the same (instrument, pit
 note], computed from the same softmax; every other target (waits, note-offs, which carry no velocity,
 `end`) keeps its plain log-probability. So per token, no-velocity bits <= bits.
 
+Baselines: `unigram_bits_per_token` (train-split token frequencies), and `NgramScorer`, which puts an
+`ngram.NgramModel` (interpolated Kneser-Ney) through `score_pieces` on exactly the model's windows and
+tokens, velocity marginalisation included.
+
 Windows of all pieces are batched B at a time into fixed [B, L] arrays (the last batch padded with
 unscored rows), so one jitted forward is compiled once.
 
@@ -45,6 +49,7 @@ from data_pipeline import encoding
 from data_pipeline import features as features_lib
 from data_pipeline import input_pipeline as input_lib
 from data_pipeline.vocab import TokenKind, Vocab
+from musenet_jax import ngram
 
 LN2 = math.log(2.0)
 # Per-piece and total metrics, in this order (the JSON fields and the table columns).
@@ -316,11 +321,53 @@ class Scorer:
         return np.asarray(bits, np.float64), np.asarray(bits_nv, np.float64)
 
 
-def score_pieces(scorer: Scorer, pieces: Sequence[EvalPiece], *, stride: int | None = None) -> list[PieceScore]:
+class NgramScorer:
+    """`Scorer`'s interface for an n-gram baseline, so that `score_pieces` scores it on exactly the windows
+    and tokens the model is scored on.
+
+    The target at window position t, batch["targets"][b, t], is predicted from batch["inputs"][b, :t + 1],
+    the row read as the start of a sequence (a window row starts with the conditioning prefix; the n-gram
+    reads at most its last order - 1 tokens). Velocity-free bits of an attack target are -log2 of the summed
+    probabilities of its velocity group (`velocity_groups`), as `token_nll` computes them for the model;
+    other targets keep their plain bits.
+
+    Args:
+      model: an `ngram.NgramModel` over the vocabulary's ids (scored at its `order`).
+      vocab: the vocabulary.
+      seq_len: L, window length in tokens (the model's context, to score the same windows).
+      batch_size: B, windows per call.
+    """
+
+    def __init__(self, model: ngram.NgramModel, vocab: Vocab, *, seq_len: int, batch_size: int = 8):
+        if model.vocab_size != vocab.size:
+            raise ValueError(f"the n-gram model has {model.vocab_size} token ids, the vocabulary {vocab.size}")
+        if seq_len < 2 or batch_size < 1:
+            raise ValueError(f"need seq_len >= 2 and batch_size >= 1, got {seq_len}, {batch_size}")
+        self.model, self.vocab, self.seq_len, self.batch_size = model, vocab, seq_len, batch_size
+        self._groups, self._is_attack = velocity_groups(vocab)
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """batch: `BATCH_KEYS` arrays [B, L] -> (bits, bits_no_velocity) float64[B, L], 0 where unscored."""
+        scored = np.asarray(batch["loss_mask"]) > 0
+        targets = np.asarray(batch["targets"], np.int64)[scored]
+        contexts = self.model.contexts(batch["inputs"], scored, levels=self.model.order)
+        p = self.model.probs_given(contexts, targets)
+        p_no_velocity = p.copy()
+        attack = self._is_attack[targets]
+        if attack.any():  # the same contexts, each attack's whole velocity group
+            p_no_velocity[attack] = self.model.probs_given(contexts[:, attack],
+                                                           self._groups[targets[attack]]).sum(axis=-1)
+        bits, bits_no_velocity = np.zeros(scored.shape), np.zeros(scored.shape)
+        bits[scored], bits_no_velocity[scored] = -np.log2(p), -np.log2(p_no_velocity)
+        return bits, bits_no_velocity
+
+
+def score_pieces(scorer: Scorer | NgramScorer, pieces: Sequence[EvalPiece], *,
+                 stride: int | None = None) -> list[PieceScore]:
     """Scores every body token of every piece once (module docstring), B windows per forward.
 
     Args:
-      scorer: a `Scorer` (model, vocabulary, B and L).
+      scorer: a `Scorer` (model, vocabulary, B and L), or an `NgramScorer`.
       pieces: the pieces; their windows are batched together in order.
       stride: S in body tokens, default L // 2 (capped to what the longest prefix leaves).
     Returns:

@@ -12,10 +12,11 @@ import pytest
 
 from data_pipeline import datasets
 from data_pipeline.vocab import Vocab
-from musenet_jax import evaluation, export
+from musenet_jax import evaluation, export, ngram
 
 FIELDS = {"path", "tokens", "notes", "seconds", "total_bits", "total_bits_no_velocity", "bits_per_token",
           "bits_per_note", "bits_per_second", "bits_per_second_no_velocity"}
+NGRAM_FIELDS = {"order", "validation_bits_per_token", "train_tokens", "train_pieces", "train_source"}
 
 
 @pytest.fixture
@@ -32,7 +33,8 @@ def musenet_eval(*args, timeout=600):
 
 def check_result(result: dict) -> None:
     """The JSON's fields and the invariants between its numbers."""
-    assert {"model", "step", "source", "context_tokens", "stride", "files", "skipped", "total"} <= set(result)
+    assert {"model", "step", "source", "context_tokens", "stride", "files", "skipped", "total", "baselines",
+            "model_vs_ngram"} <= set(result)
     for row in result["files"]:
         assert set(row) == FIELDS
         assert row["tokens"] > 0 and row["notes"] > 0 and row["seconds"] > 0
@@ -43,6 +45,36 @@ def check_result(result: dict) -> None:
     for key in ("tokens", "notes", "seconds", "total_bits"):
         assert total[key] == pytest.approx(sum(row[key] for row in result["files"]), rel=1e-9)
     assert total["bits_per_token"] == pytest.approx(total["total_bits"] / total["tokens"], rel=1e-9)
+    if result["baselines"] is None:
+        assert result["model_vs_ngram"] is None
+        return
+    unigram, ngram_total = result["baselines"]["unigram"], result["baselines"]["ngram"]
+    assert set(unigram) == FIELDS - {"path"} and set(ngram_total) == (FIELDS - {"path"}) | NGRAM_FIELDS
+    for baseline in (unigram, ngram_total):  # scored on exactly the model's tokens
+        assert all(baseline[k] == total[k] for k in ("tokens", "notes", "seconds"))
+        assert baseline["total_bits_no_velocity"] < baseline["total_bits"]
+    ratios = result["model_vs_ngram"]
+    assert ratios["bits_per_token_ratio"] == pytest.approx(total["bits_per_token"] / ngram_total["bits_per_token"])
+    assert ratios["bits_per_second_no_velocity_ratio"] == pytest.approx(
+        total["bits_per_second_no_velocity"] / ngram_total["bits_per_second_no_velocity"])
+
+
+def check_summary(stdout: str, result: dict) -> None:
+    """The summary table after the per-file one: model / unigram / n-gram rows and the verdict line."""
+    lines = stdout.strip().splitlines()
+    order = result["baselines"]["ngram"]["order"]
+    rows = {line.rsplit(None, 3)[0]: line.split()[-3:] for line in lines[-4:-1]}
+    assert list(rows) == ["model", "unigram", f"n-gram (order {order})"], lines[-5:]
+    for name, key in (("model", "total"), ("unigram", "unigram"), (f"n-gram (order {order})", "ngram")):
+        metrics = result[key] if key == "total" else result["baselines"][key]
+        assert rows[name] == [f"{metrics['bits_per_token']:.3f}", f"{metrics['bits_per_second']:.1f}",
+                              f"{metrics['bits_per_second_no_velocity']:.1f}"]
+    ratios = result["model_vs_ngram"]
+    change = (f"{100 * (ratios['bits_per_token_ratio'] - 1):+.1f}% bits/token, "
+              f"{100 * (ratios['bits_per_second_no_velocity_ratio'] - 1):+.1f}% bits/s (no velocity)")
+    beats = ratios["bits_per_token_ratio"] < 1 and ratios["bits_per_second_no_velocity_ratio"] < 1
+    assert lines[-1] == (f"model vs best n-gram: {change}" if beats else
+                         f"model does NOT beat the n-gram baseline ({change})")
 
 
 @pytest.mark.slow
@@ -88,6 +120,10 @@ def test_export_on_a_midi_folder_skips_unreadable_files(run, midi_fixtures, tmp_
                                                             str(midi / "gone.mid")]
     assert all(s["reason"] for s in result["skipped"])
     assert "skipped" in res.stderr and "corrupt.mid" in res.stderr and "Traceback" not in res.stderr
+    # No data to train an n-gram on: said in one line, and null in the JSON.
+    assert result["baselines"] is None and result["model_vs_ngram"] is None
+    note = [line for line in res.stderr.splitlines() if "no n-gram baseline" in line]
+    assert len(note) == 1 and "--baseline_data_dir" in note[0] and "--baseline_train" in note[0]
     lines = res.stdout.strip().splitlines()
     assert len(lines) == 4 and lines[0].split()[:3] == ["file", "tokens", "notes"] and lines[-1].startswith("TOTAL")
     assert f"{result['total']['bits_per_token']:.3f}" in lines[-1]
@@ -111,6 +147,52 @@ def test_workdir_on_a_dataset_split(run, tmp_path):
     assert [row["tokens"] for row in result["files"]] == [len(source[i]["tokens"]) for i in range(3)]
     assert result["skipped"] == []
 
+    # Baselines: trained on the whole train split (12 records, prefixes included), the order chosen on the
+    # validation split (1 record), scored on the same windows and tokens as the model.
+    vocab = datasets.load_vocab(run.data_dir, "directory")
+    train = ngram.read_sequences(source, vocab)
+    held_out = ngram.read_sequences(datasets.data_source(run.data_dir, "directory", "validation"), vocab)
+    best, bits = ngram.select_order(ngram.NgramModel.fit(train.tokens, vocab.size, 5), held_out.tokens,
+                                    context_lengths=held_out.prefix_lengths)
+    baseline = result["baselines"]["ngram"]
+    assert (baseline["order"], baseline["train_pieces"], baseline["train_tokens"]) == (best, 12, train.num_tokens)
+    assert baseline["validation_bits_per_token"] == pytest.approx({str(k): v for k, v in bits.items()}, rel=1e-9)
+    assert baseline["train_source"] == {"data_dir": str(run.data_dir), "dataset": "directory", "split": "train",
+                                        "order_chosen_on": "validation split"}
+    # Both baselines scored by the same windows (context 64, stride 20) of the same 3 pieces.
+    model = ngram.NgramModel.fit(train.tokens, vocab.size, best)
+    pieces = [evaluation.EvalPiece.from_record(source[i], vocab) for i in range(3)]
+    for name, order in (("unigram", 1), ("ngram", best)):
+        scorer = evaluation.NgramScorer(model.with_order(order), vocab, seq_len=64, batch_size=5)
+        expected = evaluation.total_metrics(evaluation.score_pieces(scorer, pieces, stride=20))
+        for key in ("total_bits", "total_bits_no_velocity"):
+            assert result["baselines"][name][key] == pytest.approx(expected[key], rel=1e-9), (name, key)
+    check_summary(res.stdout, result)
+    assert f"baselines: {best}-gram (held-out bits/token 1: " in res.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_baselines_trained_on_a_midi_folder(run, midi_fixtures, tmp_path):
+    midi = tmp_path / "scored"
+    midi.mkdir()
+    shutil.copy(midi_fixtures / "freedoom1_D_E1M6.mid", midi / "a.mid")
+    out = tmp_path / "results.json"
+    res = musenet_eval("--model", run.export, "--midi_dir", midi, "--label", "freedoom", "--baseline_train",
+                       midi_fixtures, "--baseline_order", 2, "--out", out)
+    assert res.returncode == 0, res.stderr
+    result = json.loads(out.read_text())
+    check_result(result)
+    baseline = result["baselines"]["ngram"]
+    files = sorted(midi_fixtures.glob("*.mid"))
+    assert baseline["order"] == 2 and baseline["validation_bits_per_token"] is None
+    assert baseline["train_source"] == {"midi_dir": str(midi_fixtures), "label": "freedoom"}
+    assert baseline["train_pieces"] == len(files)  # every fixture file is usable
+    # The scored file is among the training files, encoded the same way (same label): the bigram knows it well.
+    assert baseline["bits_per_token"] < result["baselines"]["unigram"]["bits_per_token"]
+    check_summary(res.stdout, result)
+    assert "not measured: order given" in res.stderr
+
 
 def _dataset_with_other_vocab(run, tmp_path):
     """A copy of the built dataset whose vocab.json has an extra label (so every id but the labels agrees)."""
@@ -129,13 +211,19 @@ def _dataset_with_other_vocab(run, tmp_path):
 @pytest.mark.e2e
 @pytest.mark.parametrize("case", ["no_args", "both_models", "missing_model_dir", "no_checkpoints", "split_only",
                                   "missing_midi_dir", "unknown_label", "other_vocab", "bad_stride",
-                                  "bad_attention_impl", "empty_split"])
+                                  "bad_attention_impl", "empty_split", "baseline_train_with_split",
+                                  "baseline_flag_without_baselines", "bad_baseline_order", "baseline_split_alone",
+                                  "no_usable_baseline_midi"])
 def test_errors_are_one_line_without_output(run, midi_fixtures, tmp_path, case):
     empty = tmp_path / "empty_workdir"
     empty.mkdir()
     midi = tmp_path / "midi"
     midi.mkdir()
     shutil.copy(midi_fixtures / "freedoom1_D_INTRO.mid", midi / "x.mid")
+    bad_midi = tmp_path / "bad_midi"
+    bad_midi.mkdir()
+    (bad_midi / "corrupt.mid").write_bytes(b"MThd\x00\x00\x00\x06 this is not a midi file")
+    (bad_midi / "empty.midi").write_bytes(b"")
     model = ("--model", run.export)
     args = {
         "no_args": (),
@@ -151,6 +239,12 @@ def test_errors_are_one_line_without_output(run, midi_fixtures, tmp_path, case):
         # The fixture dataset's 13 files split 12 / 1 / 0 (by content hash).
         "empty_split": (*model, "--split", "test", "--data_dir", run.data_dir, "--dataset", "directory"),
         "bad_attention_impl": (*model, "--midi_dir", midi, "--attention_impl", "cuda"),
+        "baseline_train_with_split": (*model, "--split", "train", "--data_dir", run.data_dir, "--dataset",
+                                      "directory", "--baseline_train", midi),
+        "baseline_flag_without_baselines": (*model, "--midi_dir", midi, "--baselines=false", "--baseline_order", 3),
+        "bad_baseline_order": (*model, "--midi_dir", midi, "--baseline_train", midi, "--baseline_order", 11),
+        "baseline_split_alone": (*model, "--midi_dir", midi, "--baseline_split", "validation"),
+        "no_usable_baseline_midi": (*model, "--midi_dir", midi, "--baseline_train", bad_midi),
     }[case]
     expected = {"no_args": "exactly one of --workdir or --model", "both_models": "exactly one",
                 "missing_model_dir": "no such directory", "no_checkpoints": "no checkpoints",
@@ -159,7 +253,13 @@ def test_errors_are_one_line_without_output(run, midi_fixtures, tmp_path, case):
                 "other_vocab": "vs dataset: labels: ['classical', 'freedoom'] vs ['classical', 'freedoom', 'zzz']",
                 "bad_stride": "--stride must be at most",
                 "empty_split": "split 'test' has no records (this build: train 12, validation 1, test 0)",
-                "bad_attention_impl": "--attention_impl must be one of reference, xla, cpu, pallas"}[case]
+                "bad_attention_impl": "--attention_impl must be one of reference, xla, cpu, pallas",
+                "baseline_train_with_split": "--baseline_data_dir and --baseline_train go with --midi_dir",
+                "baseline_flag_without_baselines": "--baseline_order goes with --baselines",
+                "bad_baseline_order": "--baseline_order must be in 0..10",
+                "baseline_split_alone": "--baseline_split names a split of a dataset",
+                "no_usable_baseline_midi": f"{bad_midi}: no usable MIDI files to train the baselines on (2 .mid / "
+                                           ".midi files, 2 unreadable)"}[case]
     out = tmp_path / "out.json"
     res = musenet_eval(*args, "--out", out)
     assert res.returncode != 0
