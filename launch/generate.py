@@ -9,6 +9,11 @@ r"""musenet-generate: new music from an exported model, as MIDI (and optionally 
 folder names) or `none` for an unlabelled piece. --instruments are instrument-class names of the model's
 vocabulary; only those can play. --seconds is the total length of the music, primer included.
 
+Structured decoding (`musenet_jax.sampling`, module doc): the sampler knows which notes sound, so it writes
+each time step in the encoding's order, releases only sounding notes, releases every note before the piece
+ends, and keeps any note from sounding longer than --max_note_seconds (0: no limit; default
+`musenet_jax.sampling.DEFAULT_MAX_NOTE_SECONDS`): time passes at most up to that limit, then the note ends.
+
 Primer: the file is encoded with the model's vocabulary and its first --primer_seconds kept: notes that start
 later are dropped, notes still sounding at the cut are released there, and trailing rest is kept up to the cut.
 The kept notes are the start of every output piece, verbatim. A primer that plays an instrument not in
@@ -51,6 +56,9 @@ _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Pieces to generate (as on
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", None, "Cap on body tokens per piece, primer included; longer "
                                     "pieces than the model's context are written in sliding windows "
                                     "(default: generous, musenet_jax.sampling.default_max_tokens).")
+_MAX_NOTE_SECONDS = flags.DEFINE_float(
+    "max_note_seconds", None, "Longest a note may sound, in seconds (0: no limit; default: "
+    "musenet_jax.sampling.DEFAULT_MAX_NOTE_SECONDS).")
 _OUT = flags.DEFINE_string("out", None, "Output MIDI file; with --num_samples N > 1: OUT-1.mid .. OUT-N.mid.")
 _WAV = flags.DEFINE_string("wav", None, "Also render audio to this WAV file (needs the fluidsynth program).")
 _SOUNDFONT = flags.DEFINE_string("soundfont", None, "SoundFont (.sf2/.sf3) for --wav; default: the first "
@@ -92,6 +100,9 @@ def check_flags() -> None:
         raise cli.UsageError(f"--num_samples must be >= 1, got {_NUM_SAMPLES.value}")
     if _MAX_TOKENS.value is not None and _MAX_TOKENS.value < 1:
         raise cli.UsageError(f"--max_tokens must be >= 1, got {_MAX_TOKENS.value}")
+    if _MAX_NOTE_SECONDS.value is not None and not (math.isfinite(_MAX_NOTE_SECONDS.value)
+                                                     and _MAX_NOTE_SECONDS.value >= 0):
+        raise cli.UsageError(f"--max_note_seconds must be >= 0 (0: no limit), got {_MAX_NOTE_SECONDS.value}")
     if _SOUNDFONT.value is not None and _WAV.value is None:
         raise cli.UsageError("--soundfont needs --wav")
     outputs = [p for p in (_OUT.value, _WAV.value, _PIANOROLL.value) if p is not None]
@@ -261,9 +272,10 @@ def main(argv):
     model, _ = export.load_export(_MODEL.value, vocab=vocab)
     sampling_config = sampling.SamplingConfig(temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                                               top_p=_TOP_P.value)
+    max_note_seconds = sampling.DEFAULT_MAX_NOTE_SECONDS if _MAX_NOTE_SECONDS.value is None else _MAX_NOTE_SECONDS.value
     pieces = sampling.generate(model, vocab, label=label, instruments=instruments, seconds=seconds, primer=primer,
                                sampling=sampling_config, seed=_SEED.value, num_samples=num_samples,
-                               max_tokens=_MAX_TOKENS.value)
+                               max_tokens=_MAX_TOKENS.value, max_note_seconds=max_note_seconds)
 
     for k, piece in enumerate(pieces, start=1):
         midi_path = numbered(_OUT.value, k, num_samples)

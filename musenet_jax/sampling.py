@@ -32,15 +32,41 @@ part and countdown of the window's first body token (`input_pipeline.pack_exampl
 that is what `compute_features` of the whole piece gives too). Positions restart at 0 in every window.
 `decode_arrays` returns what each window fed, for checking.
 
-Constraints, by masking logits before sampling (a token never allowed gets probability 0):
-- the body may only hold waits, END, note-on / note-off of the chosen pitched instruments and drum hits if
-  `drums` is chosen: never PAD, START, labels or instrument-presence tokens;
-- time never passes the target: `wait:w` is allowed only while timing + w <= D; in the ending window
-  (below) a longer wait reads as a closing rest (its probability goes to `wait:(D - timing)`), where masking
-  it would push its probability onto note-ons and end the piece with a burst of notes;
-- ending: END is masked until timing >= D - tolerance, with tolerance = min(`END_TOLERANCE_MS`, 10% of the
-  target) so short pieces keep a window too; once timing reaches D only END is allowed (forced). An ended
-  piece therefore lasts between D - tolerance and D time units.
+Constraints, by masking logits before temperature / top-k / top-p (a masked token gets probability 0; the state
+and masks live in `musenet_jax.decode_rules`). Each row carries the state of its piece so far: for every pitched
+key (instrument class, pitch) whether it sounds and since which time unit, and in the current time step the key
+of the last release and of the last attack. It starts as `decode_rules.sounding_state` of the prompt (prefix +
+primer; the primer itself is kept verbatim, unchecked), follows every token appended, and carries across
+windows. With `timing` the time of the next token, D the target length and key = instrument * 128 + pitch (drum
+hits: the drums class, after every pitched instrument, and the drum note):
+- tokens: the body may only hold waits, END, note-on / note-off of the chosen pitched instruments and drum hits
+  if `drums` is chosen: never PAD, START, labels or instrument-presence tokens;
+- order within a time step, as `data_pipeline.encoding.encode_notes` writes it (and the model was trained on):
+  releases first, then attacks (note-ons and drum hits), each group in ascending key order. A note-off needs a
+  key that sounds since before `timing` (a silent key has nothing to release; one attacked at `timing` would
+  make a zero-length note), no attack yet in this step and a larger key than the step's last release. A
+  note-on or drum hit needs a larger key than the step's last attack (one attack per key and time unit), and
+  a note-on a key not released at `timing` (the encoding writes the release and re-attack of a key at one time
+  as the note-on alone). A note-on of a key that sounds from an earlier time is a re-attack: the old note ends,
+  a new one starts. Drums are onsets only: no state, only this order;
+- rests: consecutive waits are written as the encoding writes a rest, `wait:W` tokens then at most one shorter
+  wait, so no wait follows a wait shorter than `wait:W`. With the order above, the body is well-formed:
+  `encode_notes(decode_tokens(body))` gives it back (from a well-formed primer), but for a closing rest, as
+  the encoding ends a piece at its last event;
+- target: `wait:w` is allowed only while timing + w <= D; in the ending window (below) the probability of the
+  longer waits goes to `wait:(D - timing)`, a closing rest, where masking them would push it onto the note-ons
+  and end the piece with a burst of notes (earlier the mask stands: the piece must go on);
+- note length guard (`max_note_seconds`, M = its length in time units; 0 or None turns it off): with r = min
+  over the sounding keys of (attack time + M - timing), `wait:w` is allowed only if w <= r, and when the guard
+  binds (r <= D - timing) the probability of the longer waits goes to `wait:r`: the model wanted time to pass,
+  it passes up to the guard. When r <= 0 (a note has sounded M units) only the releases of the notes that did
+  are allowed, in key order (the lowest first), so each ends exactly at M. (A primer note already longer than
+  M that the primer's last step can no longer release is released one unit later.) No note the sampler
+  attacks sounds longer than M, not even one that the token cap leaves sounding;
+- ending: END is allowed only from timing >= D - tolerance, with tolerance = min(`END_TOLERANCE_MS`, 10% of
+  the target) so short pieces keep a window too, and only when no pitched key sounds (every note is released
+  before END, as in the training data). Once timing reaches D, only the release of the lowest sounding key is
+  allowed, then END. An ended piece therefore lasts between D - tolerance and D time units.
 Length cap: at most `max_tokens` body tokens (primer and END included; default
 `default_max_tokens(seconds)`). A piece that reaches the cap first stops without END (`ended=False`); its
 notes are closed by `data_pipeline.encoding.decode_tokens`.
@@ -66,6 +92,8 @@ from data_pipeline import features as features_lib
 from data_pipeline import input_pipeline
 from data_pipeline import vocab as vocab_lib
 from data_pipeline.vocab import END, TokenKind, Vocab
+from musenet_jax import decode_rules
+from musenet_jax.decode_rules import DEFAULT_MAX_NOTE_SECONDS, SoundingState, sounding_state
 
 END_TOLERANCE_MS = 1000  # END may be written in the last second (at most 10% of the target) of the piece.
 # Default cap on body tokens per second of music. The encoding of real music needs far fewer: over 60 files of
@@ -241,8 +269,8 @@ def _filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _decode_window(graphdef, state, piece, timing, chord, length, done, ended, start, prefix_len, cap_len, duration,
-                   tolerance, allowed, tables, temperature, top_k, top_p, row_keys):
+def _decode_window(graphdef, state, piece, timing, chord, length, done, ended, sounding, start, prefix_len, cap_len,
+                   limits, rules, tables, temperature, top_k, top_p, row_keys):
     """Writes one context window of every row (module doc). Everything but the shapes and the graph is traced.
 
     Args:
@@ -251,11 +279,13 @@ def _decode_window(graphdef, state, piece, timing, chord, length, done, ended, s
       length: int32[B] tokens of each row so far.
       done, ended: bool[B] rows that have stopped (END or the cap), and those that wrote END; stopped rows ride
         along unchanged.
+      sounding: `decode_rules.SoundingState` ([B, K], [B], [B]) of each row's piece so far (all `length` tokens).
       start: int32[B] piece index of the window's first body token (P for a window that opens the body).
       prefix_len: P, tokens of the conditioning prefix (piece[:, :P]).
       cap_len: P + max_tokens, the longest a row may grow (tokens).
+      limits, rules: `decode_rules.Limits` of the piece and `RuleTables` of the vocabulary.
     Returns:
-      (piece, timing, chord, length, done, ended) updated, and what the window fed the model: tokens
+      (piece, timing, chord, length, done, ended, sounding) updated, and what the window fed the model: tokens
       int32[B, L], features {name: int32[B, L]} and fed int32[B], the positions fed while the row was active.
     """
     TRACE_COUNTS["decode_window"] += 1
@@ -263,8 +293,7 @@ def _decode_window(graphdef, state, piece, timing, chord, length, done, ended, s
     window = nnx.merge(graphdef, state).config.max_len  # L, static
     wait_units, is_attack, num_parts, countdown_max, unit_ratio, max_chord = tables
     rows = jnp.arange(bsz)
-    wait_ids = wait_units > 0
-    only_end = jnp.zeros_like(allowed).at[END].set(True)
+    duration = limits.duration
 
     def part_and_countdown(timing):
         # data_pipeline.features.part_and_countdown, in int32 JAX.
@@ -278,7 +307,7 @@ def _decode_window(graphdef, state, piece, timing, chord, length, done, ended, s
         return jnp.where(t < prefix_len, t, start + t - prefix_len)
 
     def body(carry):
-        t, piece, timing, chord, length, done, ended, fed_tokens, fed_feats, fed, cache = carry
+        t, piece, timing, chord, length, done, ended, sounding, fed_tokens, fed_feats, fed, cache = carry
         g = jnp.minimum(piece_index(t), capacity - 1)  # a stopped row may run past its buffer: read, ignored
         tok, tok_timing, tok_chord = piece[rows, g], timing[rows, g], chord[rows, g]
         # Prefix tokens get the part and countdown of the window's first body token, as training windows do.
@@ -298,21 +327,10 @@ def _decode_window(graphdef, state, piece, timing, chord, length, done, ended, s
         nxt_timing = tok_timing + wait
         nxt_chord = jnp.where(wait > 0, 0, jnp.minimum(tok_chord + is_attack[tok].astype(jnp.int32), max_chord - 1))
 
-        # Constraints for the new token (see module doc).
-        fits = nxt_timing[:, None] + wait_units[None, :] <= duration
-        # Where the piece may end, a wait past the target reads as a closing rest: its probability moves to the
-        # wait that reaches the target exactly. Masked and renormalised instead, a model that wants to close
-        # with a rest would spread that mass over the note-ons, which do not advance time: a burst of notes
-        # in the last time step. (Earlier, the piece must go on: there the mask stands.)
-        closing = nxt_timing >= duration - tolerance
-        exact = closing[:, None] & wait_ids[None, :] & (wait_units[None, :] == (duration - nxt_timing)[:, None])
-        rest = jax.nn.logsumexp(jnp.where(exact | (wait_ids[None, :] & ~fits), logits, -jnp.inf), axis=-1)
-        logits = jnp.where(exact, rest[:, None], logits)
-        mask = allowed[None, :] & (~wait_ids[None, :] | fits)
-        mask = mask.at[:, END].set(closing)
-        mask = jnp.where((nxt_timing >= duration)[:, None], only_end[None, :], mask)
-        logits = jnp.where(mask, logits / temperature, -jnp.inf)
-        logits = _filter_logits(logits, top_k, top_p)
+        # Constraints for the new token (see module doc). When a row samples, `tok` is its piece's last token and
+        # `sounding` the state after it.
+        logits = decode_rules.constrain(logits, sounding, tok, nxt_timing, limits, rules)
+        logits = _filter_logits(logits / temperature, top_k, top_p)
         keys = jax.vmap(jax.random.fold_in)(row_keys, nxt)
         sampled = jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
@@ -320,11 +338,12 @@ def _decode_window(graphdef, state, piece, timing, chord, length, done, ended, s
         piece = piece.at[rows, at].set(sampled, mode="drop")
         timing = timing.at[rows, at].set(nxt_timing, mode="drop")
         chord = chord.at[rows, at].set(nxt_chord, mode="drop")
+        sounding = decode_rules.advance(sounding, sampled, nxt_timing, sample, rules)
         length = jnp.where(sample, length + 1, length)
         ends_now = sample & (sampled == END)
         ended = ended | ends_now
         done = done | ends_now | (length >= cap_len)
-        return t + 1, piece, timing, chord, length, done, ended, fed_tokens, fed_feats, fed, cache
+        return t + 1, piece, timing, chord, length, done, ended, sounding, fed_tokens, fed_feats, fed, cache
 
     def cond(carry):
         t, done = carry[0], carry[5]
@@ -333,10 +352,11 @@ def _decode_window(graphdef, state, piece, timing, chord, length, done, ended, s
     fed_tokens = jnp.zeros((bsz, window), jnp.int32)
     fed_feats = {k: jnp.zeros((bsz, window), jnp.int32) for k in features_lib.FEATURE_NAMES}
     cache = nnx.merge(graphdef, state).init_cache(bsz)  # empty: positions restart at 0 in every window
-    carry = (jnp.int32(0), piece, timing, chord, length, done, ended, fed_tokens, fed_feats,
+    carry = (jnp.int32(0), piece, timing, chord, length, done, ended, sounding, fed_tokens, fed_feats,
              jnp.zeros((bsz,), jnp.int32), cache)
-    _, piece, timing, chord, length, done, ended, fed_tokens, fed_feats, fed, _ = jax.lax.while_loop(cond, body, carry)
-    return piece, timing, chord, length, done, ended, fed_tokens, fed_feats, fed
+    carry = jax.lax.while_loop(cond, body, carry)
+    _, piece, timing, chord, length, done, ended, sounding, fed_tokens, fed_feats, fed, _ = carry
+    return piece, timing, chord, length, done, ended, sounding, fed_tokens, fed_feats, fed
 
 
 def next_window_start(tokens: np.ndarray, prefix_len: int, keep: int, vocab: Vocab) -> int:
@@ -351,25 +371,27 @@ def next_window_start(tokens: np.ndarray, prefix_len: int, keep: int, vocab: Voc
 class DecodedWindow:
     """What one window fed the model: its body start (piece index) int32[B], tokens int32[B, L], features
     {name: int32[B, L]} at positions 0..L-1, and fed int32[B], the positions fed while the row was active
-    (the rest is meaningless)."""
+    (the rest is meaningless); and the rows' `decode_rules.SoundingState` ([B, K], [B], [B]) after it."""
 
     start: np.ndarray
     tokens: np.ndarray
     features: dict
     fed: np.ndarray
+    sounding: SoundingState
 
 
 @dataclasses.dataclass
 class DecodeArrays:
     """Raw output of the window loop (for tests and tools): tokens int32[B, C] (PAD after each row's
-    length), lengths int32[B], ended bool[B], the windows in order, the target length in time units, the
-    prefix and primer lengths and the body-token cap."""
+    length), lengths int32[B], ended bool[B], the windows in order, the target length and the note-length
+    guard M in time units (0: off), the prefix and primer lengths and the body-token cap."""
 
     tokens: np.ndarray
     lengths: np.ndarray
     ended: np.ndarray
     windows: list[DecodedWindow]
     duration_units: int
+    max_note_units: int
     prefix_len: int
     primer_len: int
     max_tokens: int
@@ -377,7 +399,8 @@ class DecodeArrays:
 
 def decode_arrays(model, vocab: Vocab, *, label: str | None, instruments: Sequence[str], seconds: float,
                   primer: np.ndarray | None = None, sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
-                  num_samples: int = 1, max_tokens: int | None = None) -> DecodeArrays:
+                  num_samples: int = 1, max_tokens: int | None = None,
+                  max_note_seconds: float | None = DEFAULT_MAX_NOTE_SECONDS) -> DecodeArrays:
     """`generate`'s checks and window loop, returning the loop's arrays (see `generate` for the arguments)."""
     cfg = model.config
     if cfg.vocab_size != vocab.size:
@@ -395,6 +418,8 @@ def decode_arrays(model, vocab: Vocab, *, label: str | None, instruments: Sequen
     if not 1 <= cap <= MAX_TOKENS_LIMIT:
         raise GenerationError(f"max_tokens (body tokens per piece, primer included) must be in "
                               f"1..{MAX_TOKENS_LIMIT}, got {max_tokens}")
+    if max_note_seconds is not None and not (math.isfinite(max_note_seconds) and max_note_seconds >= 0):
+        raise GenerationError(f"max_note_seconds must be >= 0 (0 or None: no limit), got {max_note_seconds:g}")
     primer = _check_primer(primer, vocab, chosen)
     prefix = vocab.prefix(label, chosen)
     window, p = cfg.max_len, len(prefix)
@@ -432,21 +457,27 @@ def decode_arrays(model, vocab: Vocab, *, label: str | None, instruments: Sequen
               jnp.int32(vc.max_chord))
     base = jax.random.key(seed)
     row_keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(num_samples))
-    settings = (jnp.int32(p), jnp.int32(p + cap), jnp.int32(duration), jnp.int32(end_tolerance_units(duration, vocab)),
-                jnp.asarray(allowed_body_tokens(vocab, chosen)), tables, jnp.float32(sampling.temperature),
-                jnp.int32(sampling.top_k), jnp.float32(sampling.top_p), row_keys)
+    max_note = decode_rules.max_note_units(max_note_seconds, vocab)
+    limits = decode_rules.Limits(jnp.asarray(allowed_body_tokens(vocab, chosen)), jnp.int32(duration),
+                                 jnp.int32(end_tolerance_units(duration, vocab)), jnp.int32(max_note))
+    settings = (jnp.int32(p), jnp.int32(p + cap), limits, decode_rules.rule_tables(vocab), tables,
+                jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p), row_keys)
     graphdef, state = nnx.split(model)
     piece, timing, chord = jnp.asarray(piece), jnp.asarray(timing), jnp.asarray(chord)
     length = jnp.full((num_samples,), len(prompt), jnp.int32)
     done = jnp.zeros((num_samples,), bool)
     ended = jnp.zeros((num_samples,), bool)
+    # Every row starts from the prompt's state; it then follows each row's piece across the windows.
+    sounding = SoundingState(*(jnp.asarray(np.broadcast_to(x, (num_samples, *np.shape(x))))
+                               for x in sounding_state(prompt, vocab)))
     windows = []
     while True:
-        piece, timing, chord, length, done, ended, fed_tokens, fed_feats, fed = _decode_window(
-            graphdef, state, piece, timing, chord, length, done, ended, jnp.asarray(start), *settings)
-        fed_tokens, fed_feats, fed, done_np = jax.device_get((fed_tokens, fed_feats, fed, done))
+        piece, timing, chord, length, done, ended, sounding, fed_tokens, fed_feats, fed = _decode_window(
+            graphdef, state, piece, timing, chord, length, done, ended, sounding, jnp.asarray(start), *settings)
+        fed_tokens, fed_feats, fed, done_np, sounding_np = jax.device_get((fed_tokens, fed_feats, fed, done, sounding))
         windows.append(DecodedWindow(start.copy(), np.asarray(fed_tokens), {k: np.asarray(v) for k, v in
-                                                                            fed_feats.items()}, np.asarray(fed)))
+                                                                            fed_feats.items()}, np.asarray(fed),
+                                     SoundingState(*map(np.asarray, sounding_np))))
         if done_np.all():
             break
         # Every window writes at least one token per running row (it carries at most 2K <= L - P of them), so
@@ -455,13 +486,14 @@ def decode_arrays(model, vocab: Vocab, *, label: str | None, instruments: Sequen
         start = np.array([start[b] if done_np[b] else next_window_start(tokens_np[b, : length_np[b]], p, keep, vocab)
                           for b in range(num_samples)], np.int32)
     tokens, lengths, ended = jax.device_get((piece, length, ended))
-    return DecodeArrays(np.asarray(tokens), np.asarray(lengths), np.asarray(ended), windows, duration, p, len(primer),
-                        cap)
+    return DecodeArrays(np.asarray(tokens), np.asarray(lengths), np.asarray(ended), windows, duration, max_note, p,
+                        len(primer), cap)
 
 
 def generate(model, vocab: Vocab, *, label: str | None, instruments: Sequence[str], seconds: float,
              primer: np.ndarray | None = None, sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
-             num_samples: int = 1, max_tokens: int | None = None) -> list[GeneratedPiece]:
+             num_samples: int = 1, max_tokens: int | None = None,
+             max_note_seconds: float | None = DEFAULT_MAX_NOTE_SECONDS) -> list[GeneratedPiece]:
     """Samples `num_samples` pieces, decoded as one batch, in as many context windows as they need.
 
     Args:
@@ -477,15 +509,18 @@ def generate(model, vocab: Vocab, *, label: str | None, instruments: Sequence[st
       num_samples: pieces to sample.
       max_tokens: cap on each piece's body tokens, primer and END included (default:
         `default_max_tokens(seconds, model.config)`, `MAX_TOKENS_PER_SECOND` per second).
+      max_note_seconds: the longest a pitched note may sound, in seconds of music (module doc: note length
+        guard; rounded to time units, at least one); 0 or None: no limit.
     Returns:
       num_samples `GeneratedPiece`s.
     Raises:
-      GenerationError: unknown label / instrument (listing the valid ones), seconds out of range, a primer
-        that fills the cap or lasts the requested length, a primer with instruments not chosen, a prefix that
-        leaves no room in the model's context.
+      GenerationError: unknown label / instrument (listing the valid ones), seconds out of range, a negative or
+        NaN max_note_seconds, a primer that fills the cap or lasts the requested length, a primer with
+        instruments not chosen, a prefix that leaves no room in the model's context.
     """
     out = decode_arrays(model, vocab, label=label, instruments=instruments, seconds=seconds, primer=primer,
-                        sampling=sampling, seed=seed, num_samples=num_samples, max_tokens=max_tokens)
+                        sampling=sampling, seed=seed, num_samples=num_samples, max_tokens=max_tokens,
+                        max_note_seconds=max_note_seconds)
     unit_s = vocab.config.time_unit_ms / 1000.0
     pieces = []
     for row, (tokens, length, ended) in enumerate(zip(out.tokens, out.lengths, out.ended, strict=True)):

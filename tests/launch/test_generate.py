@@ -52,7 +52,7 @@ def read_notes(path, vocab: Vocab) -> encoding.Notes:
 def test_same_seed_same_midi_chosen_instruments_ended_length_and_renders(export_dir, tmp_path):
     vocab = Vocab.load(os.path.join(export_dir, "vocab.json"))
     common = ["--model", export_dir, "--genre", "Freedoom", "--instruments", "bass, piano ,drums", "--seconds", 1.0,
-              "--temperature", 0.2, "--seed", 7, "--num_samples", 3]
+              "--temperature", 0.2, "--seed", 7, "--num_samples", 3, "--max_note_seconds", 0.3]
     first = generate(*common, "--out", tmp_path / "a.mid", "--pianoroll", tmp_path / "a.png",
                      *(["--wav", tmp_path / "a.wav"] if HAVE_AUDIO else []))
     assert first.returncode == 0, first.stderr
@@ -67,6 +67,9 @@ def test_same_seed_same_midi_chosen_instruments_ended_length_and_renders(export_
         assert a.read_bytes() == b.read_bytes()  # same seed and flags: the same file, byte for byte
         score = midi_io.read_midi(a)
         assert score.num_notes > 0
+        notes = read_notes(a, vocab)
+        pitched = notes.instrument != vocab.drums_index
+        assert (notes.end - notes.start)[pitched].max(initial=0) <= 30  # --max_note_seconds 0.3: 30 units
         classes = {"drums" if d else vocab.instruments.names[vocab.instruments.program_class[p]]
                    for p, d in zip(score.program.tolist(), score.is_drum.tolist())}
         assert classes <= {"piano", "bass", "drums"}
@@ -76,7 +79,7 @@ def test_same_seed_same_midi_chosen_instruments_ended_length_and_renders(export_
             seconds = float(line.split(": ")[1].split(" s,")[0])
             # END is allowed only in the last 10% of the target, and time never passes it.
             assert 0.9 <= seconds <= 1.0
-            assert read_notes(a, vocab).end.max() <= 100 + vocab.config.drum_duration_units
+            assert notes.end.max() <= 100 + vocab.config.drum_duration_units
         else:
             assert line.endswith("ran out of token budget (open notes closed)")
         png = (tmp_path / f"a-{k}.png").read_bytes()
@@ -212,6 +215,8 @@ BAD_INPUTS = {
     "bad_temperature": ({"--temperature": 0}, 2, ("--temperature must be > 0",)),
     "negative_seconds": ({"--seconds": -1}, 2, ("--seconds must be > 0",)),
     "primer_seconds_alone": ({"--primer_seconds": 2}, 2, ("--primer_seconds needs --primer",)),
+    "negative_max_note_seconds": ({"--max_note_seconds": -1}, 2, ("--max_note_seconds must be >= 0 (0: no limit)",)),
+    "nan_max_note_seconds": ({"--max_note_seconds": "nan"}, 2, ("--max_note_seconds must be >= 0", "got nan")),
     "unknown_flag": ({"--colour": "blue"}, 2, ("Unknown command line flag 'colour'",)),
     "primer_is_out": ({"--primer": "{tmp}/corrupt.mid", "--out": "{tmp}/corrupt.mid"}, 2,
                       ("--primer {tmp}/corrupt.mid is also an output file",)),

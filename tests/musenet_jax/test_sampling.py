@@ -6,6 +6,11 @@ window, `short_model` (max_len 32) writes pieces of many windows. Every call use
 short model's calls the same token cap, so each model's window loop compiles once for the module. The
 vocabulary is narrow (pitches C3..B4, two velocity bins, waits up to 16 units) so that waits are a good share
 of the allowed tokens and a random model's pieces reach their target length.
+
+Structured decoding (`musenet_jax.decode_rules`) is checked on the random models' pieces and on stand-in models
+with fixed, adversarial logits (`FixedLogits`: uniform, only note-ons, only the longest rest, releases and END
+early) that continue a primer leaving notes sounding: well-formed bodies, no note longer than the guard, every
+note released before END, pieces that end by their target, and the loop's state against `sounding_state`.
 """
 
 from __future__ import annotations
@@ -13,14 +18,16 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from data_pipeline import encoding, features, input_pipeline
 from data_pipeline.vocab import END, TokenKind, Vocab, VocabConfig
+from musenet_jax import decode_rules, sampling
 from musenet_jax import model as model_lib
-from musenet_jax import sampling
 
 BATCH, MAX_LEN, SECONDS = 3, 96, 0.5
 SHORT_LEN, SHORT_CAP = 32, 600  # the short model's context and the token cap of its pieces
@@ -177,6 +184,8 @@ def test_windows_are_training_windows_compiled_once(short_model, vocab):
     assert sampling.TRACE_COUNTS["decode_window"] - before <= 1
     assert len(out.windows) >= 3
     check_windows(out, vocab, SHORT_LEN)
+    check_rules(out, vocab)  # a random model's pieces are well-formed too
+    check_states(out, vocab)
     assert max(features.compute_features(t[:n], vocab).chord.max() for t, n in zip(out.tokens, out.lengths)) == 2
 
     again = sampling.decode_arrays(short_model, vocab, **kwargs)
@@ -207,31 +216,29 @@ def test_long_pieces_end_near_the_target(short_model, vocab):
         assert seconds - tolerance / 100 - 1e-9 <= piece.seconds <= seconds + 1e-9
 
 
-def _constant_model(model, vocab, logits: np.ndarray):
-    """`model` changed to predict `logits` float[V] after every token: the final LayerNorm outputs e_0 (scale 0,
-    bias e_0) and the (tied) head's entries for dimension 0 are `logits`. Same graph as `model`: its compiled
-    loop is reused."""
-    assert model.config.tie_embeddings
-    graphdef, state = nnx.split(model)
-    params = nnx.to_pure_dict(state)
-    d = model.config.d_model
-    params["final_norm"]["scale"] = np.zeros(d, np.float32)
-    params["final_norm"]["bias"] = np.eye(d, dtype=np.float32)[0]
-    table = np.array(params["token_embed"])  # [Vp, D]: logits = hidden @ table.T
-    table[:, 0] = 0.0
-    table[: len(logits), 0] = logits
-    params["token_embed"] = table
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+class FixedLogits(nnx.Module):
+    """A stand-in for `MuseNet` in the sampler: the same next-token logits float32[V] after every token, whatever
+    the context. Its `config` is a real `ModelConfig` (the sampler reads max_len, vocab_size and the feature
+    horizons); the logits are a Variable, so stand-ins of one context length share one compiled loop."""
+
+    def __init__(self, vocab: Vocab, max_len: int, logits: np.ndarray):
+        self.config = model_lib.ModelConfig(vocab_size=vocab.size, max_len=max_len)
+        self.logits = nnx.Variable(jnp.asarray(logits, jnp.float32))
+
+    def init_cache(self, batch: int) -> tuple:
+        return ()  # nothing to remember: the logits do not depend on the context
+
+    def decode_step(self, tokens, features, position, cache):
+        return jnp.broadcast_to(self.logits[...], (tokens.shape[0], self.logits.shape[-1])), cache
 
 
-def test_a_closing_rest_stays_a_rest(model, vocab):
+def test_a_closing_rest_stays_a_rest(vocab):
     # A model that rests: the longest wait (16 units) 99.5% of the time. 0.5 s = 50 units = 3 x 16 + 2: the
     # fourth wait would pass the target, so it becomes wait:2, and the piece ends on time with no note added
     # (masked and renormalised instead, the rest's probability went to the note-ons: a burst of notes there).
     logits = np.zeros(vocab.size, np.float32)
     logits[vocab.wait(vocab.config.max_wait)] = 10.0
-    out = sampling.decode_arrays(_constant_model(model, vocab, logits), vocab, label="bach",
+    out = sampling.decode_arrays(FixedLogits(vocab, MAX_LEN, logits), vocab, label="bach",
                                  instruments=["piano", "violin"], seconds=SECONDS, num_samples=BATCH, seed=0)
     assert out.duration_units == 50
     for row in range(BATCH):
@@ -248,6 +255,8 @@ def test_token_cap_stops_a_piece_without_end(short_model, vocab):
                                  num_samples=BATCH, seed=0, max_tokens=cap)
     assert not out.ended.any() and (out.lengths == out.prefix_len + cap).all()
     assert all(END not in row for row in out.tokens)
+    check_rules(out, vocab)  # well-formed up to the cap, and no note longer than the default guard
+    check_states(out, vocab)
 
 
 def test_one_window_pieces_reach_their_target(model, vocab):
@@ -322,3 +331,175 @@ def test_sampling_config_validates():
     with pytest.raises(sampling.GenerationError, match="top_k"):
         sampling.SamplingConfig(top_k=-1)
     assert issubclass(sampling.GenerationError, ValueError)
+
+
+# --- Structured decoding: well-formed bodies, no hanging notes (musenet_jax.decode_rules). -------------------
+
+GUARD_SECONDS = 0.2  # M = 20 units: short enough that the guard binds many times in a 1.5 s piece
+RULES_CAP = 1000  # body tokens: room for the note-on model's long chords before its target
+
+
+def adversary(vocab: Vocab, name: str) -> np.ndarray:
+    """Logits float32[V] of a model that wants one thing whatever the context."""
+    logits = np.zeros(vocab.size, np.float32)  # 'uniform'
+    if name == "note_ons":
+        logits[vocab.kind == TokenKind.NOTE_ON] = 30.0
+    elif name == "longest_wait":
+        logits[vocab.wait(vocab.config.max_wait)] = 30.0
+    elif name == "releases_and_end":
+        logits[vocab.kind == TokenKind.NOTE_OFF] = 30.0
+        logits[END] = 30.0
+    return logits
+
+
+def sounding_primer(vocab: Vocab) -> np.ndarray:
+    """A well-formed primer body that stops in the middle of its time step 16, with three notes sounding: E4 from
+    4, G4 from 8 and D4 from 16 (C4 sounded 0..12)."""
+    piano = vocab.instruments.index("piano")
+    notes = encoding.Notes(np.full(4, piano, np.int32), np.array([60, 64, 67, 62], np.int32), np.full(4, 80, np.int32),
+                           np.array([0, 4, 8, 16]), np.array([12, 40, 40, 24]))
+    body = encoding.encode_notes(notes, vocab).body
+    waits = np.cumsum(vocab.wait_units[body])
+    primer = body[: np.flatnonzero(vocab.kind[body] == TokenKind.NOTE_ON)[-1] + 1]  # up to D4's attack at 16
+    assert waits[len(primer) - 1] == 16
+    return primer
+
+
+def decode_rules_piece(vocab: Vocab, logits: np.ndarray, **kwargs) -> sampling.DecodeArrays:
+    args = dict(label="bach", instruments=["piano", "violin", "drums"], seconds=1.5, num_samples=BATCH, seed=0,
+                max_tokens=RULES_CAP, max_note_seconds=GUARD_SECONDS, primer=sounding_primer(vocab))
+    args.update(kwargs)
+    return sampling.decode_arrays(FixedLogits(vocab, SHORT_LEN, logits), vocab, **args)
+
+
+def check_rules(out: sampling.DecodeArrays, vocab: Vocab) -> None:
+    """The invariants of structured decoding, for every row of `out`."""
+    p, target, m = out.prefix_len, out.duration_units, out.max_note_units
+    tolerance = sampling.end_tolerance_units(target, vocab)
+    for row in range(out.tokens.shape[0]):
+        tokens = out.tokens[row, : out.lengths[row]]
+        body = tokens[p:]
+        ended = bool(out.ended[row])
+        assert (body[-1] == END) == ended and END not in body[:-1]
+        events = body[:-1] if ended else body
+        # The piece ends at or before its target; an ended one in its last `tolerance` units.
+        units = int(vocab.wait_units[events].sum())
+        assert units <= target and (not ended or units >= target - tolerance), (units, target)
+        # Every pitched note is released before END.
+        if ended:
+            assert (decode_rules.sounding_state(events, vocab).key_time < 0).all()
+        # No pitched note sounds longer than the guard (also those the decoder closes at the token cap: time
+        # never passes the guard of a sounding note).
+        notes, _ = encoding.decode_tokens(body, vocab)
+        pitched = notes.instrument != vocab.drums_index
+        if m:
+            assert (notes.end - notes.start)[pitched].max(initial=0) <= m
+        # Well-formed: encoding the decoded notes gives the body back. The encoding ends a piece at its last
+        # event, so a closing rest is not written again; a piece cut by the token cap is compared up to its
+        # last wait, where the encoding adds the releases of the notes still sounding.
+        if not ended:
+            waits = np.flatnonzero(vocab.wait_units[events] > 0)
+            events = events[: waits[-1] + 1 if len(waits) else 0]
+        again = encoding.encode_notes(encoding.decode_tokens(events, vocab)[0], vocab).body[:-1]
+        if (decode_rules.sounding_state(events, vocab).key_time >= 0).any():
+            np.testing.assert_array_equal(again[: len(events)], events)
+            assert (vocab.kind[again[len(events):]] == TokenKind.NOTE_OFF).all()
+        else:
+            last_event = np.flatnonzero(vocab.wait_units[events] == 0)
+            np.testing.assert_array_equal(again, events[: last_event[-1] + 1 if len(last_event) else 0])
+
+
+def check_states(out: sampling.DecodeArrays, vocab: Vocab) -> None:
+    """The loop's state after every window (carried to the next) is `sounding_state` of the piece so far."""
+    p = out.prefix_len
+    for row in range(out.tokens.shape[0]):
+        tokens = out.tokens[row, : out.lengths[row]]
+        for w in out.windows:
+            if w.fed[row] == 0:
+                continue
+            length = int(w.start[row]) + int(w.fed[row]) - p + 1  # the last fed position wrote the token after it
+            expected = decode_rules.sounding_state(tokens[:length], vocab)
+            for name, got in zip(expected._fields, w.sounding, strict=True):
+                np.testing.assert_array_equal(got[row], getattr(expected, name), name)
+
+
+def test_sounding_state_replays_tokens(vocab):
+    key = lambda name, pitch: vocab.instruments.index(name) * 128 + pitch
+    tokens = vocab.from_text("bach piano start piano:v80:C4 violin:v80:E4 drums:v80:C2 wait:4 piano:v0:C4 "
+                             "piano:v80:G4 violin:v80:E4 drums:v80:D2")
+    state = decode_rules.sounding_state(tokens, vocab)
+    expected = np.full(decode_rules.num_keys(vocab), decode_rules.NEVER)
+    expected[[key("piano", 60), key("violin", 64), key("piano", 67)]] = [-1 - 4, 4, 4]  # C4 released at 4
+    np.testing.assert_array_equal(state.key_time, expected)  # the re-attacked E4 sounds from 4; drums never
+    assert (state.last_release, state.last_attack) == (key("piano", 60), key("drums", 38))
+    state = decode_rules.sounding_state(np.append(tokens, vocab.wait(2)), vocab)  # a wait starts a new step
+    assert (state.last_release, state.last_attack) == (-1, -1)
+
+
+@pytest.mark.parametrize(("name", "guard"), [("uniform", GUARD_SECONDS), ("note_ons", GUARD_SECONDS),
+                                             ("longest_wait", GUARD_SECONDS), ("releases_and_end", GUARD_SECONDS),
+                                             ("longest_wait", None)])
+def test_adversarial_models_write_well_formed_music(vocab, name, guard):
+    """Models that want one thing (uniform; only note-ons; only the longest rest; releases and END early),
+    continuing a primer that leaves three notes sounding, in many windows: every body is well-formed, every
+    note is released before END, none lasts longer than the guard, the pieces end by their target, and the
+    loop's state follows the tokens."""
+    out = decode_rules_piece(vocab, adversary(vocab, name), max_note_seconds=guard)
+    assert out.max_note_units == (20 if guard else 0)
+    assert out.ended.all()
+    assert len(out.windows) >= (1 if name == "longest_wait" else 3)  # a piece of rests takes few tokens
+    check_rules(out, vocab)
+    check_states(out, vocab)
+    check_windows(out, vocab, SHORT_LEN)
+    for row in range(BATCH):
+        notes, _ = encoding.decode_tokens(out.tokens[row, : out.lengths[row]], vocab)
+        if name == "longest_wait":
+            # Time passes up to the guard, and the notes that reach it end there; with no guard they sound until
+            # the target, where they are released (in key order) before END. The model never attacks.
+            end = (lambda start: start + 20) if guard else (lambda start: out.duration_units)
+            assert sorted(zip(notes.pitch.tolist(), notes.start.tolist(), notes.end.tolist())) == [
+                (60, 0, 12), (62, 16, end(16)), (64, 4, end(4)), (67, 8, end(8))]
+            tokens = out.tokens[row, : out.lengths[row]]
+            assert int(vocab.wait_units[tokens].sum()) == out.duration_units  # a closing rest up to the target
+            if guard is None:
+                np.testing.assert_array_equal(tokens[-4:], vocab.from_text("piano:v0:D4 piano:v0:E4 piano:v0:G4 end"))
+        if name == "note_ons":
+            # The model re-attacks sounding keys: a note ends where the next one of its key starts.
+            key = notes.instrument * 128 + notes.pitch
+            order = np.lexsort((notes.start, key))
+            key, start, end = key[order], notes.start[order], notes.end[order]
+            assert ((key[1:] == key[:-1]) & (end[:-1] == start[1:])).any()
+
+
+def test_advance_follows_sounding_state_token_by_token(vocab):
+    """`decode_rules.advance` (the loop's transition) from the prompt's state, token by token over the sampled
+    bodies, equals `sounding_state` of each prefix of the piece."""
+    out = decode_rules_piece(vocab, adversary(vocab, "uniform"), seed=4)
+    rules = decode_rules.rule_tables(vocab)
+    first = out.prefix_len + out.primer_len  # the first sampled token
+    tokens = out.tokens[:, first: out.lengths.max()]
+    timing = np.stack([features.compute_features(t, vocab).timing for t in out.tokens])[:, first: out.lengths.max()]
+    active = first + np.arange(tokens.shape[1])[None, :] < out.lengths[:, None]
+    start = decode_rules.sounding_state(out.tokens[0, :first], vocab)
+    state = decode_rules.SoundingState(*(jnp.asarray(np.broadcast_to(x, (BATCH, *np.shape(x)))) for x in start))
+
+    def step(state, xs):
+        state = decode_rules.advance(state, *xs, rules)
+        return state, state
+
+    _, states = jax.lax.scan(step, state, (jnp.asarray(tokens.T), jnp.asarray(timing.T), jnp.asarray(active.T)))
+    for row in range(BATCH):
+        for i in range(int(out.lengths[row]) - first):
+            expected = decode_rules.sounding_state(out.tokens[row, : first + i + 1], vocab)
+            for name, got in zip(expected._fields, states, strict=True):
+                np.testing.assert_array_equal(np.asarray(got[i, row]), getattr(expected, name), (row, i, name))
+
+
+def test_default_guard_and_bad_guard(vocab):
+    out = decode_rules_piece(vocab, adversary(vocab, "uniform"), max_note_seconds=sampling.DEFAULT_MAX_NOTE_SECONDS)
+    assert out.max_note_units == round(sampling.DEFAULT_MAX_NOTE_SECONDS * 1000 / vocab.config.time_unit_ms)
+    for bad in (-1.0, float("nan"), math.inf):
+        with pytest.raises(sampling.GenerationError, match=r"max_note_seconds must be >= 0 \(0 or None: no limit\)"):
+            decode_rules_piece(vocab, adversary(vocab, "uniform"), max_note_seconds=bad)
+    assert decode_rules.max_note_units(0.0, vocab) == decode_rules.max_note_units(None, vocab) == 0
+    assert decode_rules.max_note_units(1e-6, vocab) == 1  # at least one unit

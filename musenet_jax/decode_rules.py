@@ -1,0 +1,234 @@
+"""Structured decoding: the sounding-notes state of a piece and the logit masks that keep its body well-formed.
+
+The constraint logic of `musenet_jax.sampling`, kept in its own module so that the window loop stays readable:
+the sampler calls `constrain` on every step's logits and `advance` on every token it appends; its module doc
+states the rules. The state of a piece so far (`SoundingState`) is:
+
+- `key_time` int32[..., K], one entry per key (instrument class, pitch), K = `num_keys(vocab)` and key
+  `instrument * 128 + pitch` (drum notes included, as their ordering key): t >= 0 while the key sounds,
+  attacked at time unit t; -1 - t once it was released at time unit t (so a release in the current time step
+  can be told from an older one); `NEVER` if it has not been played. Drum keys stay `NEVER`: drums are onsets.
+- `last_release`, `last_attack` int32[...]: the key of the last release / attack (note-on or drum) written in
+  the current time step, -1 if none (a wait starts a new step).
+
+`sounding_state` replays tokens into this state with numpy (the sampler starts each piece from its prompt's);
+`advance` is the same transition in JAX, one token per row. `constrain` decides per key ([B, K] operations),
+then reads its decision per token id with one gather through the per-id `RuleTables.key` table and a few
+elementwise [B, V] operations; the waits' probability moves on their own [B, W] block.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data_pipeline.vocab import END, TokenKind, Vocab
+
+# Default longest note, in seconds of music (`max_note_seconds` of `sampling.generate`).
+DEFAULT_MAX_NOTE_SECONDS = 4.0
+NEVER = -(1 << 30)  # key_time of a key that has not been played
+_FAR = 1 << 30  # a room (time units) that never binds: no note sounds, or the guard is off
+
+
+class SoundingState(NamedTuple):
+    """Which keys sound and the order state of the current time step (module doc); numpy or JAX arrays.
+
+    Attributes:
+      key_time: int32[..., K] per key: attack time (units) if it sounds, -1 - release time if released,
+        `NEVER` if never played.
+      last_release: int32[...] key of the current step's last release, -1 if none.
+      last_attack: int32[...] key of the current step's last attack (note-on or drum), -1 if none.
+    """
+
+    key_time: np.ndarray | jax.Array
+    last_release: np.ndarray | jax.Array
+    last_attack: np.ndarray | jax.Array
+
+
+class RuleTables(NamedTuple):
+    """Per-vocabulary lookup tables, as device arrays (`rule_tables`).
+
+    Attributes:
+      kind: int32[V] `TokenKind` of each id.
+      key: int32[V] key (instrument * 128 + pitch) of each note-on, note-off and drum id; -1 for other ids.
+      wait_units: int32[V] time units each wait id advances; 0 for other ids.
+      wait_ids: int32[W] the ids of `wait:1` .. `wait:W`.
+    """
+
+    kind: jax.Array
+    key: jax.Array
+    wait_units: jax.Array
+    wait_ids: jax.Array
+
+
+class Limits(NamedTuple):
+    """One piece's settings of the rules (traced scalars, so other values reuse the compiled loop).
+
+    Attributes:
+      allowed: bool[V] ids the body may hold at all (`sampling.allowed_body_tokens`).
+      duration: int32[] D, the target length (time units).
+      tolerance: int32[] END is allowed from D - tolerance on.
+      max_note_units: int32[] M, the longest a pitched note may sound (time units); 0 = no limit.
+    """
+
+    allowed: jax.Array
+    duration: jax.Array
+    tolerance: jax.Array
+    max_note_units: jax.Array
+
+
+def num_keys(vocab: Vocab) -> int:
+    """K: keys (instrument class, pitch) of the state, drums' included."""
+    return vocab.instruments.num_classes * 128
+
+
+@functools.lru_cache(maxsize=8)
+def key_table(vocab: Vocab) -> np.ndarray:
+    """int32[V] (read-only): the key (instrument * 128 + pitch) of every note-on, note-off and drum id, -1 for
+    others."""
+    event = np.isin(vocab.kind, (TokenKind.NOTE_ON, TokenKind.NOTE_OFF, TokenKind.DRUM))
+    table = np.where(event, vocab.instrument.astype(np.int32) * 128 + vocab.pitch, -1).astype(np.int32)
+    table.setflags(write=False)
+    return table
+
+
+def rule_tables(vocab: Vocab) -> RuleTables:
+    """The `RuleTables` of a vocabulary."""
+    return RuleTables(jnp.asarray(vocab.kind, jnp.int32), jnp.asarray(key_table(vocab)),
+                      jnp.asarray(vocab.wait_units, jnp.int32),
+                      jnp.asarray(vocab.wait(np.arange(1, vocab.config.max_wait + 1)), jnp.int32))
+
+
+def max_note_units(max_note_seconds: float | None, vocab: Vocab) -> int:
+    """M in time units for a `max_note_seconds` (at least 1 unit); 0 (no limit) for None or 0."""
+    if not max_note_seconds:
+        return 0
+    return max(1, round(max_note_seconds * 1000.0 / vocab.config.time_unit_ms))
+
+
+def sounding_state(tokens, vocab: Vocab) -> SoundingState:
+    """The state after tokens int[T] (a body, or prefix + body; specials and conditioning tokens are skipped).
+
+    Returns:
+      `SoundingState` of numpy arrays: key_time int32[K], last_release and last_attack int32 scalars.
+    """
+    tokens = np.asarray(tokens, np.int64).reshape(-1)
+    kind = vocab.kind[tokens]
+    waits = vocab.wait_units[tokens].astype(np.int64)
+    timing = np.cumsum(waits) - waits  # the time each token sits at
+    keys = key_table(vocab)[tokens]
+    key_time = np.full(num_keys(vocab), NEVER, np.int32)
+    pitched = np.flatnonzero((kind == TokenKind.NOTE_ON) | (kind == TokenKind.NOTE_OFF))
+    if len(pitched):
+        # Each key's last event decides: np.unique over the events in reverse finds it (its first index there).
+        backwards = pitched[::-1]
+        key, first = np.unique(keys[backwards], return_index=True)
+        last = backwards[first]
+        key_time[key] = np.where(kind[last] == TokenKind.NOTE_ON, timing[last], -1 - timing[last])
+    waited = np.flatnonzero(waits > 0)
+    step = slice(int(waited[-1]) + 1 if len(waited) else 0, None)  # the tokens of the current time step
+    releases = keys[step][kind[step] == TokenKind.NOTE_OFF]
+    attacks = keys[step][(kind[step] == TokenKind.NOTE_ON) | (kind[step] == TokenKind.DRUM)]
+    return SoundingState(key_time, np.int32(releases[-1] if len(releases) else -1),
+                         np.int32(attacks[-1] if len(attacks) else -1))
+
+
+def advance(state: SoundingState, token: jax.Array, timing: jax.Array, active: jax.Array,
+            tables: RuleTables) -> SoundingState:
+    """`sounding_state`'s transition in JAX: the state after appending int32[B] `token`, which sits at time
+    int32[B] `timing` (units), in the rows where bool[B] `active`; the other rows keep theirs."""
+    kind, key = tables.kind[token], tables.key[token]
+    on, off = kind == TokenKind.NOTE_ON, kind == TokenKind.NOTE_OFF
+    k = state.key_time.shape[-1]
+    rows = jnp.arange(token.shape[0])
+    at = jnp.where(active & (on | off), key, k)  # other rows and tokens write nothing (out of bounds: dropped)
+    key_time = state.key_time.at[rows, at].set(jnp.where(on, timing, -1 - timing), mode="drop")
+    new_step = tables.wait_units[token] > 0
+    last_release = jnp.where(new_step, -1, jnp.where(off, key, state.last_release))
+    last_attack = jnp.where(new_step, -1, jnp.where(on | (kind == TokenKind.DRUM), key, state.last_attack))
+    return SoundingState(key_time, jnp.where(active, last_release, state.last_release),
+                         jnp.where(active, last_attack, state.last_attack))
+
+
+def constrain(logits: jax.Array, state: SoundingState, last_token: jax.Array, timing: jax.Array, limits: Limits,
+              tables: RuleTables) -> jax.Array:
+    """Masks (-inf) the tokens the rules forbid next, and moves the mass of cut waits (`sampling` module doc).
+
+    Args:
+      logits: float32[B, V] the model's next-token logits.
+      state: each row's `SoundingState` ([B, K], [B], [B]) after its piece so far.
+      last_token: int32[B] the last token of each piece so far.
+      timing: int32[B] the time (units) the next token sits at.
+    Returns:
+      float32[B, V] logits, -inf where masked; every row keeps at least one token.
+    """
+    key_time = state.key_time
+    k = key_time.shape[-1]
+    t = timing[:, None]
+    keys = jnp.arange(k, dtype=jnp.int32)[None, :]
+
+    # Per key [B, K]. A release needs a key sounding since an earlier time (no zero-length note; also implied by
+    # the order) and the step's order: no attack yet, a larger key than the last release. An attack needs a
+    # larger key than the step's last attack and a key not attacked or released at this time (the encoding
+    # writes a re-attack in a step as the note-on alone, so a release followed by an attack of one key is never
+    # written).
+    sounding = key_time >= 0
+    releasable = (sounding & (key_time < t) & (state.last_attack < 0)[:, None]
+                  & (keys > state.last_release[:, None]))
+    attackable = (keys > state.last_attack[:, None]) & (key_time != t) & (key_time != -1 - t)
+
+    # The note-length guard. `due`: notes that have sounded M units; `guard_room`: how long time may pass
+    # before the next one does. Due notes are released first, in key order, so each ends exactly at M. (A
+    # prompt can hold a due note that this step's order no longer lets go; that one is released after a
+    # wait of one unit.)
+    m = limits.max_note_units
+    due = (m > 0) & sounding & (key_time + m <= t)
+    room = jnp.min(jnp.where(sounding, key_time + m - t, _FAR), axis=-1)
+    guard_room = jnp.where(m > 0, jnp.maximum(room, 1), _FAR)
+    # Forced steps: once time is up, the sounding notes are released in key order, then END; due notes are
+    # released in key order before anything else. `first`: the key released now (K if none).
+    ending = timing >= limits.duration
+    release_due = jnp.any(due & releasable, axis=-1)
+    first = jnp.min(jnp.where(releasable & (ending[:, None] | due), keys, k), axis=-1)
+    forced = (ending | release_due) & (first < k)
+    stop = (forced | ending)[:, None]  # no free choice
+    releasable = jnp.where(forced[:, None], keys == first[:, None], releasable & ~stop)
+    attackable = attackable & ~stop
+
+    # Waits. A run of waits is written as the encoding writes a rest: `wait:W` tokens, then at most one shorter
+    # one, so no wait follows a shorter wait. A wait must fit before the target and the guard (w <= room). Where
+    # the guard cuts the waits, or the target does in the ending window, the cut waits' probability moves to the
+    # longest wait that fits: the model wanted time to pass, and it passes up to the limit. (Masked and
+    # renormalised instead, that mass would go to the note-ons, which do not advance time: a burst of notes.
+    # Before the ending window the target's cut is a plain mask: the piece must go on.)
+    last_wait = tables.wait_units[last_token]
+    waits_open = ((last_wait == 0) | (last_wait == tables.wait_ids.shape[0])) & ~stop[:, 0]
+    target_room = limits.duration - timing
+    wait_room = jnp.minimum(target_room, guard_room)[:, None]
+    closing = timing >= limits.duration - limits.tolerance
+    redirect = (waits_open & ((guard_room <= target_room) | closing))[:, None]
+    lengths = tables.wait_units[tables.wait_ids][None, :]  # [1, W]
+    cut = jnp.where((redirect & (lengths == wait_room)) | (lengths > wait_room), logits[:, tables.wait_ids], -jnp.inf)
+    rest = jax.nn.logsumexp(cut, axis=-1, keepdims=True)  # [B, 1]: the mass of the cut waits and the longest one
+
+    # END: in the ending window once no pitched key sounds (every note is released before END); at the target,
+    # as soon as no release is left.
+    end_ok = (~forced & (ending | (closing & ~jnp.any(sounding, axis=-1))))[:, None]
+
+    # Per token [B, V]: one gather of a 2-bit code per key (bit 0: may be released, bit 1: may be attacked),
+    # then elementwise. Every row keeps a token: a free step can always attack or wait one unit, a forced one
+    # releases `first` or ends.
+    kind, key, wait = tables.kind, tables.key, tables.wait_units[None, :]
+    code = releasable.astype(jnp.int8) | (attackable.astype(jnp.int8) << 1)
+    code = jnp.take(code, jnp.maximum(key, 0), axis=1)
+    attack = (kind == TokenKind.NOTE_ON) | (kind == TokenKind.DRUM)
+    need = jnp.where(kind == TokenKind.NOTE_OFF, 1, jnp.where(attack, 2, 0)).astype(jnp.int8)[None, :]
+    is_wait = wait > 0
+    mask = limits.allowed[None, :] & (((code & need) != 0) | (is_wait & (wait <= wait_room) & waits_open[:, None]))
+    mask = jnp.where(jnp.arange(kind.shape[0])[None, :] == END, end_ok, mask)
+    logits = jnp.where(redirect & is_wait & (wait == wait_room), rest, logits)
+    return jnp.where(mask, logits, -jnp.inf)
