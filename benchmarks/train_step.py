@@ -25,6 +25,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
+from data_pipeline.vocab import Vocab
 from launch import cli
 from musenet_jax import flops as flops_lib
 from musenet_jax import model as model_lib
@@ -36,7 +37,8 @@ _BATCH = flags.DEFINE_integer("batch_size", None, "Global batch override (defaul
 _SEQ = flags.DEFINE_integer("seq_len", None, "Context length override (default: the config's).")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype override ('' keeps the config's).")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (after one compiling step).")
-_VOCAB = flags.DEFINE_integer("vocab_size", 21773, "Vocabulary size (default: the musenet10 vocabulary).")
+_VOCAB = flags.DEFINE_integer("vocab_size", None, "Vocabulary size of a config with a token table (default: the "
+                             "musenet10 vocabulary's 21773 ids); factored configs use that vocabulary's layout.")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
 
 
@@ -65,7 +67,13 @@ def bench_config(name: str) -> dict:
         config.train.batch_size = _BATCH.value
     if _DTYPE.value:
         config.model.dtype = _DTYPE.value
-    model_config = model_lib.ModelConfig.from_config_dict(config.model, vocab_size=_VOCAB.value)
+    # The default musenet10 vocabulary (21773 ids): its output layer is part of the step.
+    fields = model_lib.vocab_fields(Vocab())
+    if _VOCAB.value:
+        if config.model.get("token_embedding") == "factored":
+            raise cli.UsageError(f"--vocab_size: config {name} factors the default vocabulary's ids; leave it out")
+        fields = {"vocab_size": _VOCAB.value}
+    model_config = model_lib.ModelConfig.from_config_dict(config.model, **fields)
     b, t = config.train.batch_size, config.data.seq_len
     mesh = sharding_lib.make_mesh(-1, 1, 1)
     tx = optim.make_optimizer(config.train)
@@ -75,7 +83,8 @@ def bench_config(name: str) -> dict:
     step = train.jit_train_step(graphdef, shardings, batch_sharding, microbatches=config.train.microbatches,
                                 schedule=optim.learning_rate_schedule(config.train))
     rng = np.random.default_rng(0)
-    host = {"inputs": rng.integers(3, _VOCAB.value, (b, t)), "targets": rng.integers(3, _VOCAB.value, (b, t)),
+    host = {"inputs": rng.integers(3, model_config.vocab_size, (b, t)),
+            "targets": rng.integers(3, model_config.vocab_size, (b, t)),
             "loss_mask": np.ones((b, t), np.float32), "timing": np.cumsum(rng.integers(0, 3, (b, t)), axis=1),
             "chord": rng.integers(0, 4, (b, t)), "part": np.tile(np.arange(t) * 128 // t, (b, 1)),
             "countdown": np.tile(127 - np.arange(t) * 128 // t, (b, 1))}

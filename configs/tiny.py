@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict(dict(
         d_model=128, num_heads=4, head_dim=32, mlp_dim=512, num_layers=4, vocab_multiple=128,
-        tie_embeddings=True, use_bias=True,
+        tie_embeddings=True, token_embedding="table", use_bias=True,
         use_positional=True, use_timing=True, timing_buckets=1024, timing_bucket_units=50,
         use_chord=True, chord_size=64, use_part=True, part_size=128, use_countdown=True, countdown_size=128,
         dropout_rate=0.0, mixup_prob=0.0, mixup_alpha=0.4,
@@ -48,7 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
         end_lr_fraction=0.1, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.01, grad_clip=1.0,
         log_every=25, peak_flops_per_device=0.0,
     ))
-    config.eval = ml_collections.ConfigDict(dict(batch_size=8, every_steps=300, max_batches=10))
+    # The n-gram baseline beside validation: fitted on at most this many train tokens; order 0 = the best of 1..5.
+    config.eval = ml_collections.ConfigDict(dict(batch_size=8, every_steps=300, max_batches=10,
+                                                 ngram_max_train_tokens=2_000_000, ngram_order=0))
     config.checkpoint = ml_collections.ConfigDict(dict(every_steps=300, max_to_keep=2, async_save=True))
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     return config

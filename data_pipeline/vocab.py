@@ -297,6 +297,13 @@ class Vocab:
         for table in (self.kind, self.instrument, self.pitch, self.velocity_bin_of, self.wait_units):
             table.setflags(write=False)
 
+    # -- factored embedding ------------------------------------------------------------------------
+    def layout(self) -> tuple[int, int, int, int, int]:
+        """(W, I, V, P, L): the block sizes of the id layout (module doc), all a model needs to know of the
+        vocabulary to factor its token embedding (`token_parts`)."""
+        return (self.config.max_wait, self.num_pitched, self.config.velocity_bins, self.num_pitches,
+                len(self.config.labels))
+
     # -- text form -------------------------------------------------------------------------------
     def id_to_text(self, token: int) -> str:
         token = int(token)
@@ -400,3 +407,45 @@ class Vocab:
 
     def __repr__(self) -> str:
         return f"Vocab(size={self.size}, {self.config})"
+
+
+def token_parts(layout: Sequence[int]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Each id as the sum of at most two rows of a shared part table, for the factored token embedding.
+
+    With `layout` = `Vocab.layout()` = (W, I, V, P, L) the part table has R rows, in this order:
+
+    | rows          | count       | used by                                                   |
+    |---------------|-------------|-----------------------------------------------------------|
+    | whole tokens  | 3 + I+1 + L | specials, instrument-presence tokens, labels (one row each)|
+    | waits         | W           | `wait:N`                                                  |
+    | note-on keys  | I * P       | note-on (instrument, pitch)                               |
+    | note-on loud  | I * V       | note-on (instrument, velocity bin)                        |
+    | note-off keys | I * P       | note-off (instrument, pitch)                              |
+    | drum keys     | 128         | drum onset (drum note)                                    |
+    | drum loud     | V           | drum onset (velocity bin)                                 |
+
+    so a note-on is `key(instrument, pitch) + loudness(instrument, velocity)`: the 16 velocities of a key share
+    its row, and a rare (key, velocity) pair learns from both halves. Tokens made of one part point their
+    second index at row R, which the model keeps at zero.
+
+    Returns:
+      (first int32[size], second int32[size], R) for a vocabulary of `size` ids.
+    """
+    w, i, v, p, n_labels = (int(x) for x in layout)
+    whole = 3 + i + 1 + n_labels
+    wait_row, on_key_row = whole, whole + w
+    on_vel_row = on_key_row + i * p
+    off_key_row = on_vel_row + i * v
+    drum_key_row = off_key_row + i * p
+    drum_vel_row = drum_key_row + NUM_DRUM_NOTES
+    rows = drum_vel_row + v
+    none = rows
+    inst, vel, pitch = np.meshgrid(np.arange(i), np.arange(v), np.arange(p), indexing="ij")  # note-on id order
+    drum_vel, drum_key = np.meshgrid(np.arange(v), np.arange(NUM_DRUM_NOTES), indexing="ij")  # drum id order
+    first = np.concatenate([
+        np.arange(3), wait_row + np.arange(w), on_key_row + (inst * p + pitch).ravel(),
+        off_key_row + np.arange(i * p), drum_key_row + drum_key.ravel(), 3 + np.arange(i + 1 + n_labels)])
+    second = np.concatenate([
+        np.full(3 + w, none), on_vel_row + (inst * v + vel).ravel(), np.full(i * p, none),
+        drum_vel_row + drum_vel.ravel(), np.full(i + 1 + n_labels, none)])
+    return first.astype(np.int32), second.astype(np.int32), rows

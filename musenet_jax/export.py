@@ -123,7 +123,7 @@ def _read_checkpoint(manager: ocp.CheckpointManager, step: int, where: str):
         saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
                                                               vocab=ocp.args.JsonRestore()))
         vocab = Vocab.from_json(json.dumps(saved.vocab))
-        config = model_lib.ModelConfig.from_config_dict(saved.config["model"], vocab_size=vocab.size)
+        config = model_lib.ModelConfig.from_config_dict(saved.config["model"], **model_lib.vocab_fields(vocab))
         return vocab, config, _restore_params(manager, step, config, where)
     except ExportError:
         raise
@@ -211,6 +211,9 @@ def read_export_config(out_dir: str | os.PathLike) -> tuple[dict, model_lib.Mode
     if config.vocab_size != vocab.size:
         raise ExportError(f"{out_dir}: the model has {config.vocab_size} token ids but its vocab.json has "
                           f"{vocab.size}")
+    if config.token_embedding == "factored" and tuple(config.token_layout) != tuple(vocab.layout()):
+        raise ExportError(f"{out_dir}: the model's token layout {tuple(config.token_layout)} is not its vocab.json's "
+                          f"{tuple(vocab.layout())}")
     return meta, config, vocab
 
 

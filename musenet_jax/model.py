@@ -4,7 +4,7 @@ Shapes: B batch, T length (tokens), D d_model, N heads, H head_dim, F mlp_dim, V
 Vp padded vocab (V rounded up to `vocab_multiple`), L layers.
 
 Input embedding (each extra table switchable, all summed, MuseNet-style):
-  token [Vp, D] + learned position [T_max, D] + timing [timing_buckets, D] + chord [chord_size, D]
+  token [Vp, D] (or factored, below) + learned position [T_max, D] + timing [timing_buckets, D] + chord [chord_size, D]
   + part [part_size, D] + countdown [countdown_size, D].
 Tables start as normal(init_std) for tokens and normal(init_std / 2) for the others (GPT-2's 0.02 /
 0.01). Feature values (int32[B, T] from `data_pipeline.features`) are clipped into their table; timing (in
@@ -12,6 +12,17 @@ time units, 10 ms by default, unbounded) is first bucketed linearly:
   bucket = min(timing // timing_bucket_units, timing_buckets - 1),
 so with the defaults (50 units = 0.5 s, 1024 buckets) the table covers the first 512 s of a piece and
 every later token shares the last row.
+
+Factored token embedding (`token_embedding='factored'`). Most of the vocabulary is note-ons, one id per
+(instrument, velocity bin, pitch): 18k of the default vocabulary's 21.8k ids, most rarely seen in a small
+corpus. Factored, each id is the sum of at most two rows of one part table [R, D]
+(`data_pipeline.vocab.token_parts`): a note-on is key(instrument, pitch) + loudness(instrument, velocity), a
+note-off key'(instrument, pitch), a drum hit drum_key(note) + drum_loudness(velocity), a wait, special,
+instrument or label token one row of its own (R = 2733 for the default vocabulary). The output layer is tied
+to the same table: logits[id] = h . row1(id) + h . row2(id), i.e. scores s = h @ table.T [B, T, R] gathered
+twice into [B, T, V]. So the head costs 2 B T D R FLOPs instead of 2 B T D Vp (8x less by default), a rare
+token learns from every token sharing its parts, and velocity is conditionally independent of pitch given
+the instrument and the context (p(on) = p(instrument, pitch) p(velocity | instrument), up to normalisation).
 
 Block (pre-LN, GPT-2 style): x += Drop(Attn(LN(x))); x += Drop(MLP(LN(x))), MLP = W2 gelu(W1 x).
 Output projections of both sublayers start with std init_std / sqrt(2 L) so the residual stream's
@@ -63,15 +74,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from data_pipeline import vocab as vocab_lib
 from musenet_jax import attention as attention_lib
 from musenet_jax import decoding
 from musenet_jax import sharding as sharding_lib
 from pallas_kernels import block_sparse_attention
 
 PATTERNS = ("dense", "strided", "fixed")
+TOKEN_EMBEDDINGS = ("table", "factored")
 COMBINATIONS = ("merged", "interleaved", "heads")
 LAYER_KINDS = ("dense", "both", "local", "summary", "heads")
 REMAT_POLICIES = ("off", "nothing", "dots", "names")
@@ -83,6 +97,48 @@ PALLAS_LOWERINGS = ("auto", *block_sparse_attention.LOWERINGS)
 # Fields that choose how the model runs, not what it computes or which parameters it has: a checkpoint
 # resumes under other values of these (e.g. trained with 'xla' on CPU, continued with 'pallas' on a TPU).
 EXECUTION_FIELDS = ("attention_impl", "pallas_lowering", "remat_policy", "remat_names", "axis_rules")
+
+
+@functools.lru_cache(maxsize=8)
+def token_parts(layout: tuple[int, ...]):
+    """`data_pipeline.vocab.token_parts` of a layout, computed once per layout."""
+    return vocab_lib.token_parts(tuple(layout))
+
+
+def factored_logits(scores: jax.Array, layout: tuple[int, ...]) -> jax.Array:
+    """Logits [..., V] from part scores [..., R] (`token_parts` row order): logits[id] = the sum of the scores
+    of its parts. Laid out block by block with slices and broadcast adds rather than two gathers over V: on
+    XLA:CPU the gathers' backward (a scatter-add into [..., R]) made a training step 4x slower."""
+    w, i, v, p, n_labels = layout
+    whole = 3 + i + 1 + n_labels
+    cut = np.cumsum([whole, w, i * p, i * v, i * p, vocab_lib.NUM_DRUM_NOTES, v])
+    rows, waits, on_key, on_vel, off_key, drum_key, drum_vel = jnp.split(scores, cut[:-1], axis=-1)
+    lead = scores.shape[:-1]
+    on = on_key.reshape(*lead, i, 1, p) + on_vel.reshape(*lead, i, v, 1)  # note-on ids: instrument, velocity, pitch
+    drums = drum_vel[..., :, None] + drum_key[..., None, :]  # drum ids: velocity, note
+    return jnp.concatenate([rows[..., :3], waits, on.reshape(*lead, i * v * p), off_key,
+                            drums.reshape(*lead, v * vocab_lib.NUM_DRUM_NOTES), rows[..., 3:]], axis=-1)
+
+
+def factored_log_z(scores: jax.Array, layout: tuple[int, ...]) -> jax.Array:
+    """logsumexp over all V ids of `factored_logits(scores, layout)`, float32[...], in O(R) per position: the
+    note-on block sums over instruments of LSE_pitch(key) + LSE_velocity(loudness), the drum block
+    LSE_velocity + LSE_note, so the [..., V] logits are never formed."""
+    w, i, v, p, n_labels = layout
+    whole = 3 + i + 1 + n_labels
+    cut = np.cumsum([whole, w, i * p, i * v, i * p, vocab_lib.NUM_DRUM_NOTES, v])
+    rows, waits, on_key, on_vel, off_key, drum_key, drum_vel = jnp.split(scores, cut[:-1], axis=-1)
+    lead = scores.shape[:-1]
+    lse = jax.nn.logsumexp
+    on = lse(on_key.reshape(*lead, i, p), axis=-1) + lse(on_vel.reshape(*lead, i, v), axis=-1)  # [..., I]
+    drums = lse(drum_key, axis=-1, keepdims=True) + lse(drum_vel, axis=-1, keepdims=True)
+    return lse(jnp.concatenate([rows, waits, off_key, on, drums], axis=-1), axis=-1)
+
+
+def vocab_fields(vocab) -> dict[str, Any]:
+    """The model config fields that come from the vocabulary: `ModelConfig.from_config_dict(config.model,
+    **vocab_fields(vocab))`."""
+    return {"vocab_size": vocab.size, "token_layout": tuple(vocab.layout())}
 
 
 def architecture(model_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -104,6 +160,9 @@ class ModelConfig:
       vocab_multiple: embedding / head rows are padded to a multiple of this (e.g. 128) so matmuls
         tile and the vocab axis shards; the padded logits are dropped before returning.
       tie_embeddings: logits use the token embedding table (GPT-2 style) instead of a separate head.
+      token_embedding: 'table' (one row per id) or 'factored' (rows shared by the parts of each id, see the
+        module doc; always tied).
+      token_layout: (W, I, V, P, L) of the vocabulary (`Vocab.layout()`), needed by 'factored'.
       use_bias: biases on the q/k/v/output and MLP projections.
       use_positional, use_timing, use_chord, use_part, use_countdown: which extra embeddings to add.
       timing_buckets, timing_bucket_units: timing table rows and time units per row (see module doc).
@@ -138,6 +197,8 @@ class ModelConfig:
     max_len: int = 1024
     vocab_multiple: int = 1
     tie_embeddings: bool = True
+    token_embedding: str = "table"
+    token_layout: tuple[int, ...] = ()
     use_bias: bool = True
     use_positional: bool = True
     use_timing: bool = True
@@ -196,6 +257,17 @@ class ModelConfig:
             raise ValueError(f"model.mixup_prob must be in [0, 1], got {self.mixup_prob}")
         if self.mixup_prob > 0 and self.mixup_alpha <= 0:
             raise ValueError(f"model.mixup_alpha must be > 0, got {self.mixup_alpha}")
+        if self.token_embedding not in TOKEN_EMBEDDINGS:
+            raise ValueError(f"model.token_embedding must be one of {TOKEN_EMBEDDINGS}, got {self.token_embedding!r}")
+        if self.token_embedding == "factored":
+            if len(self.token_layout) != 5:
+                raise ValueError("model.token_embedding='factored' needs model.token_layout = the vocabulary's "
+                                 f"(W, I, V, P, L) (Vocab.layout()), got {self.token_layout!r}")
+            if len(token_parts(self.token_layout)[0]) != self.vocab_size:
+                raise ValueError(f"model.token_layout {tuple(self.token_layout)} gives "
+                                 f"{len(token_parts(self.token_layout)[0])} ids, not vocab_size={self.vocab_size}")
+            if not self.tie_embeddings:
+                raise ValueError("model.token_embedding='factored' is always tied: set model.tie_embeddings=True")
         if self.attention_pattern not in PATTERNS:
             raise ValueError(
                 f"model.attention_pattern must be one of {PATTERNS}, got {self.attention_pattern!r}"
@@ -309,7 +381,7 @@ class ModelConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
-        for name in ("attention_schedule", "remat_names"):
+        for name in ("attention_schedule", "remat_names", "token_layout"):
             if name in values:
                 values[name] = tuple(values[name])
         if "axis_rules" in values:
@@ -551,7 +623,13 @@ class MuseNet(nnx.Module):
         self.config = config
         d, std, table_std = config.d_model, config.init_std, config.init_std / 2
         vp = config.padded_vocab_size
-        self.token_embed = _param(rngs, (vp, d), std, ("vocab", "embed"), config)
+        if config.token_embedding == "factored":
+            self.token_embed = None
+            self.token_parts = _param(rngs, (token_parts(config.token_layout)[2], d), std, ("vocab", "embed"),
+                                      config)
+        else:
+            self.token_embed = _param(rngs, (vp, d), std, ("vocab", "embed"), config)
+            self.token_parts = None
 
         def table(enabled, rows):
             return _param(rngs, (rows, d), table_std, ("table", "embed"), config) if enabled else None
@@ -604,8 +682,7 @@ class MuseNet(nnx.Module):
         # Tables are gathered whole along D before the lookups, as FSDP gathers every weight before use:
         # rows indexed by batch-sharded ids cannot also keep D split over 'fsdp', which the batch uses
         # (XLA would fall back to replicating the [B, T, D] result, then re-splitting it).
-        table = sharding_lib.constrain(self.token_embed[...], ("vocab", None), cfg.axis_rules)
-        x = jnp.take(table, tokens, axis=0, mode="clip").astype(jnp.float32)
+        x = self._token_vectors(tokens)
         if mixup_key is not None and cfg.mixup_prob > 0:
             k_partner, k_lam, k_apply = jax.random.split(mixup_key, 3)
             flat = tokens.reshape(-1)
@@ -613,7 +690,7 @@ class MuseNet(nnx.Module):
             lam = jax.random.beta(k_lam, cfg.mixup_alpha, cfg.mixup_alpha, tokens.shape + (1,))
             lam = jnp.maximum(lam, 1.0 - lam)
             lam = jnp.where(jax.random.bernoulli(k_apply, cfg.mixup_prob, tokens.shape + (1,)), lam, 1.0)
-            x = lam * x + (1.0 - lam) * jnp.take(table, partner, axis=0, mode="clip").astype(jnp.float32)
+            x = lam * x + (1.0 - lam) * self._token_vectors(partner)
         if self.position_embed is not None:
             if positions is None:
                 positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
@@ -630,6 +707,60 @@ class MuseNet(nnx.Module):
                 # mode="clip": values past the table (and negatives) share its last (first) row.
                 x = x + jnp.take(self._table(param), rows, axis=0, mode="clip").astype(jnp.float32)
         return x
+
+    def _token_vectors(self, tokens: jax.Array) -> jax.Array:
+        """float32[*tokens.shape, D]: the token table's rows (or the sum of each id's part rows)."""
+        cfg = self.config
+        if self.token_parts is None:
+            table = sharding_lib.constrain(self.token_embed[...], ("vocab", None), cfg.axis_rules)
+            return jnp.take(table, tokens, axis=0, mode="clip").astype(jnp.float32)
+        first, second, _ = token_parts(cfg.token_layout)
+        table = self._part_table()
+        tokens = jnp.clip(tokens, 0, cfg.vocab_size - 1)
+        return (jnp.take(table, jnp.asarray(first)[tokens], axis=0).astype(jnp.float32)
+                + jnp.take(table, jnp.asarray(second)[tokens], axis=0).astype(jnp.float32))
+
+    def _part_table(self) -> jax.Array:
+        """[R + 1, D]: the factored part table, whole along D, with the always-zero row R appended."""
+        table = sharding_lib.constrain(self.token_parts[...], ("vocab", None), self.config.axis_rules)
+        return jnp.concatenate([table, jnp.zeros((1, table.shape[1]), table.dtype)])
+
+    def _logits(self, hidden: jax.Array) -> jax.Array:
+        """float32[..., V] next-token logits of final hidden states [..., D] (compute dtype, fp32 accumulation)."""
+        cfg = self.config
+        dt = cfg.compute_dtype
+        if self.token_parts is not None:
+            scores = jnp.einsum("...d,rd->...r", hidden, self.token_parts[...].astype(dt),
+                                preferred_element_type=jnp.float32)
+            return factored_logits(scores, cfg.token_layout)
+        # The tied table is contracted as [Vp, D] directly: a `.T` would copy the whole table (every decode step).
+        if self.head is not None:
+            logits = jnp.einsum("...d,dv->...v", hidden, self.head[...].astype(dt), preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("...d,vd->...v", hidden, self.token_embed[...].astype(dt),
+                                preferred_element_type=jnp.float32)
+        return logits[..., : cfg.vocab_size]
+
+    def token_nll(self, hidden: jax.Array, targets: jax.Array) -> jax.Array:
+        """-log p(target) in nats, float32[B, T], from final hidden states [B, T, D] (`return_hidden`).
+
+        Equal to the cross-entropy of `__call__`'s logits; with the factored embedding it never forms the
+        [B, T, V] logits (`factored_log_z`), so a jitted loss that uses only this lets XLA drop them.
+        """
+        cfg = self.config
+        targets = jnp.asarray(targets, jnp.int32)
+        if self.token_parts is None:
+            logits = self._logits(hidden)
+            target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+            return jax.nn.logsumexp(logits, axis=-1) - target_logit
+        first, second, _ = token_parts(cfg.token_layout)
+        scores = jnp.einsum("...d,rd->...r", hidden, self.token_parts[...].astype(cfg.compute_dtype),
+                            preferred_element_type=jnp.float32)
+        padded = jnp.concatenate([scores, jnp.zeros((*scores.shape[:-1], 1), scores.dtype)], axis=-1)
+        targets = jnp.clip(targets, 0, cfg.vocab_size - 1)
+        target_logit = (jnp.take_along_axis(padded, jnp.asarray(first)[targets][..., None], axis=-1)[..., 0]
+                        + jnp.take_along_axis(padded, jnp.asarray(second)[targets][..., None], axis=-1)[..., 0])
+        return factored_log_z(scores, cfg.token_layout) - target_logit
 
     def _table(self, param: nnx.Param) -> jax.Array:
         """A feature table [rows, D], whole along D (see `embed`)."""
@@ -687,12 +818,7 @@ class MuseNet(nnx.Module):
             x = run(block, x, None if layer_keys is None else layer_keys[self.num_stacked + i])
 
         hidden = self.final_norm(x)
-        table = self.head[...] if self.head is not None else self.token_embed[...].T  # [D, Vp]
-        logits = jnp.einsum(
-            "btd,dv->btv", hidden, table.astype(cfg.compute_dtype), preferred_element_type=jnp.float32
-        )
-        if cfg.padded_vocab_size != cfg.vocab_size:
-            logits = logits[..., : cfg.vocab_size]
+        logits = self._logits(hidden)
         logits = sharding_lib.constrain(logits, ("batch", "length", "vocab"), cfg.axis_rules)
         return (logits, hidden) if return_hidden else logits
 
@@ -782,15 +908,8 @@ class MuseNet(nnx.Module):
         for block, block_cache in zip(self.layers, cache["layers"], strict=True):
             x, c = block.decode_step(x, block_cache, position, cfg.max_len)
             layer_caches.append(c)
-        hidden = self.final_norm(x)[:, 0]
-        # The tied table is contracted as [Vp, D] directly: a `.T` here would copy the whole table every step.
-        if self.head is not None:
-            logits = jnp.einsum("bd,dv->bv", hidden, self.head[...].astype(cfg.compute_dtype),
-                                preferred_element_type=jnp.float32)
-        else:
-            logits = jnp.einsum("bd,vd->bv", hidden, self.token_embed[...].astype(cfg.compute_dtype),
-                                preferred_element_type=jnp.float32)
-        return logits[:, : cfg.vocab_size], {"stack": stack_cache, "layers": tuple(layer_caches)}
+        logits = self._logits(self.final_norm(x)[:, 0])
+        return logits, {"stack": stack_cache, "layers": tuple(layer_caches)}
 
 
 # --- Creation on a mesh. ----------------------------------------------------------------------------------

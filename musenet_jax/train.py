@@ -20,6 +20,10 @@ global batch (its own rows of it), and with the same global batch size the run c
 had not stopped (2 x 4 devices == 1 x 8 devices). If train.batch_size changed, the position is converted
 through examples consumed (it must be a whole number of new global batches).
 
+Baselines. The validation line reports a unigram (train-split token frequencies) and a smoothed n-gram
+(`ngram_baseline`: interpolated Kneser-Ney, fitted by process 0 before the loop on a bounded part of the train
+split and scored on exactly the model's eval windows; cached in the workdir's baseline.json).
+
 Preemption and failures. SIGTERM on any process stops all of them after the same step: they save a
 checkpoint of that step and return with `preempted` set (the CLI exits 0); rerunning resumes from it. In a
 multi-process run a watchdog ends every process (exit code `distributed.ABORT_EXIT_CODE`, one line naming
@@ -50,7 +54,7 @@ from flax import nnx
 from data_pipeline import datasets
 from data_pipeline import input_pipeline as input_lib
 from data_pipeline.vocab import Vocab
-from musenet_jax import distributed, evaluation, losses, optim, reporting, run_dir
+from musenet_jax import distributed, evaluation, losses, ngram, optim, reporting, run_dir
 from musenet_jax import flops as flops_lib
 from musenet_jax import model as model_lib
 from musenet_jax import sharding as sharding_lib
@@ -65,7 +69,10 @@ class TrainingError(ValueError):
 # Run-loop settings and their smallest values: outside them a run divides by zero or silently does nothing.
 _AT_LEAST = {"train.total_steps": 1, "train.batch_size": 1, "train.microbatches": 1, "train.log_every": 1,
              "train.warmup_steps": 0, "eval.batch_size": 1, "eval.every_steps": 1, "eval.max_batches": 0,
-             "checkpoint.every_steps": 1, "checkpoint.max_to_keep": 1}
+             "checkpoint.every_steps": 1, "checkpoint.max_to_keep": 1, "eval.ngram_max_train_tokens": 0,
+             "eval.ngram_order": 0}
+MAX_NGRAM_ORDER = 10
+BASELINE_FILE = "baseline.json"
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -78,6 +85,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     lr = config.train.learning_rate
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise TrainingError(f"config train.learning_rate must be > 0, got {lr!r}")
+    if config.eval.get("ngram_order", 0) > MAX_NGRAM_ORDER:
+        raise TrainingError(f"config eval.ngram_order must be in 0..{MAX_NGRAM_ORDER} (0: the best of "
+                            f"{ngram.DEFAULT_ORDERS[0]}..{ngram.DEFAULT_ORDERS[-1]}), got {config.eval.ngram_order}")
 
 
 # -- input -----------------------------------------------------------------------------------------
@@ -102,8 +112,11 @@ def _loss_sums(params, graphdef, rest, batch, rng, deterministic: bool):
     """(summed loss in nats, scored tokens) of a batch for pure `params`."""
     model = nnx.merge(graphdef, params, rest)
     features = {k: batch[k] for k in FEATURES}
-    logits = model(batch["inputs"], features, deterministic=deterministic, rng=rng)
-    return losses.masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    # The loss reads only the hidden states: XLA drops the unused [B, T, V] logits, and a factored token
+    # embedding scores the vocabulary without forming them (`MuseNet.token_nll`).
+    _, hidden = model(batch["inputs"], features, deterministic=deterministic, rng=rng, return_hidden=True)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(model.token_nll(hidden, batch["targets"]) * mask), jnp.sum(mask)
 
 
 def train_step(state, batch, rng, *, graphdef, microbatches: int, schedule):
@@ -327,6 +340,75 @@ def state_bytes(state) -> tuple[int, int]:
     return total, local
 
 
+# -- n-gram baseline -------------------------------------------------------------------------------
+def ngram_baseline(config: ml_collections.ConfigDict, run_path, data_dir: str, vocab: Vocab, train_source,
+                   eval_source, eval_counts, eval_prefixes) -> tuple[dict | None, str]:
+    """(the n-gram baseline on the eval windows, a line saying what it is), or (None, why there is none).
+
+    An interpolated Kneser-Ney n-gram (`ngram`) fitted on at most `eval.ngram_max_train_tokens` tokens of the
+    train split (records spread evenly over it; 0 turns the baseline off), scored on exactly the windows
+    the model is evaluated on: `make_eval_batches` laid out for the whole global eval batch, as one process
+    would. Its order is `eval.ngram_order`, or (0) the one of 1..5 with the lowest bits/token there. Cached
+    in `baseline.json` with what it was computed from, reused while that matches (a resume pays nothing).
+    Call on process 0 only.
+
+    Returns:
+      {"order", "bits_per_token", "bits_per_token_by_order": {"1": ..}, "train_tokens", "train_records",
+       "eval_tokens", "seconds", "computed_from"}: bits/token in bits (log2).
+    """
+    max_tokens = int(config.eval.get("ngram_max_train_tokens", 2_000_000))
+    requested = int(config.eval.get("ngram_order", 0))
+    if not max_tokens:
+        return None, "n-gram baseline off (eval.ngram_max_train_tokens=0)"
+    computed_from = {"dataset_dir": datasets.dataset_dir(data_dir, config.data.name), "dataset": config.data.name,
+                     "train_split": config.data.train_split, "eval_split": config.data.eval_split,
+                     "vocab_size": vocab.size, "seq_len": config.data.seq_len,
+                     "eval_batch_size": config.eval.batch_size, "eval_max_batches": config.eval.max_batches,
+                     "ngram_max_train_tokens": max_tokens, "ngram_order": requested}
+    path = run_path / BASELINE_FILE
+    try:
+        stored = json.loads(path.read_text()) if path.exists() else None
+    except (OSError, ValueError):
+        stored = None  # torn or unreadable: computed again
+    if isinstance(stored, dict) and stored.get("computed_from") == computed_from:
+        return stored, f"n-gram baseline: {_describe(stored)} (from {BASELINE_FILE})"
+
+    t0 = time.perf_counter()
+    train = ngram.read_sequences(train_source, vocab, indices=ngram.spread_order(len(train_source)),
+                                 max_tokens=max_tokens)
+    if not train.tokens:
+        return None, f"no n-gram baseline: no usable record in split {config.data.train_split!r}"
+    orders = ngram.DEFAULT_ORDERS if requested == 0 else tuple(sorted({1, requested}))
+    model = ngram.NgramModel.fit(train.tokens, vocab.size, max(orders))
+    batches = input_lib.make_eval_batches(
+        eval_source, vocab, config.data.seq_len, config.eval.batch_size,
+        max_windows=config.eval.max_batches * config.eval.batch_size if config.eval.max_batches else None,
+        token_counts=eval_counts, prefix_lengths=eval_prefixes, process_index=0, process_count=1)
+    bits, tokens = np.zeros(len(orders)), 0
+    for batch in batches:
+        scored = batch["loss_mask"] > 0
+        bits -= np.log2(model.probs(batch["inputs"], batch["targets"], where=scored, orders=orders)).sum(axis=1)
+        tokens += int(scored.sum())
+    if not tokens:
+        return None, f"no n-gram baseline: split {config.data.eval_split!r} has no tokens to score"
+    by_order = {n: float(b / tokens) for n, b in zip(orders, bits)}
+    order = requested or min(orders, key=lambda n: (by_order[n], n))
+    result = {"order": order, "bits_per_token": by_order[order],
+              "bits_per_token_by_order": {str(n): v for n, v in by_order.items()},
+              "train_tokens": model.train_tokens, "train_records": len(train.tokens), "eval_tokens": tokens,
+              "seconds": time.perf_counter() - t0, "computed_from": computed_from}
+    run_dir.write_json(path, result)
+    return result, f"n-gram baseline: {_describe(result)}"
+
+
+def _describe(baseline: dict) -> str:
+    by_order = ", ".join(f"{n}: {v:.3f}" for n, v in baseline["bits_per_token_by_order"].items())
+    split = baseline["computed_from"]["eval_split"]
+    return (f"{baseline['order']}-gram {baseline['bits_per_token']:.3f} bits/token on the {baseline['eval_tokens']:,} "
+            f"{split} tokens the model is evaluated on (by order {by_order}), trained on {baseline['train_tokens']:,} "
+            f"tokens of {baseline['train_records']:,} records in {baseline['seconds']:.1f} s")
+
+
 # -- the run ---------------------------------------------------------------------------------------
 def _stored_final_metrics(run_path, step: int) -> dict[str, Any]:
     """The `final_metrics.json` of a run that ended at `step`, or NaN validation figures if there is none."""
@@ -336,7 +418,8 @@ def _stored_final_metrics(run_path, step: int) -> dict[str, Any]:
         stored = {}
     if not isinstance(stored, dict) or stored.get("step") != step:
         stored = {}
-    return {"eval/bits_per_token": math.nan, "eval/unigram_bits_per_token": math.nan, **stored}
+    return {"eval/bits_per_token": math.nan, "eval/unigram_bits_per_token": math.nan,
+            "eval/ngram_bits_per_token": math.nan, "eval/ngram_order": math.nan, **stored}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir: str, *,
@@ -351,7 +434,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
       heartbeat_timeout_s: multi-process runs only: seconds after which a dead or hung process makes the
         others exit (`distributed.Watchdog`).
     Returns:
-      The final metrics (last train metrics, last validation bits/token and the unigram baseline), `step`
+      The final metrics (last train metrics, last validation bits/token, the unigram baseline and the n-gram
+      baseline's bits/token and order, NaN where there is none, e.g. on processes other than 0), `step`
       (the last step trained) and `preempted` (True when SIGTERM stopped the run before total_steps).
     """
     preemption = distributed.PreemptionFlag() if threading.current_thread() is threading.main_thread() else None
@@ -393,7 +477,7 @@ def _train_and_evaluate(config, workdir: str, data_dir: str, preemption: distrib
     check_process_rows(batch_sharding, config.train.batch_size)
 
     # Model and optimizer.
-    model_config = model_lib.ModelConfig.from_config_dict(config.model, vocab_size=vocab.size)
+    model_config = model_lib.ModelConfig.from_config_dict(config.model, **model_lib.vocab_fields(vocab))
     if config.data.seq_len > model_config.max_len:
         raise TrainingError(f"data.seq_len={config.data.seq_len} exceeds model.max_len={model_config.max_len}")
     schedule = optim.learning_rate_schedule(config.train)
@@ -482,6 +566,14 @@ def _train_and_evaluate(config, workdir: str, data_dir: str, preemption: distrib
         unigram = evaluation.unigram_bits_per_token(train_source, eval_source, vocab)
     else:
         unigram = evaluation.unigram_bits_from_histograms(*histograms)
+    baseline = None
+    if is_main:  # the others have nothing to write or report
+        baseline, line = ngram_baseline(config, run_path, data_dir, vocab, train_source, eval_source, eval_counts,
+                                        eval_prefixes)
+        reporter.message(line)
+    ngram_metrics = {"eval/ngram_bits_per_token": baseline["bits_per_token"] if baseline else math.nan,
+                     "eval/ngram_order": baseline["order"] if baseline else math.nan}
+    baseline_text = f", {baseline['order']}-gram {baseline['bits_per_token']:.3f}" if baseline else ""
     total_bytes, local_bytes = state_bytes(state)
     reporter.message(f"model: {model_lib.count_params(nnx.to_pure_dict(abstract_state)[0]):,} parameters; "
                      f"mesh {dict(mesh.shape)}; unigram baseline {unigram:.3f} bits/token")
@@ -547,9 +639,10 @@ def _train_and_evaluate(config, workdir: str, data_dir: str, preemption: distrib
             watchdog.disarm()  # evaluation may compile, checkpoints wait for storage: not bounded by the timeout
             if (done % config.eval.every_steps == 0 or done == config.train.total_steps) and not preempted:
                 last_eval = evaluate()
-                reporter.scalars(done, {"eval/bits_per_token": last_eval, "eval/unigram_bits_per_token": unigram})
-                reporter.message(f"step {done}: validation {last_eval:.3f} bits/token (unigram baseline "
-                                 f"{unigram:.3f})")
+                reporter.scalars(done, {"eval/bits_per_token": last_eval, "eval/unigram_bits_per_token": unigram,
+                                        **(ngram_metrics if baseline else {})})
+                reporter.message(f"step {done}: validation {last_eval:.3f} bits/token (unigram {unigram:.3f}"
+                                 f"{baseline_text})")
             if done % config.checkpoint.every_steps == 0 or done == config.train.total_steps or preempted:
                 save_checkpoint(manager, done, state, config, vocab)
             watchdog.arm()
@@ -571,7 +664,7 @@ def _train_and_evaluate(config, workdir: str, data_dir: str, preemption: distrib
             raise TrainingError(f"step {done} failed: {distributed.first_line(e)}") from e
         raise
     reporter.close()
-    result = {**metrics, "eval/bits_per_token": last_eval, "eval/unigram_bits_per_token": unigram,
+    result = {**metrics, "eval/bits_per_token": last_eval, "eval/unigram_bits_per_token": unigram, **ngram_metrics,
               "step": done, "preempted": preempted, "trained": True}
     if is_main and not preempted:
         run_dir.write_json(run_path / "final_metrics.json", result)

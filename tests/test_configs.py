@@ -18,7 +18,9 @@ from musenet_jax import sharding as sharding_lib
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 NAMES = ("tiny", "small", "base", "musenet_72l")
-VOCAB_SIZE = Vocab(VocabConfig()).size  # the default musenet10 vocabulary
+VOCAB = Vocab(VocabConfig())  # the default musenet10 vocabulary
+VOCAB_SIZE = VOCAB.size
+FIELDS = model_lib.vocab_fields(VOCAB)
 
 
 def load_config(name: str):
@@ -42,7 +44,10 @@ def expected_param_count(c: model_lib.ModelConfig) -> int:
     mlp = 2 * d * f + (f + d) * c.use_bias
     block = attention + mlp + 2 * 2 * d  # two LayerNorms (scale, bias)
     head = 0 if c.tie_embeddings else d * vp
-    return vp * d + tables * d + c.num_layers * block + 2 * d + head
+    # The factored table's rows, counted from the layout as `data_pipeline.vocab.token_parts` documents them.
+    w, i, v, p, n_labels = VOCAB.layout()
+    tokens = (3 + i + 1 + n_labels + w + 2 * i * p + i * v + 128 + v if c.token_embedding == "factored" else vp)
+    return tokens * d + tables * d + c.num_layers * block + 2 * d + head
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -52,7 +57,7 @@ def test_config_loads_and_builds_a_model_config(name):
         assert section in config, section
     assert f"musenet-train --config=configs/{name}.py" in module.__doc__
     assert "Expected" in module.__doc__
-    model_config = model_lib.ModelConfig.from_config_dict(config.model, vocab_size=VOCAB_SIZE)
+    model_config = model_lib.ModelConfig.from_config_dict(config.model, **FIELDS)
     assert model_config.max_len == config.data.seq_len
     assert config.train.batch_size > 0 and config.train.total_steps > 0
     # max_len follows data.seq_len (a FieldReference), so a command-line override keeps them equal.
@@ -63,7 +68,7 @@ def test_config_loads_and_builds_a_model_config(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_config_parameter_count_and_forward_shapes(name):
     _, config = load_config(name)
-    model_config = model_lib.ModelConfig.from_config_dict(config.model, vocab_size=VOCAB_SIZE)
+    model_config = model_lib.ModelConfig.from_config_dict(config.model, **FIELDS)
     graphdef, state = model_lib.abstract_model(model_config)
     assert model_lib.count_params(state) == expected_param_count(model_config)
 
@@ -78,7 +83,7 @@ def test_config_parameter_count_and_forward_shapes(name):
 
 def test_musenet_72l_shapes_and_parameter_count():
     _, config = load_config("musenet_72l")
-    c = model_lib.ModelConfig.from_config_dict(config.model, vocab_size=VOCAB_SIZE)
+    c = model_lib.ModelConfig.from_config_dict(config.model, **FIELDS)
     assert (c.num_layers, c.num_heads, c.max_len, c.attention_pattern) == (72, 24, 4096, "dense")
     _, state = model_lib.abstract_model(c)
     params = nnx.to_pure_dict(state)
@@ -98,7 +103,7 @@ def test_musenet_72l_shards_over_8_devices():
     if jax.device_count() < 8:
         pytest.skip("needs 8 (fake CPU) devices; tests/conftest.py sets jax_num_cpu_devices=8")
     _, config = load_config("musenet_72l")
-    c = model_lib.ModelConfig.from_config_dict(config.model, vocab_size=VOCAB_SIZE)
+    c = model_lib.ModelConfig.from_config_dict(config.model, **FIELDS)
     mesh = sharding_lib.make_mesh(1, 4, 2)
     _, state = model_lib.abstract_model(c, mesh)
     wi = nnx.to_pure_dict(state)["stack"]["blocks"][0]["mlp"]["wi"]

@@ -529,3 +529,97 @@ def test_mesh_2x2x2_forward_and_grad_equal_single_device():
     np.testing.assert_allclose(np.asarray(logits_8), np.asarray(logits_1), atol=2e-6)
     np.testing.assert_allclose(float(loss_8), float(loss_1), atol=1e-6)
     assert_trees_close(nnx.to_pure_dict(grads_8), nnx.to_pure_dict(grads_1), atol=1e-6)
+
+
+# --- Factored token embedding. ----------------------------------------------------------------------------
+
+def _factored_vocab():
+    from data_pipeline.vocab import Vocab, VocabConfig
+
+    # Prime-ish block sizes (W 7, I 9, V 3, P 11, L 2) so that a mixed-up block shows up as wrong numbers.
+    return Vocab(VocabConfig(labels=("bach", "jazz"), velocity_bins=3, pitch_min=50, pitch_max=60, max_wait=7))
+
+
+def _factored(vocab, **overrides):
+    config = make_config(vocab_size=vocab.size, token_embedding="factored", token_layout=vocab.layout(),
+                         init_std=0.3, **overrides)
+    return make_model(config)
+
+
+def _explicit_table(model, vocab):
+    """[V, D] float64: each id's embedding as the plain sum of its part rows, from the vocabulary's own tables."""
+    from data_pipeline.vocab import TokenKind
+
+    parts = np.asarray(model.token_parts[...], np.float64)
+    w, i, v, p, n_labels = vocab.layout()
+    whole, on_key = 3 + i + 1 + n_labels, 3 + i + 1 + n_labels + w
+    on_vel, off_key = on_key + i * p, on_key + i * p + i * v
+    drum_key = off_key + i * p
+    drum_vel = drum_key + 128
+    table = np.zeros((vocab.size, parts.shape[1]))
+    for t in range(vocab.size):
+        kind, inst = vocab.kind[t], int(vocab.instrument[t])
+        pitch, vbin = int(vocab.pitch[t]) - vocab.config.pitch_min, int(vocab.velocity_bin_of[t])
+        if kind == TokenKind.WAIT:
+            table[t] = parts[whole + vocab.wait_units[t] - 1]
+        elif kind == TokenKind.NOTE_ON:
+            table[t] = parts[on_key + inst * p + pitch] + parts[on_vel + inst * v + vbin]
+        elif kind == TokenKind.NOTE_OFF:
+            table[t] = parts[off_key + inst * p + pitch]
+        elif kind == TokenKind.DRUM:
+            table[t] = parts[drum_key + int(vocab.pitch[t])] + parts[drum_vel + vbin]
+        elif kind == TokenKind.SPECIAL:
+            table[t] = parts[t]
+        else:  # instrument-presence tokens, then labels: one row each after the specials
+            table[t] = parts[3 + t - vocab.instrument_base]
+    return table
+
+
+def test_factored_embedding_is_the_sum_of_each_tokens_parts_in_and_out():
+    vocab = _factored_vocab()
+    model = _factored(vocab, use_positional=False, use_timing=False, use_chord=False, use_part=False,
+                      use_countdown=False)
+    assert model.token_embed is None and model.token_parts.shape == (model_lib.token_parts(vocab.layout())[2], D)
+    table = _explicit_table(model, vocab)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, vocab.size, (B, T)), jnp.int32)
+    np.testing.assert_allclose(model.embed(tokens), table[np.asarray(tokens)], atol=1e-6)
+    logits, hidden = model(tokens, return_hidden=True)
+    assert logits.shape == (B, T, vocab.size)
+    np.testing.assert_allclose(logits, np.einsum("btd,vd->btv", np.asarray(hidden, np.float64), table), atol=1e-4)
+
+
+def test_factored_token_nll_equals_the_cross_entropy_of_the_logits():
+    vocab = _factored_vocab()
+    model = _factored(vocab)
+    tokens, features = make_inputs()
+    tokens = tokens % vocab.size
+    targets = jnp.asarray(np.random.default_rng(2).integers(0, vocab.size, (B, T)), jnp.int32)
+    logits, hidden = model(tokens, features, return_hidden=True)
+    expected = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    np.testing.assert_allclose(model.token_nll(hidden, targets), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_factored_decode_step_equals_the_forward():
+    vocab = _factored_vocab()
+    model = _factored(vocab)
+    tokens, features = make_inputs(length=6)
+    tokens = tokens % vocab.size
+    logits = model(tokens, features)
+    cache = model.init_cache(B)
+    for t in range(6):
+        step, cache = model.decode_step(tokens[:, t], {k: v[:, t] for k, v in features.items()}, t, cache)
+        np.testing.assert_allclose(step, logits[:, t], atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(token_layout=()), "needs model.token_layout"),
+    (dict(token_layout=(7, 9, 3, 11, 3)), "not vocab_size"),
+    (dict(tie_embeddings=False), "always tied"),
+    (dict(token_embedding="hashed"), "token_embedding must be one of"),
+])
+def test_bad_factored_config_is_rejected(overrides, message):
+    vocab = _factored_vocab()
+    values = dict(vocab_size=vocab.size, token_embedding="factored", token_layout=vocab.layout())
+    values.update(overrides)
+    with pytest.raises(ValueError, match=message):
+        make_config(**values)

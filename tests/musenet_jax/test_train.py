@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from data_pipeline import datasets, input_pipeline
-from musenet_jax import evaluation, train
+from musenet_jax import evaluation, ngram, train
 from tests.conftest import small_config
 
 
@@ -66,16 +66,52 @@ def test_train_resume_matches_uninterrupted_run(data_dir, tmp_path, capsys, capl
     assert (full / "vocab.json").exists() and (full / "config.json").exists()
     assert sorted(p.name for p in (full / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "6"]
 
+    # The n-gram baseline: fitted on the train split (all 12 records: under eval.ngram_max_train_tokens), the
+    # best of orders 1..5 on the windows the model is evaluated on, reported and kept in baseline.json.
+    baseline = json.loads((full / "baseline.json").read_text())
+    final = json.loads((full / "final_metrics.json").read_text())
+    by_order = {int(k): v for k, v in baseline["bits_per_token_by_order"].items()}
+    assert sorted(by_order) == [1, 2, 3, 4, 5] and by_order[baseline["order"]] == min(by_order.values())
+    for metrics in (result, final):
+        assert metrics["eval/ngram_order"] == baseline["order"]
+        assert metrics["eval/ngram_bits_per_token"] == baseline["bits_per_token"]
+    train_records = ngram.read_sequences(source, vocab)
+    assert baseline["train_tokens"] == train_records.num_tokens and baseline["train_records"] == len(source)
+    model = ngram.NgramModel.fit(train_records.tokens, vocab.size, 5)
+    bits, tokens = np.zeros(5), 0
+    for batch in make_eval_batches(source, vocab, 64, 4, max_windows=8, process_index=0, process_count=1):
+        scored = batch["loss_mask"] > 0
+        bits -= np.log2(model.probs(batch["inputs"], batch["targets"], where=scored, orders=range(1, 6))).sum(1)
+        tokens += scored.sum()
+    assert baseline["eval_tokens"] == tokens
+    np.testing.assert_allclose([by_order[n] for n in range(1, 6)], bits / tokens, rtol=1e-12)
+    rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    reported = [r["eval/ngram_bits_per_token"] for r in rows if "eval/bits_per_token" in r]
+    assert reported == [baseline["bits_per_token"]] * 2  # steps 3 and 6
+    step_line = f"step 6: validation {result['eval/bits_per_token']:.3f} bits/token (unigram "
+    assert f"{baseline['order']}-gram {baseline['bits_per_token']:.3f})" in err.split(step_line)[1].splitlines()[0]
+
     # Interrupted after step 3, then resumed from its checkpoint: the same next losses, data order included.
     part = tmp_path / "part"
     train.train_and_evaluate(small_config(3), str(part), data_dir)
+    cached = (part / "baseline.json").read_bytes(), (part / "baseline.json").stat().st_mtime_ns
     # As if a run had died after logging steps 4 and 5 without a checkpoint of them, mid-write.
     with open(part / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "train/loss": -1.0}\n{"step": 5, "train/loss": -1.0}\n{"step": 5, "tr')
     capsys.readouterr()
-    train.train_and_evaluate(small_config(6), str(part), data_dir)
+
+    def refit(*args, **kwargs):
+        raise AssertionError("the resumed run fitted the n-gram again")
+
+    monkeypatch.setattr(ngram.NgramModel, "fit", refit)
+    resumed_result = train.train_and_evaluate(small_config(6), str(part), data_dir)
+    err = capsys.readouterr().err
     assert ("train.total_steps is 6, the checkpoint's run had 3: the learning rate now decays over 6 steps (at "
-            "step 3:" in capsys.readouterr().err)
+            "step 3:" in err)
+    # The baseline came from baseline.json, untouched, and is the one the uninterrupted run computed.
+    assert ((part / "baseline.json").read_bytes(), (part / "baseline.json").stat().st_mtime_ns) == cached
+    assert "(from baseline.json)" in err
+    assert resumed_result["eval/ngram_bits_per_token"] == baseline["bits_per_token"]
     rows = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 5, 6]  # each step once
     resumed = _losses(part)
@@ -85,7 +121,11 @@ def test_train_resume_matches_uninterrupted_run(data_dir, tmp_path, capsys, capl
 
 @pytest.mark.slow
 def test_checkpoint_from_another_model_is_refused(data_dir, tmp_path):
-    train.train_and_evaluate(small_config(3), str(tmp_path), data_dir)
+    no_baseline = small_config(3)
+    no_baseline.eval.ngram_max_train_tokens = 0  # turns the n-gram baseline off
+    result = train.train_and_evaluate(no_baseline, str(tmp_path), data_dir)
+    assert not (tmp_path / "baseline.json").exists()
+    assert np.isnan(result["eval/ngram_bits_per_token"]) and np.isnan(result["eval/ngram_order"])
     other = small_config(6)
     other.model.d_model = 48
     with pytest.raises(train.TrainingError,
@@ -118,7 +158,8 @@ def test_checkpoint_from_another_model_is_refused(data_dir, tmp_path):
 @pytest.mark.parametrize("field,value", [("train.total_steps", 0), ("train.total_steps", -5),
                                          ("train.log_every", 0), ("eval.every_steps", 0),
                                          ("checkpoint.every_steps", 0), ("train.microbatches", 0),
-                                         ("train.learning_rate", 0.0)])
+                                         ("train.learning_rate", 0.0), ("eval.ngram_max_train_tokens", -1),
+                                         ("eval.ngram_order", 11)])
 def test_run_loop_settings_out_of_range_are_refused_before_anything_is_written(field, value, tmp_path):
     config = small_config(3)
     section, name = field.split(".")
@@ -141,6 +182,23 @@ def test_non_finite_loss_stops_with_a_kept_checkpoint(data_dir, tmp_path):
     # What was kept is really good: every parameter and optimizer moment is finite.
     state = ocp.StandardCheckpointer().restore(kept[-1] / "state")
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
+
+
+def test_global_eval_batches_laid_out_by_one_process_are_the_processes_rows(data_dir):
+    # The trainer scores the n-gram baseline on process 0 with the eval windows laid out for the whole global
+    # batch (process_count=1): row for row the global batches the processes' rows make up together.
+    vocab, source = datasets.load_vocab(data_dir, "directory"), datasets.data_source(data_dir, "directory", "train")
+    stats = {"token_counts": datasets.token_counts(data_dir, "directory", "train"),
+             "prefix_lengths": datasets.prefix_lengths(data_dir, "directory", "train")}
+    single = list(input_pipeline.make_eval_batches(source, vocab, 64, 4, max_windows=10, process_index=0,
+                                                   process_count=1, **stats))
+    rows = [list(input_pipeline.make_eval_batches(source, vocab, 64, 2, max_windows=10, process_index=p,
+                                                  process_count=2, **stats)) for p in (0, 1)]
+    assert len(single) == len(rows[0]) == len(rows[1]) == 3  # 10 windows and 2 empty rows
+    for k, batch in enumerate(single):
+        for key in input_pipeline.BATCH_KEYS:
+            np.testing.assert_array_equal(batch[key], np.concatenate([rows[0][k][key], rows[1][k][key]]))
+    assert single[-1]["loss_mask"][2:].sum() == 0 and single[-1]["loss_mask"][:2].sum() > 0
 
 
 def test_a_batch_that_does_not_divide_over_the_batch_shards(monkeypatch):
