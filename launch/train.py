@@ -77,8 +77,11 @@ def main(argv):
         print(f"preempted: stopped after step {result['step']} with a checkpoint in {_WORKDIR.value}; rerun the "
               "same command to resume", flush=True)
         return
+    ngram, order = result.get("eval/ngram_bits_per_token"), result.get("eval/ngram_order")
+    ngram_text = "" if ngram is None or ngram != ngram else f", {int(order)}-gram baseline {ngram:.3f}"  # NaN: none
     print(f"done: step {result['step']}, validation {result['eval/bits_per_token']:.3f} bits/token "
-          f"(unigram baseline {result['eval/unigram_bits_per_token']:.3f}); checkpoints in {_WORKDIR.value}")
+          f"(unigram baseline {result['eval/unigram_bits_per_token']:.3f}{ngram_text}); checkpoints in "
+          f"{_WORKDIR.value}")
 
 
 def parse_flags(argv: list[str]) -> list[str]:

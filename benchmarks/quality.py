@@ -1,0 +1,205 @@
+r"""Model quality on held-out music beside honest baselines, and the music statistics of generated pieces.
+
+    python -m benchmarks.quality --workdir=runs/main_job/tiny --data_dir=runs/main_job/data --out=DIR
+    python -m benchmarks.quality --model=runs/main_job/export --data_dir=runs/main_job/data --out=DIR
+
+Part 1, prediction, by `musenet-eval` (its JSON is kept as DIR/eval.json). Every body token of the `--split`
+(default test) pieces is scored once by the model, by a unigram and by the best interpolated Kneser-Ney
+n-gram (orders 1..5, chosen on the validation split, fitted on the train split), all three on the same windows
+and tokens. Rows: bits/token and velocity-free bits/s, and the model's ratio to the n-gram.
+
+Part 2, generation. `--num_pieces` pieces of `--seconds` (seeds 0..N-1, cycling through `PROGRAMS`: label and
+instrument sets, one with drums) with the sampler's defaults (structured decoding, the note-length guard) at
+`--temperature`. Their music statistics (`data_pipeline.music_stats`) stand beside the split's per-piece
+10th..90th percentile range. The checks (each True / False in the JSON):
+  - no pitched note longer than the guard (`max_note_seconds`);
+  - notes longer than 4 s: at most 1% of the generated pitched notes;
+  - the median over pieces of their median polyphony at onsets, and of their notes/s, inside the split's
+    per-piece p10..p90;
+  - the median over pieces of their pitch-class entropy at most the split's per-piece p90.
+The pieces are written to DIR/pieces/ as MIDI and piano-roll PNG, to look at and listen to.
+
+Writes DIR/quality.json: {"model", "step", "split", "prediction": {"model", "unigram", "ngram": {..., "order"}},
+"ratios", "generation": {"settings", "pieces": [{"seed", "label", "instruments", "stats"}], "pooled", "comparison",
+"reference_percentiles"}, "checks", "seconds_taken"}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+from absl import flags
+
+from launch import cli
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "musenet-train workdir (newest checkpoint).")
+_MODEL = flags.DEFINE_string("model", None, "Export directory (musenet-export).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Built dataset the model was trained on (required).")
+_DATASET = flags.DEFINE_string("dataset", "default", "Dataset config name.")
+_SPLIT = flags.DEFINE_string("split", "test", "Held-out split to score and to compare statistics with.")
+_NUM_PIECES = flags.DEFINE_integer("num_pieces", 8, "Pieces to generate (seeds 0..N-1).")
+_SECONDS = flags.DEFINE_float("seconds", 30.0, "Length of each generated piece.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.9, "Sampling temperature of the generated pieces.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Windows per forward when scoring.")
+_OUT = flags.DEFINE_string("out", None, "Output folder: quality.json and pieces/ (required).")
+
+# (label, instruments) per generated piece, cycled: conditions the bundled corpus has (a model is judged on what it
+# was shown; bach is chorales on piano, the quartets' strings map to violin and cello), one set with drums.
+PROGRAMS = (
+    ("bach", ("piano",)),
+    ("freedoom", ("piano", "violin", "bass", "guitar", "flute", "drums")),
+    ("beethoven", ("violin", "cello")),
+    ("mozart", ("violin",)),
+    ("bach", ("piano",)),
+    ("freedoom", ("violin", "bass", "guitar", "drums")),
+    ("haydn", ("violin",)),
+    ("beethoven", ("violin", "cello")),
+)
+LONG_NOTE_SHARE_MAX = 0.01
+
+
+def _load():
+    from musenet_jax import export
+
+    if _WORKDIR.value:
+        model, vocab, step = export.load_checkpoint(_WORKDIR.value)
+        return model, vocab, step, _WORKDIR.value
+    meta, _, _ = export.read_export_config(_MODEL.value)
+    model, vocab = export.load_export(_MODEL.value)
+    return model, vocab, int(meta["step"]), _MODEL.value
+
+
+def prediction(out_dir: str) -> dict:
+    """Model, unigram and best n-gram total metrics on the split (module doc, part 1), by musenet-eval itself,
+    so that these numbers are the ones a user gets from it."""
+    path = os.path.join(out_dir, "eval.json")
+    source = ["--workdir", _WORKDIR.value] if _WORKDIR.value else ["--model", _MODEL.value]
+    res = subprocess.run([sys.executable, "-m", "launch.evaluate", *source, "--split", _SPLIT.value, "--data_dir",
+                          _DATA_DIR.value, "--dataset", _DATASET.value, f"--batch_size={_BATCH_SIZE.value}",
+                          "--out", path], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if res.returncode:
+        raise ValueError(f"musenet-eval failed: {(res.stderr.strip().splitlines() or ['?'])[-1]}")
+    report = json.loads(open(path).read())
+    if not report.get("baselines"):
+        raise ValueError("musenet-eval computed no baselines")
+    return {"model": report["total"], **report["baselines"]}
+
+
+def generation(model, vocab, out_dir: str) -> tuple[dict, list[dict]]:
+    """Generated pieces' statistics and the split's per-piece statistics (module doc, part 2)."""
+    from data_pipeline import datasets, encoding, music_stats, rendering
+    from musenet_jax import sampling
+
+    source = datasets.data_source(_DATA_DIR.value, _DATASET.value, _SPLIT.value)
+    reference = []
+    for i in range(len(source)):
+        notes, duration = encoding.decode_tokens(np.asarray(source[i]["tokens"]), vocab)
+        reference.append(music_stats.piece_stats(notes, vocab, duration))
+    os.makedirs(os.path.join(out_dir, "pieces"), exist_ok=True)
+    rows, measured = [], []
+    settings = {"seconds": _SECONDS.value, "temperature": _TEMPERATURE.value,
+                "max_note_seconds": sampling.DEFAULT_MAX_NOTE_SECONDS}
+    for seed in range(_NUM_PIECES.value):
+        label, instruments = PROGRAMS[seed % len(PROGRAMS)]
+        label = label if label in vocab.config.labels else None
+        instruments = [name for name in instruments if name in vocab.instruments.names]
+        piece, = sampling.generate(model, vocab, label=label, instruments=instruments, seconds=_SECONDS.value,
+                                   sampling=sampling.SamplingConfig(temperature=_TEMPERATURE.value), seed=seed)
+        notes, duration = encoding.decode_tokens(piece.tokens[piece.prefix_len:], vocab)
+        name = f"{seed:02d}-{label or 'none'}-{'-'.join(instruments)}"
+        encoding.notes_to_midi(notes, vocab, os.path.join(out_dir, "pieces", name + ".mid"), duration_units=duration)
+        rendering.piano_roll(notes, vocab, os.path.join(out_dir, "pieces", name + ".png"), title=name)
+        stats = music_stats.piece_stats(notes, vocab, duration)
+        rows.append({"seed": seed, "label": label, "instruments": instruments, "ended": piece.ended,
+                     "stats": stats})
+        measured.append((notes, duration))
+        print(f"generated {name}: {stats['notes']} notes, {piece.seconds:.1f} s", flush=True)
+    pooled = music_stats.pooled_stats(measured, vocab)
+    generated = [r["stats"] for r in rows]
+    result = {"settings": settings, "pieces": rows, "pooled": pooled,
+              "comparison": music_stats.compare(generated, reference, pooled),
+              "reference_percentiles": music_stats.percentile_ranges(reference)}
+    return result, reference
+
+
+def checks(gen: dict, reference: list[dict]) -> dict:
+    """The module doc's pass / fail checks."""
+    from data_pipeline import music_stats
+
+    pieces = [r["stats"] for r in gen["pieces"]]
+    ranges = music_stats.percentile_ranges(reference)
+
+    def median(key):
+        values = [p[key] for p in pieces if p[key] is not None]
+        return float(np.median(values)) if values else None
+
+    def within(key):
+        value, lo, hi = median(key), ranges["p10"].get(key), ranges["p90"].get(key)
+        return value is not None and lo is not None and lo <= value <= hi
+
+    guard = gen["settings"]["max_note_seconds"]
+    longest = max((p["max_duration_s"] or 0.0) for p in pieces)
+    pec = median("pitch_class_entropy")
+    return {
+        "no_note_longer_than_guard": bool(not guard or longest <= guard + 1e-9),
+        "long_notes_at_most_1_percent": bool((gen["pooled"]["long_note_share"] or 0.0) <= LONG_NOTE_SHARE_MAX),
+        "median_polyphony_in_range": within("polyphony_median"),
+        "notes_per_second_in_range": within("notes_per_second"),
+        "pitch_class_entropy_at_most_p90": bool(pec is not None and pec <= ranges["p90"]["pitch_class_entropy"]),
+    }
+
+
+def _table(pred: dict) -> str:
+    lines = [f"{'':<16}{'bits/token':>11}{'bits/s':>9}{'bits/s (no vel)':>17}"]
+    for name in ("model", "unigram", "ngram"):
+        m = pred[name]
+        title = f"{name} ({m['order']})" if name == "ngram" else name
+        lines.append(f"{title:<16}{m['bits_per_token']:>11.3f}{m['bits_per_second']:>9.1f}"
+                     f"{m['bits_per_second_no_velocity']:>17.1f}")
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if bool(_WORKDIR.value) == bool(_MODEL.value):
+        raise cli.UsageError("give exactly one of --workdir or --model")
+    if not _DATA_DIR.value or not _OUT.value:
+        raise cli.UsageError("--data_dir and --out are required")
+    for flag, low in ((_NUM_PIECES, 1), (_BATCH_SIZE, 1)):
+        if flag.value < low:
+            raise cli.UsageError(f"--{flag.name} must be >= {low}, got {flag.value}")
+    if not _SECONDS.value > 0 or not _TEMPERATURE.value > 0:
+        raise cli.UsageError("--seconds and --temperature must be > 0")
+    cli.prepare_output_dir(_OUT.value)
+    from data_pipeline import music_stats
+
+    t0 = time.perf_counter()
+    model, vocab, step, where = _load()
+    pred = prediction(_OUT.value)
+    ratios = {k: pred["model"][k] / pred["ngram"][k] for k in ("bits_per_token", "bits_per_second_no_velocity")}
+    print(f"\n{_SPLIT.value} split, same tokens for every row:\n{_table(pred)}")
+    print(f"model / best n-gram: {ratios['bits_per_token']:.3f} bits/token, "
+          f"{ratios['bits_per_second_no_velocity']:.3f} velocity-free bits/s")
+    gen, reference = generation(model, vocab, _OUT.value)
+    print(f"\n{_NUM_PIECES.value} generated pieces vs the {_SPLIT.value} split's per-piece p10..p90:")
+    print(music_stats.format_comparison(gen["comparison"]))
+    result_checks = checks(gen, reference)
+    result_checks["model_10_percent_below_ngram"] = bool(max(ratios.values()) <= 0.9)
+    for name, ok in result_checks.items():
+        print(f"{'PASS' if ok else 'FAIL'}  {name}")
+    report = {"model": where, "step": step, "split": _SPLIT.value, "prediction": pred, "ratios": ratios,
+              "generation": gen, "checks": result_checks, "seconds_taken": time.perf_counter() - t0}
+    path = os.path.join(_OUT.value, "quality.json")
+    cli.write_atomic(path, json.dumps(report, indent=1) + "\n")
+    print(f"wrote {path} and {_OUT.value}/pieces/")
+
+
+if __name__ == "__main__":
+    cli.run(main)
