@@ -258,7 +258,8 @@ def test_model_kernels_run_per_shard_under_a_mesh(impl, monkeypatch):
     # partition: under a (data, fsdp, tensor) mesh the model runs them per batch and head shard (shard_map
     # in model.Attention). Values and gradients equal the single-device run.
     config = model_lib.ModelConfig.from_config_dict(
-        tiny.get_config().model, vocab_size=53, d_model=24, num_heads=4, head_dim=6, mlp_dim=29, num_layers=2,
+        tiny.get_config().model, token_embedding="table", vocab_size=53,
+        d_model=24, num_heads=4, head_dim=6, mlp_dim=29, num_layers=2,
         attention_stride=5, max_len=31, vocab_multiple=1, attention_impl=impl)
     layer = model_lib.Attention(config, "both", rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(layer)
@@ -301,7 +302,8 @@ def test_model_pallas_attention_lowers_per_shard(backend, capability, platform, 
     monkeypatch.setattr(jax, "default_backend", lambda: backend)  # The kernels pick their target from these.
     monkeypatch.setattr(bsa, "_gpu_compute_capability", lambda: capability)
     config = model_lib.ModelConfig.from_config_dict(
-        tiny.get_config().model, vocab_size=53, d_model=128, num_heads=4, head_dim=64, mlp_dim=29, num_layers=2,
+        tiny.get_config().model, token_embedding="table", vocab_size=53,
+        d_model=128, num_heads=4, head_dim=64, mlp_dim=29, num_layers=2,
         attention_stride=16, max_len=256, vocab_multiple=1, attention_impl="pallas", dtype="bfloat16",
         pallas_lowering=lowering)
     graphdef, params = nnx.split(model_lib.Attention(config, "both", rngs=nnx.Rngs(0)))
@@ -325,7 +327,8 @@ def test_model_pallas_attention_lowers_per_shard(backend, capability, platform, 
 @pytest.mark.parametrize("lowering, want", [("auto", None), ("gpu", "gpu")])
 def test_model_passes_its_pallas_lowering_to_the_kernel(lowering, want, monkeypatch):
     config = model_lib.ModelConfig.from_config_dict(
-        tiny.get_config().model, vocab_size=53, d_model=24, num_heads=4, head_dim=6, mlp_dim=29, num_layers=2,
+        tiny.get_config().model, token_embedding="table", vocab_size=53,
+        d_model=24, num_heads=4, head_dim=6, mlp_dim=29, num_layers=2,
         attention_stride=5, max_len=31, vocab_multiple=1, attention_impl="pallas", pallas_lowering=lowering)
     seen = []
     kernel = pallas_kernels.sparse_attention

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from configs import tiny
+from data_pipeline.vocab import Vocab, VocabConfig
 from musenet_jax import model as model_lib
 from musenet_jax import optim, train
 from musenet_jax import sharding as sharding_lib
@@ -40,10 +41,13 @@ def _batch(vocab_size: int, b: int = 8, t: int = 31):
 
 
 def _step_config():
+    """tiny's model and schedule (its factored token embedding included) at small, odd sizes: a vocabulary of
+    3 velocity bins, 7 pitches, 5 waits and 1 label (655 ids in 303 part rows)."""
     config = tiny.get_config()
+    vocab = Vocab(VocabConfig(labels=("bach",), velocity_bins=3, pitch_min=60, pitch_max=66, max_wait=5))
     model_config = model_lib.ModelConfig.from_config_dict(
-        config.model, vocab_size=53, d_model=24, num_heads=4, head_dim=6, mlp_dim=29, num_layers=3,
-        attention_stride=5, max_len=31, vocab_multiple=1)
+        config.model, **model_lib.vocab_fields(vocab), d_model=24, num_heads=4, head_dim=6, mlp_dim=29,
+        num_layers=3, attention_stride=5, max_len=31, vocab_multiple=1)
     return model_config, config.train
 
 
