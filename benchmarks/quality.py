@@ -44,7 +44,7 @@ _DATASET = flags.DEFINE_string("dataset", "default", "Dataset config name.")
 _SPLIT = flags.DEFINE_string("split", "test", "Held-out split to score and to compare statistics with.")
 _NUM_PIECES = flags.DEFINE_integer("num_pieces", 8, "Pieces to generate (seeds 0..N-1).")
 _SECONDS = flags.DEFINE_float("seconds", 30.0, "Length of each generated piece.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.9, "Sampling temperature of the generated pieces.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sampling temperature of the generated pieces (the main job's).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Windows per forward when scoring.")
 _OUT = flags.DEFINE_string("out", None, "Output folder: quality.json and pieces/ (required).")
 

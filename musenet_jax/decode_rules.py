@@ -231,4 +231,15 @@ def constrain(logits: jax.Array, state: SoundingState, last_token: jax.Array, ti
     mask = limits.allowed[None, :] & (((code & need) != 0) | (is_wait & (wait <= wait_room) & waits_open[:, None]))
     mask = jnp.where(jnp.arange(kind.shape[0])[None, :] == END, end_ok, mask)
     logits = jnp.where(redirect & is_wait & (wait == wait_room), rest, logits)
+
+    # Releases keep their mass. A model that wants to release a note but cannot tell which (its note-on may be
+    # long ago or outside its window) spreads that probability over many keys, most of them silent. Masked and
+    # renormalised, it went to the attacks and waits, so notes were left sounding and the texture thickened
+    # (the bundled quartets: polyphony at onsets 12-20 where the music has 4); it goes to the releases the
+    # rules allow, in proportion to their own probability.
+    release = (kind == TokenKind.NOTE_OFF)[None, :]
+    may_release = mask & release & ~stop
+    wanted = jax.nn.logsumexp(jnp.where(limits.allowed[None, :] & release, logits, -jnp.inf), axis=-1, keepdims=True)
+    allowed = jax.nn.logsumexp(jnp.where(may_release, logits, -jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(may_release, logits + jnp.where(jnp.isfinite(allowed), wanted - allowed, 0.0), logits)
     return jnp.where(mask, logits, -jnp.inf)

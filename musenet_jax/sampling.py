@@ -63,6 +63,10 @@ hits: the drums class, after every pitched instrument, and the drum note):
   are allowed, in key order (the lowest first), so each ends exactly at M. (A primer note already longer than
   M that the primer's last step can no longer release is released one unit later.) No note the sampler
   attacks sounds longer than M, not even one that the token cap leaves sounding;
+- releases keep their mass: the probability the model gives to releasing keys that the rules forbid (mostly
+  silent keys: a model unsure which note to end spreads its release over many) goes to the releases that are
+  allowed, in proportion to theirs, instead of to every allowed token (the attacks and waits, which left
+  notes sounding and thickened the texture);
 - ending: END is allowed only from timing >= D - tolerance, with tolerance = min(`END_TOLERANCE_MS`, 10% of
   the target) so short pieces keep a window too, and only when no pitched key sounds (every note is released
   before END, as in the training data). Once timing reaches D, only the release of the lowest sounding key is

@@ -249,6 +249,22 @@ def test_a_closing_rest_stays_a_rest(vocab):
         assert len(tokens) - last_wait - 1 == 1  # only END after the closing rest
 
 
+def test_release_mass_goes_to_the_sounding_notes(vocab):
+    # A model sure that a note ends now but wrong about which: all its mass on releasing a silent key (C3), none
+    # on the piano E4 the primer leaves sounding. The rules forbid the C3 release; its mass goes to the allowed
+    # release, so E4 ends right away. (Masked and renormalised instead, E4's release would be one of ~100
+    # equally likely tokens, and a wait, an attack or another one would come first in most rows.)
+    piano = vocab.instruments.index("piano")
+    logits = np.zeros(vocab.size, np.float32)
+    logits[vocab.note_off(piano, 48)] = 30.0
+    primer = np.array([vocab.note_on(piano, 1, 64), vocab.wait(4)], np.int32)
+    out = sampling.decode_arrays(FixedLogits(vocab, MAX_LEN, logits), vocab, label="bach",
+                                 instruments=["piano", "violin"], seconds=SECONDS, primer=primer, num_samples=BATCH,
+                                 seed=0)
+    for row in range(BATCH):
+        assert out.tokens[row, out.prefix_len + len(primer)] == vocab.note_off(piano, 64)
+
+
 def test_token_cap_stops_a_piece_without_end(short_model, vocab):
     cap = SHORT_CAP - 10  # the same buffer size: no new compilation
     out = sampling.decode_arrays(short_model, vocab, label="bach", instruments=["piano"], seconds=100.0,
