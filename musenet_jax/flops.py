@@ -37,8 +37,8 @@ def train_flops_per_token(config: model_lib.ModelConfig, seq_len: int) -> float:
     query-key pair (QK^T and AV, forward 4, backward 8), plus the logits projection."""
     d, f, h = config.d_model, config.mlp_dim, config.num_heads * config.head_dim
     per_layer = 4 * d * h + 2 * d * f  # q, k, v, out projections and the two MLP matrices
-    # Logits use the padded table, or the factored part table (plus its zero row).
-    head_rows = (model_lib.token_parts(config.token_layout)[2] + 1 if config.token_embedding == "factored"
+    # Logits use the padded table, or the factored part table (`MuseNet._logits`, `token_nll`).
+    head_rows = (model_lib.token_parts(config.token_layout)[2] if config.token_embedding == "factored"
                  else config.padded_vocab_size)
     matmul_params = config.num_layers * per_layer + d * head_rows
     attention = 12 * config.head_dim * attention_pairs(config, seq_len) / seq_len

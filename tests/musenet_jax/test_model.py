@@ -623,3 +623,15 @@ def test_bad_factored_config_is_rejected(overrides, message):
     values.update(overrides)
     with pytest.raises(ValueError, match=message):
         make_config(**values)
+
+
+def test_factored_head_flops_count_the_part_rows():
+    from musenet_jax import flops
+
+    vocab = _factored_vocab()
+    table = make_config(vocab_size=vocab.size)
+    factored = make_config(vocab_size=vocab.size, token_embedding="factored", token_layout=vocab.layout())
+    rows = model_lib.token_parts(vocab.layout())[2]
+    # 6 FLOPs (forward + backward) per head weight per token; everything else is the same model.
+    difference = flops.train_flops_per_token(table, T) - flops.train_flops_per_token(factored, T)
+    assert difference == pytest.approx(6 * D * (table.padded_vocab_size - rows))
