@@ -10,7 +10,7 @@ and tokens. Rows: bits/token and velocity-free bits/s, and the model's ratio to 
 
 Part 2, generation. `--num_pieces` pieces of `--seconds` (seeds 0..N-1, cycling through `PROGRAMS`: label and
 instrument sets, one with drums) with the sampler's defaults (structured decoding, the note-length guard) at
-`--temperature`. Their music statistics (`data_pipeline.music_stats`) stand beside the split's per-piece
+`--temperature` and `--top_p`. Their music statistics (`data_pipeline.music_stats`) stand beside the split's per-piece
 10th..90th percentile range. The checks (each True / False in the JSON):
   - no pitched note longer than the guard (`max_note_seconds`);
   - notes longer than 4 s: at most 1% of the generated pitched notes;
@@ -45,6 +45,7 @@ _SPLIT = flags.DEFINE_string("split", "test", "Held-out split to score and to co
 _NUM_PIECES = flags.DEFINE_integer("num_pieces", 8, "Pieces to generate (seeds 0..N-1).")
 _SECONDS = flags.DEFINE_float("seconds", 30.0, "Length of each generated piece.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sampling temperature of the generated pieces (the main job's).")
+_TOP_P = flags.DEFINE_float("top_p", 0.9, "Nucleus sampling mass of the generated pieces (the main job's).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Windows per forward when scoring.")
 _OUT = flags.DEFINE_string("out", None, "Output folder: quality.json and pieces/ (required).")
 
@@ -103,14 +104,15 @@ def generation(model, vocab, out_dir: str) -> tuple[dict, list[dict]]:
         reference.append(music_stats.piece_stats(notes, vocab, duration))
     os.makedirs(os.path.join(out_dir, "pieces"), exist_ok=True)
     rows, measured = [], []
-    settings = {"seconds": _SECONDS.value, "temperature": _TEMPERATURE.value,
+    settings = {"seconds": _SECONDS.value, "temperature": _TEMPERATURE.value, "top_p": _TOP_P.value,
                 "max_note_seconds": sampling.DEFAULT_MAX_NOTE_SECONDS}
     for seed in range(_NUM_PIECES.value):
         label, instruments = PROGRAMS[seed % len(PROGRAMS)]
         label = label if label in vocab.config.labels else None
         instruments = [name for name in instruments if name in vocab.instruments.names]
         piece, = sampling.generate(model, vocab, label=label, instruments=instruments, seconds=_SECONDS.value,
-                                   sampling=sampling.SamplingConfig(temperature=_TEMPERATURE.value), seed=seed)
+                                   sampling=sampling.SamplingConfig(temperature=_TEMPERATURE.value, top_p=_TOP_P.value),
+                                   seed=seed)
         notes, duration = encoding.decode_tokens(piece.tokens[piece.prefix_len:], vocab)
         name = f"{seed:02d}-{label or 'none'}-{'-'.join(instruments)}"
         encoding.notes_to_midi(notes, vocab, os.path.join(out_dir, "pieces", name + ".mid"), duration_units=duration)
@@ -177,6 +179,8 @@ def main(argv):
             raise cli.UsageError(f"--{flag.name} must be >= {low}, got {flag.value}")
     if not _SECONDS.value > 0 or not _TEMPERATURE.value > 0:
         raise cli.UsageError("--seconds and --temperature must be > 0")
+    if not 0 < _TOP_P.value <= 1:
+        raise cli.UsageError(f"--top_p must be in (0, 1], got {_TOP_P.value}")
     cli.prepare_output_dir(_OUT.value)
     from data_pipeline import music_stats
 
