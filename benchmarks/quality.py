@@ -17,11 +17,13 @@ instrument sets, one with drums) with the sampler's defaults (structured decodin
   - the median over pieces of their median polyphony at onsets, and of their notes/s, inside the split's
     per-piece p10..p90;
   - the median over pieces of their pitch-class entropy at most the split's per-piece p90.
+Beside the checks, each piece against the train split's pieces of its own label (`by_label`: notes/s and
+median polyphony p10..p90), since the held-out split holds too few pieces of most styles to give a range.
 The pieces are written to DIR/pieces/ as MIDI and piano-roll PNG, to look at and listen to.
 
 Writes DIR/quality.json: {"model", "step", "split", "prediction": {"model", "unigram", "ngram": {..., "order"}},
 "ratios", "generation": {"settings", "pieces": [{"seed", "label", "instruments", "stats"}], "pooled", "comparison",
-"reference_percentiles"}, "checks", "seconds_taken"}.
+"reference_percentiles", "by_label"}, "checks", "seconds_taken"}.
 """
 
 from __future__ import annotations
@@ -126,8 +128,35 @@ def generation(model, vocab, out_dir: str) -> tuple[dict, list[dict]]:
     generated = [r["stats"] for r in rows]
     result = {"settings": settings, "pieces": rows, "pooled": pooled,
               "comparison": music_stats.compare(generated, reference, pooled),
-              "reference_percentiles": music_stats.percentile_ranges(reference)}
+              "reference_percentiles": music_stats.percentile_ranges(reference),
+              "by_label": by_label(rows, vocab)}
     return result, reference
+
+
+def by_label(rows: list[dict], vocab) -> dict:
+    """Each generated piece beside the train split's pieces of its own label (p10..p90 of notes/s and median
+    polyphony): the like-for-like view, where the held-out split holds too few pieces of most styles."""
+    from data_pipeline import datasets, encoding, music_stats
+
+    source = datasets.data_source(_DATA_DIR.value, _DATASET.value, "train")
+    stats: dict[str, list[dict]] = {}
+    for i in range(len(source)):
+        record = source[i]
+        label = record["label"].decode() if isinstance(record["label"], bytes) else str(record["label"])
+        notes, duration = encoding.decode_tokens(np.asarray(record["tokens"]), vocab)
+        stats.setdefault(label, []).append(music_stats.piece_stats(notes, vocab, duration))
+    out = {}
+    for row in rows:
+        real = stats.get(row["label"] or "", [])
+        ranges = music_stats.percentile_ranges(real) if real else None
+        entry = {"train_pieces": len(real)}
+        for key in ("notes_per_second", "polyphony_median"):
+            value = row["stats"][key]
+            lo, hi = (ranges["p10"].get(key), ranges["p90"].get(key)) if ranges else (None, None)
+            entry[key] = {"value": value, "p10": lo, "p90": hi,
+                          "inside": None if lo is None or value is None else bool(lo <= value <= hi)}
+        out[f"{row['seed']:02d}-{row['label'] or 'none'}"] = entry
+    return out
 
 
 def checks(gen: dict, reference: list[dict]) -> dict:
@@ -194,6 +223,15 @@ def main(argv):
     gen, reference = generation(model, vocab, _OUT.value)
     print(f"\n{_NUM_PIECES.value} generated pieces vs the {_SPLIT.value} split's per-piece p10..p90:")
     print(music_stats.format_comparison(gen["comparison"]))
+    print("\neach piece vs the train split's pieces of its label (p10..p90):")
+    fmt = music_stats.format_value
+    for name, entry in gen["by_label"].items():
+        cells = []
+        for key in ("notes_per_second", "polyphony_median"):
+            e = entry[key]
+            verdict = "-" if e["inside"] is None else "yes" if e["inside"] else "NO"
+            cells.append(f"{key} {fmt(e['value'], '.3g')} in {fmt(e['p10'], '.3g')}..{fmt(e['p90'], '.3g')}: {verdict}")
+        print(f"  {name:<16} ({entry['train_pieces']} pieces)  " + "; ".join(cells))
     result_checks = checks(gen, reference)
     result_checks["model_10_percent_below_ngram"] = bool(max(ratios.values()) <= 0.9)
     for name, ok in result_checks.items():

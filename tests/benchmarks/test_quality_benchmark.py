@@ -36,6 +36,13 @@ def test_small_run_writes_prediction_generation_and_checks(tmp_path, trained_run
         assert stats["seconds"] <= 2.0 + 0.1 + 1e-9  # a last drum hit may ring its written 0.1 s past the end
         guard = report["generation"]["settings"]["max_note_seconds"]
         assert stats["max_duration_s"] is None or stats["max_duration_s"] <= guard
+    # Each piece beside the train split's pieces of its label (the fixture's labels: freedoom, classical).
+    by_label = report["generation"]["by_label"]
+    assert sorted(by_label) == ["00-none", "01-freedoom"]  # seed 0 asks for bach: not a label here
+    assert by_label["00-none"]["train_pieces"] == 0 and by_label["00-none"]["notes_per_second"]["inside"] is None
+    freedoom = by_label["01-freedoom"]["notes_per_second"]
+    assert by_label["01-freedoom"]["train_pieces"] > 0 and freedoom["p10"] <= freedoom["p90"]
+    assert freedoom["inside"] == (freedoom["p10"] <= freedoom["value"] <= freedoom["p90"])
     checks = report["checks"]
     assert set(checks) == {"no_note_longer_than_guard", "long_notes_at_most_1_percent", "median_polyphony_in_range",
                            "notes_per_second_in_range", "pitch_class_entropy_at_most_p90",
