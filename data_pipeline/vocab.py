@@ -409,6 +409,13 @@ class Vocab:
         return f"Vocab(size={self.size}, {self.config})"
 
 
+def part_blocks(layout: Sequence[int]) -> tuple[int, ...]:
+    """Row counts of the part table's blocks, in `token_parts` order: whole tokens, waits, note-on keys, note-on
+    loudness, note-off keys, drum keys, drum loudness."""
+    w, i, v, p, n_labels = (int(x) for x in layout)
+    return (3 + i + 1 + n_labels, w, i * p, i * v, i * p, NUM_DRUM_NOTES, v)
+
+
 def token_parts(layout: Sequence[int]) -> tuple[np.ndarray, np.ndarray, int]:
     """Each id as the sum of at most two rows of a shared part table, for the factored token embedding.
 
@@ -432,13 +439,7 @@ def token_parts(layout: Sequence[int]) -> tuple[np.ndarray, np.ndarray, int]:
       (first int32[size], second int32[size], R) for a vocabulary of `size` ids.
     """
     w, i, v, p, n_labels = (int(x) for x in layout)
-    whole = 3 + i + 1 + n_labels
-    wait_row, on_key_row = whole, whole + w
-    on_vel_row = on_key_row + i * p
-    off_key_row = on_vel_row + i * v
-    drum_key_row = off_key_row + i * p
-    drum_vel_row = drum_key_row + NUM_DRUM_NOTES
-    rows = drum_vel_row + v
+    wait_row, on_key_row, on_vel_row, off_key_row, drum_key_row, drum_vel_row, rows = np.cumsum(part_blocks(layout))
     none = rows
     inst, vel, pitch = np.meshgrid(np.arange(i), np.arange(v), np.arange(p), indexing="ij")  # note-on id order
     drum_vel, drum_key = np.meshgrid(np.arange(v), np.arange(NUM_DRUM_NOTES), indexing="ij")  # drum id order

@@ -105,14 +105,17 @@ def token_parts(layout: tuple[int, ...]):
     return vocab_lib.token_parts(tuple(layout))
 
 
+def _part_blocks(scores: jax.Array, layout: tuple[int, ...]) -> list[jax.Array]:
+    """Part scores [..., R] split into `data_pipeline.vocab.part_blocks`' seven blocks."""
+    return jnp.split(scores, np.cumsum(vocab_lib.part_blocks(layout))[:-1], axis=-1)
+
+
 def factored_logits(scores: jax.Array, layout: tuple[int, ...]) -> jax.Array:
     """Logits [..., V] from part scores [..., R] (`token_parts` row order): logits[id] = the sum of the scores
     of its parts. Laid out block by block with slices and broadcast adds rather than two gathers over V: on
     XLA:CPU the gathers' backward (a scatter-add into [..., R]) made a training step 4x slower."""
-    w, i, v, p, n_labels = layout
-    whole = 3 + i + 1 + n_labels
-    cut = np.cumsum([whole, w, i * p, i * v, i * p, vocab_lib.NUM_DRUM_NOTES, v])
-    rows, waits, on_key, on_vel, off_key, drum_key, drum_vel = jnp.split(scores, cut[:-1], axis=-1)
+    _, i, v, p, _ = layout
+    rows, waits, on_key, on_vel, off_key, drum_key, drum_vel = _part_blocks(scores, layout)
     lead = scores.shape[:-1]
     on = on_key.reshape(*lead, i, 1, p) + on_vel.reshape(*lead, i, v, 1)  # note-on ids: instrument, velocity, pitch
     drums = drum_vel[..., :, None] + drum_key[..., None, :]  # drum ids: velocity, note
@@ -124,10 +127,8 @@ def factored_log_z(scores: jax.Array, layout: tuple[int, ...]) -> jax.Array:
     """logsumexp over all V ids of `factored_logits(scores, layout)`, float32[...], in O(R) per position: the
     note-on block sums over instruments of LSE_pitch(key) + LSE_velocity(loudness), the drum block
     LSE_velocity + LSE_note, so the [..., V] logits are never formed."""
-    w, i, v, p, n_labels = layout
-    whole = 3 + i + 1 + n_labels
-    cut = np.cumsum([whole, w, i * p, i * v, i * p, vocab_lib.NUM_DRUM_NOTES, v])
-    rows, waits, on_key, on_vel, off_key, drum_key, drum_vel = jnp.split(scores, cut[:-1], axis=-1)
+    _, i, v, p, _ = layout
+    rows, waits, on_key, on_vel, off_key, drum_key, drum_vel = _part_blocks(scores, layout)
     lead = scores.shape[:-1]
     lse = jax.nn.logsumexp
     on = lse(on_key.reshape(*lead, i, p), axis=-1) + lse(on_vel.reshape(*lead, i, v), axis=-1)  # [..., I]
