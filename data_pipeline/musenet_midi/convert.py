@@ -33,13 +33,16 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import multiprocessing
 import os
 import pickle
+import signal
 import struct
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -268,6 +271,36 @@ class ConversionError(RuntimeError):
     """Conversion cannot go on (worker processes die even on single files)."""
 
 
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Holds Ctrl-C / SIGTERM until the block ends, then delivers them as they would have been.
+
+    The pool spawns a worker inside `submit` and writes the worker's start-up data to a pipe there;
+    an interrupt raised half-way through that write leaves the worker reading a cut pickle, and it
+    prints an `EOFError` traceback before any code of ours runs in it.
+    """
+    if threading.current_thread() is not threading.main_thread():  # handlers live on the main thread
+        yield
+        return
+    held = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # Ignored signals stay ignored; a handler installed outside Python (None) cannot be put back.
+    previous = {sig: h for sig, h in previous.items() if h is not None and h != signal.SIG_IGN}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: held.append((signum, frame)))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum, frame in held[:1]:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
+
+
 class _Workers:
     """A spawn-started process pool that is rebuilt when a worker dies.
 
@@ -301,7 +334,8 @@ class _Workers:
 
     def submit(self, batch):
         self._restart_if_broken()
-        return self.pool.submit(self.fn, batch, *self.args)
+        with _interrupts_deferred():
+            return self.pool.submit(self.fn, batch, *self.args)
 
     def result(self, future, batch) -> list:
         try:

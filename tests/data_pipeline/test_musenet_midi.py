@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import shutil
+import signal
 import tarfile
 import zipfile
 
@@ -438,6 +439,29 @@ def test_a_file_that_kills_its_worker_costs_that_file_only():
         assert workers.result(workers.submit(later), later) == [("ok", "c.mid")]
     finally:
         workers.close()
+
+
+def test_an_interrupt_while_a_worker_spawns_waits_for_the_spawn_then_stops_the_build():
+    # A SIGTERM handled half-way through writing a worker's start-up data leaves the worker a cut pickle
+    # (an EOFError traceback on the build's stderr); submit holds the signal until the spawn is whole.
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    steps = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with convert._interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                steps.append("spawn finished")
+        assert steps == ["spawn finished"]
+        assert signal.getsignal(signal.SIGTERM) is interrupt
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with convert._interrupts_deferred():  # no signal: nothing is raised
+            steps.append("again")
+        assert steps == ["spawn finished", "again"]
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 # -- the bundled corpus ------------------------------------------------------------------------------
