@@ -8,22 +8,29 @@ Part 1, prediction, by `musenet-eval` (its JSON is kept as DIR/eval.json). Every
 n-gram (orders 1..5, chosen on the validation split, fitted on the train split), all three on the same windows
 and tokens. Rows: bits/token and velocity-free bits/s, and the model's ratio to the n-gram.
 
-Part 2, generation. `--num_pieces` pieces of `--seconds` (seeds 0..N-1, cycling through `PROGRAMS`: label and
-instrument sets, one with drums) with the sampler's defaults (structured decoding, the note-length guard) at
-`--temperature` and `--top_p`. Their music statistics (`data_pipeline.music_stats`) stand beside the split's per-piece
-10th..90th percentile range. The checks (each True / False in the JSON):
+Part 2, generation. Two sets of 30 s pieces with the sampler's defaults (structured decoding, the note-length
+guard) at `--temperature` and `--top_p`; their music statistics come from `data_pipeline.music_stats`.
+- Matched (`--num_pieces`, seeds 0..N-1): the conditions (label and instrument set) of the `--split`'s own
+  pieces, every distinct one at least once and the rest in proportion to how often the split holds them
+  (`matched_conditions`), so that the pieces stand beside a reference of the same mix: the default test split is
+  mostly Bach chorales on piano, and pieces in other styles set against its ranges would measure the styles'
+  difference, not the model. Their statistics stand beside the split's per-piece 10th..90th percentile range.
+  The checks (each True / False in the JSON):
   - no pitched note longer than the guard (`max_note_seconds`);
   - notes longer than 4 s: at most 1% of the generated pitched notes;
   - the median over pieces of their median polyphony at onsets, and of their notes/s, inside the split's
     per-piece p10..p90;
   - the median over pieces of their pitch-class entropy at most the split's per-piece p90.
-Beside the checks, each piece against the train split's pieces of its own label (`by_label`: notes/s and
-median polyphony p10..p90), since the held-out split holds too few pieces of most styles to give a range.
-The pieces are written to DIR/pieces/ as MIDI and piano-roll PNG, to look at and listen to.
+- Styles (`--num_style_pieces`, seeds 0..M-1, cycling through `PROGRAMS`: every label of the bundled corpus,
+  one instrument set with drums): each piece beside the train split's pieces of its own label (`by_label`:
+  notes/s and median polyphony p10..p90), since the held-out split holds too few pieces of most styles to give a
+  range. Reported, not a check.
+The pieces are written to DIR/pieces/ (`m<seed>-...` matched, `s<seed>-...` styles) as MIDI and piano-roll PNG, to
+look at and listen to.
 
 Writes DIR/quality.json: {"model", "step", "split", "prediction": {"model", "unigram", "ngram": {..., "order"}},
-"ratios", "generation": {"settings", "pieces": [{"seed", "label", "instruments", "stats"}], "pooled", "comparison",
-"reference_percentiles", "by_label"}, "checks", "seconds_taken"}.
+"ratios", "generation": {"settings", "pieces": [{"seed", "label", "instruments", "ended", "stats"}] (matched),
+"pooled", "comparison", "reference_percentiles", "style_pieces": [...], "by_label"}, "checks", "seconds_taken"}.
 """
 
 from __future__ import annotations
@@ -44,14 +51,15 @@ _MODEL = flags.DEFINE_string("model", None, "Export directory (musenet-export)."
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Built dataset the model was trained on (required).")
 _DATASET = flags.DEFINE_string("dataset", "default", "Dataset config name.")
 _SPLIT = flags.DEFINE_string("split", "test", "Held-out split to score and to compare statistics with.")
-_NUM_PIECES = flags.DEFINE_integer("num_pieces", 8, "Pieces to generate (seeds 0..N-1).")
+_NUM_PIECES = flags.DEFINE_integer("num_pieces", 8, "Pieces generated on the split's conditions (seeds 0..N-1).")
+_NUM_STYLE_PIECES = flags.DEFINE_integer("num_style_pieces", 8, "Pieces generated on `PROGRAMS` (seeds 0..M-1).")
 _SECONDS = flags.DEFINE_float("seconds", 30.0, "Length of each generated piece.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sampling temperature of the generated pieces (the main job's).")
 _TOP_P = flags.DEFINE_float("top_p", 0.9, "Nucleus sampling mass of the generated pieces (the main job's).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Windows per forward when scoring.")
 _OUT = flags.DEFINE_string("out", None, "Output folder: quality.json and pieces/ (required).")
 
-# (label, instruments) per generated piece, cycled: conditions the bundled corpus has (a model is judged on what it
+# (label, instruments) per style piece, cycled: conditions the bundled corpus has (a model is judged on what it
 # was shown; bach is chorales on piano, the quartets' strings map to violin and cello), one set with drums.
 PROGRAMS = (
     ("bach", ("piano",)),
@@ -94,29 +102,42 @@ def prediction(out_dir: str) -> dict:
     return {"model": report["total"], **report["baselines"]}
 
 
-def generation(model, vocab, out_dir: str) -> tuple[dict, list[dict]]:
-    """Generated pieces' statistics and the split's per-piece statistics (module doc, part 2)."""
-    from data_pipeline import datasets, encoding, music_stats, rendering
+def matched_conditions(conditions: list[tuple], n: int) -> list[tuple]:
+    """`n` generation conditions in the mix of `conditions` (one per reference piece, any hashable values).
+
+    Every distinct condition gets one piece (the most frequent first, ties in order of first appearance; if
+    there are more than `n`, the `n` most frequent), the remaining pieces go by largest remainder of their share
+    of the reference. Returned grouped, the most frequent first.
+    """
+    counts: dict = {}
+    for condition in conditions:
+        counts[condition] = counts.get(condition, 0) + 1
+    ranked = sorted(counts, key=lambda c: -counts[c])[:n]  # sorted() is stable: ties keep first appearance
+    seats = {c: 1 for c in ranked}
+    left, total = n - len(ranked), sum(counts[c] for c in ranked)
+    shares = {c: left * counts[c] / total for c in ranked}
+    for c in ranked:
+        seats[c] += int(shares[c])
+    by_remainder = sorted(ranked, key=lambda c: -(shares[c] - int(shares[c])))
+    for c in by_remainder[: n - sum(seats.values())]:
+        seats[c] += 1
+    return [c for c in ranked for _ in range(seats[c])]
+
+
+def _generate(model, vocab, conditions: list[tuple], out_dir: str, tag: str) -> tuple[list[dict], list]:
+    """One piece per (label, instruments) of `conditions`, seed = its index; written to out_dir/pieces/."""
+    from data_pipeline import encoding, music_stats, rendering
     from musenet_jax import sampling
 
-    source = datasets.data_source(_DATA_DIR.value, _DATASET.value, _SPLIT.value)
-    reference = []
-    for i in range(len(source)):
-        notes, duration = encoding.decode_tokens(np.asarray(source[i]["tokens"]), vocab)
-        reference.append(music_stats.piece_stats(notes, vocab, duration))
-    os.makedirs(os.path.join(out_dir, "pieces"), exist_ok=True)
     rows, measured = [], []
-    settings = {"seconds": _SECONDS.value, "temperature": _TEMPERATURE.value, "top_p": _TOP_P.value,
-                "max_note_seconds": sampling.DEFAULT_MAX_NOTE_SECONDS}
-    for seed in range(_NUM_PIECES.value):
-        label, instruments = PROGRAMS[seed % len(PROGRAMS)]
+    for seed, (label, instruments) in enumerate(conditions):
         label = label if label in vocab.config.labels else None
         instruments = [name for name in instruments if name in vocab.instruments.names]
         piece, = sampling.generate(model, vocab, label=label, instruments=instruments, seconds=_SECONDS.value,
                                    sampling=sampling.SamplingConfig(temperature=_TEMPERATURE.value, top_p=_TOP_P.value),
                                    seed=seed)
         notes, duration = encoding.decode_tokens(piece.tokens[piece.prefix_len:], vocab)
-        name = f"{seed:02d}-{label or 'none'}-{'-'.join(instruments)}"
+        name = f"{tag}{seed:02d}-{label or 'none'}-{'-'.join(instruments)}"
         encoding.notes_to_midi(notes, vocab, os.path.join(out_dir, "pieces", name + ".mid"), duration_units=duration)
         rendering.piano_roll(notes, vocab, os.path.join(out_dir, "pieces", name + ".png"), title=name)
         stats = music_stats.piece_stats(notes, vocab, duration)
@@ -124,12 +145,37 @@ def generation(model, vocab, out_dir: str) -> tuple[dict, list[dict]]:
                      "stats": stats})
         measured.append((notes, duration))
         print(f"generated {name}: {stats['notes']} notes, {piece.seconds:.1f} s", flush=True)
+    return rows, measured
+
+
+def generation(model, vocab, out_dir: str) -> tuple[dict, list[dict]]:
+    """Generated pieces' statistics and the split's per-piece statistics (module doc, part 2)."""
+    from data_pipeline import datasets, encoding, music_stats
+    from musenet_jax import sampling
+
+    source = datasets.data_source(_DATA_DIR.value, _DATASET.value, _SPLIT.value)
+    reference, conditions = [], []
+    for i in range(len(source)):
+        record = source[i]
+        notes, duration = encoding.decode_tokens(np.asarray(record["tokens"]), vocab)
+        reference.append(music_stats.piece_stats(notes, vocab, duration))
+        label = record["label"].decode() if isinstance(record["label"], bytes) else str(record["label"])
+        names = tuple(vocab.instruments.names[int(i)] for i in np.asarray(record["instruments"]).reshape(-1))
+        conditions.append((label, names))
+    if not reference:
+        raise ValueError(f"the {_SPLIT.value} split holds no pieces to compare with")
+    os.makedirs(os.path.join(out_dir, "pieces"), exist_ok=True)
+    settings = {"seconds": _SECONDS.value, "temperature": _TEMPERATURE.value, "top_p": _TOP_P.value,
+                "max_note_seconds": sampling.DEFAULT_MAX_NOTE_SECONDS}
+    rows, measured = _generate(model, vocab, matched_conditions(conditions, _NUM_PIECES.value), out_dir, "m")
+    styles = [PROGRAMS[seed % len(PROGRAMS)] for seed in range(_NUM_STYLE_PIECES.value)]
+    style_rows, _ = _generate(model, vocab, styles, out_dir, "s")
     pooled = music_stats.pooled_stats(measured, vocab)
     generated = [r["stats"] for r in rows]
     result = {"settings": settings, "pieces": rows, "pooled": pooled,
               "comparison": music_stats.compare(generated, reference, pooled),
               "reference_percentiles": music_stats.percentile_ranges(reference),
-              "by_label": by_label(rows, vocab)}
+              "style_pieces": style_rows, "by_label": by_label(style_rows, vocab)}
     return result, reference
 
 
@@ -155,7 +201,7 @@ def by_label(rows: list[dict], vocab) -> dict:
             lo, hi = (ranges["p10"].get(key), ranges["p90"].get(key)) if ranges else (None, None)
             entry[key] = {"value": value, "p10": lo, "p90": hi,
                           "inside": None if lo is None or value is None else bool(lo <= value <= hi)}
-        out[f"{row['seed']:02d}-{row['label'] or 'none'}"] = entry
+        out[f"s{row['seed']:02d}-{row['label'] or 'none'}"] = entry
     return out
 
 
@@ -203,7 +249,7 @@ def main(argv):
         raise cli.UsageError("give exactly one of --workdir or --model")
     if not _DATA_DIR.value or not _OUT.value:
         raise cli.UsageError("--data_dir and --out are required")
-    for flag, low in ((_NUM_PIECES, 1), (_BATCH_SIZE, 1)):
+    for flag, low in ((_NUM_PIECES, 1), (_NUM_STYLE_PIECES, 0), (_BATCH_SIZE, 1)):
         if flag.value < low:
             raise cli.UsageError(f"--{flag.name} must be >= {low}, got {flag.value}")
     if not _SECONDS.value > 0 or not _TEMPERATURE.value > 0:
@@ -221,9 +267,9 @@ def main(argv):
     print(f"model / best n-gram: {ratios['bits_per_token']:.3f} bits/token, "
           f"{ratios['bits_per_second_no_velocity']:.3f} velocity-free bits/s")
     gen, reference = generation(model, vocab, _OUT.value)
-    print(f"\n{_NUM_PIECES.value} generated pieces vs the {_SPLIT.value} split's per-piece p10..p90:")
+    print(f"\n{_NUM_PIECES.value} pieces generated on the {_SPLIT.value} split's conditions vs its per-piece p10..p90:")
     print(music_stats.format_comparison(gen["comparison"]))
-    print("\neach piece vs the train split's pieces of its label (p10..p90):")
+    print("\nstyle pieces, each vs the train split's pieces of its label (p10..p90):")
     fmt = music_stats.format_value
     for name, entry in gen["by_label"].items():
         cells = []
