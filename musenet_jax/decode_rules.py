@@ -66,13 +66,14 @@ class RuleTables(NamedTuple):
 
 
 class Limits(NamedTuple):
-    """One piece's settings of the rules (traced scalars, so other values reuse the compiled loop).
+    """Each row's settings of the rules: traced, so other values reuse the compiled loop; one value for every row
+    (shapes [V] and []) or one per row ([B, V] and [B]).
 
     Attributes:
-      allowed: bool[V] ids the body may hold at all (`sampling.allowed_body_tokens`).
-      duration: int32[] D, the target length (time units).
-      tolerance: int32[] END is allowed from D - tolerance on.
-      max_note_units: int32[] M, the longest a pitched note may sound (time units); 0 = no limit.
+      allowed: bool[V] or bool[B, V] ids the body may hold at all (`sampling.allowed_body_tokens`).
+      duration: int32[] or int32[B] D, the target length (time units).
+      tolerance: int32[] or int32[B] END is allowed from D - tolerance on.
+      max_note_units: int32[] or int32[B] M, the longest a pitched note may sound (time units); 0 = no limit.
     """
 
     allowed: jax.Array
@@ -163,9 +164,13 @@ def constrain(logits: jax.Array, state: SoundingState, last_token: jax.Array, ti
       state: each row's `SoundingState` ([B, K], [B], [B]) after its piece so far.
       last_token: int32[B] the last token of each piece so far.
       timing: int32[B] the time (units) the next token sits at.
+      limits: one `Limits` for every row, or one per row.
     Returns:
       float32[B, V] logits, -inf where masked; every row keeps at least one token.
     """
+    bsz = timing.shape[0]
+    limits = Limits(jnp.broadcast_to(limits.allowed, logits.shape),
+                    *(jnp.broadcast_to(x, (bsz,)) for x in limits[1:]))
     key_time = state.key_time
     k = key_time.shape[-1]
     t = timing[:, None]
@@ -186,8 +191,8 @@ def constrain(logits: jax.Array, state: SoundingState, last_token: jax.Array, ti
     # prompt can hold a due note that this step's order no longer lets go; that one is released after a
     # wait of one unit.)
     m = limits.max_note_units
-    due = (m > 0) & sounding & (key_time + m <= t)
-    room = jnp.min(jnp.where(sounding, key_time + m - t, _FAR), axis=-1)
+    due = (m > 0)[:, None] & sounding & (key_time + m[:, None] <= t)
+    room = jnp.min(jnp.where(sounding, key_time + m[:, None] - t, _FAR), axis=-1)
     guard_room = jnp.where(m > 0, jnp.maximum(room, 1), _FAR)
     # Forced steps: once time is up, the sounding notes are released in key order, then END; due notes are
     # released in key order before anything else. `first`: the key released now (K if none).
@@ -228,7 +233,7 @@ def constrain(logits: jax.Array, state: SoundingState, last_token: jax.Array, ti
     attack = (kind == TokenKind.NOTE_ON) | (kind == TokenKind.DRUM)
     need = jnp.where(kind == TokenKind.NOTE_OFF, 1, jnp.where(attack, 2, 0)).astype(jnp.int8)[None, :]
     is_wait = wait > 0
-    mask = limits.allowed[None, :] & (((code & need) != 0) | (is_wait & (wait <= wait_room) & waits_open[:, None]))
+    mask = limits.allowed & (((code & need) != 0) | (is_wait & (wait <= wait_room) & waits_open[:, None]))
     mask = jnp.where(jnp.arange(kind.shape[0])[None, :] == END, end_ok, mask)
     logits = jnp.where(redirect & is_wait & (wait == wait_room), rest, logits)
 
@@ -239,7 +244,7 @@ def constrain(logits: jax.Array, state: SoundingState, last_token: jax.Array, ti
     # rules allow, in proportion to their own probability.
     release = (kind == TokenKind.NOTE_OFF)[None, :]
     may_release = mask & release & ~stop
-    wanted = jax.nn.logsumexp(jnp.where(limits.allowed[None, :] & release, logits, -jnp.inf), axis=-1, keepdims=True)
+    wanted = jax.nn.logsumexp(jnp.where(limits.allowed & release, logits, -jnp.inf), axis=-1, keepdims=True)
     allowed = jax.nn.logsumexp(jnp.where(may_release, logits, -jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(may_release, logits + jnp.where(jnp.isfinite(allowed), wanted - allowed, 0.0), logits)
     return jnp.where(mask, logits, -jnp.inf)

@@ -18,7 +18,9 @@ start at most K tokens either way, so a window carries 1..2K <= L - P tokens and
 
 Compilation. `_decode_window` (one `lax.while_loop` over the window's positions) is jitted once per
 (batch, piece buffer, model) shape; a Python loop calls it per window with the window start, prompt length,
-target length and sampling settings as traced values. The piece buffer holds the longest prefix + the cap, rounded up to
+target length and sampling settings as traced values, one per row: `generate_batch` decodes requests with other
+labels, instruments, lengths, primers, sampling settings and seeds as the rows of one batch (each row's windows
+start where its own prefix and body put them), and pads the batch with stopped rows to a size of the caller's. The piece buffer holds the longest prefix + the cap, rounded up to
 a power of two, so other lengths and nearby caps reuse the same compiled loop. At position t the loop feeds window
 token t, then either copies window token t + 1 from the piece (prefill, primer or carried tokens) or samples
 it and appends it to the piece. A window stops when every row has ended or its L positions are fed.
@@ -75,8 +77,9 @@ Length cap: at most `max_tokens` body tokens (primer and END included; default
 `default_max_tokens(seconds)`). A piece that reaches the cap first stops without END (`ended=False`); its
 notes are closed by `data_pipeline.encoding.decode_tokens`.
 
-Randomness: row i draws the token at piece index j from `fold_in(fold_in(key(seed), i), j)`, so the same
-seed and arguments give identical tokens, and a row does not depend on how many rows are decoded with it.
+Randomness: row i draws the token at piece index j from `fold_in(fold_in(key(seed), i), j)` (i is
+`Request.sample` in `generate_batch`), so the same seed and arguments give identical tokens, and a row does not
+depend on how many rows, or which other requests, are decoded with it.
 """
 
 from __future__ import annotations
@@ -255,21 +258,24 @@ def allowed_body_tokens(vocab: Vocab, instruments: Sequence[int]) -> np.ndarray:
 
 
 def _filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Top-k then nucleus filtering of logits [B, V] (-inf = masked); top_k 0 / top_p 1 = off."""
-    v = logits.shape[-1]
+    """Top-k then nucleus filtering of logits [B, V] (-inf = masked); top_k int32[] or [B] (0 = off), top_p
+    float32[] or [B] (1 = off)."""
+    bsz, v = logits.shape
+    top_k, top_p = jnp.broadcast_to(top_k, (bsz,)), jnp.broadcast_to(top_p, (bsz,))
 
     def filtered(logits):
         ordered = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V] descending
         k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
-        kth = jnp.take_along_axis(ordered, jnp.broadcast_to(k - 1, (logits.shape[0], 1)), axis=-1)
+        kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)
         ordered = jnp.where(ordered >= kth, ordered, -jnp.inf)
         probs = jax.nn.softmax(ordered, axis=-1)
         # Keep a token while the mass strictly before it is < p: the most likely token always survives.
-        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+        # Rows with top_p = 1 keep every token (rounding could lift the mass before the tail to 1).
+        keep = ((jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]) | (top_p >= 1.0)[:, None]
         cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
         return jnp.where(logits >= jnp.maximum(cutoff, kth), logits, -jnp.inf)
 
-    return jax.lax.cond((top_k > 0) | (top_p < 1.0), filtered, lambda x: x, logits)
+    return jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1.0)), filtered, lambda x: x, logits)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -285,9 +291,10 @@ def _decode_window(graphdef, state, piece, timing, chord, length, done, ended, s
         along unchanged.
       sounding: `decode_rules.SoundingState` ([B, K], [B], [B]) of each row's piece so far (all `length` tokens).
       start: int32[B] piece index of the window's first body token (P for a window that opens the body).
-      prefix_len: P, tokens of the conditioning prefix (piece[:, :P]).
-      cap_len: P + max_tokens, the longest a row may grow (tokens).
-      limits, rules: `decode_rules.Limits` of the piece and `RuleTables` of the vocabulary.
+      prefix_len: int32[B] P, tokens of each row's conditioning prefix (piece[b, :P]).
+      cap_len: int32[B] P + max_tokens, the longest each row may grow (tokens).
+      limits, rules: `decode_rules.Limits` of each row ([B, V], [B]...) and `RuleTables` of the vocabulary.
+      temperature, top_k, top_p, row_keys: float32[B], int32[B], float32[B] and keys[B], each row's sampling.
     Returns:
       (piece, timing, chord, length, done, ended, sounding) updated, and what the window fed the model: tokens
       int32[B, L], features {name: int32[B, L]} and fed int32[B], the positions fed while the row was active.
@@ -334,7 +341,7 @@ def _decode_window(graphdef, state, piece, timing, chord, length, done, ended, s
         # Constraints for the new token (see module doc). When a row samples, `tok` is its piece's last token and
         # `sounding` the state after it.
         logits = decode_rules.constrain(logits, sounding, tok, nxt_timing, limits, rules)
-        logits = _filter_logits(logits / temperature, top_k, top_p)
+        logits = _filter_logits(logits / temperature[:, None], top_k, top_p)
         keys = jax.vmap(jax.random.fold_in)(row_keys, nxt)
         sampled = jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
@@ -401,30 +408,59 @@ class DecodeArrays:
     max_tokens: int
 
 
-def decode_arrays(model, vocab: Vocab, *, label: str | None, instruments: Sequence[str], seconds: float,
-                  primer: np.ndarray | None = None, sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
-                  num_samples: int = 1, max_tokens: int | None = None,
-                  max_note_seconds: float | None = DEFAULT_MAX_NOTE_SECONDS) -> DecodeArrays:
-    """`generate`'s checks and window loop, returning the loop's arrays (see `generate` for the arguments)."""
-    cfg = model.config
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One piece to sample: a row of a decode batch (`generate_batch`). The fields are `generate`'s arguments;
+    `sample` is the row index its randomness is drawn with (`generate`'s row i is `sample=i`), so the same
+    request gives the same tokens in any batch."""
+
+    label: str | None
+    instruments: Sequence[str]
+    seconds: float
+    primer: np.ndarray | None = None
+    sampling: SamplingConfig = SamplingConfig()
+    seed: int = 0
+    sample: int = 0
+    max_tokens: int | None = None
+    max_note_seconds: float | None = DEFAULT_MAX_NOTE_SECONDS
+
+
+@dataclasses.dataclass
+class _Row:
+    """A checked `Request`, ready for the window loop."""
+
+    request: Request
+    prefix_len: int
+    primer_len: int
+    prompt: np.ndarray  # int32[P + primer]
+    duration: int  # D, time units
+    cap: int  # body tokens
+    keep: int  # K, tokens a new window carries
+    first: int  # piece index of the first window's body start
+    allowed: np.ndarray  # bool[V]
+    max_note: int  # M, time units (0: off)
+
+
+def _prepare(model_config, vocab: Vocab, request: Request) -> _Row:
+    """Checks one request (`generate`'s Raises) and computes what its row needs."""
+    cfg, seconds, sampling = model_config, request.seconds, request.sampling
     if cfg.vocab_size != vocab.size:
         raise GenerationError(f"the model has {cfg.vocab_size} token ids but the vocabulary has {vocab.size}")
     if not isinstance(sampling, SamplingConfig):
         raise GenerationError("sampling must be a SamplingConfig")
-    chosen = _instrument_indices(vocab, instruments)
-    label = _label(vocab, label)
+    chosen = _instrument_indices(vocab, request.instruments)
+    label = _label(vocab, request.label)
     limit = max_seconds(cfg, vocab)
     if not (math.isfinite(seconds) and 0 < seconds <= limit):
         raise GenerationError(f"seconds must be in (0, {limit:g}] for this model, got {seconds:g}")
-    if num_samples < 1:
-        raise GenerationError(f"num_samples must be >= 1, got {num_samples}")
+    max_tokens, max_note_seconds = request.max_tokens, request.max_note_seconds
     cap = default_max_tokens(seconds, cfg) if max_tokens is None else int(max_tokens)
     if not 1 <= cap <= MAX_TOKENS_LIMIT:
         raise GenerationError(f"max_tokens (body tokens per piece, primer included) must be in "
                               f"1..{MAX_TOKENS_LIMIT}, got {max_tokens}")
     if max_note_seconds is not None and not (math.isfinite(max_note_seconds) and max_note_seconds >= 0):
         raise GenerationError(f"max_note_seconds must be >= 0 (0 or None: no limit), got {max_note_seconds:g}")
-    primer = _check_primer(primer, vocab, chosen)
+    primer = _check_primer(request.primer, vocab, chosen)
     prefix = vocab.prefix(label, chosen)
     window, p = cfg.max_len, len(prefix)
     keep = carried_tokens(window, p)
@@ -439,41 +475,55 @@ def decode_arrays(model, vocab: Vocab, *, label: str | None, instruments: Sequen
     if primer_units >= duration:
         raise GenerationError(f"the primer lasts {primer_units * vocab.config.time_unit_ms / 1000:g} s, "
                               f"not less than the requested {seconds:g} s")
-
-    # The buffer holds the longest prefix + the cap, rounded up to a power of two: one compiled loop serves
-    # every label, instrument choice, length and nearby cap.
-    capacity = 1 << (input_pipeline.max_prefix_len(vocab) + cap - 1).bit_length()
     prompt = np.concatenate([prefix, primer]).astype(np.int32)
-    prompt_feats = features_lib.compute_features(prompt, vocab, duration_units=duration)
-    piece, timing, chord = (np.zeros((num_samples, capacity), np.int32) for _ in range(3))
-    piece[:, : len(prompt)] = prompt
-    timing[:, : len(prompt)] = prompt_feats.timing
-    chord[:, : len(prompt)] = prompt_feats.chord
     # The first window opens the body if the prompt fits (its last token is fed at position <= L - 1);
     # otherwise it carries the primer's last tokens, like any later window.
     first = p if len(prompt) <= window else next_window_start(prompt, p, keep, vocab)
-    start = np.full((num_samples,), first, np.int32)
+    return _Row(request, p, len(primer), prompt, duration, cap, keep, first, allowed_body_tokens(vocab, chosen),
+                decode_rules.max_note_units(max_note_seconds, vocab))
+
+
+def _decode_rows(model, vocab: Vocab, rows: Sequence[_Row], batch_size: int):
+    """The window loop over `rows`, padded to `batch_size` rows with stopped copies of the first (so that a
+    server's batches reuse a few compiled shapes). Returns tokens int32[N, C], lengths int32[N], ended bool[N]
+    and the windows (all `batch_size` rows)."""
+    n = len(rows)
+    padded = list(rows) + [rows[0]] * (batch_size - n)
+    # The buffer holds the longest prefix + the cap, rounded up to a power of two: one compiled loop serves
+    # every label, instrument choice, length and nearby cap.
+    capacity = 1 << (input_pipeline.max_prefix_len(vocab) + max(r.cap for r in padded) - 1).bit_length()
+    piece, timing, chord = (np.zeros((batch_size, capacity), np.int32) for _ in range(3))
+    states = []
+    for b, row in enumerate(padded):
+        feats = features_lib.compute_features(row.prompt, vocab, duration_units=row.duration)
+        piece[b, : len(row.prompt)], timing[b, : len(row.prompt)] = row.prompt, feats.timing
+        chord[b, : len(row.prompt)] = feats.chord
+        # Every row starts from its prompt's state; it then follows the row's piece across the windows.
+        states.append(sounding_state(row.prompt, vocab))
+    start = np.array([row.first for row in padded], np.int32)
+    prefix_len = np.array([row.prefix_len for row in padded], np.int32)
 
     vc = vocab.config
     attack = np.isin(vocab.kind, (TokenKind.NOTE_ON, TokenKind.DRUM))
     tables = (jnp.asarray(vocab.wait_units, jnp.int32), jnp.asarray(attack), jnp.int32(vc.num_parts),
               jnp.int32(vc.countdown_max), jnp.asarray([vc.time_unit_ms, vc.countdown_unit_ms], jnp.int32),
               jnp.int32(vc.max_chord))
-    base = jax.random.key(seed)
-    row_keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(num_samples))
-    max_note = decode_rules.max_note_units(max_note_seconds, vocab)
-    limits = decode_rules.Limits(jnp.asarray(allowed_body_tokens(vocab, chosen)), jnp.int32(duration),
-                                 jnp.int32(end_tolerance_units(duration, vocab)), jnp.int32(max_note))
-    settings = (jnp.int32(p), jnp.int32(p + cap), limits, decode_rules.rule_tables(vocab), tables,
-                jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p), row_keys)
+    row_keys = jnp.stack([jax.random.fold_in(jax.random.key(r.request.seed), r.request.sample) for r in padded])
+    limits = decode_rules.Limits(
+        jnp.asarray(np.stack([r.allowed for r in padded])), jnp.asarray([r.duration for r in padded], jnp.int32),
+        jnp.asarray([end_tolerance_units(r.duration, vocab) for r in padded], jnp.int32),
+        jnp.asarray([r.max_note for r in padded], jnp.int32))
+    samplings = [r.request.sampling for r in padded]
+    settings = (jnp.asarray(prefix_len), jnp.asarray([r.prefix_len + r.cap for r in padded], jnp.int32), limits,
+                decode_rules.rule_tables(vocab), tables, jnp.asarray([x.temperature for x in samplings], jnp.float32),
+                jnp.asarray([x.top_k for x in samplings], jnp.int32),
+                jnp.asarray([x.top_p for x in samplings], jnp.float32), row_keys)
     graphdef, state = nnx.split(model)
     piece, timing, chord = jnp.asarray(piece), jnp.asarray(timing), jnp.asarray(chord)
-    length = jnp.full((num_samples,), len(prompt), jnp.int32)
-    done = jnp.zeros((num_samples,), bool)
-    ended = jnp.zeros((num_samples,), bool)
-    # Every row starts from the prompt's state; it then follows each row's piece across the windows.
-    sounding = SoundingState(*(jnp.asarray(np.broadcast_to(x, (num_samples, *np.shape(x))))
-                               for x in sounding_state(prompt, vocab)))
+    length = jnp.asarray([len(r.prompt) for r in padded], jnp.int32)
+    done = jnp.asarray(np.arange(batch_size) >= n)  # padding rows ride along stopped
+    ended = jnp.zeros((batch_size,), bool)
+    sounding = SoundingState(*(jnp.asarray(np.stack(x).astype(np.int32)) for x in zip(*states, strict=True)))
     windows = []
     while True:
         piece, timing, chord, length, done, ended, sounding, fed_tokens, fed_feats, fed = _decode_window(
@@ -487,11 +537,64 @@ def decode_arrays(model, vocab: Vocab, *, label: str | None, instruments: Sequen
         # Every window writes at least one token per running row (it carries at most 2K <= L - P of them), so
         # the cap ends this loop.
         tokens_np, length_np = jax.device_get((piece, length))
-        start = np.array([start[b] if done_np[b] else next_window_start(tokens_np[b, : length_np[b]], p, keep, vocab)
-                          for b in range(num_samples)], np.int32)
+        start = np.array([start[b] if done_np[b] else
+                          next_window_start(tokens_np[b, : length_np[b]], padded[b].prefix_len, padded[b].keep, vocab)
+                          for b in range(batch_size)], np.int32)
     tokens, lengths, ended = jax.device_get((piece, length, ended))
-    return DecodeArrays(np.asarray(tokens), np.asarray(lengths), np.asarray(ended), windows, duration, max_note, p,
-                        len(primer), cap)
+    return np.asarray(tokens)[:n], np.asarray(lengths)[:n], np.asarray(ended)[:n], windows
+
+
+def decode_arrays(model, vocab: Vocab, *, label: str | None, instruments: Sequence[str], seconds: float,
+                  primer: np.ndarray | None = None, sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+                  num_samples: int = 1, max_tokens: int | None = None,
+                  max_note_seconds: float | None = DEFAULT_MAX_NOTE_SECONDS) -> DecodeArrays:
+    """`generate`'s checks and window loop, returning the loop's arrays (see `generate` for the arguments)."""
+    if num_samples < 1:
+        raise GenerationError(f"num_samples must be >= 1, got {num_samples}")
+    request = Request(label, instruments, seconds, primer, sampling, seed, 0, max_tokens, max_note_seconds)
+    row = _prepare(model.config, vocab, request)
+    rows = [dataclasses.replace(row, request=dataclasses.replace(request, sample=i)) for i in range(num_samples)]
+    tokens, lengths, ended, windows = _decode_rows(model, vocab, rows, num_samples)
+    return DecodeArrays(tokens, lengths, ended, windows, row.duration, row.max_note, row.prefix_len, row.primer_len,
+                        row.cap)
+
+
+def _pieces(tokens, lengths, ended, rows: Sequence[_Row], windows, vocab: Vocab) -> list[GeneratedPiece]:
+    unit_s = vocab.config.time_unit_ms / 1000.0
+    pieces = []
+    for b, row in enumerate(rows):
+        out = tokens[b, : int(lengths[b])].copy()
+        seconds_out = float(vocab.wait_units[out].sum()) * unit_s
+        used = sum(int(w.fed[b] > 0) for w in windows)
+        pieces.append(GeneratedPiece(out, row.prefix_len, row.primer_len, bool(ended[b]), seconds_out, used))
+    return pieces
+
+
+def check_request(model, vocab: Vocab, request: Request) -> None:
+    """Raises `GenerationError` (one line) for a request `generate_batch` would refuse, decoding nothing."""
+    _prepare(model.config, vocab, request)
+
+
+def generate_batch(model, vocab: Vocab, requests: Sequence[Request], batch_size: int | None = None
+                   ) -> list[GeneratedPiece]:
+    """Samples one piece per request, all decoded as one batch (each with its own label, instruments, length,
+    primer, sampling and seed); each gives the tokens it gives alone (`Request.sample`).
+
+    Args:
+      requests: the pieces; checked first, so a bad one fails the call before anything is decoded.
+      batch_size: rows of the compiled loop, >= len(requests) (default len(requests)); the extra rows are
+        stopped padding, so that callers with varying numbers of requests can keep to a few compiled shapes.
+    Raises:
+      GenerationError: as `generate`, for the first bad request; an empty list or a batch_size too small.
+    """
+    if not requests:
+        raise GenerationError("no requests to decode")
+    batch_size = len(requests) if batch_size is None else int(batch_size)
+    if batch_size < len(requests):
+        raise GenerationError(f"batch_size {batch_size} is smaller than the {len(requests)} requests")
+    rows = [_prepare(model.config, vocab, r) for r in requests]
+    tokens, lengths, ended, windows = _decode_rows(model, vocab, rows, batch_size)
+    return _pieces(tokens, lengths, ended, rows, windows, vocab)
 
 
 def generate(model, vocab: Vocab, *, label: str | None, instruments: Sequence[str], seconds: float,
@@ -522,14 +625,7 @@ def generate(model, vocab: Vocab, *, label: str | None, instruments: Sequence[st
         NaN max_note_seconds, a primer that fills the cap or lasts the requested length, a primer with
         instruments not chosen, a prefix that leaves no room in the model's context.
     """
-    out = decode_arrays(model, vocab, label=label, instruments=instruments, seconds=seconds, primer=primer,
-                        sampling=sampling, seed=seed, num_samples=num_samples, max_tokens=max_tokens,
-                        max_note_seconds=max_note_seconds)
-    unit_s = vocab.config.time_unit_ms / 1000.0
-    pieces = []
-    for row, (tokens, length, ended) in enumerate(zip(out.tokens, out.lengths, out.ended, strict=True)):
-        tokens = tokens[: int(length)].copy()
-        seconds_out = float(vocab.wait_units[tokens].sum()) * unit_s
-        windows = sum(int(w.fed[row] > 0) for w in out.windows)
-        pieces.append(GeneratedPiece(tokens, out.prefix_len, out.primer_len, bool(ended), seconds_out, windows))
-    return pieces
+    if num_samples < 1:
+        raise GenerationError(f"num_samples must be >= 1, got {num_samples}")
+    request = Request(label, instruments, seconds, primer, sampling, seed, 0, max_tokens, max_note_seconds)
+    return generate_batch(model, vocab, [dataclasses.replace(request, sample=i) for i in range(num_samples)])

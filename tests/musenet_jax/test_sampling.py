@@ -113,6 +113,50 @@ def test_same_seed_same_tokens_other_seed_differs(model, vocab):
     assert len({tuple(p.tokens.tolist()) for p in a}) == BATCH
 
 
+def test_a_batch_of_different_requests_gives_each_the_tokens_it_gets_alone(short_model, vocab):
+    """`generate_batch` decodes requests with other labels, instruments (prefix lengths), lengths, sampling and
+    seeds as rows of one batch (the server's batching); each row equals `generate`'s row `sample` of its own."""
+    piano = vocab.instruments.index("piano")
+    primer = encoding.encode_notes(encoding.Notes(np.full(2, piano, np.int32), np.array([60, 64], np.int32),
+                                                  np.full(2, 80, np.int32), np.array([0, 3]), np.array([6, 9])),
+                                   vocab).body[:-1]
+    requests = [
+        sampling.Request("bach", ("bass", "drums"), 1.5, sampling=sampling.SamplingConfig(1.5), seed=5, sample=0,
+                         max_tokens=SHORT_CAP),
+        sampling.Request("jazz_fusion", ("piano", "violin", "cello"), 1.0, primer=primer, sampling=HOT, seed=2,
+                         sample=1, max_tokens=SHORT_CAP),
+        sampling.Request(None, ("piano",), 1.2, sampling=sampling.SamplingConfig(8.0, top_k=5, top_p=0.9), seed=9,
+                         sample=2, max_tokens=SHORT_CAP, max_note_seconds=0.2),
+    ]
+    together = sampling.generate_batch(short_model, vocab, requests)
+    for request, piece in zip(requests, together, strict=True):
+        alone = run_long(short_model, vocab, label=request.label, instruments=list(request.instruments),
+                         seconds=request.seconds, primer=request.primer, sampling=request.sampling, seed=request.seed,
+                         max_note_seconds=request.max_note_seconds)[request.sample]
+        np.testing.assert_array_equal(piece.tokens, alone.tokens)
+        assert (piece.prefix_len, piece.primer_len, piece.ended, piece.windows) == (
+            alone.prefix_len, alone.primer_len, alone.ended, alone.windows)
+    assert len({p.prefix_len for p in together}) == 3 and max(p.windows for p in together) >= 3
+    # Padding rows (a server's fixed batch shapes) change nothing.
+    padded = sampling.generate_batch(short_model, vocab, requests[:2], batch_size=3)
+    for a, b in zip(padded, together[:2], strict=True):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+def test_a_bad_request_fails_the_batch_before_decoding(short_model, vocab):
+    good = sampling.Request("bach", ("piano",), 1.0, max_tokens=SHORT_CAP)
+    traces = sampling.TRACE_COUNTS["decode_window"]
+    with pytest.raises(sampling.GenerationError, match="unknown instrument"):
+        sampling.generate_batch(short_model, vocab, [good, dataclasses.replace(good, instruments=("kazoo",))])
+    with pytest.raises(sampling.GenerationError, match="no requests"):
+        sampling.generate_batch(short_model, vocab, [])
+    with pytest.raises(sampling.GenerationError, match="smaller than the 2 requests"):
+        sampling.generate_batch(short_model, vocab, [good, good], batch_size=1)
+    with pytest.raises(sampling.GenerationError, match="seconds must be in"):
+        sampling.check_request(short_model, vocab, dataclasses.replace(good, seconds=-1.0))
+    assert sampling.TRACE_COUNTS["decode_window"] == traces
+
+
 def test_greedy_filters_ignore_the_seed(model, vocab):
     """top_k=1 (and a tiny top_p) leave one token per step, so every seed gives the same piece."""
     for cfg in (sampling.SamplingConfig(top_k=1), sampling.SamplingConfig(top_p=1e-6)):
