@@ -20,10 +20,10 @@ Compilation. `_decode_window` (one `lax.while_loop` over the window's positions)
 (batch, piece buffer, model) shape; a Python loop calls it per window with the window start, prompt length,
 target length and sampling settings as traced values, one per row: `generate_batch` decodes requests with other
 labels, instruments, lengths, primers, sampling settings and seeds as the rows of one batch (each row's windows
-start where its own prefix and body put them), and pads the batch with stopped rows to a size of the caller's. The piece buffer holds the longest prefix + the cap, rounded up to
-a power of two, so other lengths and nearby caps reuse the same compiled loop. At position t the loop feeds window
-token t, then either copies window token t + 1 from the piece (prefill, primer or carried tokens) or samples
-it and appends it to the piece. A window stops when every row has ended or its L positions are fed.
+start where its own prefix and body put them), and pads the batch with stopped rows to a size of the caller's.
+The piece buffer holds the longest prefix + the cap, rounded up to a power of two, so other lengths and nearby
+caps reuse the same compiled loop. At position t the loop feeds window token t, then either copies window token
+t + 1 from the piece (prefill, primer or carried tokens) or samples it and appends it to the piece. A window stops when every row has ended or its L positions are fed.
 
 Features. Every fed token gets the model's timing / chord / part / countdown inputs as training gives them:
 body tokens carry the piece's absolute features, exactly `data_pipeline.features.compute_features(piece,
