@@ -488,3 +488,48 @@ def tokens_to_midi(tokens, vocab: Vocab, path: str | os.PathLike) -> Notes:
     notes, duration = decode_tokens(tokens, vocab)
     notes_to_midi(notes, vocab, path, duration_units=duration)
     return notes
+
+
+def opening_body(source, vocab: Vocab, seconds: float | None, instruments: list[str],
+                 names: tuple[str, str] = ("primer_seconds", "instruments")) -> tuple[np.ndarray, Notes, int]:
+    """The body tokens of the first `seconds` (all if None) of MIDI bytes or a path (a primer, an opening), with
+    its notes and length in time units.
+
+    Cut at time unit C = round(seconds / time unit): notes starting at or after C are dropped, notes sounding
+    at C end there (decode -> clip -> re-encode, so every kept note has its attack and release), and waits
+    are appended so that the body lasts C units when the piece is longer than that.
+
+    Args:
+      instruments: instrument-class names the piece may play.
+      names: how the messages name the seconds and instruments settings.
+    Returns:
+      (int32[T] body tokens (no prefix, no `end`), the kept Notes, the body's length in time units).
+    Raises:
+      midi_io.MidiError for unreadable MIDI (naming the path, if any), ValueError for instruments not in
+      `instruments`.
+    """
+    path = source if isinstance(source, (str, os.PathLike)) else None
+    piece = encode_midi(source, vocab)  # MidiError: "path: reason"
+    notes, duration = decode_tokens(piece.body, vocab)
+    if seconds is not None:
+        cut = max(1, round(seconds * 1000 / vocab.config.time_unit_ms))
+        keep = notes.start < cut
+        notes = Notes(notes.instrument[keep], notes.pitch[keep], notes.velocity[keep], notes.start[keep],
+                      np.minimum(notes.end[keep], cut))
+        if len(notes) == 0:
+            raise midi_io.MidiError(path, f"no notes in the first {seconds:g} s ({names[0]})")
+        duration = min(duration, cut)
+    known = vocab.instruments.names
+    extra = sorted(set(np.unique(notes.instrument).tolist()) - {known.index(n) for n in instruments})
+    if extra:
+        where = f"{path}: the primer" if path is not None else "the primer"
+        raise ValueError(f"{where} plays {', '.join(known[i] for i in extra)}, not in {names[1]} "
+                         f"({','.join(instruments)}); add them or choose another primer")
+    reencoded = encode_notes(notes, vocab)
+    body = reencoded.tokens[reencoded.prefix_len:-1]  # without the prefix and `end`
+    rest = duration - reencoded.duration_units
+    if rest > 0:  # the cut falls in a rest: keep the silence up to it
+        max_wait = vocab.config.max_wait
+        waits = [max_wait] * (rest // max_wait) + ([rest % max_wait] if rest % max_wait else [])
+        body = np.concatenate([body, vocab.wait(np.array(waits))])
+    return body.astype(np.int32), notes, max(duration, reencoded.duration_units)

@@ -38,7 +38,6 @@ import numpy as np
 from absl import flags
 
 from data_pipeline import encoding, rendering
-from data_pipeline.midi_io import MidiError
 from data_pipeline.vocab import Vocab, normalize_label
 from launch import cli
 
@@ -170,40 +169,8 @@ def resolve_instruments(names: list[str], vocab: Vocab) -> list[str]:
 
 def primer_body(path: str, vocab: Vocab, seconds: float | None,
                 instruments: list[str]) -> tuple[np.ndarray, encoding.Notes, int]:
-    """The body tokens of a primer's first `seconds` (all if None), with its notes and length in time units.
-
-    Cut at time unit C = round(seconds / time unit): notes starting at or after C are dropped, notes sounding
-    at C end there (decode -> clip -> re-encode, so every kept note has its attack and release), and waits
-    are appended so that the body lasts C units when the primer is longer than that.
-
-    Returns:
-      (int32[T_primer] body tokens (no prefix, no `end`), the kept Notes, the body's length in time units).
-    Raises:
-      MidiError (naming the file) for an unreadable primer, ValueError for instruments not in `instruments`.
-    """
-    piece = encoding.encode_midi(path, vocab)  # MidiError: "path: reason"
-    notes, duration = encoding.decode_tokens(piece.body, vocab)
-    if seconds is not None:
-        cut = max(1, round(seconds * 1000 / vocab.config.time_unit_ms))
-        keep = notes.start < cut
-        notes = encoding.Notes(notes.instrument[keep], notes.pitch[keep], notes.velocity[keep], notes.start[keep],
-                               np.minimum(notes.end[keep], cut))
-        if len(notes) == 0:
-            raise MidiError(path, f"no notes in the first {seconds:g} s (--primer_seconds)")
-        duration = min(duration, cut)
-    names = vocab.instruments.names
-    extra = sorted(set(np.unique(notes.instrument).tolist()) - {names.index(n) for n in instruments})
-    if extra:
-        raise ValueError(f"{path}: the primer plays {', '.join(names[i] for i in extra)}, not in --instruments "
-                         f"({','.join(instruments)}); add them or choose another primer")
-    reencoded = encoding.encode_notes(notes, vocab)
-    body = reencoded.tokens[reencoded.prefix_len:-1]  # without the prefix and `end`
-    rest = duration - reencoded.duration_units
-    if rest > 0:  # the cut falls in a rest: keep the silence up to it
-        max_wait = vocab.config.max_wait
-        waits = [max_wait] * (rest // max_wait) + ([rest % max_wait] if rest % max_wait else [])
-        body = np.concatenate([body, vocab.wait(np.array(waits))])
-    return body.astype(np.int32), notes, max(duration, reencoded.duration_units)
+    """`encoding.opening_body` of the --primer file, for --instruments (its Raises: MidiError, ValueError)."""
+    return encoding.opening_body(path, vocab, seconds, instruments, names=("--primer_seconds", "--instruments"))
 
 
 def read_vocab(model_dir: str) -> Vocab:

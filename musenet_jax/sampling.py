@@ -23,7 +23,8 @@ labels, instruments, lengths, primers, sampling settings and seeds as the rows o
 start where its own prefix and body put them), and pads the batch with stopped rows to a size of the caller's.
 The piece buffer holds the longest prefix + the cap, rounded up to a power of two, so other lengths and nearby
 caps reuse the same compiled loop. At position t the loop feeds window token t, then either copies window token
-t + 1 from the piece (prefill, primer or carried tokens) or samples it and appends it to the piece. A window stops when every row has ended or its L positions are fed.
+t + 1 from the piece (prefill, primer or carried tokens) or samples it and appends it to the piece. A window
+stops when every row has ended or its L positions are fed.
 
 Features. Every fed token gets the model's timing / chord / part / countdown inputs as training gives them:
 body tokens carry the piece's absolute features, exactly `data_pipeline.features.compute_features(piece,
@@ -483,10 +484,10 @@ def _prepare(model_config, vocab: Vocab, request: Request) -> _Row:
                 decode_rules.max_note_units(max_note_seconds, vocab))
 
 
-def _decode_rows(model, vocab: Vocab, rows: Sequence[_Row], batch_size: int):
+def _decode_rows(model, vocab: Vocab, rows: Sequence[_Row], batch_size: int, on_window=None):
     """The window loop over `rows`, padded to `batch_size` rows with stopped copies of the first (so that a
     server's batches reuse a few compiled shapes). Returns tokens int32[N, C], lengths int32[N], ended bool[N]
-    and the windows (all `batch_size` rows)."""
+    and the windows (all `batch_size` rows). `on_window` (`generate_batch`) may stop rows between windows."""
     n = len(rows)
     padded = list(rows) + [rows[0]] * (batch_size - n)
     # The buffer holds the longest prefix + the cap, rounded up to a power of two: one compiled loop serves
@@ -537,6 +538,14 @@ def _decode_rows(model, vocab: Vocab, rows: Sequence[_Row], batch_size: int):
         # Every window writes at least one token per running row (it carries at most 2K <= L - P of them), so
         # the cap ends this loop.
         tokens_np, length_np = jax.device_get((piece, length))
+        if on_window is not None:
+            units = [int(vocab.wait_units[tokens_np[b, : length_np[b]]].sum()) for b in range(n)]
+            stop = on_window(np.asarray(units, np.float64) * vc.time_unit_ms / 1000.0, done_np[:n].copy())
+            if stop is not None and np.any(stop):
+                done_np = done_np | np.pad(np.asarray(stop, bool), (0, batch_size - n))
+                done = jnp.asarray(done_np)
+                if done_np.all():
+                    break
         start = np.array([start[b] if done_np[b] else
                           next_window_start(tokens_np[b, : length_np[b]], padded[b].prefix_len, padded[b].keep, vocab)
                           for b in range(batch_size)], np.int32)
@@ -570,13 +579,14 @@ def _pieces(tokens, lengths, ended, rows: Sequence[_Row], windows, vocab: Vocab)
     return pieces
 
 
-def check_request(model, vocab: Vocab, request: Request) -> None:
-    """Raises `GenerationError` (one line) for a request `generate_batch` would refuse, decoding nothing."""
-    _prepare(model.config, vocab, request)
+def check_request(model_config, vocab: Vocab, request: Request) -> None:
+    """Raises `GenerationError` (one line) for a request `generate_batch` would refuse (for a model of this
+    `ModelConfig`), decoding nothing."""
+    _prepare(model_config, vocab, request)
 
 
-def generate_batch(model, vocab: Vocab, requests: Sequence[Request], batch_size: int | None = None
-                   ) -> list[GeneratedPiece]:
+def generate_batch(model, vocab: Vocab, requests: Sequence[Request], batch_size: int | None = None,
+                   on_window=None) -> list[GeneratedPiece]:
     """Samples one piece per request, all decoded as one batch (each with its own label, instruments, length,
     primer, sampling and seed); each gives the tokens it gives alone (`Request.sample`).
 
@@ -584,6 +594,9 @@ def generate_batch(model, vocab: Vocab, requests: Sequence[Request], batch_size:
       requests: the pieces; checked first, so a bad one fails the call before anything is decoded.
       batch_size: rows of the compiled loop, >= len(requests) (default len(requests)); the extra rows are
         stopped padding, so that callers with varying numbers of requests can keep to a few compiled shapes.
+      on_window: called between windows as on_window(seconds float64[N], done bool[N]) with each piece's music
+        so far (seconds) and the rows that have stopped; it may return bool[N], rows to stop now (a cancelled
+        or timed-out request: the row keeps what it wrote, `ended` False).
     Raises:
       GenerationError: as `generate`, for the first bad request; an empty list or a batch_size too small.
     """
@@ -593,7 +606,7 @@ def generate_batch(model, vocab: Vocab, requests: Sequence[Request], batch_size:
     if batch_size < len(requests):
         raise GenerationError(f"batch_size {batch_size} is smaller than the {len(requests)} requests")
     rows = [_prepare(model.config, vocab, r) for r in requests]
-    tokens, lengths, ended, windows = _decode_rows(model, vocab, rows, batch_size)
+    tokens, lengths, ended, windows = _decode_rows(model, vocab, rows, batch_size, on_window)
     return _pieces(tokens, lengths, ended, rows, windows, vocab)
 
 

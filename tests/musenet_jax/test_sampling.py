@@ -153,7 +153,7 @@ def test_a_bad_request_fails_the_batch_before_decoding(short_model, vocab):
     with pytest.raises(sampling.GenerationError, match="smaller than the 2 requests"):
         sampling.generate_batch(short_model, vocab, [good, good], batch_size=1)
     with pytest.raises(sampling.GenerationError, match="seconds must be in"):
-        sampling.check_request(short_model, vocab, dataclasses.replace(good, seconds=-1.0))
+        sampling.check_request(short_model.config, vocab, dataclasses.replace(good, seconds=-1.0))
     assert sampling.TRACE_COUNTS["decode_window"] == traces
 
 
