@@ -11,7 +11,15 @@ merged); the launcher's own lines start with `[launch]`, and the first ones give
 Failure handling: when one process exits non-zero the launcher stops the others (SIGTERM, then SIGKILL after
 --grace_s seconds) and exits with that process's code (128 + signal number if a signal ended it). On its own
 SIGTERM or SIGINT it forwards SIGTERM to every process and waits for them (musenet-train then saves a
-checkpoint and exits 0); a second signal kills them. Exits 0 when every process exits 0.
+checkpoint and exits 0); a second signal kills them. Exits 0 when every process exits 0. When all have
+ended, whatever is left in their process groups is killed (e.g. the coordination service's helper process
+that a dead process 0 leaves behind, see musenet_jax/distributed.py), so that a restart finds the port free.
+
+The grace period. A musenet-train process whose peer died names the missing process (one `error:` line,
+exit code 3) only after its --heartbeat_timeout_s; while it waits, a SIGTERM just asks it for a checkpoint
+that the dead peer prevents. A grace period shorter than that timeout would kill it before it says who
+died, so by default --grace_s is the command's --heartbeat_timeout_s (musenet-train's default when the
+command gives none) plus `GRACE_MARGIN_S`.
 """
 
 from __future__ import annotations
@@ -31,8 +39,16 @@ from launch import cli
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes to start (N).")
 _DEVICES = flags.DEFINE_integer("devices_per_process", 1, "CPU devices of each process (D).")
 _PORT = flags.DEFINE_integer("port", 0, "Coordinator port on 127.0.0.1 (0: pick a free one).")
-_GRACE = flags.DEFINE_float("grace_s", 10.0, "Seconds between SIGTERM and SIGKILL when stopping processes "
-                            "after one failed.")
+
+TRAIN_HEARTBEAT_TIMEOUT_S = 60.0  # musenet-train's --heartbeat_timeout_s default, seconds
+# Seconds beyond the heartbeat timeout: detection takes up to the timeout + 1 s after the peer's last beat,
+# and a busy host delays the survivor's exit further.
+GRACE_MARGIN_S = 15.0
+
+_GRACE = flags.DEFINE_float("grace_s", None, "Seconds between SIGTERM and SIGKILL when stopping processes "
+                            "after one failed. Default: the command's --heartbeat_timeout_s (musenet-train's "
+                            f"default, {TRAIN_HEARTBEAT_TIMEOUT_S:g}, when it gives none) + {GRACE_MARGIN_S:g}, "
+                            "so that musenet-train's survivors name the dead process before they are killed.")
 
 _print_lock = threading.Lock()
 
@@ -55,6 +71,23 @@ def _forward(index: int, stream) -> None:
             sys.stdout.write(f"[p{index}] {line if line.endswith(chr(10)) else line + chr(10)}")
             sys.stdout.flush()
     stream.close()
+
+
+def default_grace_s(command: list[str]) -> float:
+    """The default --grace_s, in seconds, for `command`: its --heartbeat_timeout_s (the last one given, as
+    absl reads it; `TRAIN_HEARTBEAT_TIMEOUT_S` without one) + `GRACE_MARGIN_S`."""
+    timeout = TRAIN_HEARTBEAT_TIMEOUT_S
+    for i, arg in enumerate(command):
+        name, equals, value = arg.partition("=")
+        if not name.startswith("-") or name.lstrip("-") != "heartbeat_timeout_s":
+            continue
+        if not equals:
+            value = command[i + 1] if i + 1 < len(command) else ""
+        try:
+            timeout = float(value)
+        except ValueError:  # the command will complain itself
+            pass
+    return timeout + GRACE_MARGIN_S
 
 
 def _exit_code(returncode: int) -> int:
@@ -106,8 +139,15 @@ class Job:
         self.wait()
 
     def wait(self) -> None:
+        """Waits for every process, then kills what is left in their groups (each started its own session):
+        leftovers may hold the output pipes open, and the port (module docstring)."""
         for proc in self.procs:
             proc.wait()
+        for proc in self.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):  # an empty group: nothing left
+                pass
         for thread in self.threads:
             thread.join(timeout=5)
 
@@ -123,8 +163,9 @@ def main(argv):
         raise cli.UsageError(f"--devices_per_process must be >= 1, got {_DEVICES.value}")
     if not 0 <= _PORT.value < 65536:
         raise cli.UsageError(f"--port must be in 0..65535, got {_PORT.value}")
-    if _GRACE.value < 0:
+    if _GRACE.value is not None and _GRACE.value < 0:
         raise cli.UsageError(f"--grace_s must be >= 0, got {_GRACE.value}")
+    grace_s = default_grace_s(command) if _GRACE.value is None else _GRACE.value
 
     signals = {"count": 0}
 
@@ -150,8 +191,9 @@ def main(argv):
         if failed is None and not forwarded:
             failed = next(((i, c) for i, c in enumerate(codes) if c not in (None, 0)), None)
             if failed is not None:
-                _say(f"[launch] process {failed[0]} exited with code {_exit_code(failed[1])}: stopping the others")
-                job.stop(_GRACE.value)
+                _say(f"[launch] process {failed[0]} exited with code {_exit_code(failed[1])}: stopping the others "
+                     f"(SIGTERM, then SIGKILL after {grace_s:g} s)")
+                job.stop(grace_s)
                 break
         if all(c is not None for c in codes):
             break

@@ -40,19 +40,39 @@ with `os._exit(ABORT_EXIT_CODE)`: no clean-up that could block on the dead peer.
 heartbeat is set to twice the timeout, as a backstop behind this clearer message. A failing collective
 (gloo reports a broken connection at once) waits for the watchdog's verdict for up to the timeout, so the
 error still names who is gone. Detection therefore takes between `timeout_s` and `timeout_s` + 1 s.
+
+The coordinator's death. JAX's coordination client ends its process at once with SIGABRT and a long fatal
+trace when its connection to the coordination service breaks (its error callback is a C++ `LOG(FATAL)`, and
+the hook that would replace it cannot call Python: it aborts on converting the error status). With the
+service inside process 0, every other process would die that way the moment process 0 does, before
+anything could name it. `initialize` therefore runs process 0's service in a helper child process
+(`CoordinationServiceProcess`, only in jobs of more than one process): when process 0 dies the service stays
+up, and the others see process 0's heartbeats stop like any other peer's, exit with `ABORT_EXIT_CODE` and
+name it. The helper ignores SIGINT and SIGTERM (process 0 handles those and exits in order); it stops when
+process 0 shuts JAX down at exit (after JAX's shutdown barrier, so no process still uses the service) and,
+when process 0 dies instead, once no process is connected to it any more (Linux, from /proc/net/tcp), at the
+latest after JAX's own heartbeat timeout plus `SERVICE_LINGER_MARGIN_S`: by then the service has itself
+declared process 0 dead, so no process still needs it. It must not outlive its job: a restarted job's service
+binds the same port beside it (gRPC sets SO_REUSEPORT), and the new processes could connect to the old one.
+Losing process 0's whole host takes the helper too: the others then still end through JAX's abort.
 """
 
 from __future__ import annotations
 
+import atexit
 import collections
+import contextlib
 import dataclasses
+import json
 import os
 import re
+import select
 import signal
+import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import jax
 import numpy as np
@@ -146,11 +166,19 @@ def initialize(options: Options) -> str | None:
     # SIGTERM belongs to `PreemptionFlag`: JAX's preemption notifier would otherwise take over the signal
     # from start-up on (a SIGTERM before training started would be swallowed instead of ending the process).
     jax.config.update("jax_enable_preemption_service", False)
-    try:
-        jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=max(int(2 * options.heartbeat_timeout_s), 2))
-    except (RuntimeError, ValueError) as e:  # XlaRuntimeError is a RuntimeError
-        where = options.coordinator_address or cluster or "the detected cluster"
-        raise DistributedError(f"cannot join the job at {where}: {first_line(e)}") from e
+    with _service_in_a_helper_process() as started:
+        try:
+            jax.distributed.initialize(**kwargs,
+                                       heartbeat_timeout_seconds=max(int(2 * options.heartbeat_timeout_s), 2))
+        except BaseException as e:
+            for service in started:  # nobody joined it
+                service.shutdown()
+            if not isinstance(e, RuntimeError | ValueError):  # XlaRuntimeError is a RuntimeError
+                raise
+            where = options.coordinator_address or cluster or "the detected cluster"
+            raise DistributedError(f"cannot join the job at {where}: {first_line(e)}") from e
+    for service in started:
+        atexit.register(_shutdown_at_exit, service)
     return (f"process {jax.process_index()} of {jax.process_count()} "
             f"({cluster or 'coordinator ' + str(options.coordinator_address)}), "
             f"{jax.local_device_count()} local of {jax.device_count()} devices")
@@ -170,6 +198,143 @@ def abort(message: str, code: int = ABORT_EXIT_CODE) -> None:
         sys.stdout.flush()
     finally:
         os._exit(code)
+
+
+# -- the coordination service in a helper process --------------------------------------------------
+SERVICE_LINGER_MARGIN_S = 5.0  # seconds after JAX's heartbeat timeout: a dead process 0's service stops
+SERVICE_START_TIMEOUT_S = 120.0  # importing jaxlib on a busy host; a hung helper must not hang start-up
+
+# The helper's program: jaxlib alone (not jax, not this package), so that it starts in a fraction of a second.
+# argv[1]: JSON [bind address, number of processes, the service's keyword arguments, linger seconds].
+_SERVICE_PROGRAM = r"""
+import json, os, select, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+parent = os.getppid()
+address, num_nodes, kwargs, linger_s = json.loads(sys.argv[1])
+try:
+    from jaxlib import _jax
+    service = _jax.get_distributed_runtime_service(address, num_nodes, **kwargs)
+except Exception as e:
+    lines = str(e).strip().splitlines()
+    print("error:", lines[0] if lines else type(e).__name__, flush=True)
+    sys.exit(1)
+print("ready", flush=True)
+
+def connected():  # established connections to the service; None where the system does not tell
+    port, count, known = f":{int(address.rsplit(':', 1)[1]):04X}", 0, False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = [row.split() for row in f.read().splitlines()[1:]]
+        except OSError:
+            continue
+        known = True
+        count += sum(row[1].endswith(port) and row[3] == "01" for row in rows)
+    return count if known else None
+
+while True:
+    readable, _, _ = select.select([0], [], [], 0.5)
+    data = os.read(0, 64) if readable else b""
+    if b"stop" in data:
+        service.shutdown()
+        os._exit(0)
+    if readable or os.getppid() != parent:  # end of file or a new parent: process 0 died
+        deadline = time.monotonic() + linger_s
+        while time.monotonic() < deadline and connected() != 0:
+            time.sleep(0.5)
+        os._exit(0)  # without shutdown(): it would wait for clients that are gone
+"""
+
+
+class CoordinationServiceProcess:
+    """JAX's coordination service running in a helper child process of process 0 (see module docstring).
+
+    Stands in for jaxlib's `DistributedRuntimeService`, whose only method is `shutdown()`.
+    Raises RuntimeError (one line) if the service does not start within `SERVICE_START_TIMEOUT_S` seconds.
+    """
+
+    def __init__(self, address: str, num_nodes: int, **kwargs):
+        linger_s = float(kwargs.get("heartbeat_timeout") or 100) + SERVICE_LINGER_MARGIN_S  # 100: JAX's default
+        # stderr is dropped: the helper may outlive process 0, and must not hold its output pipes open then.
+        self._proc = subprocess.Popen([sys.executable, "-c", _SERVICE_PROGRAM,
+                                       json.dumps([address, num_nodes, kwargs, linger_s])],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        status = ""
+        readable, _, _ = select.select([self._proc.stdout], [], [], SERVICE_START_TIMEOUT_S)
+        if readable:
+            status = self._proc.stdout.readline().decode(errors="replace").strip()
+        self._proc.stdout.close()
+        if status != "ready":
+            self._proc.kill()
+            code = self._proc.wait()
+            raise RuntimeError(f"the coordination service on {address} did not start: "
+                               f"{status.removeprefix('error: ') or f'its process ended with code {code}'}")
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Stops the service and waits up to `timeout_s` seconds for its process to end (then kills it)."""
+        if self._proc.poll() is None:
+            try:
+                self._proc.stdin.write(b"stop")
+                self._proc.stdin.close()
+            except OSError:  # it ended meanwhile
+                pass
+            try:
+                self._proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+
+
+class _JaxlibWithServiceProcess:
+    """jaxlib's `_jax` module as `jax.distributed` uses it, except that a service of more than one process
+    starts in a `CoordinationServiceProcess`."""
+
+    def __init__(self, module, started: list[CoordinationServiceProcess]):
+        self._module, self._started = module, started
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+    def get_distributed_runtime_service(self, address, num_nodes, **kwargs):
+        if num_nodes < 2:  # nobody to survive process 0
+            return self._module.get_distributed_runtime_service(address, num_nodes, **kwargs)
+        service = CoordinationServiceProcess(address, num_nodes, **kwargs)
+        self._started.append(service)
+        return service
+
+
+@contextlib.contextmanager
+def _service_in_a_helper_process() -> Iterator[list[CoordinationServiceProcess]]:
+    """Within: `jax.distributed.initialize` starts process 0's service in a helper process; yields the list of
+    those started. Without the private module attribute it patches (another JAX version), JAX's own service."""
+    from jax._src import distributed as jax_distributed
+
+    started: list[CoordinationServiceProcess] = []
+    module = getattr(jax_distributed, "_jax", None)
+    if module is None or not hasattr(module, "get_distributed_runtime_service"):
+        yield started
+        return
+    jax_distributed._jax = _JaxlibWithServiceProcess(module, started)
+    try:
+        yield started
+    finally:
+        jax_distributed._jax = module
+
+
+def _shutdown_at_exit(service: CoordinationServiceProcess) -> None:
+    # The client first: its shutdown is a barrier of every process, after which none uses the service. Left
+    # to interpreter teardown, the client's destructor could run after the service had stopped.
+    try:
+        jax.distributed.shutdown()
+    except Exception:  # a peer already gone: the service must stop all the same
+        pass
+    finally:
+        service.shutdown()
 
 
 # -- preemption ------------------------------------------------------------------------------------

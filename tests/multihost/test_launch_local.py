@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -93,3 +95,25 @@ def test_bad_flags_give_one_line(args, message):
     res = subprocess.run(_launch(*args), capture_output=True, text=True, timeout=120, cwd=REPO)
     assert res.returncode == 2
     assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_what_a_process_leaves_behind_in_its_group_is_killed_at_the_end():
+    # As a dead process 0 leaves its coordination service's helper process (musenet_jax/distributed.py).
+    child = ("import subprocess, sys; p = subprocess.Popen(['sleep', '120']); print('left', p.pid, flush=True); "
+             "sys.exit(5)")
+    res = subprocess.run(_launch("--num_processes=1", "--", sys.executable, "-c", child),
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert res.returncode == 5, res.stdout + res.stderr
+    pid = int(next(line for line in res.stdout.splitlines() if line.startswith("[p0] left ")).split()[-1])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        state = pathlib.Path(f"/proc/{pid}/stat")
+        if state.exists() and state.read_text().rsplit(")", 1)[1].split()[0] == "Z":  # killed, not reaped yet
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the launcher left {pid} running")
