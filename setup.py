@@ -11,7 +11,8 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["data_pipeline*", "musenet_jax*", "pallas_kernels*", "launch*"]),
     include_package_data=True,
-    package_data={"data_pipeline": ["corpus/**/*", "corpus/*"], "launch": ["recipes/*"], "musenet_jax": ["csrc/*.cc"]},
+    package_data={"data_pipeline": ["corpus/**/*", "corpus/*"], "launch": ["recipes/*"],
+                  "musenet_jax": ["csrc/*.cc", "static/*", "static/**/*"]},
     install_requires=[
         "numpy>=2.0,<3",
         "jax>=0.10.2,<0.11",
@@ -28,6 +29,8 @@ setup(
         "tensorboardX>=2.6,<3",
         "safetensors>=0.4,<1",
         "matplotlib>=3.8,<4",
+        "starlette>=1.10,<2",  # musenet-serve: the JSON API and the page
+        "uvicorn>=0.55,<0.56",
     ],
     extras_require={
         # Workdirs and data on Google Cloud Storage (gs://...) for pod jobs: run files through
@@ -41,6 +44,7 @@ setup(
             "miditok>=3.0.4,<4",  # reference tokenizer for benchmarks/tokenize.py
             "mido>=1.3,<2",  # hand-made MIDI files in tests
             "filelock>=3.12,<4",  # tests/conftest.py: the run's shared JAX compilation cache is locked with it
+            "selenium>=4.20,<5",  # tests/serve/test_browser.py drives Debian's chromium through its chromedriver
         ],
     },
     entry_points={
@@ -55,6 +59,7 @@ setup(
             "musenet-eval=launch.evaluate:run",
             "musenet-generate=launch.generate:run",
             "musenet-stats=launch.stats:run",
+            "musenet-serve=launch.serve:run",
         ],
     },
 )

@@ -65,3 +65,5 @@ musenet-stats "$OUT/generated/piece.mid" --vocab="$OUT/export/vocab.json" --refe
 echo "checkpoints, TensorBoard logs and metrics.jsonl: $OUT/tiny"
 echo "test-split evaluation: $OUT/eval_test.json; exported weights: $OUT/export"
 echo "generated piece: $OUT/generated/ (piece.mid, piece.png$([ ${#AUDIO[@]} -gt 0 ] && echo ', piece.wav'))"
+echo "compose with it in a browser (the co-composer page and its JSON API, on loopback):"
+echo "  . .venv/bin/activate && musenet-serve --model=$OUT/export    # then open http://127.0.0.1:8000/"

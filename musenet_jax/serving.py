@@ -1,0 +1,320 @@
+"""Serving generation to many clients: jobs, a bounded queue, and waiting requests decoded together.
+
+A `Job` is one client's request: `num_samples` pieces of one set of settings (`sampling.Request` rows, samples
+0..n-1 of its seed). The `Scheduler` owns the model. Its worker thread takes the oldest waiting jobs whose rows
+fit in `max_batch` (first come, first served; a job is never split, so its pieces finish together), decodes them
+as one batch with `sampling.generate_batch`, padded to a bucket size (the powers of two below `max_batch`, and
+`max_batch`) so that the compiled decode loop exists for a few batch shapes only (the sampler buckets the piece
+buffer). Between context windows it publishes each piece's progress (seconds of music written) and stops the
+rows of jobs that were cancelled (DELETE, or the client left) or ran past `max_job_seconds`.
+
+Bounded: at most `queue_size` jobs wait (`submit` raises `QueueFull`); the newest `keep_finished` finished jobs
+are kept (older ones are forgotten); a result holds its MIDI bytes, and its WAV once asked for.
+
+Threads: the worker decodes; the web server's event loop reads jobs (`Job.view`) and waits for their changes
+with `Job.listen`, which the worker wakes through the listener's loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import os
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Sequence
+
+import numpy as np
+
+from data_pipeline import encoding, rendering
+from data_pipeline.vocab import END, Vocab
+from musenet_jax import sampling
+
+FINAL = ("done", "failed", "cancelled")
+
+
+class QueueFull(Exception):
+    """The queue holds `queue_size` jobs; `retry_after` is a guess of the seconds until one finishes."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"the queue is full; retry in about {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclasses.dataclass
+class Result:
+    """One finished piece: body tokens int32[T] (given primer + generated, no END), how many were given, its length
+    (seconds), whether it ended (END) rather than being stopped, its notes and MIDI bytes, WAV bytes once made."""
+
+    tokens: np.ndarray
+    primer_tokens: int
+    seconds: float
+    ended: bool
+    notes: list[dict]
+    midi: bytes
+    wav: bytes | None = None
+
+
+class Job:
+    """One request of `num_samples` pieces; its state changes only under the scheduler's lock."""
+
+    def __init__(self, requests: Sequence[sampling.Request], target_seconds: float, settings: dict):
+        self.id = uuid.uuid4().hex
+        self.requests = list(requests)
+        self.target_seconds = target_seconds
+        self.settings = settings  # the request as understood, echoed to the client
+        self.status = "queued"
+        self.error: str | None = None
+        self.progress = [0.0] * len(requests)
+        self.results: list[Result] = []
+        self.created = time.monotonic()
+        self.started: float | None = None
+        self.cancel_requested = False
+        self._listeners: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+        self._listeners_lock = threading.Lock()
+
+    def listen(self) -> asyncio.Event:
+        """An event of the running loop, set after every change of this job (call `unlisten` when done)."""
+        event = asyncio.Event()
+        with self._listeners_lock:
+            self._listeners.add((asyncio.get_running_loop(), event))
+        return event
+
+    def unlisten(self, event: asyncio.Event) -> None:
+        with self._listeners_lock:
+            self._listeners = {(loop, e) for loop, e in self._listeners if e is not event}
+
+    def notify(self) -> None:
+        with self._listeners_lock:
+            listeners = list(self._listeners)
+        for loop, event in listeners:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # the listener's loop has closed (server shutting down)
+                pass
+
+
+class Scheduler:
+    """The worker thread and queue (module doc). Thread-safe; `close` stops the worker.
+
+    Args:
+      model, vocab: an exported model and its vocabulary.
+      max_batch: most rows decoded together (>= 1); also the most pieces one job may ask for.
+      queue_size: most jobs waiting (not yet decoding).
+      max_job_seconds: a job decoding longer than this (wall seconds) fails, its rows stopped.
+      keep_finished: finished jobs remembered for their clients.
+      audio: (fluidsynth, soundfont) to render WAV, or None.
+    """
+
+    def __init__(self, model, vocab: Vocab, *, max_batch: int = 4, queue_size: int = 32,
+                 max_job_seconds: float = 600.0, keep_finished: int = 256, audio: tuple[str, str] | None = None):
+        if max_batch < 1 or queue_size < 1 or not max_job_seconds > 0:
+            raise ValueError("max_batch and queue_size must be >= 1 and max_job_seconds > 0")
+        self.model, self.vocab = model, vocab
+        self.max_batch, self.queue_size, self.max_job_seconds = max_batch, queue_size, max_job_seconds
+        self.keep_finished, self.audio = keep_finished, audio
+        self.buckets = sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch} | {max_batch})
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
+        self._finished: collections.deque[str] = collections.deque()
+        self._closed = False
+        self._seconds_per_batch = 10.0  # running mean of a batch's wall time, for Retry-After
+        self.counts = collections.Counter()  # jobs by final status, batches, rows
+        self.batch_sizes = collections.Counter()  # rows per decoded batch (before padding) -> batches
+        self._thread = threading.Thread(target=self._run, name="musenet-serve-decoder", daemon=True)
+        self._thread.start()
+
+    # -- the clients' side ------------------------------------------------------------------------------
+    def submit(self, requests: Sequence[sampling.Request], target_seconds: float, settings: dict) -> Job:
+        """Queues a job of checked requests (`sampling.check_request`); raises QueueFull."""
+        if not 1 <= len(requests) <= self.max_batch:
+            raise ValueError(f"num_samples must be in 1..{self.max_batch}")
+        job = Job(requests, target_seconds, settings)
+        with self._cv:
+            if self._closed:
+                raise QueueFull(60)
+            if len(self._waiting) >= self.queue_size:
+                batches_ahead = 1 + len(self._waiting) * len(requests) // self.max_batch
+                raise QueueFull(max(1, round(batches_ahead * self._seconds_per_batch)))
+            self._jobs[job.id] = job
+            self._waiting.append(job)
+            self._cv.notify_all()
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self._cv:
+            return self._jobs.get(job_id)
+
+    def cancel(self, job: Job) -> None:
+        """Stops a job: a waiting one at once, a decoding one at its next window boundary."""
+        with self._cv:
+            if job.status in FINAL:
+                return
+            job.cancel_requested = True
+            if job.status == "queued":
+                self._waiting.remove(job)
+                self._finish(job, "cancelled")
+        job.notify()
+
+    def view(self, job: Job) -> dict:
+        """The job's state as JSON-ready values, read under the lock (results: `Result`s, unconverted)."""
+        with self._cv:
+            return {"id": job.id, "status": job.status, "error": job.error, "progress": list(job.progress),
+                    "target_seconds": job.target_seconds, "settings": job.settings,
+                    "results": list(job.results) if job.status == "done" else []}
+
+    def wav(self, result: Result) -> bytes:
+        """The result's audio, rendered on first use (raises rendering.RenderError)."""
+        if result.wav is None:
+            if self.audio is None:
+                raise rendering.RenderError("this server cannot render audio (fluidsynth or a soundfont missing)")
+            with tempfile.TemporaryDirectory(prefix="musenet-serve-") as tmp:
+                midi, wav = os.path.join(tmp, "piece.mid"), os.path.join(tmp, "piece.wav")
+                with open(midi, "wb") as f:
+                    f.write(result.midi)
+                fluidsynth, soundfont = self.audio
+                rendering.render_wav(midi, wav, soundfont=soundfont, fluidsynth=fluidsynth, timeout_s=120.0)
+                with open(wav, "rb") as f:
+                    result.wav = f.read()
+        return result.wav
+
+    def stats(self) -> dict:
+        """Counters for operators and tests: batches formed by size, compiled decode loops, queue length."""
+        with self._cv:
+            by_rows = {str(k): v for k, v in sorted(self.batch_sizes.items())}
+            return {"queued": len(self._waiting), "jobs": dict(self.counts), "max_batch": self.max_batch,
+                    "buckets": self.buckets, "batches_by_rows": by_rows,
+                    "compiled_decode_loops": sampling.TRACE_COUNTS["decode_window"]}
+
+    def close(self) -> None:
+        """Cancels every job (decoding ones stop at their next window) and stops the worker."""
+        with self._cv:
+            self._closed = True
+            for job in list(self._waiting):
+                job.cancel_requested = True
+                self._finish(job, "cancelled")
+            self._waiting.clear()
+            for job in self._jobs.values():
+                job.cancel_requested = True
+            self._cv.notify_all()
+        self._thread.join(timeout=60)
+
+    # -- the worker -------------------------------------------------------------------------------------
+    def _finish(self, job: Job, status: str, error: str | None = None) -> None:
+        """Under the lock: a final status; the oldest finished jobs beyond `keep_finished` are forgotten."""
+        job.status, job.error = status, error
+        self.counts[status] += 1
+        self._finished.append(job.id)
+        while len(self._finished) > self.keep_finished:
+            self._jobs.pop(self._finished.popleft(), None)
+
+    def _take(self) -> list[Job]:
+        """Under the lock: the oldest waiting jobs whose rows fit in one batch, now running."""
+        jobs, rows = [], 0
+        while self._waiting and rows + len(self._waiting[0].requests) <= self.max_batch:
+            job = self._waiting.popleft()
+            job.status, job.started = "running", time.monotonic()
+            jobs.append(job)
+            rows += len(job.requests)
+        return jobs
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._waiting and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                jobs = self._take()
+            for job in jobs:
+                job.notify()
+            t0 = time.monotonic()
+            try:
+                self._decode(jobs)
+            except Exception as e:  # a bug, not bad input (requests are checked at submit): keep serving
+                traceback.print_exc(file=sys.stderr)
+                with self._cv:
+                    for job in jobs:
+                        if job.status not in FINAL:
+                            self._finish(job, "failed", f"internal error while decoding ({type(e).__name__})")
+                for job in jobs:
+                    job.notify()
+            self._seconds_per_batch = 0.8 * self._seconds_per_batch + 0.2 * (time.monotonic() - t0)
+
+    def _decode(self, jobs: list[Job]) -> None:
+        requests = [r for job in jobs for r in job.requests]
+        spans, at = [], 0
+        for job in jobs:
+            spans.append((job, slice(at, at + len(job.requests))))
+            at += len(job.requests)
+        timed_out: set[str] = set()
+
+        def on_window(seconds: np.ndarray, done: np.ndarray) -> np.ndarray:
+            stop = np.zeros(len(requests), bool)
+            now = time.monotonic()
+            with self._cv:
+                for job, rows in spans:
+                    job.progress = [float(x) for x in seconds[rows]]
+                    if now - job.started > self.max_job_seconds:
+                        timed_out.add(job.id)
+                    stop[rows] = job.cancel_requested or job.id in timed_out
+            for job, _ in spans:
+                job.notify()
+            return stop
+
+        bucket = min(b for b in self.buckets if b >= len(requests))
+        pieces = sampling.generate_batch(self.model, self.vocab, requests, batch_size=bucket, on_window=on_window)
+        with self._cv:
+            self.batch_sizes[len(requests)] += 1
+            self.counts["batches"] += 1
+            self.counts["rows"] += len(requests)
+        for job, rows in spans:
+            results = [] if job.cancel_requested or job.id in timed_out else [
+                self._result(p) for p in pieces[rows]]
+            with self._cv:
+                if job.cancel_requested:
+                    self._finish(job, "cancelled")
+                elif job.id in timed_out:
+                    self._finish(job, "failed", f"the job ran past the server's limit of {self.max_job_seconds:g} s")
+                else:
+                    job.progress = [p.seconds for p in pieces[rows]]
+                    job.results = results
+                    self._finish(job, "done")
+            job.notify()
+
+    def _result(self, piece: sampling.GeneratedPiece) -> Result:
+        body = piece.tokens[piece.prefix_len:]
+        body = body[:-1] if len(body) and body[-1] == END else body
+        notes, duration = encoding.decode_tokens(body, self.vocab)
+        with tempfile.TemporaryDirectory(prefix="musenet-serve-") as tmp:
+            path = os.path.join(tmp, "piece.mid")
+            encoding.notes_to_midi(notes, self.vocab, path, duration_units=duration)
+            with open(path, "rb") as f:
+                midi = f.read()
+        return Result(body.astype(np.int32), piece.primer_len, piece.seconds, piece.ended,
+                      note_list(notes, self.vocab), midi)
+
+
+def note_list(notes: encoding.Notes, vocab: Vocab) -> list[dict]:
+    """Notes as JSON-ready dicts: instrument name, MIDI pitch and velocity, start / end in seconds, drum flag."""
+    unit = vocab.config.time_unit_ms / 1000.0
+    names = vocab.instruments.names
+    return [{"instrument": names[int(i)], "pitch": int(p), "velocity": int(v), "start": round(float(s) * unit, 4),
+             "end": round(float(e) * unit, 4), "drum": int(i) == vocab.drums_index}
+            for i, p, v, s, e in zip(notes.instrument, notes.pitch, notes.velocity, notes.start, notes.end,
+                                     strict=True)]
+
+
+def warm_up(scheduler: Scheduler, seconds: float = 1.0) -> None:
+    """Compiles the decode loop for every batch bucket now (a short piece per row), so that the first clients do
+    not wait for it; the piece buffer of longer requests may still compile once."""
+    vocab = scheduler.vocab
+    request = sampling.Request(None, (vocab.instruments.names[0],), seconds)
+    for bucket in scheduler.buckets:
+        sampling.generate_batch(scheduler.model, vocab, [request], batch_size=bucket)
