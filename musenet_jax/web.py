@@ -25,6 +25,7 @@ import dataclasses
 import hmac
 import json
 import math
+import mimetypes
 import os
 import random
 import re
@@ -48,6 +49,10 @@ from data_pipeline.vocab import Vocab
 from musenet_jax import sampling, serving
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+# The page's scripts are ES modules, which browsers run only when served with a JavaScript type. StaticFiles
+# takes types from `mimetypes`, which reads the system's tables (some map .js to text/plain): set them here.
+mimetypes.add_type("text/javascript", ".js")
+mimetypes.add_type("text/css", ".css")
 OPENING_SECONDS = 8.0  # the first bars of a bundled piece, offered as an opening
 OPENINGS_PER_LABEL = 2
 KEEPALIVE_S = 15.0  # an event stream sends a comment this often, so proxies and clients see it alive

@@ -222,6 +222,28 @@ def script_errors(driver) -> list[str]:
 
 
 # -- the tests -------------------------------------------------------------------------------------------
+def test_the_page_and_its_modules_are_served_with_their_types(server):
+    """The page's scripts are ES modules: a browser runs one only when it comes as JavaScript, and each of its
+    imports (relative paths) must be there too."""
+    status, headers, page = server.request("GET", "/")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    html = page.decode()
+    assert '<script type="module" src="/static/app.js">' in html
+    status, headers, _ = server.request("GET", "/static/app.css")
+    assert status == 200 and headers["content-type"].startswith("text/css"), headers
+    todo, seen = ["app.js"], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        status, headers, body = server.request("GET", f"/static/{name}")
+        assert status == 200, name
+        assert headers["content-type"].split(";")[0] in ("text/javascript", "application/javascript"), (name, headers)
+        todo += re.findall(r'^import [^;]*? from "\./([\w-]+\.js)";', body.decode(), re.M)
+    assert {"app.js", "api.js", "roll.js", "synth.js", "tree.js"} <= seen, seen
+
+
 def test_simple_mode_generates_plays_and_downloads_candidates(browser, server, vocab, artefacts):
     driver = browser.driver
     open_page(browser, server, "simple")
