@@ -84,7 +84,7 @@ def main(argv):
     fluidsynth, soundfont = rendering.find_fluidsynth(), rendering.find_soundfont()
     audio = (fluidsynth, soundfont) if fluidsynth and soundfont else None
     scheduler = serving.Scheduler(model, vocab, max_batch=_MAX_BATCH.value, queue_size=_QUEUE_SIZE.value,
-                                  max_job_seconds=_MAX_JOB_SECONDS.value, audio=audio)
+                                  max_job_seconds=_MAX_JOB_SECONDS.value, audio=audio, max_seconds=max_seconds)
     try:
         if _WARMUP.value:
             serving.warm_up(scheduler)

@@ -258,25 +258,71 @@ def allowed_body_tokens(vocab: Vocab, instruments: Sequence[int]) -> np.ndarray:
 # --- The jitted window loop. ------------------------------------------------------------------------------
 
 
-def _filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Top-k then nucleus filtering of logits [B, V] (-inf = masked); top_k int32[] or [B] (0 = off), top_p
-    float32[] or [B] (1 = off)."""
-    bsz, v = logits.shape
-    top_k, top_p = jnp.broadcast_to(top_k, (bsz,)), jnp.broadcast_to(top_p, (bsz,))
+_BISECTIONS = 48  # halvings of a threshold's interval: past float32's resolution for logits and probabilities
+_NUCLEUS_CANDIDATES = 64  # a nucleus is looked for among a row's most likely tokens first (`_draw`)
 
-    def filtered(logits):
-        ordered = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V] descending
-        k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
-        kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)
-        ordered = jnp.where(ordered >= kth, ordered, -jnp.inf)
-        probs = jax.nn.softmax(ordered, axis=-1)
-        # Keep a token while the mass strictly before it is < p: the most likely token always survives.
-        # Rows with top_p = 1 keep every token (rounding could lift the mass before the tail to 1).
-        keep = ((jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]) | (top_p >= 1.0)[:, None]
-        cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
-        return jnp.where(logits >= jnp.maximum(cutoff, kth), logits, -jnp.inf)
 
-    return jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1.0)), filtered, lambda x: x, logits)
+def _largest_threshold(values: jax.Array, lo: jax.Array, hi: jax.Array, enough) -> jax.Array:
+    """float32[B, 1]: per row, the largest t in [lo, hi] with enough(values >= t) (True at lo, monotone in t), by
+    bisection: passes over [B, V] instead of a sort, which on a CPU costs more than the model's step."""
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) / 2
+        ok = enough(values >= mid)
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, _BISECTIONS, halve, (lo, hi))
+    return lo
+
+
+def _draw(keys: jax.Array, logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """int32[B]: one token per row of logits [B, V] (-inf: never) after top-k then nucleus filtering.
+
+    Top-k (top_k int32[B], 0 = off) keeps the logits >= the k-th largest. The nucleus (top_p float32[B], 1 = off)
+    then keeps the smallest set of most likely tokens whose probability reaches top_p (tokens tied at its
+    boundary all stay; the most likely token always does). The token is drawn by inverting the kept
+    distribution at one uniform draw from the row's key, with no sort of the V logits: a sort, or the V Gumbel
+    numbers of jax.random.categorical, cost more than the model's step on a CPU and grow with the batch. A row
+    whose nucleus lies among its `_NUCLEUS_CANDIDATES` most likely tokens (the usual case) is drawn from those,
+    most likely first; any other row from all V tokens in id order (its threshold found by bisection). Which
+    of the two applies depends on the row alone, so a row draws the same token in any batch.
+    """
+    v = logits.shape[-1]
+    u = 1.0 - jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(keys)[:, None]  # (0, 1]
+
+    def by_top_k(logits):
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)[:, None]
+        top = jnp.max(logits, axis=-1, keepdims=True)
+        low = jnp.min(jnp.where(jnp.isfinite(logits), logits, top), axis=-1, keepdims=True)
+        kth = _largest_threshold(logits, low, top, lambda kept: jnp.sum(kept, -1, keepdims=True) >= k)
+        return jnp.where(logits >= kth, logits, -jnp.inf)
+
+    logits = jax.lax.cond(jnp.any(top_k > 0), by_top_k, lambda x: x, logits)
+    probs = jax.nn.softmax(logits, axis=-1)
+    mass = top_p[:, None]
+    count = min(_NUCLEUS_CANDIDATES, v)
+    top, ids = jax.lax.top_k(probs, count)  # [B, C], most likely first
+    reached = jnp.sum(jnp.cumsum(top, axis=-1) < mass, axis=-1, keepdims=True)  # C: not among the candidates
+    among = (reached < count) & (mass < 1.0)  # [B, 1]
+    boundary = jnp.take_along_axis(top, jnp.minimum(reached, count - 1), axis=-1)
+
+    def inverse_cdf(weights):  # [B, N] >= 0 -> the first index whose cumulative weight reaches u of the total
+        cdf = jnp.cumsum(weights, axis=-1)
+        return jnp.minimum(jnp.sum(cdf < u * cdf[:, -1:], axis=-1), weights.shape[-1] - 1)
+
+    from_candidates = jnp.take_along_axis(ids, inverse_cdf(jnp.where(top >= boundary, top, 0.0))[:, None], -1)[:, 0]
+
+    def threshold(_):  # rows whose nucleus is wider than the candidates; 0 for the others
+        found = _largest_threshold(probs, jnp.zeros_like(mass), top[:, :1],
+                                   lambda kept: jnp.sum(jnp.where(kept, probs, 0.0), -1, keepdims=True) >= mass)
+        return jnp.where(among | (mass >= 1.0), 0.0, found)
+
+    def from_all(_):
+        wide = jax.lax.cond(jnp.any(~among & (mass < 1.0)), threshold, jnp.zeros_like, mass)
+        return jnp.where(among[:, 0], from_candidates, inverse_cdf(jnp.where(probs >= wide, probs, 0.0)))
+
+    return jax.lax.cond(jnp.all(among), lambda _: from_candidates, from_all, None).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -342,9 +388,8 @@ def _decode_window(graphdef, state, piece, timing, chord, length, done, ended, s
         # Constraints for the new token (see module doc). When a row samples, `tok` is its piece's last token and
         # `sounding` the state after it.
         logits = decode_rules.constrain(logits, sounding, tok, nxt_timing, limits, rules)
-        logits = _filter_logits(logits / temperature[:, None], top_k, top_p)
         keys = jax.vmap(jax.random.fold_in)(row_keys, nxt)
-        sampled = jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+        sampled = _draw(keys, logits / temperature[:, None], top_k, top_p)
 
         at = jnp.where(sample, nxt, capacity)  # rows that copy write nothing (out of bounds: dropped)
         piece = piece.at[rows, at].set(sampled, mode="drop")
@@ -484,15 +529,20 @@ def _prepare(model_config, vocab: Vocab, request: Request) -> _Row:
                 decode_rules.max_note_units(max_note_seconds, vocab))
 
 
-def _decode_rows(model, vocab: Vocab, rows: Sequence[_Row], batch_size: int, on_window=None):
+def piece_buffer(vocab: Vocab, max_tokens: int) -> int:
+    """C: the piece buffer's size (tokens) for body caps up to `max_tokens`: the longest prefix + the cap, rounded
+    up to a power of two, so that one compiled loop serves every label, instrument choice, length and nearby cap."""
+    return 1 << (input_pipeline.max_prefix_len(vocab) + max_tokens - 1).bit_length()
+
+
+def _decode_rows(model, vocab: Vocab, rows: Sequence[_Row], batch_size: int, on_window=None,
+                 capacity: int | None = None):
     """The window loop over `rows`, padded to `batch_size` rows with stopped copies of the first (so that a
     server's batches reuse a few compiled shapes). Returns tokens int32[N, C], lengths int32[N], ended bool[N]
     and the windows (all `batch_size` rows). `on_window` (`generate_batch`) may stop rows between windows."""
     n = len(rows)
     padded = list(rows) + [rows[0]] * (batch_size - n)
-    # The buffer holds the longest prefix + the cap, rounded up to a power of two: one compiled loop serves
-    # every label, instrument choice, length and nearby cap.
-    capacity = 1 << (input_pipeline.max_prefix_len(vocab) + max(r.cap for r in padded) - 1).bit_length()
+    capacity = max(capacity or 0, piece_buffer(vocab, max(r.cap for r in padded)))
     piece, timing, chord = (np.zeros((batch_size, capacity), np.int32) for _ in range(3))
     states = []
     for b, row in enumerate(padded):
@@ -586,7 +636,7 @@ def check_request(model_config, vocab: Vocab, request: Request) -> None:
 
 
 def generate_batch(model, vocab: Vocab, requests: Sequence[Request], batch_size: int | None = None,
-                   on_window=None) -> list[GeneratedPiece]:
+                   on_window=None, capacity: int | None = None) -> list[GeneratedPiece]:
     """Samples one piece per request, all decoded as one batch (each with its own label, instruments, length,
     primer, sampling and seed); each gives the tokens it gives alone (`Request.sample`).
 
@@ -597,6 +647,8 @@ def generate_batch(model, vocab: Vocab, requests: Sequence[Request], batch_size:
       on_window: called between windows as on_window(seconds float64[N], done bool[N]) with each piece's music
         so far (seconds) and the rows that have stopped; it may return bool[N], rows to stop now (a cancelled
         or timed-out request: the row keeps what it wrote, `ended` False).
+      capacity: the piece buffer's size at least (`piece_buffer`); a server that passes the size for its longest
+        piece compiles one loop per batch size, whatever the lengths asked.
     Raises:
       GenerationError: as `generate`, for the first bad request; an empty list or a batch_size too small.
     """
@@ -606,7 +658,7 @@ def generate_batch(model, vocab: Vocab, requests: Sequence[Request], batch_size:
     if batch_size < len(requests):
         raise GenerationError(f"batch_size {batch_size} is smaller than the {len(requests)} requests")
     rows = [_prepare(model.config, vocab, r) for r in requests]
-    tokens, lengths, ended, windows = _decode_rows(model, vocab, rows, batch_size, on_window)
+    tokens, lengths, ended, windows = _decode_rows(model, vocab, rows, batch_size, on_window, capacity)
     return _pieces(tokens, lengths, ended, rows, windows, vocab)
 
 

@@ -109,13 +109,19 @@ class Scheduler:
       max_job_seconds: a job decoding longer than this (wall seconds) fails, its rows stopped.
       keep_finished: finished jobs remembered for their clients.
       audio: (fluidsynth, soundfont) to render WAV, or None.
+      max_seconds: the longest piece a request may ask for; every batch uses the piece buffer of that length
+        (`sampling.piece_buffer`), so the decode loop compiles once per batch size. None: the model's limit.
     """
 
     def __init__(self, model, vocab: Vocab, *, max_batch: int = 4, queue_size: int = 32,
-                 max_job_seconds: float = 600.0, keep_finished: int = 256, audio: tuple[str, str] | None = None):
+                 max_job_seconds: float = 600.0, keep_finished: int = 256, audio: tuple[str, str] | None = None,
+                 max_seconds: float | None = None):
         if max_batch < 1 or queue_size < 1 or not max_job_seconds > 0:
             raise ValueError("max_batch and queue_size must be >= 1 and max_job_seconds > 0")
         self.model, self.vocab = model, vocab
+        limit = sampling.max_seconds(model.config, vocab)
+        self.max_seconds = limit if max_seconds is None else min(max_seconds, limit)
+        self.capacity = sampling.piece_buffer(vocab, sampling.default_max_tokens(self.max_seconds, model.config))
         self.max_batch, self.queue_size, self.max_job_seconds = max_batch, queue_size, max_job_seconds
         self.keep_finished, self.audio = keep_finished, audio
         self.buckets = sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch} | {max_batch})
@@ -269,7 +275,8 @@ class Scheduler:
             return stop
 
         bucket = min(b for b in self.buckets if b >= len(requests))
-        pieces = sampling.generate_batch(self.model, self.vocab, requests, batch_size=bucket, on_window=on_window)
+        pieces = sampling.generate_batch(self.model, self.vocab, requests, batch_size=bucket, on_window=on_window,
+                                         capacity=self.capacity)
         with self._cv:
             self.batch_sizes[len(requests)] += 1
             self.counts["batches"] += 1
@@ -311,10 +318,10 @@ def note_list(notes: encoding.Notes, vocab: Vocab) -> list[dict]:
                                      strict=True)]
 
 
-def warm_up(scheduler: Scheduler, seconds: float = 1.0) -> None:
-    """Compiles the decode loop for every batch bucket now (a short piece per row), so that the first clients do
-    not wait for it; the piece buffer of longer requests may still compile once."""
+def warm_up(scheduler: Scheduler, seconds: float = 0.5) -> None:
+    """Compiles the decode loop for every batch bucket now (a short piece in one row), so that the first clients
+    do not wait for it."""
     vocab = scheduler.vocab
-    request = sampling.Request(None, (vocab.instruments.names[0],), seconds)
+    request = sampling.Request(None, (vocab.instruments.names[0],), min(seconds, scheduler.max_seconds))
     for bucket in scheduler.buckets:
-        sampling.generate_batch(scheduler.model, vocab, [request], batch_size=bucket)
+        sampling.generate_batch(scheduler.model, vocab, [request], batch_size=bucket, capacity=scheduler.capacity)

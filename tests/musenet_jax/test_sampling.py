@@ -563,3 +563,43 @@ def test_default_guard_and_bad_guard(vocab):
             decode_rules_piece(vocab, adversary(vocab, "uniform"), max_note_seconds=bad)
     assert decode_rules.max_note_units(0.0, vocab) == decode_rules.max_note_units(None, vocab) == 0
     assert decode_rules.max_note_units(1e-6, vocab) == 1  # at least one unit
+
+
+def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """Reference: the smallest set of most likely tokens whose mass reaches top_p (by sorting)."""
+    order = np.argsort(-probs, kind="stable")
+    before = np.cumsum(probs[order]) - probs[order]
+    return np.sort(order[before < top_p])
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.95, 1.0])
+def test_draw_follows_the_nucleus_distribution_in_any_batch(top_p):
+    """`_draw` without a sort: a peaked row (its nucleus among the candidates) and a flat one (wider than the
+    candidates, found by bisection) each draw only nucleus tokens, as often as their renormalised probability,
+    and the same token alone as beside the other row."""
+    v, n = 300, 4000
+    rng = np.random.default_rng(0)
+    peaked = rng.normal(size=v) * 4.0
+    flat = rng.normal(size=v) * 0.3
+    logits = jnp.asarray(np.stack([peaked, flat]), jnp.float32)
+    draw = jax.jit(jax.vmap(lambda key, row, p: sampling._draw(key[None], row[None], jnp.zeros((1,), jnp.int32),
+                                                               p[None])[0], in_axes=(0, None, None)))
+    keys = jax.random.split(jax.random.key(1), n)
+    for row in range(2):
+        probs = np.asarray(jax.nn.softmax(logits[row]))
+        keep = _nucleus(probs, top_p) if top_p < 1.0 else np.arange(v)
+        if top_p < 1.0:  # the peaked row's nucleus lies among the candidates, the flat row's does not
+            assert (len(keep) > sampling._NUCLEUS_CANDIDATES) == (row == 1)
+        tokens = np.asarray(draw(keys, logits[row], jnp.float32(top_p)))
+        assert set(tokens.tolist()) <= set(keep.tolist())
+        expected = np.zeros(v)
+        expected[keep] = probs[keep] / probs[keep].sum()
+        frequency = np.bincount(tokens, minlength=v) / n
+        assert np.abs(frequency - expected).max() < 4 * np.sqrt(expected.max() / n) + 1e-9
+    # Batched: each row draws what it draws alone (the candidate path for one, the bisection for the other).
+    batch_keys = jax.random.split(jax.random.key(2), 2)
+    together = sampling._draw(batch_keys, logits, jnp.zeros((2,), jnp.int32), jnp.full((2,), top_p))
+    for row in range(2):
+        alone = sampling._draw(batch_keys[row:row + 1], logits[row:row + 1], jnp.zeros((1,), jnp.int32),
+                               jnp.full((1,), top_p))
+        assert int(together[row]) == int(alone[0])
