@@ -24,6 +24,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # data.seq_len and model.max_len: one value; musenet-train refuses overrides giving them different ones.
     seq_len = ml_collections.FieldReference(4096)
 
     config.model = ml_collections.ConfigDict(dict(

@@ -63,6 +63,36 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(f"cannot read the flags: {type(e).__name__}: {e} (see --help)", code=2)
 
 
+def linked_fields(config) -> list[tuple[str, ...]]:
+    """The dotted paths of an `ml_collections.ConfigDict`'s fields that share one `FieldReference` (setting one
+    sets them all, e.g. data.seq_len and model.max_len), in groups of two or more, in the config's order."""
+    from ml_collections import ConfigDict, FieldReference
+
+    groups: dict[int, list[str]] = {}
+
+    def walk(node, prefix: str) -> None:
+        for key, field in node.items(preserve_field_references=True):
+            if isinstance(field, ConfigDict):
+                walk(field, f"{prefix}{key}.")
+            elif isinstance(field, FieldReference):
+                groups.setdefault(id(field), []).append(f"{prefix}{key}")
+
+    walk(config, "")
+    return [tuple(paths) for paths in groups.values() if len(paths) > 1]
+
+
+def check_linked_overrides(config, overrides: dict) -> None:
+    """UsageError when command-line overrides (`{"data.seq_len": 512}`, as `config_flags.get_override_values`
+    gives them) set fields of one `linked_fields` group to different values: the last one would silently win.
+    Overriding one field of a group sets them all (the config's FieldReference), as before."""
+    for group in linked_fields(config):
+        given = {path: overrides[path] for path in group if path in overrides}
+        if len({repr(v) for v in given.values()}) > 1:
+            flags_given = " and ".join(f"--config.{path}={value}" for path, value in given.items())
+            raise UsageError(f"{flags_given} set one value: the config links {', '.join(group)}; give one of "
+                             "them (the others follow) or the same value to each")
+
+
 def run(main: Callable[[list[str]], None],
         flags_parser: Callable[[list[str]], list[str]] = parse_flags) -> None:
     """`absl.app.run` for a guarded main, with one-line flag errors and a `--help` that lists main's flags."""

@@ -6,7 +6,8 @@ r"""musenet-eval: how well a model predicts held-out music, in bits per token, p
     [--attention_impl=cpu] [--baseline_order=N] [--baselines=false]
 
 The model comes from an export directory (--model) or a training workdir (--workdir; newest checkpoint
-unless --step). The music is every *.mid / *.midi under --midi_dir (recursive, sorted; encoded with the
+unless --step; a checkpoint that fails its manifest check is refused in one line listing the other steps).
+The music is every *.mid / *.midi under --midi_dir (recursive, sorted; encoded with the
 model's vocabulary; files that cannot be read are skipped and listed) or the pieces of a built dataset
 split (--split, --data_dir, --dataset; the dataset's vocabulary must be the model's).
 

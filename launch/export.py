@@ -4,6 +4,8 @@ r"""musenet-export: a training checkpoint's model parameters as a portable infer
 
 Writes `model.safetensors` (parameters only, no optimizer state), `config.json` and `vocab.json` into --out,
 which must not exist or be empty; the directory appears complete or not at all. Default: the newest step.
+The checkpoint's files are checked against its manifest first; a damaged one is refused in one line that lists
+the other steps to pass as --step.
 """
 
 from __future__ import annotations

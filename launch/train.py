@@ -8,7 +8,11 @@ r"""musenet-train: train a MuseNet-class model on a built dataset, on one proces
     musenet-launch --num_processes=2 --devices_per_process=4 -- musenet-train --config=... ...
 
 The run resumes from the newest checkpoint in --workdir, also onto another process count or mesh. The run
-length is `config.train.total_steps`.
+length is `config.train.total_steps`. One trainer at a time writes a workdir: a second one started on it stops with
+one line naming the first (`musenet_jax.lease`).
+
+Linked config fields: data.seq_len and model.max_len are one value (a FieldReference in configs/*.py): override
+either and both change; giving them different values is a usage error.
 
 Distributed start-up happens before any other JAX use: --distributed=auto (default) joins a job when the
 three explicit flags are given or a cluster is detected (TPU VM pod worker, SLURM job with more than one
@@ -53,6 +57,7 @@ def main(argv):
         raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if _CONFIG.value is None:
         raise cli.UsageError("--config is required (e.g. --config=configs/tiny.py)")
+    cli.check_linked_overrides(_CONFIG.value, config_flags.get_override_values(flags.FLAGS["config"]))
     if not _WORKDIR.value or not _DATA_DIR.value:
         raise cli.UsageError("--workdir and --data_dir are required")
     from musenet_jax import distributed  # after flag parsing: importing JAX is slow

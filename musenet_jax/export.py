@@ -10,6 +10,10 @@ the parameter paths joined with '/', e.g. `token_embed`, `stack/blocks/0/attenti
 layers keep their leading [L_stacked] axis; see `musenet_jax.model`). Loading reads the safetensors file
 with `safetensors.numpy` and two JSON files: nothing is ever unpickled.
 
+Reading a checkpoint (export, `load_checkpoint`) first checks its files against its manifest
+(`musenet_jax.checkpoints`): a damaged checkpoint is refused in one line that lists the other steps to choose
+from; one saved before manifests were written is read unverified, with a note on stderr.
+
 config.json: {"format": "musenet-export-v1", "model": ModelConfig.to_dict(), "step": N, "dtype": name}.
 The model config's `param_dtype` is the export dtype, so the loaded model holds its parameters in the
 dtype they were stored in (bfloat16 halves the file; compute dtype is unchanged).
@@ -21,6 +25,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
 
 import grain
@@ -31,8 +36,8 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from data_pipeline.vocab import Vocab
+from musenet_jax import checkpoints, run_dir
 from musenet_jax import model as model_lib
-from musenet_jax import run_dir
 
 FORMAT = "musenet-export-v1"
 DTYPES = ("float32", "bfloat16")
@@ -76,6 +81,7 @@ def _manager(workdir: str) -> ocp.CheckpointManager:
         raise ExportError(f"{workdir}: no such workdir")
     if not directory.is_dir():
         raise ExportError(f"{workdir}: no checkpoints (no {directory} directory)")
+    checkpoints.quiet_failures()  # a damaged checkpoint: one line, not orbax's tracebacks
     # Typed handlers so item metadata can be read and the `state` item partially restored. `data` (the
     # grain iterator) and `data_position` (the trainer's stream position) are registered only so orbax does
     # not warn about unknown items; they are never read.
@@ -117,9 +123,14 @@ def _restore_params(manager: ocp.CheckpointManager, step: int, config: model_lib
 
 
 def _read_checkpoint(manager: ocp.CheckpointManager, step: int, where: str):
-    """(vocab, model config, {key: host array} parameters) of checkpoint `step`; ExportError naming `where` for
-    one that cannot be read (a damaged or half-copied checkpoint: orbax's errors name no file)."""
+    """(vocab, model config, {key: host array} parameters) of checkpoint `step`, checked against its manifest;
+    ExportError naming `where` and the other steps for one that fails the check or cannot be read."""
+    problem, note = checkpoints.check_checkpoint(manager.directory / str(step))
+    if note:
+        print(f"{where}: the checkpoint has {note}: read without verification", file=sys.stderr, flush=True)
     try:
+        if problem is not None:
+            raise checkpoints.DamagedCheckpoint(problem)
         saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
                                                               vocab=ocp.args.JsonRestore()))
         vocab = Vocab.from_json(json.dumps(saved.vocab))
@@ -127,9 +138,10 @@ def _read_checkpoint(manager: ocp.CheckpointManager, step: int, where: str):
         return vocab, config, _restore_params(manager, step, config, where)
     except ExportError:
         raise
-    except (ValueError, KeyError, TypeError, OSError) as e:
-        detail = " ".join(str(e).split())[:300] or type(e).__name__
-        raise ExportError(f"{where}: the checkpoint cannot be read ({detail})") from None
+    except Exception as e:  # damaged or half-copied: orbax raises anything up to a bare Exception
+        others = ", ".join(str(s) for s in sorted(manager.all_steps()) if s != step)
+        raise ExportError(f"{where}: the checkpoint cannot be read ({checkpoints.describe_error(e)})"
+                          f"{'; choose another with --step: ' + others if others else ''}") from None
 
 
 def export_checkpoint(workdir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float32",
@@ -154,11 +166,12 @@ def export_checkpoint(workdir: str | os.PathLike, out_dir: str | os.PathLike, dt
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise ExportError(f"{out_dir}: already exists and is not an empty directory; choose a new --out")
     manager = _manager(workdir)
-    step = _checkpoint_step(manager, workdir, step, f"{workdir}: no checkpoint to export")
-    where = f"{workdir} step {step}"
-
-    vocab, config, params = _read_checkpoint(manager, step, where)
-    manager.close()
+    try:
+        step = _checkpoint_step(manager, workdir, step, f"{workdir}: no checkpoint to export")
+        where = f"{workdir} step {step}"
+        vocab, config, params = _read_checkpoint(manager, step, where)
+    finally:
+        manager.close()
 
     out_config = model_lib.ModelConfig.from_config_dict(config.to_dict(), param_dtype=dtype)
     params = {k: v.astype(out_config.params_dtype) for k, v in params.items()}
@@ -276,7 +289,8 @@ def load_checkpoint(workdir: str | os.PathLike, step: int | None = None,
       A `MuseNet` on the default device with the checkpoint's parameters (in the run's param dtype),
       the vocabulary it was trained on, and the step loaded.
     Raises:
-      ExportError: no such workdir, no checkpoint (at `step`), parameters that do not fit the saved config.
+      ExportError: no such workdir, no checkpoint (at `step`), a checkpoint that fails its manifest check or
+        cannot be read, parameters that do not fit the saved config.
     """
     workdir = os.fspath(workdir)
     manager = _manager(workdir)

@@ -29,7 +29,14 @@ checkpoint of that step and return with `preempted` set (the CLI exits 0); rerun
 multi-process run a watchdog ends every process (exit code `distributed.ABORT_EXIT_CODE`, one line naming
 the missing process) when another one dies or hangs for `heartbeat_timeout_s`. Orbax writes each checkpoint
 under a temporary name and renames it when complete, so a process killed mid-write leaves only complete
-checkpoints for `latest_step()`.
+checkpoints for `latest_step()`. Each checkpoint gets a manifest of its files' sizes and CRC-32s; a resume
+verifies it and falls back to the newest older checkpoint that verifies and reads, setting the damaged one
+aside (`musenet_jax.checkpoints`). A save that fails (storage full or read-only) stops every process at the
+next step with one line naming the path and the OS error.
+
+One trainer a workdir. Process 0 holds the workdir's lease (`musenet_jax.lease`) from start to exit: a second
+trainer on the same workdir stops at start with one line naming the holder, and a lease left by a dead trainer is
+taken over with a warning. Unfinished `*.orbax-checkpoint-tmp*` folders found at start (a dead run's) are removed.
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ from flax import nnx
 from data_pipeline import datasets
 from data_pipeline import input_pipeline as input_lib
 from data_pipeline.vocab import Vocab
-from musenet_jax import distributed, evaluation, losses, ngram, optim, reporting, run_dir
+from musenet_jax import checkpoints, distributed, evaluation, lease, losses, ngram, optim, reporting, run_dir
 from musenet_jax import flops as flops_lib
 from musenet_jax import model as model_lib
 from musenet_jax import sharding as sharding_lib
@@ -219,21 +226,17 @@ def jit_train_step(graphdef, state_shardings, batch_sharding, *, microbatches: i
 
 
 # -- checkpoint ------------------------------------------------------------------------------------
-def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=config.checkpoint.max_to_keep, enable_async_checkpointing=config.checkpoint.async_save,
-        create=True)
-    return ocp.CheckpointManager(run_dir.resolve(workdir) / "checkpoints", options=options)
+checkpoint_manager = checkpoints.manager  # orbax's CheckpointManager of a workdir, as the trainer sets it up
 
 
 def _config_json(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-def save_checkpoint(manager, step: int, state, config, vocab: Vocab) -> None:
+def save_checkpoint(saves: checkpoints.Checkpoints, step: int, state, config, vocab: Vocab) -> None:
     """Saves the train state and the data position after `step` steps (one global batch per step)."""
     position = {"global_batches": step, "global_batch_size": config.train.batch_size}
-    manager.save(step, args=ocp.args.Composite(
+    saves.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
         data_position=ocp.args.JsonSave(position),
         config=ocp.args.JsonSave(_config_json(config)),
@@ -246,16 +249,15 @@ def restore_checkpoint(manager, step: int, abstract_state, config, vocab: Vocab)
 
     The saved position is in global batches, independent of how many processes wrote it; every process of
     this run restarts its input at that global batch (module docstring, "Data position").
-    Raises TrainingError for a checkpoint of another model or vocabulary, or one that cannot be read.
+    Raises TrainingError for a checkpoint of another model or vocabulary, `checkpoints.DamagedCheckpoint` for
+    one that cannot be read.
     """
     try:
         return _restore_checkpoint(manager, step, abstract_state, config, vocab)
     except TrainingError:
         raise
-    except (ValueError, KeyError, TypeError, OSError) as e:  # damaged or half-copied: orbax names no file
-        detail = " ".join(str(e).split())[:300] or type(e).__name__
-        raise TrainingError(f"checkpoint at step {step} in {manager.directory} cannot be read ({detail}); move it "
-                            "away to resume from the one before") from None
+    except Exception as e:  # damaged or half-copied: orbax raises anything up to a bare Exception
+        raise checkpoints.DamagedCheckpoint(f"unreadable: {checkpoints.describe_error(e)}") from None
 
 
 def _restore_checkpoint(manager, step: int, abstract_state, config, vocab: Vocab):
@@ -440,20 +442,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
     """
     preemption = distributed.PreemptionFlag() if threading.current_thread() is threading.main_thread() else None
     watchdog = distributed.Watchdog(heartbeat_timeout_s).start()
+    run_lease = lease.WorkdirLease(workdir)
     try:
-        return _train_and_evaluate(config, workdir, data_dir, preemption, watchdog)
+        return _train_and_evaluate(config, workdir, data_dir, preemption, watchdog, run_lease)
     finally:
+        run_lease.release()
         watchdog.stop()
         if preemption is not None:
             preemption.restore()
 
 
 def _train_and_evaluate(config, workdir: str, data_dir: str, preemption: distributed.PreemptionFlag | None,
-                        watchdog: distributed.Watchdog) -> dict[str, Any]:
+                        watchdog: distributed.Watchdog, run_lease: lease.WorkdirLease) -> dict[str, Any]:
     check_config(config)
     run_path = run_dir.resolve(workdir)
     run_path.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
+    # One trainer a workdir: process 0 takes the lease or stops naming its holder, then removes what a dead run
+    # half-wrote; every process waits for that (module docstring, "One trainer a workdir").
+    run_lease.acquire(on_taken=functools.partial(lease.remove_unfinished_checkpoints, run_path / "checkpoints"))
 
     # Mesh.
     mesh = sharding_lib.mesh_from_config(config.mesh)
@@ -493,26 +500,32 @@ def _train_and_evaluate(config, workdir: str, data_dir: str, preemption: distrib
     p_eval_step = jax.jit(functools.partial(eval_step, graphdef=graphdef),
                           in_shardings=(state_shardings, batch_shardings), out_shardings=repl)
 
-    # Checkpoint: resume from the newest one, else initialise.
-    manager = checkpoint_manager(workdir, config)
+    # Checkpoint: resume from the newest one that verifies and reads (an older one when it is damaged:
+    # `checkpoints` module docstring), else initialise.
+    saves = checkpoints.Checkpoints(workdir, config)
     # latest_step() only lists finished checkpoints: orbax writes each under a temporary name and renames it.
-    start_step = manager.latest_step() or 0
+    start_step = saves.latest_step() or 0
     if start_step >= config.train.total_steps:
         # A finished run started again (a rerun, a restarted job): it leaves the workdir as it was (no
         # Reporter yet: it would start a TensorBoard file).
-        manager.close()
+        saves.close()
         if is_main:
             print(f"nothing to train: {workdir} has a checkpoint at step {start_step} and train.total_steps is "
                   f"{config.train.total_steps}; raise it to train on", file=sys.stderr, flush=True)
         return {**_stored_final_metrics(run_path, start_step), "step": start_step, "preempted": False,
                 "trained": False}
+    start_batch = 0
+    if start_step:  # before the Reporter: it drops what was logged after the step resumed from
+        try:
+            with jax.set_mesh(mesh):
+                start_step, (state, start_batch, saved_total) = saves.restore_newest(functools.partial(
+                    restore_checkpoint, saves.manager, abstract_state=abstract_state, config=config, vocab=vocab), mesh)
+        except checkpoints.CheckpointError as e:
+            raise TrainingError(str(e)) from None
     reporter = reporting.Reporter(workdir, config.train.total_steps, enabled=is_main, start_step=start_step)
     if split_warning:
         reporter.message(split_warning)
-    start_batch = 0
     if start_step:
-        with jax.set_mesh(mesh):
-            state, start_batch, saved_total = restore_checkpoint(manager, start_step, abstract_state, config, vocab)
         reporter.message(f"resumed from {workdir} at step {start_step} (data position: global batch "
                          f"{start_batch}, {jax.process_count()} processes)")
         total = config.train.total_steps
@@ -601,6 +614,8 @@ def _train_and_evaluate(config, workdir: str, data_dir: str, preemption: distrib
     done, preempted = start_step, False
     try:
         for step in range(start_step, config.train.total_steps):
+            if run_lease.lost:
+                raise TrainingError(run_lease.lost)
             done = step + 1
             batch = global_batch(next(train_iter), batch_sharding)
             step_rng = jax.random.fold_in(rng, step)
@@ -609,19 +624,23 @@ def _train_and_evaluate(config, workdir: str, data_dir: str, preemption: distrib
                     distributed.compile_together("train step", p_train_step, state, batch, step_rng)
                 state, step_metrics = p_train_step(state, batch, step_rng)
             host = {k: float(v) for k, v in step_metrics.items()}
-            # Every process learns about a SIGTERM anywhere after the same step (distributed module docstring).
-            preempted = distributed.any_process(preemption is not None and preemption.requested, mesh)
+            # Every process learns about a SIGTERM, or a failed checkpoint save, anywhere after the same step
+            # (distributed module docstring); a second vote only when one of them happened says which.
+            save_failure = saves.failure()
+            preempted = distributed.any_process((preemption is not None and preemption.requested)
+                                                or save_failure is not None, mesh)
+            if preempted and distributed.any_process(save_failure is not None, mesh):
+                reporter.close()
+                raise TrainingError(saves.stop_after_failure(done))
             watchdog.progress(done)
             if step == start_step:
                 watchdog.arm()  # from now on a step must finish within the timeout; the first one compiled
             if not all(math.isfinite(host[k]) for k in ("train/loss", "train/grad_norm", "train/param_norm")):
-                manager.wait_until_finished()
-                kept = manager.latest_step()
                 reporter.close()
                 raise TrainingError(f"non-finite loss, gradient or parameters at step {done} "
                                     f"(loss={host['train/loss']}, grad_norm={host['train/grad_norm']}, "
                                     f"param_norm={host['train/param_norm']}); stopped, last good checkpoint: "
-                                    f"{'step ' + str(kept) if kept else 'none'}")
+                                    f"{saves.last_good(wait=True)}")
             if step == start_step:
                 reporter.start(done)  # ETA timing starts after the first (compiling) step
                 t_last, step_last = time.perf_counter(), done
@@ -644,7 +663,7 @@ def _train_and_evaluate(config, workdir: str, data_dir: str, preemption: distrib
                 reporter.message(f"step {done}: validation {last_eval:.3f} bits/token (unigram {unigram:.3f}"
                                  f"{baseline_text})")
             if done % config.checkpoint.every_steps == 0 or done == config.train.total_steps or preempted:
-                save_checkpoint(manager, done, state, config, vocab)
+                save_checkpoint(saves, done, state, config, vocab)
             watchdog.arm()
             if preempted:
                 cause = (preemption and preemption.signal_name) or "SIGTERM on another process"
@@ -652,10 +671,17 @@ def _train_and_evaluate(config, workdir: str, data_dir: str, preemption: distrib
                                  "command to resume")
                 break
         watchdog.disarm()
-        manager.wait_until_finished()
-        manager.close()
+        saves.finish()
+        saves.close()
     except TrainingError:
         raise
+    except checkpoints.CheckpointError:  # a save that failed: its line says which and why
+        # ... unless a peer died during the save (gloo's "connection closed" looks like a failed write): the
+        # watchdog names it within its timeout.
+        if jax.process_count() > 1:
+            watchdog.wait_for_verdict()
+        reporter.close()
+        raise TrainingError(saves.stop_after_failure(done)) from None
     except Exception as e:
         # A dead peer breaks collectives and device-to-host copies at once, with errors that do not say who
         # is gone: in a multi-process run, give the watchdog its timeout to name the missing process.

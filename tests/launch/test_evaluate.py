@@ -13,6 +13,7 @@ import pytest
 from data_pipeline import datasets
 from data_pipeline.vocab import Vocab
 from musenet_jax import evaluation, export, ngram
+from tests.checkpoint_faults import damage
 
 FIELDS = {"path", "tokens", "notes", "seconds", "total_bits", "total_bits_no_velocity", "bits_per_token",
           "bits_per_note", "bits_per_second", "bits_per_second_no_velocity"}
@@ -205,6 +206,27 @@ def _dataset_with_other_vocab(run, tmp_path):
     vocab["size"] += 1
     (dst / "vocab.json").write_text(json.dumps(vocab))
     return copy
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_a_damaged_checkpoint_is_one_line_and_step_chooses_another(run, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run.workdir, damaged)
+    path = damage(damaged / "checkpoints" / "10", "random bytes")
+    args = ("--workdir", damaged, "--split", "train", "--data_dir", run.data_dir, "--dataset", "directory",
+            "--max_files", 1, "--baselines=false", "--out", tmp_path / "out.json")
+    res = musenet_eval(*args)
+    assert res.returncode == 1 and "Traceback" not in res.stderr and "Event loop is closed" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith(f"error: {damaged} step 10: the checkpoint cannot be read "
+                               f"({path.relative_to(damaged / 'checkpoints' / '10')}: contents differ from the "
+                               "manifest (CRC-32 "), lines[0]
+    assert lines[0].endswith("; choose another with --step: 5") and not (tmp_path / "out.json").exists()
+    res = musenet_eval(*args, "--step", 5)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "out.json").read_text())["step"] == 5
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from safetensors.numpy import load_file
 from data_pipeline.vocab import Vocab, VocabConfig
 from musenet_jax import export
 from musenet_jax import model as model_lib
+from tests.checkpoint_faults import DAMAGES, damage
 
 # bfloat16 keeps 8 mantissa bits (relative rounding <= 2^-9 per weight). Against the checkpoint's float32
 # model the logits of this 2-layer model move by 0.11 % in RMS (measured: RMS 6.6e-4, at most 5e-3, for
@@ -181,3 +183,28 @@ def test_cli_exports_and_refuses_bad_input(workdir, tmp_path):
                                                                             "/proc/musenet-x"))
     # Nothing half-written: no output dir and no temporary sibling left behind.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cli"]
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.parametrize("how", [*DAMAGES, "no manifest"])
+def test_a_damaged_checkpoint_is_one_line_and_step_chooses_another(workdir, tmp_path, how):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(workdir, damaged)
+    step_dir = damaged / "checkpoints" / "10"
+    if how == "no manifest":  # saved before manifests were written: orbax's own read error, in one line
+        (step_dir / "manifest.0-of-1.json").unlink()
+        for data in (step_dir / "state").rglob("d/*"):  # all: the parameters' files among them
+            os.truncate(data, data.stat().st_size // 2)
+        reason = "OUT_OF_RANGE: "
+    else:
+        reason = f"{damage(step_dir, how).relative_to(step_dir)}: "
+    with pytest.raises(export.ExportError, match=f"{damaged} step 10: the checkpoint cannot be read"):
+        export.load_checkpoint(damaged)
+    res = _cli("--workdir", damaged, "--out", tmp_path / "x")
+    line = _one_line_error(res)
+    assert line.startswith(f"error: {damaged} step 10: the checkpoint cannot be read ({reason}"), line
+    assert line.endswith("; choose another with --step: 5") and "Event loop is closed" not in res.stderr, res.stderr
+    assert not (tmp_path / "x").exists()
+    res = _cli("--workdir", damaged, "--out", tmp_path / "x", "--step", "5")
+    assert res.returncode == 0 and "exported step 5" in res.stdout and "Traceback" not in res.stderr, res.stderr

@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -15,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from data_pipeline import datasets, input_pipeline
-from musenet_jax import evaluation, ngram, train
+from musenet_jax import evaluation, lease, ngram, train
 from tests.conftest import small_config
 
 
@@ -149,10 +152,10 @@ def test_checkpoint_from_another_model_is_refused(data_dir, tmp_path):
         assert result["eval/bits_per_token"] == final["eval/bits_per_token"]
         assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
 
-    # A damaged checkpoint (its state metadata emptied) is named, with what to do.
+    # A damaged checkpoint (its state metadata emptied) is set aside for the one before (test_checkpoints.py).
     (tmp_path / "checkpoints" / "4" / "state" / "_METADATA").write_text("")
-    with pytest.raises(train.TrainingError, match=r"checkpoint at step 4 in .* cannot be read \(.*\); move it away"):
-        train.train_and_evaluate(small_config(5), str(tmp_path), data_dir)
+    train.train_and_evaluate(small_config(5), str(tmp_path), data_dir)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3", "4.damaged", "5"]
 
 
 @pytest.mark.parametrize("field,value", [("train.total_steps", 0), ("train.total_steps", -5),
@@ -182,6 +185,41 @@ def test_non_finite_loss_stops_with_a_kept_checkpoint(data_dir, tmp_path):
     # What was kept is really good: every parameter and optimizer moment is finite.
     state = ocp.StandardCheckpointer().restore(kept[-1] / "state")
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
+
+
+@pytest.mark.slow
+def test_a_dead_runs_lease_and_unfinished_checkpoint_are_cleared_at_start_and_the_lease_released(data_dir, tmp_path,
+                                                                                               capsys, monkeypatch):
+    # What a trainer killed outright leaves: its lease (its process is gone) and the checkpoint it was writing.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    here = lease._machine()
+    (tmp_path / lease.LEASE_FILE).write_text(json.dumps({**here, "pid": dead.pid, "job": "dead-job", "token": "x",
+                                                         "started": "2024-01-01T00:00:00Z",
+                                                         "renewed_unix_s": time.time()}))
+    unfinished = tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-1712345678"
+    (unfinished / "state").mkdir(parents=True)
+    result = train.train_and_evaluate(small_config(2), str(tmp_path), data_dir)
+    assert result["trained"] and result["step"] == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (f"warning: took over the workdir lease of a trainer that is gone (host {here['host']}, pid "
+                      f"{dead.pid}, job dead-job, started 2024-01-01T00:00:00Z: no process {dead.pid} on this host)")
+    assert err[1] == (f"removed 1 unfinished checkpoint of an earlier run (half-written when it stopped) from "
+                      f"{tmp_path / 'checkpoints'}: {unfinished.name}")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
+    assert not (tmp_path / lease.LEASE_FILE).exists()  # released at the end
+
+    # A lease lost while training (taken over by a trainer that judged this one gone) stops the run at its next step.
+    acquire = lease.WorkdirLease.acquire
+
+    def acquire_then_lose(self, **kwargs):
+        acquire(self, **kwargs)
+        self.lost = "the workdir lease was taken over (host h); stopping"
+
+    monkeypatch.setattr(lease.WorkdirLease, "acquire", acquire_then_lose)
+    with pytest.raises(train.TrainingError, match=r"^the workdir lease was taken over \(host h\); stopping$"):
+        train.train_and_evaluate(small_config(3), str(tmp_path), data_dir)
+    assert sorted(_losses(tmp_path)) == [1, 2]
 
 
 def test_global_eval_batches_laid_out_by_one_process_are_the_processes_rows(data_dir):
