@@ -259,7 +259,7 @@ def allowed_body_tokens(vocab: Vocab, instruments: Sequence[int]) -> np.ndarray:
 
 
 _BISECTIONS = 48  # halvings of a threshold's interval: past float32's resolution for logits and probabilities
-_NUCLEUS_CANDIDATES = 64  # a nucleus is looked for among a row's most likely tokens first (`_draw`)
+_NUCLEUS_CANDIDATES = 256  # a nucleus is looked for among a row's most likely tokens first (`_draw`)
 
 
 def _largest_threshold(values: jax.Array, lo: jax.Array, hi: jax.Array, enough) -> jax.Array:

@@ -1,8 +1,9 @@
 """Serving generation to many clients: jobs, a bounded queue, and waiting requests decoded together.
 
 A `Job` is one client's request: `num_samples` pieces of one set of settings (`sampling.Request` rows, samples
-0..n-1 of its seed). The `Scheduler` owns the model. Its worker thread takes the oldest waiting jobs whose rows
-fit in `max_batch` (first come, first served; a job is never split, so its pieces finish together), decodes them
+0..n-1 of its seed). The `Scheduler` owns the model. Its worker thread waits up to `batch_wait_s` for a full
+batch, then takes the oldest waiting jobs whose rows fit in `max_batch` (first come, first served; a job is never
+split, so its pieces finish together; a batch runs until its longest piece ends), decodes them
 as one batch with `sampling.generate_batch`, padded to a bucket size (the powers of two below `max_batch`, and
 `max_batch`) so that the compiled decode loop exists for a few batch shapes only (the sampler buckets the piece
 buffer). Between context windows it publishes each piece's progress (seconds of music written) and stops the
@@ -111,11 +112,12 @@ class Scheduler:
       audio: (fluidsynth, soundfont) to render WAV, or None.
       max_seconds: the longest piece a request may ask for; every batch uses the piece buffer of that length
         (`sampling.piece_buffer`), so the decode loop compiles once per batch size. None: the model's limit.
+      batch_wait_s: how long a batch that is not full waits for more requests before it starts (seconds).
     """
 
     def __init__(self, model, vocab: Vocab, *, max_batch: int = 4, queue_size: int = 32,
                  max_job_seconds: float = 600.0, keep_finished: int = 256, audio: tuple[str, str] | None = None,
-                 max_seconds: float | None = None):
+                 max_seconds: float | None = None, batch_wait_s: float = 0.05):
         if max_batch < 1 or queue_size < 1 or not max_job_seconds > 0:
             raise ValueError("max_batch and queue_size must be >= 1 and max_job_seconds > 0")
         self.model, self.vocab = model, vocab
@@ -123,7 +125,7 @@ class Scheduler:
         self.max_seconds = limit if max_seconds is None else min(max_seconds, limit)
         self.capacity = sampling.piece_buffer(vocab, sampling.default_max_tokens(self.max_seconds, model.config))
         self.max_batch, self.queue_size, self.max_job_seconds = max_batch, queue_size, max_job_seconds
-        self.keep_finished, self.audio = keep_finished, audio
+        self.keep_finished, self.audio, self.batch_wait_s = keep_finished, audio, batch_wait_s
         self.buckets = sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch} | {max_batch})
         self._cv = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
@@ -235,6 +237,11 @@ class Scheduler:
             with self._cv:
                 while not self._waiting and not self._closed:
                     self._cv.wait()
+                # Clients that send together arrive a few milliseconds apart: wait that long for a fuller batch.
+                deadline = time.monotonic() + self.batch_wait_s
+                while (not self._closed and sum(len(j.requests) for j in self._waiting) < self.max_batch
+                       and (left := deadline - time.monotonic()) > 0):
+                    self._cv.wait(left)
                 if self._closed:
                     return
                 jobs = self._take()

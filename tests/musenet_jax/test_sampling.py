@@ -577,7 +577,7 @@ def test_draw_follows_the_nucleus_distribution_in_any_batch(top_p):
     """`_draw` without a sort: a peaked row (its nucleus among the candidates) and a flat one (wider than the
     candidates, found by bisection) each draw only nucleus tokens, as often as their renormalised probability,
     and the same token alone as beside the other row."""
-    v, n = 300, 4000
+    v, n = 1000, 4000
     rng = np.random.default_rng(0)
     peaked = rng.normal(size=v) * 4.0
     flat = rng.normal(size=v) * 0.3
