@@ -12,10 +12,10 @@ Part 2, generation. Two sets of 30 s pieces with the sampler's defaults (structu
 guard) at `--temperature` and `--top_p`; their music statistics come from `data_pipeline.music_stats`.
 - Matched (`--num_pieces`, seeds 0..N-1): the conditions (label and instrument set) of the `--split`'s own
   pieces, every distinct one at least once and the rest in proportion to how often the split holds them
-  (`matched_conditions`), so that the pieces stand beside a reference of the same mix: the default test split is
-  mostly Bach chorales on piano, and pieces in other styles set against its ranges would measure the styles'
-  difference, not the model. Their statistics stand beside the split's per-piece 10th..90th percentile range.
-  The checks (each True / False in the JSON):
+  (`music_stats.matched_conditions`), so that the pieces stand beside a reference of the same mix: the default
+  test split is mostly Bach chorales on piano, and pieces in other styles set against its ranges would measure
+  the styles' difference, not the model. Their statistics stand beside the split's per-piece 10th..90th
+  percentile range. The checks (each True / False in the JSON):
   - no pitched note longer than the guard (`max_note_seconds`);
   - notes longer than 4 s: at most 1% of the generated pitched notes;
   - the median over pieces of their median polyphony at onsets, and of their notes/s, inside the split's
@@ -102,28 +102,6 @@ def prediction(out_dir: str) -> dict:
     return {"model": report["total"], **report["baselines"]}
 
 
-def matched_conditions(conditions: list[tuple], n: int) -> list[tuple]:
-    """`n` generation conditions in the mix of `conditions` (one per reference piece, any hashable values).
-
-    Every distinct condition gets one piece (the most frequent first, ties in order of first appearance; if
-    there are more than `n`, the `n` most frequent), the remaining pieces go by largest remainder of their share
-    of the reference. Returned grouped, the most frequent first.
-    """
-    counts: dict = {}
-    for condition in conditions:
-        counts[condition] = counts.get(condition, 0) + 1
-    ranked = sorted(counts, key=lambda c: -counts[c])[:n]  # sorted() is stable: ties keep first appearance
-    seats = {c: 1 for c in ranked}
-    left, total = n - len(ranked), sum(counts[c] for c in ranked)
-    shares = {c: left * counts[c] / total for c in ranked}
-    for c in ranked:
-        seats[c] += int(shares[c])
-    by_remainder = sorted(ranked, key=lambda c: -(shares[c] - int(shares[c])))
-    for c in by_remainder[: n - sum(seats.values())]:
-        seats[c] += 1
-    return [c for c in ranked for _ in range(seats[c])]
-
-
 def _generate(model, vocab, conditions: list[tuple], out_dir: str, tag: str) -> tuple[list[dict], list]:
     """One piece per (label, instruments) of `conditions`, seed = its index; written to out_dir/pieces/."""
     from data_pipeline import encoding, music_stats, rendering
@@ -167,7 +145,8 @@ def generation(model, vocab, out_dir: str) -> tuple[dict, list[dict]]:
     os.makedirs(os.path.join(out_dir, "pieces"), exist_ok=True)
     settings = {"seconds": _SECONDS.value, "temperature": _TEMPERATURE.value, "top_p": _TOP_P.value,
                 "max_note_seconds": sampling.DEFAULT_MAX_NOTE_SECONDS}
-    rows, measured = _generate(model, vocab, matched_conditions(conditions, _NUM_PIECES.value), out_dir, "m")
+    rows, measured = _generate(model, vocab, music_stats.matched_conditions(conditions, _NUM_PIECES.value),
+                               out_dir, "m")
     styles = [PROGRAMS[seed % len(PROGRAMS)] for seed in range(_NUM_STYLE_PIECES.value)]
     style_rows, _ = _generate(model, vocab, styles, out_dir, "s")
     pooled = music_stats.pooled_stats(measured, vocab)

@@ -293,3 +293,25 @@ def format_comparison(rows: Sequence[Mapping], q: tuple[float, float] = (10, 90)
         cells = [format_value(r[k], ".4g") for k in ("pooled", "median", "low", "high")] + [verdict]
         lines.append(f"{r['stat']:<{width}} " + " ".join(f"{c:>9}" for c in cells))
     return "\n".join(lines)
+
+
+def matched_conditions(conditions: list[tuple], n: int) -> list[tuple]:
+    """`n` generation conditions in the mix of `conditions` (one per reference piece, any hashable values).
+
+    Every distinct condition gets one piece (the most frequent first, ties in order of first appearance; if
+    there are more than `n`, the `n` most frequent), the remaining pieces go by largest remainder of their share
+    of the reference. Returned grouped, the most frequent first.
+    """
+    counts: dict = {}
+    for condition in conditions:
+        counts[condition] = counts.get(condition, 0) + 1
+    ranked = sorted(counts, key=lambda c: -counts[c])[:n]  # sorted() is stable: ties keep first appearance
+    seats = {c: 1 for c in ranked}
+    left, total = n - len(ranked), sum(counts[c] for c in ranked)
+    shares = {c: left * counts[c] / total for c in ranked}
+    for c in ranked:
+        seats[c] += int(shares[c])
+    by_remainder = sorted(ranked, key=lambda c: -(shares[c] - int(shares[c])))
+    for c in by_remainder[: n - sum(seats.values())]:
+        seats[c] += 1
+    return [c for c in ranked for _ in range(seats[c])]

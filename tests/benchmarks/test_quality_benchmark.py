@@ -7,8 +7,7 @@ import json
 
 import pytest
 
-from benchmarks import quality
-from data_pipeline import datasets
+from data_pipeline import datasets, music_stats
 from tests.benchmarks import run_benchmark
 
 pytestmark = pytest.mark.e2e
@@ -73,11 +72,11 @@ def test_bad_flags_are_one_line_usage_errors(tmp_path):
 def test_matched_conditions_follow_the_reference_mix_with_every_condition_once():
     # 22 chorales, one quartet, one piece with drums: 8 pieces give each rare condition one and the rest to Bach.
     reference = [("bach", ("piano",))] * 22 + [("beethoven", ("violin", "cello")), ("freedoom", ("drums",))]
-    picked = quality.matched_conditions(reference, 8)
+    picked = music_stats.matched_conditions(reference, 8)
     assert picked == [("bach", ("piano",))] * 6 + [("beethoven", ("violin", "cello")), ("freedoom", ("drums",))]
     # Largest remainder: 2 pieces left over 3:1 go 2:0 (shares 1.5 / 0.5, remainders tie: the first keeps it).
-    assert quality.matched_conditions(list("aaab"), 4) == list("aaab")
-    assert quality.matched_conditions(list("aaabbc"), 5) == list("aabbc")  # shares 2*3/6=1, 2*2/6=0.67, 0.33
+    assert music_stats.matched_conditions(list("aaab"), 4) == list("aaab")
+    assert music_stats.matched_conditions(list("aaabbc"), 5) == list("aabbc")  # shares 2*3/6=1, 2*2/6=0.67, 0.33
     # More distinct conditions than pieces: the most frequent ones, ties in order of first appearance.
-    assert quality.matched_conditions(list("abccd"), 2) == list("ca")
-    assert quality.matched_conditions(list("ab"), 5) == list("aaabb")
+    assert music_stats.matched_conditions(list("abccd"), 2) == list("ca")
+    assert music_stats.matched_conditions(list("ab"), 5) == list("aaabb")
