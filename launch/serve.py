@@ -96,40 +96,37 @@ def main(argv):
         app = web.create_app(scheduler, model_info=info, limits=limits, token=token)
         # uvicorn's own log stays quiet: requests are not logged, and errors of the app print their traceback
         # through the app's handler; a port that cannot be bound is said once, below.
-        server = _Server(uvicorn.Config(app, host=_HOST.value, port=_PORT.value, log_level="critical",
-                                        access_log=False, lifespan="off", timeout_graceful_shutdown=5))
-        try:
-            server.run()
-        except SystemExit:  # uvicorn exits 1 when it cannot bind
-            pass
-        if not server.started:
+        config = uvicorn.Config(app, host=_HOST.value, port=_PORT.value, log_level="critical", access_log=False,
+                                lifespan="off", timeout_graceful_shutdown=5)
+        if not _run_server(config):
             raise OSError(f"could not listen on {_HOST.value}:{_PORT.value} (in use, or not an address here)")
     finally:
         scheduler.close()
 
 
-class _Server:
-    """uvicorn's Server, printing the address it listens on once it does (the port, when --port=0)."""
+def _run_server(config) -> bool:
+    """Runs uvicorn until it stops, printing the address it listens on once it does (the port, when --port=0);
+    False if it never listened (uvicorn exits 1 when it cannot bind)."""
+    import uvicorn
 
-    def __init__(self, config):
-        import uvicorn
+    listened = False
 
-        outer = self
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            nonlocal listened
+            await super().startup(sockets)
+            listened = self.started
+            if self.started:
+                host, port = self.servers[0].sockets[0].getsockname()[:2]
+                shown = f"[{host}]" if ":" in host else host
+                print(f"musenet-serve: http://{shown}:{port}/ ({_MODEL.value}; Ctrl-C stops)", flush=True)
 
-        class Server(uvicorn.Server):
-            async def startup(self, sockets=None):
-                await super().startup(sockets)
-                if self.started:
-                    host, port = self.servers[0].sockets[0].getsockname()[:2]
-                    shown = f"[{host}]" if ":" in host else host
-                    print(f"musenet-serve: http://{shown}:{port}/ ({_MODEL.value}; Ctrl-C stops)", flush=True)
-                outer.started = self.started
-
-        self.started = False
-        self._server = Server(config)
-
-    def run(self):
-        self._server.run()
+    server = Server(config)
+    try:
+        server.run()
+    except SystemExit:
+        pass
+    return listened
 
 
 def run():

@@ -30,7 +30,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import traceback
 import zipfile
 
@@ -78,13 +77,15 @@ class Limits:
 
 @dataclasses.dataclass(frozen=True)
 class Opening:
-    """The first `OPENING_SECONDS` of a bundled piece: its name, suggested label, instruments and body tokens."""
+    """The first `OPENING_SECONDS` of a bundled piece: its name, suggested label, instruments and body tokens, and
+    the whole piece's MIDI (a shorter `primer_seconds` cuts it again)."""
 
     name: str
     label: str | None
     instruments: tuple[str, ...]
     seconds: float
     tokens: tuple[int, ...]
+    midi: bytes
 
 
 def load_openings(vocab: Vocab) -> dict[str, Opening]:
@@ -99,8 +100,9 @@ def load_openings(vocab: Vocab) -> dict[str, Opening]:
                 by_folder.setdefault(name.split("/")[0], []).append(name)
         for folder, names in sorted(by_folder.items()):
             for name in names[:OPENINGS_PER_LABEL]:
+                midi = z.read(name)
                 try:
-                    body, notes, units = encoding.opening_body(z.read(name), vocab, OPENING_SECONDS,
+                    body, notes, units = encoding.opening_body(midi, vocab, OPENING_SECONDS,
                                                                list(vocab.instruments.names))
                 except (MidiError, ValueError):
                     continue
@@ -108,7 +110,7 @@ def load_openings(vocab: Vocab) -> dict[str, Opening]:
                 key = f"{folder}/{os.path.splitext(os.path.basename(name))[0]}"
                 label = folder if folder in vocab.config.labels else None
                 openings[key] = Opening(key, label, used, units * vocab.config.time_unit_ms / 1000.0,
-                                        tuple(int(t) for t in body))
+                                        tuple(int(t) for t in body), midi)
     return openings
 
 
@@ -190,7 +192,7 @@ def parse_generate(body, vocab: Vocab, model_config, limits: Limits, openings: d
             raise BadRequest(f"unknown opening {str(body['opening'])[:60]!r}; see /v1/model for the openings")
         primer = list(opening.tokens)
         if primer_seconds is not None:
-            primer = _opening(_midi_of(primer, vocab), vocab, primer_seconds, names)
+            primer = _opening(opening.midi, vocab, min(primer_seconds, OPENING_SECONDS), names)
     elif given == ["continue_from"]:
         tokens = body["continue_from"]
         cap = sampling.default_max_tokens(limits.max_seconds, model_config)
@@ -203,7 +205,7 @@ def parse_generate(body, vocab: Vocab, model_config, limits: Limits, openings: d
                 "primer": given[0] if given else None, "primer_seconds": primer_seconds}
     if given == ["opening"]:
         settings["opening"] = body["opening"]
-    primer_array = None if primer is None else np.asarray(primer, sampling.np.int32)
+    primer_array = None if primer is None else np.asarray(primer, np.int32)
     requests = [sampling.Request(label, tuple(names), float(seconds), primer_array, config, seed, i)
                 for i in range(num_samples)]
     try:
@@ -225,15 +227,6 @@ def _opening(midi: bytes, vocab: Vocab, seconds: float | None, instruments: list
     except ValueError as e:
         raise BadRequest(str(e)) from None
     return body.tolist()
-
-
-def _midi_of(tokens: list[int], vocab: Vocab) -> bytes:
-    notes, duration = encoding.decode_tokens(np.asarray(tokens), vocab)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "opening.mid")
-        encoding.notes_to_midi(notes, vocab, path, duration_units=duration)
-        with open(path, "rb") as f:
-            return f.read()
 
 
 # -- the application ------------------------------------------------------------------------------------

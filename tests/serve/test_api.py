@@ -11,11 +11,13 @@ import json
 import subprocess
 import sys
 import time
+import zipfile
 
 import numpy as np
 import pytest
 
 from data_pipeline import encoding
+from data_pipeline.musenet_midi.sources import CORPUS_ZIP
 from data_pipeline.vocab import Vocab
 from launch.serve_client import serve
 
@@ -109,6 +111,15 @@ def test_primer_upload_opening_and_continuation_are_kept_verbatim(server, midi_f
                           opening=opening["name"], seed=5)
     [result] = job["results"]
     assert result["primer_tokens"] > 0 and result["seconds"] > opening["seconds"]
+    # Its first 2 s only: the bundled piece cut there.
+    with zipfile.ZipFile(CORPUS_ZIP) as z:
+        cut, _, _ = encoding.opening_body(z.read("freedoom/freedoom1_D_BUNNY.mid"), vocab, 2.0,
+                                          opening["instruments"])
+    job = server.generate(label="freedoom", instruments=opening["instruments"], seconds=3.0, opening=opening["name"],
+                          primer_seconds=2.0, seed=5)
+    [short] = job["results"]
+    assert short["primer_tokens"] == len(cut) < result["primer_tokens"]
+    assert short["tokens"][: len(cut)] == cut.tolist()
 
 
 def test_sixteen_concurrent_clients_are_batched_and_all_served(server):
