@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from absl import flags
 from flax import nnx
 
+from data_pipeline import features as features_lib
 from data_pipeline.vocab import Vocab
 from launch import cli
 from musenet_jax import decoding
@@ -65,7 +66,7 @@ def model_config(sizes: dict, pattern: str, vocab_size: int) -> model_lib.ModelC
 
 def _features(batch: int, length: int | None = None) -> dict:
     shape = (batch,) if length is None else (batch, length)
-    return {name: jnp.zeros(shape, jnp.int32) for name in ("timing", "chord", "part", "countdown")}
+    return {name: jnp.zeros(shape, jnp.int32) for name in features_lib.FEATURE_NAMES}
 
 
 def _median_seconds(call, repeats: int) -> float:

@@ -7,11 +7,12 @@ and `batched` (--max_batch=--max_batch), both started with --warmup so that comp
 timed. For each number of concurrent clients C in --clients, C threads each ask --requests_per_client pieces of
 --seconds (one piece per request, distinct seeds, the main job's settings: bach on piano, temperature 0.8,
 nucleus 0.9) over HTTP and follow each job's event stream to its end, as the page does. Rows: pieces/s over the
-wall time of the round, latency (submit to final event) p50 / p95, the batches the server formed. The ratio
+wall time of the round, latency (submit to final event) p50 / p95, the pieces decoded and the windows by
+the number of rows decoded together. The ratio
 is batched pieces/s over one-at-a-time pieces/s at the same C.
 
 Writes DIR/serve.json: {"model", "seconds", "settings", "rows": [{"server", "clients", "pieces", "wall_s",
-"pieces_per_s", "latency_p50_s", "latency_p95_s", "batches_by_rows"}], "ratios": {C: ratio}, "machine"}.
+"pieces_per_s", "latency_p50_s", "latency_p95_s", "rows", "windows_by_rows"}], "ratios": {C: ratio}, "machine"}.
 --quick: 1 s pieces, one request per client (a smoke run, not a measurement).
 """
 
@@ -41,7 +42,7 @@ _QUICK = flags.DEFINE_bool("quick", False, "1 s pieces: a smoke run.")
 
 def round_of(server, clients: int, requests_per_client: int, seconds: float, label, instruments, seed0: int) -> dict:
     """C clients, each asking `requests_per_client` pieces in turn; pieces/s and latency percentiles."""
-    before = server.json("GET", "/v1/stats")[1]["batches_by_rows"]
+    before = server.json("GET", "/v1/stats")[1]
 
     def client(c: int) -> list[float]:
         latencies = []
@@ -58,11 +59,12 @@ def round_of(server, clients: int, requests_per_client: int, seconds: float, lab
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         latencies = [x for per_client in pool.map(client, range(clients)) for x in per_client]
     wall = time.perf_counter() - t0
-    after = server.json("GET", "/v1/stats")[1]["batches_by_rows"]
-    formed = {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+    after = server.json("GET", "/v1/stats")[1]
+    formed = {k: v - before["windows_by_rows"].get(k, 0) for k, v in after["windows_by_rows"].items()
+              if v - before["windows_by_rows"].get(k, 0)}
     return {"clients": clients, "pieces": len(latencies), "wall_s": wall, "pieces_per_s": len(latencies) / wall,
             "latency_p50_s": float(np.percentile(latencies, 50)), "latency_p95_s": float(np.percentile(latencies, 95)),
-            "batches_by_rows": formed}
+            "rows": after["jobs"].get("rows", 0) - before["jobs"].get("rows", 0), "windows_by_rows": formed}
 
 
 def main(argv):
@@ -94,7 +96,7 @@ def main(argv):
                 rows.append(row)
                 print(f"{name:<14} clients {c:>3}: {row['pieces']:>3} pieces in {row['wall_s']:7.1f} s = "
                       f"{row['pieces_per_s']:6.3f} pieces/s; latency p50 {row['latency_p50_s']:6.1f} s, "
-                      f"p95 {row['latency_p95_s']:6.1f} s; batches {row['batches_by_rows']}", flush=True)
+                      f"p95 {row['latency_p95_s']:6.1f} s; windows by rows {row['windows_by_rows']}", flush=True)
     ratios = {}
     for c in clients:
         one, many = (next(r for r in rows if r["server"] == s and r["clients"] == c)

@@ -87,7 +87,7 @@ def bench_config(name: str) -> dict:
             "targets": rng.integers(3, model_config.vocab_size, (b, t)),
             "loss_mask": np.ones((b, t), np.float32), "timing": np.cumsum(rng.integers(0, 3, (b, t)), axis=1),
             "chord": rng.integers(0, 4, (b, t)), "part": np.tile(np.arange(t) * 128 // t, (b, 1)),
-            "countdown": np.tile(127 - np.arange(t) * 128 // t, (b, 1))}
+            "countdown": np.tile(127 - np.arange(t) * 128 // t, (b, 1)), "sounding": rng.integers(0, 6, (b, t))}
     batch = {k: jax.device_put(v if k == "loss_mask" else v.astype(np.int32), batch_sharding) for k, v in host.items()}
     key = jax.random.key(0)
     with jax.set_mesh(mesh):

@@ -11,8 +11,14 @@ For tokens [T] of one piece (prefix, body, end) and its length D time units:
   spans of the piece the token falls in.
 - `countdown`: int32[T], remaining time D - timing in `countdown_unit_ms` steps, clipped to
   `countdown_max`: it counts down to 0 as the end approaches.
+- `sounding`: int32[T], how many pitched notes sound once the token is placed (keys attacked and not
+  released; a re-attack of a sounding key counts once, drums never). A model that reads only a window of
+  the piece cannot see the attacks of notes held from before it; this count tells it how many there are,
+  as a musician knows how many voices are holding.
 
-Generation computes the same values incrementally (`step_features`) from the target length D.
+The first four are stored in dataset records (`STORED_FEATURE_NAMES`); `sounding` is computed from the
+tokens when a record is read. Generation computes the same values incrementally (`step_features`) from the
+target length D.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ import numpy as np
 
 from data_pipeline.vocab import TokenKind, Vocab
 
-FEATURE_NAMES = ("timing", "chord", "part", "countdown")
+FEATURE_NAMES = ("timing", "chord", "part", "countdown", "sounding")
+# What a dataset record holds (the TFDS builder's features); `sounding` is derived when a record is read.
+STORED_FEATURE_NAMES = FEATURE_NAMES[:4]
 
 
 @dataclasses.dataclass
@@ -34,6 +42,7 @@ class Features:
     chord: np.ndarray
     part: np.ndarray
     countdown: np.ndarray
+    sounding: np.ndarray
 
     def as_dict(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name) for name in FEATURE_NAMES}
@@ -48,6 +57,32 @@ def part_and_countdown(timing, duration_units: int, vocab: Vocab):
     remaining_ms = np.maximum(duration_units - timing, 0) * cfg.time_unit_ms
     countdown = np.minimum(remaining_ms // cfg.countdown_unit_ms, cfg.countdown_max)
     return part.astype(np.int32), countdown.astype(np.int32)
+
+
+def sounding_counts(tokens, vocab: Vocab, held_keys=()) -> np.ndarray:
+    """int32[T]: pitched notes sounding after each token (the `sounding` feature).
+
+    Args:
+      tokens: int[T] token ids.
+      held_keys: keys (instrument * 128 + pitch) already sounding before the first token, for a crop of a
+        piece whose earlier attacks it does not hold.
+    """
+    tokens = np.asarray(tokens, np.int64)
+    held = np.unique(np.asarray(held_keys, np.int64).reshape(-1))
+    kind = vocab.kind[tokens]
+    pos = np.flatnonzero((kind == TokenKind.NOTE_ON) | (kind == TokenKind.NOTE_OFF))
+    key = vocab.instrument[tokens[pos]].astype(np.int64) * 128 + vocab.pitch[tokens[pos]]
+    order = np.argsort(key, kind="stable")  # each key's events in time order
+    pos, key = pos[order], key[order]
+    after = (kind[pos] == TokenKind.NOTE_ON).astype(np.int64)
+    before = np.empty_like(after)
+    if len(pos):
+        first_of_key = np.concatenate([[True], key[1:] != key[:-1]])
+        before[1:] = after[:-1]
+        before[first_of_key] = np.isin(key[first_of_key], held)
+    delta = np.zeros(len(tokens), np.int64)
+    np.add.at(delta, pos, after - before)  # +1 an attack of a silent key, -1 a release of a sounding one
+    return (len(held) + np.cumsum(delta)).astype(np.int32)
 
 
 def compute_features(tokens, vocab: Vocab, duration_units: int | None = None) -> Features:
@@ -72,26 +107,31 @@ def compute_features(tokens, vocab: Vocab, duration_units: int | None = None) ->
     base = attacks_before[step_start][step] if len(tokens) else attacks_before
     chord = np.minimum(attacks_before - base, vocab.config.max_chord - 1)
     part, countdown = part_and_countdown(timing, duration_units, vocab)
-    return Features(timing.astype(np.int32), chord.astype(np.int32), part, countdown)
+    return Features(timing.astype(np.int32), chord.astype(np.int32), part, countdown,
+                    sounding_counts(tokens, vocab))
 
 
-def step_features(token: int, state: tuple[int, int], duration_units: int, vocab: Vocab):
+def step_features(token: int, state: tuple[int, int, frozenset], duration_units: int, vocab: Vocab):
     """Incremental form for decoding one token at a time.
 
     Args:
       token: the token just placed at this position.
-      state: (timing, chord) of this token, as returned for it by the previous call ((0, 0) first).
+      state: (timing, chord, sounding keys) before this token, as returned by the previous call
+        ((0, 0, frozenset()) first).
       duration_units: target length of the piece.
     Returns:
-      ((timing, chord, part, countdown) of `token`, state for the next token).
+      ((timing, chord, part, countdown, sounding) of `token`, state for the next token).
     """
-    timing, chord = state
+    timing, chord, keys = state
     part, countdown = part_and_countdown(np.array([timing]), duration_units, vocab)
     kind = vocab.kind[token]
     wait = int(vocab.wait_units[token])
     clipped = min(chord, vocab.config.max_chord - 1)
+    if kind in (TokenKind.NOTE_ON, TokenKind.NOTE_OFF):
+        key = int(vocab.instrument[token]) * 128 + int(vocab.pitch[token])
+        keys = keys | {key} if kind == TokenKind.NOTE_ON else keys - {key}
     if wait:
-        next_state = (timing + wait, 0)
+        next_state = (timing + wait, 0, keys)
     else:
-        next_state = (timing, chord + int(kind in (TokenKind.NOTE_ON, TokenKind.DRUM)))
-    return (timing, clipped, int(part[0]), int(countdown[0])), next_state
+        next_state = (timing, chord + int(kind in (TokenKind.NOTE_ON, TokenKind.DRUM)), keys)
+    return (timing, clipped, int(part[0]), int(countdown[0]), len(keys)), next_state

@@ -4,7 +4,8 @@ Records. A random-access source (`source[i]` is a dict; the TFDS builder writes 
 `record_from_piece` makes one from an `EncodedPiece`) holds one piece each:
 
 - `tokens`: int32[T] the BODY tokens (after `start`, ending with `end`).
-- `timing`, `chord`, `part`, `countdown`: int32[T] structural features of the body (`features.py`).
+- `timing`, `chord`, `part`, `countdown`: int32[T] structural features of the body (`features.py`); the
+  `sounding` feature is computed from the tokens when a record is read.
 - `label`: label name (in the vocab's label table) or empty; `instruments`: int32[K] class indices.
 - `path`, `content_hash`: text (str or bytes); `duration_s`: float32; `num_notes`: int32.
 
@@ -15,8 +16,8 @@ Examples. An example is one window of L (= `seq_len`) positions:
     loss_mask = 1 where the target is a body token (the prefix and the padding are never scored)
 
 Batches are dicts of numpy arrays: `inputs`, `targets` int32[B, L]; `loss_mask` float32[B, L];
-`timing`, `chord`, `part`, `countdown` int32[B, L] aligned with `inputs`. Prefix positions get
-timing 0 and chord 0 (as in `compute_features` of a whole piece, where the prefix sits before any
+`timing`, `chord`, `part`, `countdown`, `sounding` int32[B, L] aligned with `inputs`. Prefix positions get
+timing 0, chord 0 and sounding 0 (as in `compute_features` of a whole piece, where the prefix sits before any
 wait or attack) and the part and countdown of the window's first body token, so that the model knows
 where in the piece the window starts as soon as it reads the prefix. Padding gets 0 everywhere.
 
@@ -184,6 +185,7 @@ class Piece:
     chord: np.ndarray
     part: np.ndarray
     countdown: np.ndarray
+    sounding: np.ndarray
     label: str | None
     instruments: tuple[int, ...]
     path: str
@@ -209,7 +211,7 @@ def record_from_piece(piece: encoding.EncodedPiece, vocab: Vocab, *, path: str =
     label = vocab.config.labels[first - vocab.label_base] if vocab.kind[first] == TokenKind.LABEL else ""
     return {
         "tokens": body,
-        **feats.as_dict(),
+        **{name: getattr(feats, name) for name in features_lib.STORED_FEATURE_NAMES},
         "label": label,
         "instruments": np.asarray(piece.instruments, np.int32),
         "path": path,
@@ -229,7 +231,7 @@ def parse_record(record: Mapping[str, Any], vocab: Vocab) -> Piece:
     if tokens.min() < 0 or tokens.max() >= vocab.size:
         raise ValueError(f"{where}: token ids outside the vocabulary (size {vocab.size})")
     feats = {}
-    for name in features_lib.FEATURE_NAMES:
+    for name in features_lib.STORED_FEATURE_NAMES:
         feats[name] = np.asarray(record[name], np.int32)
         if feats[name].shape != tokens.shape:
             raise ValueError(f"{where}: feature {name} has shape {feats[name].shape}, tokens {tokens.shape}")
@@ -240,6 +242,7 @@ def parse_record(record: Mapping[str, Any], vocab: Vocab) -> Piece:
     if any(not 0 <= i < vocab.instruments.num_classes for i in instruments):
         raise ValueError(f"{where}: instrument index outside 0..{vocab.instruments.num_classes - 1}")
     tokens = tokens.astype(np.int32)
+    feats["sounding"] = features_lib.sounding_counts(tokens, vocab)
     duration = int(feats["timing"][-1]) + int(vocab.wait_units[tokens[-1]])
     return Piece(tokens=tokens, label=label, instruments=instruments, path=path, duration_units=duration,
                  **feats)
@@ -439,8 +442,9 @@ def augment_window(piece: Piece, start: int, num_tokens: int, aug: Augmentation,
         # cut short: keep times < horizon, and end notes still sounding after it beyond it.
         horizon = np.iinfo(np.int64).max if at_end else int(rel[-1])
         notes = _crop_notes(tokens, rel, int(rel[-1]) + 1, vocab)
-        if aug.shift and aug.out_of_range == "fold" and start > 0:
-            # Only folding maps two keys onto one: then the notes held across the crop's start matter too.
+        if start > 0:
+            # The notes held across the crop's start: the `sounding` feature counts them, and folding can
+            # move another note onto their key (the collision must resolve as in the whole piece).
             notes = notes.concat(_held_notes(body, start, tokens, rel, int(rel[-1]) + 1, vocab))
         if aug.shift:
             pitched = notes.instrument != vocab.drums_index
@@ -451,7 +455,8 @@ def augment_window(piece: Piece, start: int, num_tokens: int, aug: Augmentation,
                                    notes.start[keep], notes.end[keep])
         if aug.volume:
             notes.velocity = np.clip(notes.velocity + aug.volume, 0, vocab.config.velocity_bins - 1)
-        out = _notes_to_events(encoding.canonical_notes(notes, vocab), horizon, vocab)
+        notes = encoding.canonical_notes(notes, vocab)
+        out = _notes_to_events(notes, horizon, vocab)
         if start > 0:
             # The window's first time step may have lost every event (dropped notes): open the window
             # at the next event instead of with a fragment of the wait that now precedes it.
@@ -467,14 +472,17 @@ def augment_window(piece: Piece, start: int, num_tokens: int, aug: Augmentation,
     abs_timing = feats.timing.astype(np.int64) + origin
     duration = int(_stretch(np.array([piece.duration_units]), aug.stretch)[0])
     part, countdown = features_lib.part_and_countdown(abs_timing, duration, vocab)
-    return out, features_lib.Features(abs_timing.astype(np.int32), feats.chord, part, countdown)
+    held = (notes.start < 1) & (notes.end >= 1) & (notes.instrument != vocab.drums_index)
+    sounding = features_lib.sounding_counts(out, vocab, notes.instrument[held].astype(np.int64) * 128
+                                            + notes.pitch[held])
+    return out, features_lib.Features(abs_timing.astype(np.int32), feats.chord, part, countdown, sounding)
 
 
 def slice_window(piece: Piece, start: int, num_tokens: int) -> tuple[np.ndarray, features_lib.Features]:
     """Body tokens and stored features from `start`, at most `num_tokens` (no augmentation)."""
     sl = slice(start, start + num_tokens)
-    return piece.tokens[sl], features_lib.Features(piece.timing[sl], piece.chord[sl], piece.part[sl],
-                                                   piece.countdown[sl])
+    return piece.tokens[sl], features_lib.Features(*(getattr(piece, name)[sl]
+                                                     for name in features_lib.FEATURE_NAMES))
 
 
 def snap_to_step_start(tokens: np.ndarray, position: int, limit: int, vocab: Vocab) -> int:

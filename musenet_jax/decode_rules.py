@@ -57,12 +57,14 @@ class RuleTables(NamedTuple):
       key: int32[V] key (instrument * 128 + pitch) of each note-on, note-off and drum id; -1 for other ids.
       wait_units: int32[V] time units each wait id advances; 0 for other ids.
       wait_ids: int32[W] the ids of `wait:1` .. `wait:W`.
+      release_ids: int32[R] the ids of every note-off (the release-mass rule reads only these columns).
     """
 
     kind: jax.Array
     key: jax.Array
     wait_units: jax.Array
     wait_ids: jax.Array
+    release_ids: jax.Array
 
 
 class Limits(NamedTuple):
@@ -101,7 +103,8 @@ def rule_tables(vocab: Vocab) -> RuleTables:
     """The `RuleTables` of a vocabulary."""
     return RuleTables(jnp.asarray(vocab.kind, jnp.int32), jnp.asarray(key_table(vocab)),
                       jnp.asarray(vocab.wait_units, jnp.int32),
-                      jnp.asarray(vocab.wait(np.arange(1, vocab.config.max_wait + 1)), jnp.int32))
+                      jnp.asarray(vocab.wait(np.arange(1, vocab.config.max_wait + 1)), jnp.int32),
+                      jnp.asarray(np.flatnonzero(vocab.kind == TokenKind.NOTE_OFF), jnp.int32))
 
 
 def max_note_units(max_note_seconds: float | None, vocab: Vocab) -> int:
@@ -242,9 +245,10 @@ def constrain(logits: jax.Array, state: SoundingState, last_token: jax.Array, ti
     # renormalised, it went to the attacks and waits, so notes were left sounding and the texture thickened
     # (the bundled quartets: polyphony at onsets 12-20 where the music has 4); it goes to the releases the
     # rules allow, in proportion to their own probability.
-    release = (kind == TokenKind.NOTE_OFF)[None, :]
-    may_release = mask & release & ~stop
-    wanted = jax.nn.logsumexp(jnp.where(limits.allowed & release, logits, -jnp.inf), axis=-1, keepdims=True)
-    allowed = jax.nn.logsumexp(jnp.where(may_release, logits, -jnp.inf), axis=-1, keepdims=True)
+    # (The sums read the [B, R] note-off columns only: over all V ids they cost as much as the model's step.)
+    may_release = mask & (kind == TokenKind.NOTE_OFF)[None, :] & ~stop
+    ids = tables.release_ids
+    wanted = jax.nn.logsumexp(jnp.where(limits.allowed[:, ids], logits[:, ids], -jnp.inf), axis=-1, keepdims=True)
+    allowed = jax.nn.logsumexp(jnp.where(may_release[:, ids], logits[:, ids], -jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(may_release, logits + jnp.where(jnp.isfinite(allowed), wanted - allowed, 0.0), logits)
     return jnp.where(mask, logits, -jnp.inf)

@@ -102,7 +102,7 @@ class EvalPiece:
       name: what the reports call it (a file path).
       prefix: int32[P] conditioning prefix `[label] instrument.. start`.
       body: int32[n] body tokens (after `start`, ending with `end`).
-      features: int32[n] arrays: the body's timing, chord, part and countdown (`features.py`).
+      features: int32[n] arrays: the body's timing, chord, part, countdown and sounding (`features.py`).
       duration_units: the piece's length in time units.
     """
 
@@ -124,7 +124,7 @@ class EvalPiece:
     def from_record(cls, record: Mapping[str, Any], vocab: Vocab) -> EvalPiece:
         """From a dataset record (`input_pipeline.parse_record`; raises ValueError if it is invalid)."""
         piece = input_lib.parse_record(record, vocab)
-        feats = features_lib.Features(piece.timing, piece.chord, piece.part, piece.countdown)
+        feats = features_lib.Features(*(getattr(piece, name) for name in features_lib.FEATURE_NAMES))
         return cls(piece.path, vocab.prefix(piece.label, piece.instruments), piece.tokens, feats,
                    piece.duration_units)
 

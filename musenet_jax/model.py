@@ -5,7 +5,7 @@ Vp padded vocab (V rounded up to `vocab_multiple`), L layers.
 
 Input embedding (each extra table switchable, all summed, MuseNet-style):
   token [Vp, D] (or factored, below) + learned position [T_max, D] + timing [timing_buckets, D] + chord [chord_size, D]
-  + part [part_size, D] + countdown [countdown_size, D].
+  + part [part_size, D] + countdown [countdown_size, D] + sounding [sounding_size, D].
 Tables start as normal(init_std) for tokens and normal(init_std / 2) for the others (GPT-2's 0.02 /
 0.01). Feature values (int32[B, T] from `data_pipeline.features`) are clipped into their table; timing (in
 time units, 10 ms by default, unbounded) is first bucketed linearly:
@@ -165,9 +165,11 @@ class ModelConfig:
         module doc; always tied).
       token_layout: (W, I, V, P, L) of the vocabulary (`Vocab.layout()`), needed by 'factored'.
       use_bias: biases on the q/k/v/output and MLP projections.
-      use_positional, use_timing, use_chord, use_part, use_countdown: which extra embeddings to add.
+      use_positional, use_timing, use_chord, use_part, use_countdown, use_sounding: which extra embeddings
+        to add (sounding is off by default so that exports written before it load unchanged).
       timing_buckets, timing_bucket_units: timing table rows and time units per row (see module doc).
-      chord_size, part_size, countdown_size: rows of those tables (values are clipped into them).
+      chord_size, part_size, countdown_size, sounding_size: rows of those tables (values are clipped into
+        them).
       dropout_rate: on the summed embedding and each sublayer's output, in training only.
       mixup_prob, mixup_alpha: token embedding mixup (see module doc); 0 disables.
       dtype: compute dtype name ('bfloat16' or 'float32'); param_dtype: parameter dtype name.
@@ -211,6 +213,8 @@ class ModelConfig:
     part_size: int = 128
     use_countdown: bool = True
     countdown_size: int = 128
+    use_sounding: bool = False
+    sounding_size: int = 32
     dropout_rate: float = 0.0
     mixup_prob: float = 0.0
     mixup_alpha: float = 0.4
@@ -246,6 +250,7 @@ class ModelConfig:
             "chord_size",
             "part_size",
             "countdown_size",
+            "sounding_size",
         ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
@@ -640,6 +645,7 @@ class MuseNet(nnx.Module):
         self.chord_embed = table(config.use_chord, config.chord_size)
         self.part_embed = table(config.use_part, config.part_size)
         self.countdown_embed = table(config.use_countdown, config.countdown_size)
+        self.sounding_embed = table(config.use_sounding, config.sounding_size)
 
         kinds = config.layer_kinds()
         period = config.layer_period()
@@ -701,6 +707,7 @@ class MuseNet(nnx.Module):
             (self.chord_embed, "chord", lambda c: c),
             (self.part_embed, "part", lambda p: p),
             (self.countdown_embed, "countdown", lambda c: c),
+            (self.sounding_embed, "sounding", lambda c: c),
         )
         for param, name, to_row in lookups:
             if param is not None:
@@ -783,7 +790,7 @@ class MuseNet(nnx.Module):
 
         Args:
           tokens: int32[B, T] token ids, T <= max_len.
-          features: dict of int32[B, T]: 'timing' (time units), 'chord', 'part', 'countdown'; only the
+          features: dict of int32[B, T]: 'timing' (time units), 'chord', 'part', 'countdown', 'sounding'; only the
             enabled embeddings' entries are read.
           positions: int32[B, T] or [1, T] positions for the positional table (default 0..T-1).
           deterministic: False in training (dropout, mixup); then `rng` (a PRNG key) is needed if

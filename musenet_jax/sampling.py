@@ -26,11 +26,12 @@ caps reuse the same compiled loop. At position t the loop feeds window token t, 
 t + 1 from the piece (prefill, primer or carried tokens) or samples it and appends it to the piece. A window
 stops when every row has ended or its L positions are fed.
 
-Features. Every fed token gets the model's timing / chord / part / countdown inputs as training gives them:
+Features. Every fed token gets the model's timing / chord / part / countdown / sounding inputs as training gives them:
 body tokens carry the piece's absolute features, exactly `data_pipeline.features.compute_features(piece,
 vocab, duration_units=D)` with D the target length in time units (timing accumulates wait units from the
 piece start, chord counts attacks within the current time step, part and countdown come from timing and D,
-`part_and_countdown`); the primer's come from the whole primer. Prefix tokens get timing 0, chord 0 and the
+`part_and_countdown`, sounding counts the pitched keys the decoding state holds as sounding after the token);
+the primer's come from the whole primer. Prefix tokens get timing 0, chord 0, sounding 0 and the
 part and countdown of the window's first body token (`input_pipeline.pack_example`; in the first window
 that is what `compute_features` of the whole piece gives too). Positions restart at 0 in every window.
 `decode_arrays` returns what each window fed, for checking.
@@ -100,7 +101,7 @@ from data_pipeline import features as features_lib
 from data_pipeline import input_pipeline
 from data_pipeline import vocab as vocab_lib
 from data_pipeline.vocab import END, TokenKind, Vocab
-from musenet_jax import decode_rules
+from musenet_jax import decode_rules, draws
 from musenet_jax.decode_rules import DEFAULT_MAX_NOTE_SECONDS, SoundingState, sounding_state
 
 END_TOLERANCE_MS = 1000  # END may be written in the last second (at most 10% of the target) of the piece.
@@ -258,81 +259,14 @@ def allowed_body_tokens(vocab: Vocab, instruments: Sequence[int]) -> np.ndarray:
 # --- The jitted window loop. ------------------------------------------------------------------------------
 
 
-_BISECTIONS = 48  # halvings of a threshold's interval: past float32's resolution for logits and probabilities
-_NUCLEUS_CANDIDATES = 256  # a nucleus is looked for among a row's most likely tokens first (`_draw`)
-
-
-def _largest_threshold(values: jax.Array, lo: jax.Array, hi: jax.Array, enough) -> jax.Array:
-    """float32[B, 1]: per row, the largest t in [lo, hi] with enough(values >= t) (True at lo, monotone in t), by
-    bisection: passes over [B, V] instead of a sort, which on a CPU costs more than the model's step."""
-
-    def halve(_, bounds):
-        lo, hi = bounds
-        mid = (lo + hi) / 2
-        ok = enough(values >= mid)
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-    lo, _ = jax.lax.fori_loop(0, _BISECTIONS, halve, (lo, hi))
-    return lo
-
-
-def _draw(keys: jax.Array, logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """int32[B]: one token per row of logits [B, V] (-inf: never) after top-k then nucleus filtering.
-
-    Top-k (top_k int32[B], 0 = off) keeps the logits >= the k-th largest. The nucleus (top_p float32[B], 1 = off)
-    then keeps the smallest set of most likely tokens whose probability reaches top_p (tokens tied at its
-    boundary all stay; the most likely token always does). The token is drawn by inverting the kept
-    distribution at one uniform draw from the row's key, with no sort of the V logits: a sort, or the V Gumbel
-    numbers of jax.random.categorical, cost more than the model's step on a CPU and grow with the batch. A row
-    whose nucleus lies among its `_NUCLEUS_CANDIDATES` most likely tokens (the usual case) is drawn from those,
-    most likely first; any other row from all V tokens in id order (its threshold found by bisection). Which
-    of the two applies depends on the row alone, so a row draws the same token in any batch.
-    """
-    v = logits.shape[-1]
-    u = 1.0 - jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(keys)[:, None]  # (0, 1]
-
-    def by_top_k(logits):
-        k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)[:, None]
-        top = jnp.max(logits, axis=-1, keepdims=True)
-        low = jnp.min(jnp.where(jnp.isfinite(logits), logits, top), axis=-1, keepdims=True)
-        kth = _largest_threshold(logits, low, top, lambda kept: jnp.sum(kept, -1, keepdims=True) >= k)
-        return jnp.where(logits >= kth, logits, -jnp.inf)
-
-    logits = jax.lax.cond(jnp.any(top_k > 0), by_top_k, lambda x: x, logits)
-    probs = jax.nn.softmax(logits, axis=-1)
-    mass = top_p[:, None]
-    count = min(_NUCLEUS_CANDIDATES, v)
-    top, ids = jax.lax.top_k(probs, count)  # [B, C], most likely first
-    reached = jnp.sum(jnp.cumsum(top, axis=-1) < mass, axis=-1, keepdims=True)  # C: not among the candidates
-    among = (reached < count) & (mass < 1.0)  # [B, 1]
-    boundary = jnp.take_along_axis(top, jnp.minimum(reached, count - 1), axis=-1)
-
-    def inverse_cdf(weights):  # [B, N] >= 0 -> the first index whose cumulative weight reaches u of the total
-        cdf = jnp.cumsum(weights, axis=-1)
-        return jnp.minimum(jnp.sum(cdf < u * cdf[:, -1:], axis=-1), weights.shape[-1] - 1)
-
-    from_candidates = jnp.take_along_axis(ids, inverse_cdf(jnp.where(top >= boundary, top, 0.0))[:, None], -1)[:, 0]
-
-    def threshold(_):  # rows whose nucleus is wider than the candidates; 0 for the others
-        found = _largest_threshold(probs, jnp.zeros_like(mass), top[:, :1],
-                                   lambda kept: jnp.sum(jnp.where(kept, probs, 0.0), -1, keepdims=True) >= mass)
-        return jnp.where(among | (mass >= 1.0), 0.0, found)
-
-    def from_all(_):
-        wide = jax.lax.cond(jnp.any(~among & (mass < 1.0)), threshold, jnp.zeros_like, mass)
-        return jnp.where(among[:, 0], from_candidates, inverse_cdf(jnp.where(probs >= wide, probs, 0.0)))
-
-    return jax.lax.cond(jnp.all(among), lambda _: from_candidates, from_all, None).astype(jnp.int32)
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _decode_window(graphdef, state, piece, timing, chord, length, done, ended, sounding, start, prefix_len, cap_len,
-                   limits, rules, tables, temperature, top_k, top_p, row_keys):
+def _decode_window(graphdef, state, piece, timing, chord, voices, length, done, ended, sounding, start, prefix_len,
+                   cap_len, limits, rules, tables, temperature, top_k, top_p, row_keys):
     """Writes one context window of every row (module doc). Everything but the shapes and the graph is traced.
 
     Args:
       piece: int32[B, C] each row's tokens so far (prefix, body), PAD after `length`; C = the buffer size.
-      timing, chord: int32[B, C] the timing and (clipped) chord features of those tokens.
+      timing, chord, voices: int32[B, C] the timing, (clipped) chord and sounding features of those tokens.
       length: int32[B] tokens of each row so far.
       done, ended: bool[B] rows that have stopped (END or the cap), and those that wrote END; stopped rows ride
         along unchanged.
@@ -343,7 +277,7 @@ def _decode_window(graphdef, state, piece, timing, chord, length, done, ended, s
       limits, rules: `decode_rules.Limits` of each row ([B, V], [B]...) and `RuleTables` of the vocabulary.
       temperature, top_k, top_p, row_keys: float32[B], int32[B], float32[B] and keys[B], each row's sampling.
     Returns:
-      (piece, timing, chord, length, done, ended, sounding) updated, and what the window fed the model: tokens
+      (piece, timing, chord, voices, length, done, ended, sounding) updated, and what the window fed the model: tokens
       int32[B, L], features {name: int32[B, L]} and fed int32[B], the positions fed while the row was active.
     """
     TRACE_COUNTS["decode_window"] += 1
@@ -365,12 +299,13 @@ def _decode_window(graphdef, state, piece, timing, chord, length, done, ended, s
         return jnp.where(t < prefix_len, t, start + t - prefix_len)
 
     def body(carry):
-        t, piece, timing, chord, length, done, ended, sounding, fed_tokens, fed_feats, fed, cache = carry
+        t, piece, timing, chord, voices, length, done, ended, sounding, fed_tokens, fed_feats, fed, cache = carry
         g = jnp.minimum(piece_index(t), capacity - 1)  # a stopped row may run past its buffer: read, ignored
         tok, tok_timing, tok_chord = piece[rows, g], timing[rows, g], chord[rows, g]
         # Prefix tokens get the part and countdown of the window's first body token, as training windows do.
         part, countdown = part_and_countdown(jnp.where(t < prefix_len, timing[rows, start], tok_timing))
-        step_feats = {"timing": tok_timing, "chord": tok_chord, "part": part, "countdown": countdown}
+        step_feats = {"timing": tok_timing, "chord": tok_chord, "part": part, "countdown": countdown,
+                      "sounding": voices[rows, g]}
         fed_tokens = fed_tokens.at[:, t].set(tok)
         fed_feats = {k: v.at[:, t].set(step_feats[k]) for k, v in fed_feats.items()}
         fed = jnp.where(done, fed, t + 1)
@@ -389,31 +324,32 @@ def _decode_window(graphdef, state, piece, timing, chord, length, done, ended, s
         # `sounding` the state after it.
         logits = decode_rules.constrain(logits, sounding, tok, nxt_timing, limits, rules)
         keys = jax.vmap(jax.random.fold_in)(row_keys, nxt)
-        sampled = _draw(keys, logits / temperature[:, None], top_k, top_p)
+        sampled = draws.draw(keys, logits / temperature[:, None], top_k, top_p)
 
         at = jnp.where(sample, nxt, capacity)  # rows that copy write nothing (out of bounds: dropped)
         piece = piece.at[rows, at].set(sampled, mode="drop")
         timing = timing.at[rows, at].set(nxt_timing, mode="drop")
         chord = chord.at[rows, at].set(nxt_chord, mode="drop")
         sounding = decode_rules.advance(sounding, sampled, nxt_timing, sample, rules)
+        voices = voices.at[rows, at].set(jnp.sum(sounding.key_time >= 0, axis=-1, dtype=jnp.int32), mode="drop")
         length = jnp.where(sample, length + 1, length)
         ends_now = sample & (sampled == END)
         ended = ended | ends_now
         done = done | ends_now | (length >= cap_len)
-        return t + 1, piece, timing, chord, length, done, ended, sounding, fed_tokens, fed_feats, fed, cache
+        return t + 1, piece, timing, chord, voices, length, done, ended, sounding, fed_tokens, fed_feats, fed, cache
 
     def cond(carry):
-        t, done = carry[0], carry[5]
+        t, done = carry[0], carry[6]
         return (t < window) & ~jnp.all(done)
 
     fed_tokens = jnp.zeros((bsz, window), jnp.int32)
     fed_feats = {k: jnp.zeros((bsz, window), jnp.int32) for k in features_lib.FEATURE_NAMES}
     cache = nnx.merge(graphdef, state).init_cache(bsz)  # empty: positions restart at 0 in every window
-    carry = (jnp.int32(0), piece, timing, chord, length, done, ended, sounding, fed_tokens, fed_feats,
+    carry = (jnp.int32(0), piece, timing, chord, voices, length, done, ended, sounding, fed_tokens, fed_feats,
              jnp.zeros((bsz,), jnp.int32), cache)
     carry = jax.lax.while_loop(cond, body, carry)
-    _, piece, timing, chord, length, done, ended, sounding, fed_tokens, fed_feats, fed, _ = carry
-    return piece, timing, chord, length, done, ended, sounding, fed_tokens, fed_feats, fed
+    _, piece, timing, chord, voices, length, done, ended, sounding, fed_tokens, fed_feats, fed, _ = carry
+    return piece, timing, chord, voices, length, done, ended, sounding, fed_tokens, fed_feats, fed
 
 
 def next_window_start(tokens: np.ndarray, prefix_len: int, keep: int, vocab: Vocab) -> int:
@@ -535,72 +471,151 @@ def piece_buffer(vocab: Vocab, max_tokens: int) -> int:
     return 1 << (input_pipeline.max_prefix_len(vocab) + max_tokens - 1).bit_length()
 
 
-def _decode_rows(model, vocab: Vocab, rows: Sequence[_Row], batch_size: int, on_window=None,
-                 capacity: int | None = None):
-    """The window loop over `rows`, padded to `batch_size` rows with stopped copies of the first (so that a
-    server's batches reuse a few compiled shapes). Returns tokens int32[N, C], lengths int32[N], ended bool[N]
-    and the windows (all `batch_size` rows). `on_window` (`generate_batch`) may stop rows between windows."""
-    n = len(rows)
-    padded = list(rows) + [rows[0]] * (batch_size - n)
-    capacity = max(capacity or 0, piece_buffer(vocab, max(r.cap for r in padded)))
-    piece, timing, chord = (np.zeros((batch_size, capacity), np.int32) for _ in range(3))
-    states = []
-    for b, row in enumerate(padded):
-        feats = features_lib.compute_features(row.prompt, vocab, duration_units=row.duration)
-        piece[b, : len(row.prompt)], timing[b, : len(row.prompt)] = row.prompt, feats.timing
-        chord[b, : len(row.prompt)] = feats.chord
-        # Every row starts from its prompt's state; it then follows the row's piece across the windows.
-        states.append(sounding_state(row.prompt, vocab))
-    start = np.array([row.first for row in padded], np.int32)
-    prefix_len = np.array([row.prefix_len for row in padded], np.int32)
+@dataclasses.dataclass
+class Slot:
+    """One row of a `Decoder` between windows: its request (checked), its piece so far and its state, on the host.
 
-    vc = vocab.config
-    attack = np.isin(vocab.kind, (TokenKind.NOTE_ON, TokenKind.DRUM))
-    tables = (jnp.asarray(vocab.wait_units, jnp.int32), jnp.asarray(attack), jnp.int32(vc.num_parts),
-              jnp.int32(vc.countdown_max), jnp.asarray([vc.time_unit_ms, vc.countdown_unit_ms], jnp.int32),
-              jnp.int32(vc.max_chord))
-    row_keys = jnp.stack([jax.random.fold_in(jax.random.key(r.request.seed), r.request.sample) for r in padded])
-    limits = decode_rules.Limits(
-        jnp.asarray(np.stack([r.allowed for r in padded])), jnp.asarray([r.duration for r in padded], jnp.int32),
-        jnp.asarray([end_tolerance_units(r.duration, vocab) for r in padded], jnp.int32),
-        jnp.asarray([r.max_note for r in padded], jnp.int32))
-    samplings = [r.request.sampling for r in padded]
-    settings = (jnp.asarray(prefix_len), jnp.asarray([r.prefix_len + r.cap for r in padded], jnp.int32), limits,
-                decode_rules.rule_tables(vocab), tables, jnp.asarray([x.temperature for x in samplings], jnp.float32),
-                jnp.asarray([x.top_k for x in samplings], jnp.int32),
-                jnp.asarray([x.top_p for x in samplings], jnp.float32), row_keys)
-    graphdef, state = nnx.split(model)
-    piece, timing, chord = jnp.asarray(piece), jnp.asarray(timing), jnp.asarray(chord)
-    length = jnp.asarray([len(r.prompt) for r in padded], jnp.int32)
-    done = jnp.asarray(np.arange(batch_size) >= n)  # padding rows ride along stopped
-    ended = jnp.zeros((batch_size,), bool)
-    sounding = SoundingState(*(jnp.asarray(np.stack(x).astype(np.int32)) for x in zip(*states, strict=True)))
+    Attributes:
+      row: the checked request.
+      tokens, timing, chord, voices: int32[C] the piece (prefix, body; PAD after `length`) and the timing, chord
+        and sounding features of its tokens.
+      length: tokens so far; start: piece index of the next window's first body token.
+      sounding: `decode_rules.SoundingState` ([K], [], []) of the piece so far.
+      done: the row has stopped (END, the cap, or stopped by its caller); ended: it wrote END.
+      windows: windows in which the row was fed.
+    """
+
+    row: _Row
+    tokens: np.ndarray
+    timing: np.ndarray
+    chord: np.ndarray
+    voices: np.ndarray
+    length: int
+    start: int
+    sounding: SoundingState
+    done: bool = False
+    ended: bool = False
+    windows: int = 0
+
+
+class Decoder:
+    """The window loop of rows that may join and leave between windows (a server's continuous batching).
+
+    `add` checks a request and returns its `Slot`; `window(slots, batch_size)` decodes one context window of the
+    slots, padded to `batch_size` rows with stopped copies of the first (so that callers keep to a few compiled
+    shapes), and moves each running slot to its next window. Rows do not depend on each other (module doc), so a
+    row gives the same tokens whichever slots share its windows, and a slot may leave (`done = True`) or a new
+    one join at any window boundary.
+
+    Args:
+      capacity: C, the piece buffer's size (`piece_buffer`); a request whose cap needs more is refused.
+    """
+
+    def __init__(self, model, vocab: Vocab, capacity: int):
+        self.config, self.vocab, self.capacity = model.config, vocab, int(capacity)
+        self.graphdef, self.state = nnx.split(model)
+        vc = vocab.config
+        attack = np.isin(vocab.kind, (TokenKind.NOTE_ON, TokenKind.DRUM))
+        self.tables = (jnp.asarray(vocab.wait_units, jnp.int32), jnp.asarray(attack), jnp.int32(vc.num_parts),
+                       jnp.int32(vc.countdown_max), jnp.asarray([vc.time_unit_ms, vc.countdown_unit_ms], jnp.int32),
+                       jnp.int32(vc.max_chord))
+        self.rules = decode_rules.rule_tables(vocab)
+
+    def add(self, request: Request) -> Slot:
+        """A new slot for `request` (raises `GenerationError` as `generate`)."""
+        return self._slot(_prepare(self.config, self.vocab, request))
+
+    def _slot(self, row: _Row) -> Slot:
+        need = piece_buffer(self.vocab, row.cap)
+        if need > self.capacity:
+            raise GenerationError(f"the piece needs a buffer of {need} tokens, this decoder holds {self.capacity}")
+        n = len(row.prompt)
+        feats = features_lib.compute_features(row.prompt, self.vocab, duration_units=row.duration)
+        arrays = [np.zeros(self.capacity, np.int32) for _ in range(4)]
+        for array, values in zip(arrays, (row.prompt, feats.timing, feats.chord, feats.sounding), strict=True):
+            array[:n] = values
+        # Every row starts from its prompt's state; it then follows the row's piece across the windows.
+        return Slot(row, *arrays, n, row.first, sounding_state(row.prompt, self.vocab))
+
+    def seconds(self, slot: Slot) -> float:
+        """Music in the slot's piece so far (primer included), in seconds."""
+        units = int(self.vocab.wait_units[slot.tokens[: slot.length]].sum())
+        return units * self.vocab.config.time_unit_ms / 1000.0
+
+    def piece(self, slot: Slot) -> GeneratedPiece:
+        """The slot's piece so far (its result once it has stopped)."""
+        row = slot.row
+        return GeneratedPiece(slot.tokens[: slot.length].copy(), row.prefix_len, row.primer_len, slot.ended,
+                              self.seconds(slot), slot.windows)
+
+    def window(self, slots: Sequence[Slot], batch_size: int) -> DecodedWindow:
+        """Decodes one window of `slots` (stopped ones ride along unchanged) and returns what it fed them."""
+        n = len(slots)
+        if not 1 <= n <= batch_size:
+            raise GenerationError(f"a window decodes 1..{batch_size} slots, got {n}")
+        padded = list(slots) + [slots[0]] * (batch_size - n)
+        rows = [slot.row for slot in padded]
+        done = np.array([slot.done for slot in slots] + [True] * (batch_size - n))  # padding rides along stopped
+
+        def stack(name):
+            return jnp.asarray(np.stack([getattr(slot, name) for slot in padded]))
+
+        start = np.array([slot.start for slot in padded], np.int32)
+        limits = decode_rules.Limits(
+            jnp.asarray(np.stack([r.allowed for r in rows])), jnp.asarray([r.duration for r in rows], jnp.int32),
+            jnp.asarray([end_tolerance_units(r.duration, self.vocab) for r in rows], jnp.int32),
+            jnp.asarray([r.max_note for r in rows], jnp.int32))
+        samplings = [r.request.sampling for r in rows]
+        row_keys = jnp.stack([jax.random.fold_in(jax.random.key(r.request.seed), r.request.sample) for r in rows])
+        sounding = SoundingState(*(jnp.asarray(np.stack(x).astype(np.int32))
+                                   for x in zip(*(slot.sounding for slot in padded), strict=True)))
+        out = _decode_window(
+            self.graphdef, self.state, stack("tokens"), stack("timing"), stack("chord"), stack("voices"),
+            jnp.asarray([slot.length for slot in padded], jnp.int32), jnp.asarray(done),
+            jnp.asarray([slot.ended for slot in padded]), sounding, jnp.asarray(start),
+            jnp.asarray([r.prefix_len for r in rows], jnp.int32),
+            jnp.asarray([r.prefix_len + r.cap for r in rows], jnp.int32), limits, self.rules, self.tables,
+            jnp.asarray([x.temperature for x in samplings], jnp.float32),
+            jnp.asarray([x.top_k for x in samplings], jnp.int32),
+            jnp.asarray([x.top_p for x in samplings], jnp.float32), row_keys)
+        tokens, timing, chord, voices, length, done_out, ended, sounding, fed_tokens, fed_feats, fed = (
+            jax.device_get(out))
+        for b, slot in enumerate(slots):
+            if slot.done:
+                continue
+            slot.tokens, slot.timing, slot.chord, slot.voices = tokens[b], timing[b], chord[b], voices[b]
+            slot.length, slot.done, slot.ended = int(length[b]), bool(done_out[b]), bool(ended[b])
+            slot.sounding = SoundingState(*(np.asarray(x[b]) for x in sounding))
+            slot.windows += int(fed[b] > 0)
+            if not slot.done:
+                # Every window writes at least one token per running row (it carries at most 2K <= L - P of
+                # them), so the cap ends a row's windows.
+                slot.start = next_window_start(slot.tokens[: slot.length], slot.row.prefix_len, slot.row.keep,
+                                               self.vocab)
+        return DecodedWindow(start[:n], np.asarray(fed_tokens)[:n],
+                             {k: np.asarray(v)[:n] for k, v in fed_feats.items()}, np.asarray(fed)[:n],
+                             SoundingState(*(np.asarray(x)[:n] for x in sounding)))
+
+
+def _decode_rows(model, vocab: Vocab, rows: Sequence[_Row], batch_size: int, on_window=None,
+                 capacity: int | None = None) -> tuple[Decoder, list[Slot], list[DecodedWindow]]:
+    """Every window of `rows`, decoded together in `batch_size` rows until all have stopped; `on_window`
+    (`generate_batch`) may stop rows between windows. Returns the decoder, the slots and the windows (N rows)."""
+    decoder = Decoder(model, vocab, max(capacity or 0, piece_buffer(vocab, max(r.cap for r in rows))))
+    slots = [decoder._slot(row) for row in rows]
     windows = []
     while True:
-        piece, timing, chord, length, done, ended, sounding, fed_tokens, fed_feats, fed = _decode_window(
-            graphdef, state, piece, timing, chord, length, done, ended, sounding, jnp.asarray(start), *settings)
-        fed_tokens, fed_feats, fed, done_np, sounding_np = jax.device_get((fed_tokens, fed_feats, fed, done, sounding))
-        windows.append(DecodedWindow(start.copy(), np.asarray(fed_tokens), {k: np.asarray(v) for k, v in
-                                                                            fed_feats.items()}, np.asarray(fed),
-                                     SoundingState(*map(np.asarray, sounding_np))))
-        if done_np.all():
+        windows.append(decoder.window(slots, batch_size))
+        if all(slot.done for slot in slots):
             break
-        # Every window writes at least one token per running row (it carries at most 2K <= L - P of them), so
-        # the cap ends this loop.
-        tokens_np, length_np = jax.device_get((piece, length))
         if on_window is not None:
-            units = [int(vocab.wait_units[tokens_np[b, : length_np[b]]].sum()) for b in range(n)]
-            stop = on_window(np.asarray(units, np.float64) * vc.time_unit_ms / 1000.0, done_np[:n].copy())
-            if stop is not None and np.any(stop):
-                done_np = done_np | np.pad(np.asarray(stop, bool), (0, batch_size - n))
-                done = jnp.asarray(done_np)
-                if done_np.all():
-                    break
-        start = np.array([start[b] if done_np[b] else
-                          next_window_start(tokens_np[b, : length_np[b]], padded[b].prefix_len, padded[b].keep, vocab)
-                          for b in range(batch_size)], np.int32)
-    tokens, lengths, ended = jax.device_get((piece, length, ended))
-    return np.asarray(tokens)[:n], np.asarray(lengths)[:n], np.asarray(ended)[:n], windows
+            stop = on_window(np.array([decoder.seconds(slot) for slot in slots]),
+                             np.array([slot.done for slot in slots]))
+            for slot, stopped in zip(slots, np.zeros(len(slots), bool) if stop is None else stop, strict=True):
+                slot.done = slot.done or bool(stopped)
+            if all(slot.done for slot in slots):
+                break
+    return decoder, slots, windows
 
 
 def decode_arrays(model, vocab: Vocab, *, label: str | None, instruments: Sequence[str], seconds: float,
@@ -613,20 +628,10 @@ def decode_arrays(model, vocab: Vocab, *, label: str | None, instruments: Sequen
     request = Request(label, instruments, seconds, primer, sampling, seed, 0, max_tokens, max_note_seconds)
     row = _prepare(model.config, vocab, request)
     rows = [dataclasses.replace(row, request=dataclasses.replace(request, sample=i)) for i in range(num_samples)]
-    tokens, lengths, ended, windows = _decode_rows(model, vocab, rows, num_samples)
-    return DecodeArrays(tokens, lengths, ended, windows, row.duration, row.max_note, row.prefix_len, row.primer_len,
-                        row.cap)
-
-
-def _pieces(tokens, lengths, ended, rows: Sequence[_Row], windows, vocab: Vocab) -> list[GeneratedPiece]:
-    unit_s = vocab.config.time_unit_ms / 1000.0
-    pieces = []
-    for b, row in enumerate(rows):
-        out = tokens[b, : int(lengths[b])].copy()
-        seconds_out = float(vocab.wait_units[out].sum()) * unit_s
-        used = sum(int(w.fed[b] > 0) for w in windows)
-        pieces.append(GeneratedPiece(out, row.prefix_len, row.primer_len, bool(ended[b]), seconds_out, used))
-    return pieces
+    _, slots, windows = _decode_rows(model, vocab, rows, num_samples)
+    return DecodeArrays(np.stack([slot.tokens for slot in slots]), np.array([slot.length for slot in slots]),
+                        np.array([slot.ended for slot in slots]), windows, row.duration, row.max_note,
+                        row.prefix_len, row.primer_len, row.cap)
 
 
 def check_request(model_config, vocab: Vocab, request: Request) -> None:
@@ -658,8 +663,8 @@ def generate_batch(model, vocab: Vocab, requests: Sequence[Request], batch_size:
     if batch_size < len(requests):
         raise GenerationError(f"batch_size {batch_size} is smaller than the {len(requests)} requests")
     rows = [_prepare(model.config, vocab, r) for r in requests]
-    tokens, lengths, ended, windows = _decode_rows(model, vocab, rows, batch_size, on_window, capacity)
-    return _pieces(tokens, lengths, ended, rows, windows, vocab)
+    decoder, slots, _ = _decode_rows(model, vocab, rows, batch_size, on_window, capacity)
+    return [decoder.piece(slot) for slot in slots]
 
 
 def generate(model, vocab: Vocab, *, label: str | None, instruments: Sequence[str], seconds: float,

@@ -1,13 +1,17 @@
-"""Serving generation to many clients: jobs, a bounded queue, and waiting requests decoded together.
+"""Serving generation to many clients: jobs, a bounded queue, and continuous batching of their pieces.
 
 A `Job` is one client's request: `num_samples` pieces of one set of settings (`sampling.Request` rows, samples
-0..n-1 of its seed). The `Scheduler` owns the model. Its worker thread waits up to `batch_wait_s` for a full
-batch, then takes the oldest waiting jobs whose rows fit in `max_batch` (first come, first served; a job is never
-split, so its pieces finish together; a batch runs until its longest piece ends), decodes them
-as one batch with `sampling.generate_batch`, padded to a bucket size (the powers of two below `max_batch`, and
-`max_batch`) so that the compiled decode loop exists for a few batch shapes only (the sampler buckets the piece
-buffer). Between context windows it publishes each piece's progress (seconds of music written) and stops the
-rows of jobs that were cancelled (DELETE, or the client left) or ran past `max_job_seconds`.
+0..n-1 of its seed). The `Scheduler` owns the model. Its worker thread decodes context windows (`sampling.Decoder`)
+over the pieces of every running job at once: before each window it takes the oldest waiting jobs whose rows fit
+in the rows left free (first come, first served; a job is never split, so its pieces finish together), and after
+each window it hands finished jobs their results, so a short piece does not wait for a long one and a new
+request joins at the next window instead of after the whole batch. Each window is padded to a bucket size (the
+powers of two below `max_batch`, and `max_batch`) so that the compiled decode loop exists for a few batch shapes
+only (every piece uses the buffer of the longest allowed one). When it starts from idle, or a job has just
+finished, it waits up to `batch_wait_s` for requests to fill the free rows (clients that send together, or
+send again on a result, arrive a few milliseconds apart). Between windows it publishes each piece's progress
+(seconds of music written) and stops the rows of jobs that were cancelled (DELETE, or the client left) or ran
+past `max_job_seconds`.
 
 Bounded: at most `queue_size` jobs wait (`submit` raises `QueueFull`); the newest `keep_finished` finished jobs
 are kept (older ones are forgotten); a result holds its MIDI bytes, and its WAV once asked for.
@@ -76,6 +80,7 @@ class Job:
         self.created = time.monotonic()
         self.started: float | None = None
         self.cancel_requested = False
+        self.timed_out = False
         self._listeners: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
         self._listeners_lock = threading.Lock()
 
@@ -132,9 +137,10 @@ class Scheduler:
         self._jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
         self._finished: collections.deque[str] = collections.deque()
         self._closed = False
-        self._seconds_per_batch = 10.0  # running mean of a batch's wall time, for Retry-After
+        self._seconds_per_job = 10.0  # running mean of a job's wall time, for Retry-After
         self.counts = collections.Counter()  # jobs by final status, batches, rows
-        self.batch_sizes = collections.Counter()  # rows per decoded batch (before padding) -> batches
+        self.windows_by_rows = collections.Counter()  # rows decoded together (before padding) -> windows
+        self.decoder = sampling.Decoder(model, vocab, self.capacity)
         self._thread = threading.Thread(target=self._run, name="musenet-serve-decoder", daemon=True)
         self._thread.start()
 
@@ -148,8 +154,8 @@ class Scheduler:
             if self._closed:
                 raise QueueFull(60)
             if len(self._waiting) >= self.queue_size:
-                batches_ahead = 1 + len(self._waiting) * len(requests) // self.max_batch
-                raise QueueFull(max(1, round(batches_ahead * self._seconds_per_batch)))
+                rows_ahead = sum(len(j.requests) for j in self._waiting) + len(requests)
+                raise QueueFull(max(1, round((1 + rows_ahead / self.max_batch) * self._seconds_per_job)))
             self._jobs[job.id] = job
             self._waiting.append(job)
             self._cv.notify_all()
@@ -193,11 +199,12 @@ class Scheduler:
         return result.wav
 
     def stats(self) -> dict:
-        """Counters for operators and tests: batches formed by size, compiled decode loops, queue length."""
+        """Counters for operators and tests: jobs by final status, pieces finished ("rows") and windows decoded
+        ("windows") in `jobs`; windows by the rows decoded together; compiled decode loops; queue length."""
         with self._cv:
-            by_rows = {str(k): v for k, v in sorted(self.batch_sizes.items())}
+            by_rows = {str(k): v for k, v in sorted(self.windows_by_rows.items())}
             return {"queued": len(self._waiting), "jobs": dict(self.counts), "max_batch": self.max_batch,
-                    "buckets": self.buckets, "batches_by_rows": by_rows,
+                    "buckets": self.buckets, "windows_by_rows": by_rows,
                     "compiled_decode_loops": sampling.TRACE_COUNTS["decode_window"]}
 
     def close(self) -> None:
@@ -222,10 +229,10 @@ class Scheduler:
         while len(self._finished) > self.keep_finished:
             self._jobs.pop(self._finished.popleft(), None)
 
-    def _take(self) -> list[Job]:
-        """Under the lock: the oldest waiting jobs whose rows fit in one batch, now running."""
+    def _take(self, free: int) -> list[Job]:
+        """Under the lock: the oldest waiting jobs whose rows fit in `free` rows, now running."""
         jobs, rows = [], 0
-        while self._waiting and rows + len(self._waiting[0].requests) <= self.max_batch:
+        while self._waiting and rows + len(self._waiting[0].requests) <= free:
             job = self._waiting.popleft()
             job.status, job.started = "running", time.monotonic()
             jobs.append(job)
@@ -233,76 +240,91 @@ class Scheduler:
         return jobs
 
     def _run(self) -> None:
+        decoder = self.decoder
+        running: list[tuple[Job, list[sampling.Slot]]] = []
+        fill = True  # wait for requests to fill the free rows before the next window (module doc)
         while True:
             with self._cv:
-                while not self._waiting and not self._closed:
+                while not self._waiting and not running and not self._closed:
                     self._cv.wait()
-                # Clients that send together arrive a few milliseconds apart: wait that long for a fuller batch.
-                deadline = time.monotonic() + self.batch_wait_s
-                while (not self._closed and sum(len(j.requests) for j in self._waiting) < self.max_batch
+                used = sum(len(slots) for _, slots in running)
+                deadline = time.monotonic() + (self.batch_wait_s if fill else 0.0)
+                while (not self._closed and used + sum(len(j.requests) for j in self._waiting) < self.max_batch
                        and (left := deadline - time.monotonic()) > 0):
                     self._cv.wait(left)
                 if self._closed:
-                    return
-                jobs = self._take()
+                    for job, _ in running:
+                        self._finish(job, "cancelled")
+                    break
+                jobs = self._take(self.max_batch - used)
             for job in jobs:
+                try:
+                    running.append((job, [decoder.add(r) for r in job.requests]))
+                except sampling.GenerationError as e:  # checked at submit: only a server bug gets here
+                    with self._cv:
+                        self._finish(job, "failed", str(e))
                 job.notify()
-            t0 = time.monotonic()
+            if not running:
+                fill = True
+                continue
             try:
-                self._decode(jobs)
+                self._window(decoder, running)
+                fill = self._deliver(running)
             except Exception as e:  # a bug, not bad input (requests are checked at submit): keep serving
                 traceback.print_exc(file=sys.stderr)
                 with self._cv:
-                    for job in jobs:
+                    for job, _ in running:
                         if job.status not in FINAL:
                             self._finish(job, "failed", f"internal error while decoding ({type(e).__name__})")
-                for job in jobs:
+                for job, _ in running:
                     job.notify()
-            self._seconds_per_batch = 0.8 * self._seconds_per_batch + 0.2 * (time.monotonic() - t0)
-
-    def _decode(self, jobs: list[Job]) -> None:
-        requests = [r for job in jobs for r in job.requests]
-        spans, at = [], 0
-        for job in jobs:
-            spans.append((job, slice(at, at + len(job.requests))))
-            at += len(job.requests)
-        timed_out: set[str] = set()
-
-        def on_window(seconds: np.ndarray, done: np.ndarray) -> np.ndarray:
-            stop = np.zeros(len(requests), bool)
-            now = time.monotonic()
-            with self._cv:
-                for job, rows in spans:
-                    job.progress = [float(x) for x in seconds[rows]]
-                    if now - job.started > self.max_job_seconds:
-                        timed_out.add(job.id)
-                    stop[rows] = job.cancel_requested or job.id in timed_out
-            for job, _ in spans:
-                job.notify()
-            return stop
-
-        bucket = min(b for b in self.buckets if b >= len(requests))
-        pieces = sampling.generate_batch(self.model, self.vocab, requests, batch_size=bucket, on_window=on_window,
-                                         capacity=self.capacity)
-        with self._cv:
-            self.batch_sizes[len(requests)] += 1
-            self.counts["batches"] += 1
-            self.counts["rows"] += len(requests)
-        for job, rows in spans:
-            results = [] if job.cancel_requested or job.id in timed_out else [
-                self._result(p) for p in pieces[rows]]
-            with self._cv:
-                if job.cancel_requested:
-                    self._finish(job, "cancelled")
-                elif job.id in timed_out:
-                    self._finish(job, "failed", f"the job ran past the server's limit of {self.max_job_seconds:g} s")
-                else:
-                    job.progress = [p.seconds for p in pieces[rows]]
-                    job.results = results
-                    self._finish(job, "done")
+                running.clear()
+                fill = True
+        for job, _ in running:
             job.notify()
 
-    def _result(self, piece: sampling.GeneratedPiece) -> Result:
+    def _window(self, decoder: sampling.Decoder, running: list) -> None:
+        """One window of every running row; then progress, cancellations and time limits."""
+        active = [slot for _, slots in running for slot in slots if not slot.done]
+        if active:
+            decoder.window(active, min(b for b in self.buckets if b >= len(active)))
+            with self._cv:
+                self.windows_by_rows[len(active)] += 1
+                self.counts["windows"] += 1
+        now = time.monotonic()
+        with self._cv:
+            for job, slots in running:
+                job.progress = [decoder.seconds(slot) for slot in slots]
+                if now - job.started > self.max_job_seconds:
+                    job.timed_out = True
+                if job.cancel_requested or job.timed_out:
+                    for slot in slots:
+                        slot.done = True
+        for job, _ in running:
+            job.notify()
+
+    def _deliver(self, running: list) -> bool:
+        """Finishes the jobs whose rows have all stopped (removed from `running`); True if any did."""
+        finished = [(job, slots) for job, slots in running if all(slot.done for slot in slots)]
+        for job, slots in finished:
+            running.remove((job, slots))
+            stopped = job.cancel_requested or job.timed_out
+            results = [] if stopped else [self._result(slot) for slot in slots]
+            with self._cv:
+                self.counts["rows"] += len(slots)
+                if job.cancel_requested:
+                    self._finish(job, "cancelled")
+                elif job.timed_out:
+                    self._finish(job, "failed", f"the job ran past the server's limit of {self.max_job_seconds:g} s")
+                else:
+                    job.results = results
+                    self._finish(job, "done")
+                self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * (time.monotonic() - job.started)
+            job.notify()
+        return bool(finished)
+
+    def _result(self, slot: sampling.Slot) -> Result:
+        piece = self.decoder.piece(slot)
         body = piece.tokens[piece.prefix_len:]
         body = body[:-1] if len(body) and body[-1] == END else body
         notes, duration = encoding.decode_tokens(body, self.vocab)

@@ -59,14 +59,13 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from data_pipeline import datasets
+from data_pipeline import features as features_lib
 from data_pipeline import input_pipeline as input_lib
 from data_pipeline.vocab import Vocab
 from musenet_jax import checkpoints, distributed, evaluation, lease, losses, ngram, optim, reporting, run_dir
 from musenet_jax import flops as flops_lib
 from musenet_jax import model as model_lib
 from musenet_jax import sharding as sharding_lib
-
-FEATURES = ("timing", "chord", "part", "countdown")
 
 
 class TrainingError(ValueError):
@@ -118,7 +117,7 @@ def global_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedShard
 def _loss_sums(params, graphdef, rest, batch, rng, deterministic: bool):
     """(summed loss in nats, scored tokens) of a batch for pure `params`."""
     model = nnx.merge(graphdef, params, rest)
-    features = {k: batch[k] for k in FEATURES}
+    features = {k: batch[k] for k in features_lib.FEATURE_NAMES}
     # The loss reads only the hidden states: XLA drops the unused [B, T, V] logits, and a factored token
     # embedding scores the vocabulary without forming them (`MuseNet.token_nll`).
     _, hidden = model(batch["inputs"], features, deterministic=deterministic, rng=rng, return_hidden=True)

@@ -470,7 +470,7 @@ def openapi_document(limits: Limits) -> dict:
                 "parameters": [*job_param, {"name": "name", "in": "path", "required": True,
                                             "schema": {"type": "string", "pattern": _SAMPLE_NAME.pattern}}],
                 "responses": {"200": {"description": "audio/midi or audio/wav"}, "404": error, "409": error}}},
-            "/v1/stats": {"get": {"summary": "batches formed, compiled loops, queue",
+            "/v1/stats": {"get": {"summary": "pieces and windows decoded, rows decoded together, compiled loops, queue",
                                   "responses": {"200": {"description": "OK"}}}},
         },
     }

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+from data_pipeline import features as features_lib
 from data_pipeline.vocab import Vocab, VocabConfig
 from musenet_jax import model as model_lib
 from musenet_jax import sharding as sharding_lib
@@ -39,6 +40,7 @@ def expected_param_count(c: model_lib.ModelConfig) -> int:
         + c.chord_size * c.use_chord
         + c.part_size * c.use_part
         + c.countdown_size * c.use_countdown
+        + c.sounding_size * c.use_sounding
     )
     attention = 4 * d * nh + (3 * nh + d) * c.use_bias  # q, k, v, out (+ biases)
     mlp = 2 * d * f + (f + d) * c.use_bias
@@ -75,7 +77,7 @@ def test_config_parameter_count_and_forward_shapes(name):
     seq_len = config.data.seq_len
     tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
     features = {
-        k: jax.ShapeDtypeStruct((1, seq_len), jnp.int32) for k in ("timing", "chord", "part", "countdown")
+        k: jax.ShapeDtypeStruct((1, seq_len), jnp.int32) for k in features_lib.FEATURE_NAMES
     }
     logits = jax.eval_shape(lambda s, t, f: nnx.merge(graphdef, s)(t, f), state, tokens, features)
     assert logits.shape == (1, seq_len, VOCAB_SIZE) and logits.dtype == jnp.float32

@@ -168,7 +168,8 @@ def _convert_one(path, data, label, content_hash, instrument_set, filters):
     if len(body) > filters.max_tokens:
         return TOO_MANY_TOKENS, f"{len(body)} tokens > {filters.max_tokens}"
     feats = features_lib.compute_features(piece.tokens, vocab)
-    record = {name: value[piece.prefix_len:].astype(np.int32) for name, value in feats.as_dict().items()}
+    record = {name: getattr(feats, name)[piece.prefix_len:].astype(np.int32)
+              for name in features_lib.STORED_FEATURE_NAMES}
     record.update(
         tokens=body.astype(np.int32),
         label=label,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from data_pipeline import encoding
-from data_pipeline.features import compute_features, step_features
+from data_pipeline.features import compute_features, sounding_counts, step_features
 from data_pipeline.vocab import Vocab, VocabConfig
 
 
@@ -19,6 +19,18 @@ def test_features_of_a_small_piece():
     np.testing.assert_array_equal(f.part, [0] * 7 + [2] * 4 + [3, 3])
     # 100 units = 1 s left at the start = 10 countdown steps of 100 ms.
     np.testing.assert_array_equal(f.countdown, [10] * 7 + [5] * 4 + [0, 0])
+    # Drums never sound; the count is taken after the token.
+    np.testing.assert_array_equal(f.sounding, [0, 0, 0, 1, 2, 2, 2, 1, 0, 1, 1, 0, 0])
+
+
+def test_sounding_counts_reattacks_once_and_starts_from_held_keys():
+    vocab = Vocab()
+    text = "piano:v68:C4 piano:v68:C4 wait:10 piano:v0:E4 piano:v0:C4 piano:v0:C4 violin:v68:C4"
+    tokens = vocab.from_text(text)
+    # A re-attack of a sounding key leaves the count; a release of a silent one (ill-formed) too.
+    np.testing.assert_array_equal(sounding_counts(tokens, vocab), [1, 1, 1, 1, 0, 0, 1])
+    e4 = int(vocab.instrument[vocab.from_text("piano:v0:E4")[0]]) * 128 + 64
+    np.testing.assert_array_equal(sounding_counts(tokens, vocab, held_keys=[e4]), [2, 2, 2, 1, 0, 0, 1])
 
 
 def test_chord_index_is_clipped():
@@ -32,10 +44,11 @@ def test_step_features_match_the_batch_form(midi_fixtures):
     vocab = Vocab()
     piece = encoding.encode_midi(midi_fixtures / "freedoom1_D_E1M6.mid", vocab)
     full = compute_features(piece.tokens, vocab)
-    state = (0, 0)
+    state = (0, 0, frozenset())
     for t, token in enumerate(piece.tokens[:400]):
         values, state = step_features(int(token), state, piece.duration_units, vocab)
-        assert values == (full.timing[t], full.chord[t], full.part[t], full.countdown[t])
+        assert values == (full.timing[t], full.chord[t], full.part[t], full.countdown[t], full.sounding[t])
+    assert full.sounding[:400].max() >= 3
 
 
 def test_countdown_falls_to_zero_and_part_rises(midi_fixtures):

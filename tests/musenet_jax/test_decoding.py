@@ -18,7 +18,7 @@ from musenet_jax import decoding
 from musenet_jax import model as model_lib
 
 B, T, V = 2, 61, 53
-FEATURES = ("timing", "chord", "part", "countdown")
+FEATURES = ("timing", "chord", "part", "countdown", "sounding")
 
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -28,7 +28,8 @@ def make_config(**overrides) -> model_lib.ModelConfig:
     values = dict(
         vocab_size=V, d_model=36, num_heads=3, head_dim=12, mlp_dim=44, num_layers=3, max_len=T,
         timing_buckets=11, timing_bucket_units=7, chord_size=5, part_size=13, countdown_size=17,
-        attention_stride=7, attention_summary=2, dtype="float32", attention_impl="xla", remat_policy="off",
+        use_sounding=True, sounding_size=3, attention_stride=7, attention_summary=2, dtype="float32",
+        attention_impl="xla", remat_policy="off",
     )
     values.update(overrides)
     return model_lib.ModelConfig(**values)

@@ -53,7 +53,8 @@ def _batch(vocab_size: int, b: int = 2, t: int = 64):
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, vocab_size, (b, t)).astype(np.int32)
     features = {"timing": rng.integers(0, 5000, (b, t)), "chord": rng.integers(0, 70, (b, t)),
-                "part": rng.integers(0, 128, (b, t)), "countdown": rng.integers(0, 128, (b, t))}
+                "part": rng.integers(0, 128, (b, t)), "countdown": rng.integers(0, 128, (b, t)),
+                "sounding": rng.integers(0, 40, (b, t))}
     return tokens, {k: v.astype(np.int32) for k, v in features.items()}
 
 

@@ -20,7 +20,7 @@ B, T, V, D, N, H, F, L = 4, 37, 74, 42, 6, 5, 58, 3
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
-FEATURE_NAMES = ("timing", "chord", "part", "countdown")
+FEATURE_NAMES = ("timing", "chord", "part", "countdown", "sounding")
 
 
 def make_config(**overrides) -> model_lib.ModelConfig:
@@ -37,6 +37,8 @@ def make_config(**overrides) -> model_lib.ModelConfig:
         chord_size=5,
         part_size=13,
         countdown_size=17,
+        use_sounding=True,
+        sounding_size=7,
         dtype="float32",
         attention_impl="reference",
         remat_policy="off",
@@ -310,6 +312,7 @@ TABLES = {
     "chord": "chord_embed",
     "part": "part_embed",
     "countdown": "countdown_embed",
+    "sounding": "sounding_embed",
 }
 
 
@@ -345,7 +348,8 @@ def test_positional_embedding_switch():
 
 def test_model_without_any_extra_embedding_needs_no_features():
     config = make_config(
-        use_positional=False, use_timing=False, use_chord=False, use_part=False, use_countdown=False
+        use_positional=False, use_timing=False, use_chord=False, use_part=False, use_countdown=False,
+        use_sounding=False,
     )
     tokens, _ = make_inputs()
     assert make_model(config)(tokens).shape == (B, T, V)
@@ -398,6 +402,7 @@ def test_mixup_mixes_each_token_with_a_batch_token_at_weight_at_least_half():
         use_chord=False,
         use_part=False,
         use_countdown=False,
+        use_sounding=False,
     )
     model = make_model(config)
     tokens, _ = make_inputs()
@@ -578,7 +583,7 @@ def _explicit_table(model, vocab):
 def test_factored_embedding_is_the_sum_of_each_tokens_parts_in_and_out():
     vocab = _factored_vocab()
     model = _factored(vocab, use_positional=False, use_timing=False, use_chord=False, use_part=False,
-                      use_countdown=False)
+                      use_countdown=False, use_sounding=False)
     assert model.token_embed is None and model.token_parts.shape == (model_lib.token_parts(vocab.layout())[2], D)
     table = _explicit_table(model, vocab)
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, vocab.size, (B, T)), jnp.int32)

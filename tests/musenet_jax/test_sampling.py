@@ -26,7 +26,7 @@ from flax import nnx
 
 from data_pipeline import encoding, features, input_pipeline
 from data_pipeline.vocab import END, TokenKind, Vocab, VocabConfig
-from musenet_jax import decode_rules, sampling
+from musenet_jax import decode_rules, draws, sampling
 from musenet_jax import model as model_lib
 
 BATCH, MAX_LEN, SECONDS = 3, 96, 0.5
@@ -574,7 +574,7 @@ def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
 
 @pytest.mark.parametrize("top_p", [0.5, 0.95, 1.0])
 def test_draw_follows_the_nucleus_distribution_in_any_batch(top_p):
-    """`_draw` without a sort: a peaked row (its nucleus among the candidates) and a flat one (wider than the
+    """`draws.draw` without a sort: a peaked row (its nucleus among the candidates) and a flat one (wider than the
     candidates, found by bisection) each draw only nucleus tokens, as often as their renormalised probability,
     and the same token alone as beside the other row."""
     v, n = 1000, 4000
@@ -582,14 +582,14 @@ def test_draw_follows_the_nucleus_distribution_in_any_batch(top_p):
     peaked = rng.normal(size=v) * 4.0
     flat = rng.normal(size=v) * 0.3
     logits = jnp.asarray(np.stack([peaked, flat]), jnp.float32)
-    draw = jax.jit(jax.vmap(lambda key, row, p: sampling._draw(key[None], row[None], jnp.zeros((1,), jnp.int32),
+    draw = jax.jit(jax.vmap(lambda key, row, p: draws.draw(key[None], row[None], jnp.zeros((1,), jnp.int32),
                                                                p[None])[0], in_axes=(0, None, None)))
     keys = jax.random.split(jax.random.key(1), n)
     for row in range(2):
         probs = np.asarray(jax.nn.softmax(logits[row]))
         keep = _nucleus(probs, top_p) if top_p < 1.0 else np.arange(v)
         if top_p < 1.0:  # the peaked row's nucleus lies among the candidates, the flat row's does not
-            assert (len(keep) > sampling._NUCLEUS_CANDIDATES) == (row == 1)
+            assert (len(keep) > draws._NUCLEUS_CANDIDATES) == (row == 1)
         tokens = np.asarray(draw(keys, logits[row], jnp.float32(top_p)))
         assert set(tokens.tolist()) <= set(keep.tolist())
         expected = np.zeros(v)
@@ -598,8 +598,8 @@ def test_draw_follows_the_nucleus_distribution_in_any_batch(top_p):
         assert np.abs(frequency - expected).max() < 4 * np.sqrt(expected.max() / n) + 1e-9
     # Batched: each row draws what it draws alone (the candidate path for one, the bisection for the other).
     batch_keys = jax.random.split(jax.random.key(2), 2)
-    together = sampling._draw(batch_keys, logits, jnp.zeros((2,), jnp.int32), jnp.full((2,), top_p))
+    together = draws.draw(batch_keys, logits, jnp.zeros((2,), jnp.int32), jnp.full((2,), top_p))
     for row in range(2):
-        alone = sampling._draw(batch_keys[row:row + 1], logits[row:row + 1], jnp.zeros((1,), jnp.int32),
+        alone = draws.draw(batch_keys[row:row + 1], logits[row:row + 1], jnp.zeros((1,), jnp.int32),
                                jnp.full((1,), top_p))
         assert int(together[row]) == int(alone[0])

@@ -1,5 +1,6 @@
-"""The serving scheduler (`musenet_jax.serving`) without HTTP: jobs batched first come first served, bucketed
-batch sizes, results equal to plain sampling, a bounded queue, cancellation, the time limit, forgetting old jobs."""
+"""The serving scheduler (`musenet_jax.serving`) without HTTP: jobs decoded together first come first served,
+joining and leaving between windows, bucketed batch sizes, results equal to plain sampling, a bounded queue,
+cancellation, the time limit, forgetting old jobs."""
 
 from __future__ import annotations
 
@@ -50,30 +51,52 @@ def test_waiting_jobs_are_decoded_together_and_give_plain_sampling_s_pieces(mode
     try:
         assert scheduler.buckets == [1, 2, 4]
         gate = threading.Event()
-        original = sampling.generate_batch
+        original = scheduler.decoder.window
 
-        def held(*args, **kwargs):  # the first batch waits until every job is queued
+        def held(*args, **kwargs):  # the first window waits until every job is queued
             gate.wait(60)
             return original(*args, **kwargs)
 
-        sampling.generate_batch = held
-        try:
-            jobs = [scheduler.submit(requests(n, seed), 0.5, {}) for n, seed in ((1, 1), (2, 2), (1, 3), (3, 4))]
-            gate.set()
-            views = [wait_final(scheduler, job) for job in jobs]
-        finally:
-            sampling.generate_batch = original
+        scheduler.decoder.window = held
+        jobs = [scheduler.submit(requests(n, seed), 0.5, {}) for n, seed in ((1, 1), (2, 2), (1, 3), (3, 4))]
+        gate.set()
+        views = [wait_final(scheduler, job) for job in jobs]
         assert [v["status"] for v in views] == ["done"] * 4
-        # First come, first served, never split: [1] alone (taken before the others arrived or with them),
-        # then as many whole jobs as fit in 4 rows.
+        # First come, first served, never split: [1] alone (taken before the others arrived) or with them, then
+        # whole jobs as rows free up; every piece decoded once.
         stats = scheduler.stats()
-        assert sum(int(k) * v for k, v in stats["batches_by_rows"].items()) == 7
-        assert max(map(int, stats["batches_by_rows"])) >= 3
+        assert stats["jobs"]["rows"] == 7
+        assert max(map(int, stats["windows_by_rows"])) >= 3
+        assert max(map(int, stats["windows_by_rows"])) <= 4
         for job, view in zip(jobs, views, strict=True):
             alone = sampling.generate_batch(model, vocab, job.requests)
             assert [r.tokens.tolist() for r in view["results"]] == [
                 p.tokens[p.prefix_len:][:-1 if p.ended else None].tolist() for p in alone]
             assert all(r.midi[:4] == b"MThd" and r.notes is not None for r in view["results"])
+    finally:
+        scheduler.close()
+
+
+def test_a_short_job_joins_a_running_one_and_finishes_first(model, vocab):
+    """Continuous batching: a job that arrives while another decodes joins it at a window boundary and gets
+    its result as soon as its own pieces end, not when the longer job does."""
+    scheduler = serving.Scheduler(model, vocab, max_batch=4, queue_size=8)
+    try:
+        slow = sampling.SamplingConfig(temperature=1.0)  # fewer waits: many windows for 8 s of music
+        long = scheduler.submit([sampling.Request("bach", ("piano",), 8.0, sampling=slow, seed=5, max_tokens=4000)],
+                                8.0, {})
+        deadline = time.monotonic() + 120
+        while scheduler.view(long)["progress"][0] <= 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        short = scheduler.submit(requests(1, 6, seconds=0.3), 0.3, {})
+        view = wait_final(scheduler, short)
+        assert view["status"] == "done" and scheduler.view(long)["status"] == "running"
+        assert wait_final(scheduler, long)["status"] == "done"
+        assert "2" in scheduler.stats()["windows_by_rows"]  # the two were decoded together
+        [alone] = sampling.generate_batch(model, vocab, short.requests)
+        body = alone.tokens[alone.prefix_len:]
+        assert view["results"][0].tokens.tolist() == body[:-1 if alone.ended else None].tolist()
     finally:
         scheduler.close()
 

@@ -36,7 +36,7 @@ def _batch(vocab_size: int, b: int = 8, t: int = 31):
     batch = {"inputs": rng.integers(0, vocab_size, (b, t)), "targets": rng.integers(0, vocab_size, (b, t)),
              "loss_mask": (rng.random((b, t)) > 0.2).astype(np.float32), "timing": rng.integers(0, 5000, (b, t)),
              "chord": rng.integers(0, 70, (b, t)), "part": rng.integers(0, 128, (b, t)),
-             "countdown": rng.integers(0, 128, (b, t))}
+             "countdown": rng.integers(0, 128, (b, t)), "sounding": rng.integers(0, 40, (b, t))}
     return {k: (v if k == "loss_mask" else v.astype(np.int32)) for k, v in batch.items()}
 
 
