@@ -45,6 +45,7 @@ from absl import flags
 
 import pallas_kernels.block_sparse_attention
 from benchmarks import attention_timing as timing
+from data_pipeline import outputs
 from launch import cli
 from musenet_jax import attention, cpu_attention
 
@@ -194,7 +195,7 @@ def main(argv):
         "notes": notes,
     }
     path = os.path.join(_OUT.value, "attention.json")
-    cli.write_atomic(path, json.dumps(report, indent=1) + "\n")
+    outputs.write_atomic(path, json.dumps(report, indent=1) + "\n")
     print(f"wrote {path}")
 
 

@@ -37,6 +37,7 @@ import orbax.checkpoint as ocp
 from absl import flags
 from etils import epath
 
+from data_pipeline import outputs
 from launch import cli
 from musenet_jax import checkpoints
 
@@ -144,7 +145,7 @@ def main(argv):
     for r in result["results"]:
         print(f"{r['row']:<14}{r['seconds']:>10.3f}{r['gb_per_s']:>9.2f}{r['s_per_gb']:>9.3f}{r['vs_read']:>8.2f}x")
     if _OUT.value:
-        cli.write_atomic(_OUT.value, json.dumps(result, indent=2) + "\n")
+        outputs.write_atomic(_OUT.value, json.dumps(result, indent=2) + "\n")
         print(f"wrote {_OUT.value}")
 
 

@@ -37,6 +37,7 @@ from absl import flags
 from flax import nnx
 
 from data_pipeline import features as features_lib
+from data_pipeline import outputs
 from data_pipeline.vocab import Vocab
 from launch import cli
 from musenet_jax import decoding
@@ -208,7 +209,7 @@ def main(argv):
         "notes": notes,
     }
     if _OUT.value:
-        cli.write_atomic(_OUT.value, json.dumps(report, indent=1) + "\n")
+        outputs.write_atomic(_OUT.value, json.dumps(report, indent=1) + "\n")
         print(f"wrote {_OUT.value}")
 
 

@@ -48,7 +48,7 @@ from importlib import metadata  # noqa: E402
 
 from absl import flags  # noqa: E402
 
-from data_pipeline import encoding, midi_io  # noqa: E402
+from data_pipeline import encoding, midi_io, outputs  # noqa: E402
 from data_pipeline import input_pipeline as ip  # noqa: E402
 from data_pipeline.vocab import Vocab  # noqa: E402
 from launch import cli  # noqa: E402
@@ -214,7 +214,7 @@ def main(argv):
                              processor=platform.processor() or "?", cpu_count=os.cpu_count(),
                              packages={p: _version(p) for p in PACKAGES}),
         )
-        cli.write_atomic(_OUT.value, json.dumps(result, indent=2) + "\n")
+        outputs.write_atomic(_OUT.value, json.dumps(result, indent=2) + "\n")
         print(f"wrote {_OUT.value}")
 
 

@@ -41,6 +41,7 @@ from absl import flags
 
 import pallas_kernels
 from benchmarks import attention_timing as timing
+from data_pipeline import outputs
 from launch import cli
 from musenet_jax import attention
 from pallas_kernels import block_sparse_attention as bsa
@@ -197,7 +198,7 @@ def main(argv):
             _print_row(res, header=len(rows) == 1)
         # After every length, so that a run stopped by a time limit keeps the lengths it finished.
         report["done_lengths"] = lengths[:done]
-        cli.write_atomic(path, json.dumps(report, indent=1) + "\n")
+        outputs.write_atomic(path, json.dumps(report, indent=1) + "\n")
 
     for note in notes:
         print(f"note: {note}")

@@ -44,6 +44,7 @@ import time
 import numpy as np
 from absl import flags
 
+from data_pipeline import outputs
 from launch import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "musenet-train workdir (newest checkpoint).")
@@ -264,7 +265,7 @@ def main(argv):
     report = {"model": where, "step": step, "split": _SPLIT.value, "prediction": pred, "ratios": ratios,
               "generation": gen, "checks": result_checks, "seconds_taken": time.perf_counter() - t0}
     path = os.path.join(_OUT.value, "quality.json")
-    cli.write_atomic(path, json.dumps(report, indent=1) + "\n")
+    outputs.write_atomic(path, json.dumps(report, indent=1) + "\n")
     print(f"wrote {path} and {_OUT.value}/pieces/")
 
 

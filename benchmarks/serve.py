@@ -27,6 +27,7 @@ import time
 import numpy as np
 from absl import flags
 
+from data_pipeline import outputs
 from launch import cli
 
 _MODEL = flags.DEFINE_string("model", None, "Export directory (musenet-export); required.")
@@ -110,7 +111,7 @@ def main(argv):
                   "rows": rows, "ratios": ratios,
                   "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
         path = os.path.join(_OUT.value, "serve.json")
-        cli.write_atomic(path, json.dumps(report, indent=1) + "\n")
+        outputs.write_atomic(path, json.dumps(report, indent=1) + "\n")
         print(f"wrote {path}")
 
 

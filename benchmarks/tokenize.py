@@ -49,7 +49,7 @@ from importlib import metadata  # noqa: E402
 
 from absl import flags  # noqa: E402
 
-from data_pipeline import encoding  # noqa: E402
+from data_pipeline import encoding, outputs  # noqa: E402
 from data_pipeline.vocab import Vocab  # noqa: E402
 from launch import cli  # noqa: E402
 
@@ -232,7 +232,7 @@ def main(argv):
                              processor=platform.processor() or "?",
                              packages={p: _version(p) for p in PACKAGES}),
         )
-        cli.write_atomic(_OUT.value, json.dumps(result, indent=2) + "\n")
+        outputs.write_atomic(_OUT.value, json.dumps(result, indent=2) + "\n")
         print(f"wrote {_OUT.value}")
 
 

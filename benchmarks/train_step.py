@@ -25,6 +25,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
+from data_pipeline import outputs
 from data_pipeline.vocab import Vocab
 from launch import cli
 from musenet_jax import flops as flops_lib
@@ -138,7 +139,7 @@ def main(argv):
               f"{r['dtype']:>8} {r['step_s']:>8.3f} {r['tokens_per_s']:>9.0f} {r['achieved_gflops']:>9.1f} "
               f"{100 * r['fraction_of_matmul']:>8.1f}%")
     if _OUT.value:
-        cli.write_atomic(_OUT.value, json.dumps({"matmul_gflops": peak / 1e9, "platform": jax.devices()[0].platform,
+        outputs.write_atomic(_OUT.value, json.dumps({"matmul_gflops": peak / 1e9, "platform": jax.devices()[0].platform,
                                                  "device_count": jax.device_count(), "results": rows}, indent=2))
         print(f"wrote {_OUT.value}")
 

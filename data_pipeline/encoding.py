@@ -349,8 +349,33 @@ def encode_notes(notes: Notes, vocab: Vocab, label: str | None = None,
     if n == 0:
         return EncodedPiece(tokens=np.append(prefix, np.int32(END)), prefix_len=len(prefix),
                             duration_units=0, instruments=instruments, num_notes=0, stats=Stats())
+    body, duration = notes_to_body(notes, vocab)
+    tokens = np.concatenate([prefix, body, [END]]).astype(np.int32)
+    return EncodedPiece(tokens=tokens, prefix_len=len(prefix), duration_units=duration,
+                        instruments=instruments, num_notes=n, stats=Stats(notes_out=n))
+
+
+def notes_to_body(notes: Notes, vocab: Vocab, *, bins: np.ndarray | None = None, origin: int = 0,
+                  horizon: int | None = None) -> tuple[np.ndarray, int]:
+    """Canonical notes -> body tokens (events and waits, no prefix, no `end`) and the last event's time.
+
+    Events in the encoder's order: by time, releases before attacks, each group by (instrument, pitch); a
+    pitched note's release is written only when its key is not re-attacked at that time. Each time step's
+    waits go right before its first event (`wait:max_wait` tokens, then the rest).
+
+    Args:
+      notes: canonical notes (`canonical_notes`), times in units.
+      bins: int[n] the notes' velocity bins; default: binned from `notes.velocity` (MIDI velocities).
+      origin, horizon: write only the events at times origin <= t < horizon (default: all), with waits
+        counted from `origin` (a crop of a piece, whose notes before `origin` only end inside it); the
+        returned time is relative to `origin` too.
+    """
     key = notes.instrument.astype(np.int64) * 128 + notes.pitch
     start, end = notes.start.astype(np.int64, copy=False), notes.end.astype(np.int64, copy=False)
+    n = len(notes)
+    if n == 0:
+        return np.zeros(0, np.int32), 0
+    bins = vocab.velocity_bin(notes.velocity) if bins is None else np.asarray(bins, np.int64)
 
     # Releases: pitched notes whose key is not re-attacked exactly at their end time. Canonical notes
     # are sorted by (start, key), one attack per (start, key), so a binary search for each note's
@@ -365,15 +390,15 @@ def encode_notes(notes: Notes, vocab: Vocab, label: str | None = None,
     # The codes are unique, so a plain sort orders the events and the table gives their ids.
     num_keys, num_bins = vocab.instruments.num_classes * 128, vocab.config.velocity_bins
     bits = (2 * num_keys * num_bins - 1).bit_length()
-    attacks = (start << bits) | ((num_keys + key) * num_bins + vocab.velocity_bin(notes.velocity))
+    attacks = (start << bits) | ((num_keys + key) * num_bins + bins)
     releases = (end[released] << bits) | (key[released] * num_bins)
     events = np.sort(np.concatenate([releases, attacks]))
-    times, ids = events >> bits, vocab.event_ids[events & ((1 << bits) - 1)]
-
-    body, duration = _interleave_waits(times, ids, vocab.config.max_wait, vocab)
-    tokens = np.concatenate([prefix, body, [END]]).astype(np.int32)
-    return EncodedPiece(tokens=tokens, prefix_len=len(prefix), duration_units=duration,
-                        instruments=instruments, num_notes=n, stats=Stats(notes_out=n))
+    times = events >> bits
+    if origin or horizon is not None:
+        keep = (times >= origin) & (times < (np.iinfo(np.int64).max if horizon is None else horizon))
+        events, times = events[keep], times[keep]
+    ids = vocab.event_ids[events & ((1 << bits) - 1)]
+    return _interleave_waits(times - origin, ids, vocab.config.max_wait, vocab)
 
 
 def _interleave_waits(times: np.ndarray, ids: np.ndarray, max_wait: int, vocab: Vocab):
@@ -399,6 +424,73 @@ def _interleave_waits(times: np.ndarray, ids: np.ndarray, max_wait: int, vocab: 
     waited = 1 if gaps[0] == 0 else 0
     out[position[first_event[waited:]] - 1] = vocab.wait_base + (gaps[waited:] - 1) % max_wait
     return out, int(step_time[-1])
+
+
+def crop_notes(tokens: np.ndarray, rel: np.ndarray, sentinel: int, vocab: Vocab) -> Notes:
+    """Body tokens of a crop with their (stretched, relative >= 1) times -> notes.
+
+    A pitched note lasts from its note-on to the next event of its key; a key whose first event in
+    the crop is a release gets a note from time 0 (before the crop); a note with no later event in
+    the crop ends at `sentinel`. Velocities are bins.
+    """
+    kind = vocab.kind[tokens]
+    inst, pitch, vbin = vocab.instrument[tokens], vocab.pitch[tokens], vocab.velocity_bin_of[tokens]
+    pos = np.flatnonzero((kind == TokenKind.NOTE_ON) | (kind == TokenKind.NOTE_OFF))
+    key = inst[pos].astype(np.int64) * 128 + pitch[pos]
+    order = np.argsort(key, kind="stable")  # by key, then position (= time)
+    pos, key = pos[order], key[order]
+    is_on = kind[pos] == TokenKind.NOTE_ON
+    same_next = np.zeros(len(pos), bool)
+    same_next[:-1] = key[1:] == key[:-1]
+    first_of_key = np.ones(len(pos), bool)
+    first_of_key[1:] = ~same_next[:-1]
+    next_time = np.full(len(pos), sentinel, np.int64)
+    next_time[:-1] = np.where(same_next[:-1], rel[pos[1:]], sentinel)
+    lead_off = ~is_on & first_of_key
+    drums = np.flatnonzero(kind == TokenKind.DRUM)
+    rows = np.concatenate([pos[is_on], pos[lead_off], drums])
+    start = np.concatenate([rel[pos[is_on]], np.zeros(int(lead_off.sum()), np.int64), rel[drums]])
+    end = np.concatenate([next_time[is_on], rel[pos[lead_off]], rel[drums] + 1])
+    return Notes(inst[rows].astype(np.int32), pitch[rows].astype(np.int32),
+                          np.maximum(vbin[rows], 0).astype(np.int32), start, end)
+
+
+def held_notes(body: np.ndarray, start: int, tokens: np.ndarray, rel: np.ndarray, sentinel: int,
+                vocab: Vocab) -> Notes:
+    """Pitched notes sounding at body position `start` that `_crop_notes` cannot see in the crop `tokens`.
+
+    A key sounds at `start` when its last event before it is an attack. Its note reaches into the crop
+    from time 0 and ends at the key's first event in the crop, a re-attack (rel time), or after the crop
+    (`sentinel`) when the crop has none; keys whose first event in the crop is a release are `crop_notes`'
+    lead notes already. Folding can move another note onto such a key: without these notes the crop would
+    resolve that collision differently from the whole piece.
+    """
+    def key_events(ids):
+        """(positions of note-ons / -offs in `ids`, their keys instrument * 128 + pitch)."""
+        kind = vocab.kind[ids]
+        pos = np.flatnonzero((kind == TokenKind.NOTE_ON) | (kind == TokenKind.NOTE_OFF))
+        return pos, vocab.instrument[ids[pos]].astype(np.int64) * 128 + vocab.pitch[ids[pos]]
+
+    pos, key = key_events(body[:start])
+    held_key, last = np.unique(key[::-1], return_index=True)  # each key's last event before `start`
+    held = pos[::-1][last]
+    attack = vocab.kind[body[held]] == TokenKind.NOTE_ON
+    held, held_key = held[attack], held_key[attack]
+    if len(held) == 0:
+        return Notes.empty()
+    crop_pos, crop_key = key_events(tokens)
+    crop_kind = vocab.kind[tokens]
+    order = np.argsort(crop_key, kind="stable")  # by key, then position: the first event of each key first
+    crop_key, crop_pos = crop_key[order], crop_pos[order]
+    i = np.minimum(np.searchsorted(crop_key, held_key), max(len(crop_key) - 1, 0))
+    found = (crop_key[i] == held_key) if len(crop_key) else np.zeros(len(held), bool)
+    first = crop_pos[i] if len(crop_key) else np.zeros(len(held), np.int64)
+    keep = ~(found & (crop_kind[first] == TokenKind.NOTE_OFF))
+    end = np.where(found, rel[first], sentinel)[keep]
+    held = held[keep]
+    return Notes(vocab.instrument[body[held]].astype(np.int32), vocab.pitch[body[held]].astype(np.int32),
+                          np.maximum(vocab.velocity_bin_of[body[held]], 0).astype(np.int32),
+                          np.zeros(len(held), np.int64), end.astype(np.int64))
 
 
 # -- tokens -> notes -------------------------------------------------------------------------------

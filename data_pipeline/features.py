@@ -17,8 +17,8 @@ For tokens [T] of one piece (prefix, body, end) and its length D time units:
   as a musician knows how many voices are holding.
 
 The first four are stored in dataset records (`STORED_FEATURE_NAMES`); `sounding` is computed from the
-tokens when a record is read. Generation computes the same values incrementally (`step_features`) from the
-target length D.
+tokens when a record is read. Generation computes the same values token by token as it writes a piece, from its
+target length D (`musenet_jax.sampling`, tested against `compute_features` of the pieces it writes).
 """
 
 from __future__ import annotations
@@ -109,29 +109,3 @@ def compute_features(tokens, vocab: Vocab, duration_units: int | None = None) ->
     part, countdown = part_and_countdown(timing, duration_units, vocab)
     return Features(timing.astype(np.int32), chord.astype(np.int32), part, countdown,
                     sounding_counts(tokens, vocab))
-
-
-def step_features(token: int, state: tuple[int, int, frozenset], duration_units: int, vocab: Vocab):
-    """Incremental form for decoding one token at a time.
-
-    Args:
-      token: the token just placed at this position.
-      state: (timing, chord, sounding keys) before this token, as returned by the previous call
-        ((0, 0, frozenset()) first).
-      duration_units: target length of the piece.
-    Returns:
-      ((timing, chord, part, countdown, sounding) of `token`, state for the next token).
-    """
-    timing, chord, keys = state
-    part, countdown = part_and_countdown(np.array([timing]), duration_units, vocab)
-    kind = vocab.kind[token]
-    wait = int(vocab.wait_units[token])
-    clipped = min(chord, vocab.config.max_chord - 1)
-    if kind in (TokenKind.NOTE_ON, TokenKind.NOTE_OFF):
-        key = int(vocab.instrument[token]) * 128 + int(vocab.pitch[token])
-        keys = keys | {key} if kind == TokenKind.NOTE_ON else keys - {key}
-    if wait:
-        next_state = (timing + wait, 0, keys)
-    else:
-        next_state = (timing, chord + int(kind in (TokenKind.NOTE_ON, TokenKind.DRUM)), keys)
-    return (timing, clipped, int(part[0]), int(countdown[0]), len(keys)), next_state

@@ -1,25 +1,8 @@
 """Grain input pipeline: random training windows with MuseNet's augmentations, and eval windows.
 
-Records. A random-access source (`source[i]` is a dict; the TFDS builder writes exactly these, and
-`record_from_piece` makes one from an `EncodedPiece`) holds one piece each:
-
-- `tokens`: int32[T] the BODY tokens (after `start`, ending with `end`).
-- `timing`, `chord`, `part`, `countdown`: int32[T] structural features of the body (`features.py`); the
-  `sounding` feature is computed from the tokens when a record is read.
-- `label`: label name (in the vocab's label table) or empty; `instruments`: int32[K] class indices.
-- `path`, `content_hash`: text (str or bytes); `duration_s`: float32; `num_notes`: int32.
-
-Examples. An example is one window of L (= `seq_len`) positions:
-
-    seq     = prefix (P tokens: [label] instrument.. start) + body[s : s + L + 1 - P] + pad
-    inputs  = seq[:L]        targets = seq[1 : L + 1]
-    loss_mask = 1 where the target is a body token (the prefix and the padding are never scored)
-
-Batches are dicts of numpy arrays: `inputs`, `targets` int32[B, L]; `loss_mask` float32[B, L];
-`timing`, `chord`, `part`, `countdown`, `sounding` int32[B, L] aligned with `inputs`. Prefix positions get
-timing 0, chord 0 and sounding 0 (as in `compute_features` of a whole piece, where the prefix sits before any
-wait or attack) and the part and countdown of the window's first body token, so that the model knows
-where in the piece the window starts as soon as it reads the prefix. Padding gets 0 everywhere.
+Records, pieces and the window rules (a prefix and a window packed as one example) are
+`data_pipeline.windows`; the augmentations are `data_pipeline.augmentation`. This module draws them
+and streams them with Grain.
 
 Training windows start at a uniformly drawn body position, moved forward to the next time-step
 start (the first event after a wait) so a window never opens in the middle of a chord; the last
@@ -37,28 +20,8 @@ whole. How often a piece is drawn is `InputConfig.window_sampling`:
   457 pieces, a quarter of the tokens) 'pieces' scores the chorales better and every other style
   worse than 'tokens', and its training loss falls far below the validation loss.
 
-Evaluation windows (`make_eval_batches`) are consecutive and cover every body token of every piece
-once, each with the prefix.
-
-Augmentations (MuseNet's), each with a switch in `InputConfig`, drawn once per example:
-
-- transposition by k in [-N, N] semitones: pitched notes only, drums untouched. A note pushed out of
-  the vocabulary's pitch range is dropped (`out_of_range='drop'`) or moved by whole octaves back into
-  it (`'fold'`; if the range is narrower than an octave and no octave fits, the note is dropped).
-  The instrument-presence prefix then lists the instruments the transposed PIECE still has (the same
-  prefix `encode_midi` would write for the transposed file): an instrument disappears only when
-  every one of its notes in the whole piece was dropped.
-- volume: every attack's velocity bin (pitched and drums) moves by d in [-M, M], clipped to 0..V-1.
-- timing stretch by a factor f in [f_min, f_max]: every time t (in units) becomes round(f * t), waits
-  are re-emitted, the piece's duration becomes round(f * D), so part and countdown follow.
-
-Augmented windows go through notes: the crop of body tokens is decoded into notes (absolute times
-from the stored `timing` feature), the notes are transformed, made canonical with
-`encoding.canonical_notes` (folded notes colliding with others, notes merged by a stretch), and
-written back as tokens in the encoder's event order with waits re-emitted; the features are then
-recomputed. Under 'fold', the notes held across the crop's start join them (`_held_notes`): folding can
-move another note onto their key, and the collision must resolve as in the whole piece. With every
-augmentation at identity this reproduces the stored tokens and features.
+Evaluation windows (`make_eval_batches`) score every body token of every piece once, each with the
+prefix (`windows.plan_windows`, the planner `musenet-eval` uses too).
 
 Determinism. The training stream is ONE global sequence of examples, the same for any number of
 processes: global example g (0, 1, 2, ...) is slot `order_e[g mod n]` of epoch e = g // n (n slots, one
@@ -85,12 +48,28 @@ from typing import Any
 import grain
 import numpy as np
 
-from data_pipeline import encoding
-from data_pipeline import features as features_lib
-from data_pipeline.vocab import END, PAD, TokenKind, Vocab
+from data_pipeline.augmentation import (  # noqa: F401 (re-exported: their names were this module's)
+    OUT_OF_RANGE_POLICIES,
+    Augmentation,
+    augment_window,
+    piece_instruments,
+    transpose_pitches,
+)
+from data_pipeline.vocab import Vocab
+from data_pipeline.windows import (  # noqa: F401 (re-exported: their names were this module's)
+    BATCH_KEYS,
+    Piece,
+    empty_example,
+    max_prefix_len,
+    pack_example,
+    parse_record,
+    plan_windows,
+    record_from_piece,
+    slice_window,
+    snap_to_step_start,
+    window_example,
+)
 
-BATCH_KEYS = ("inputs", "targets", "loss_mask", *features_lib.FEATURE_NAMES)
-OUT_OF_RANGE_POLICIES = ("drop", "fold")
 WINDOW_SAMPLING = ("tokens", "pieces")
 
 
@@ -171,103 +150,7 @@ class InputConfig:
         return dataclasses.replace(self, transpose=False, volume=False, stretch=False)
 
 
-# -- records ---------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Piece:
-    """One record, validated. Arrays are int32[T] over the body tokens.
-
-    Attributes:
-      duration_units: the piece's length D in time units (the time of `end`).
-    """
-
-    tokens: np.ndarray
-    timing: np.ndarray
-    chord: np.ndarray
-    part: np.ndarray
-    countdown: np.ndarray
-    sounding: np.ndarray
-    label: str | None
-    instruments: tuple[int, ...]
-    path: str
-    duration_units: int
-
-
-def _text(value) -> str:
-    if isinstance(value, np.ndarray):
-        value = value.item()
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def record_from_piece(piece: encoding.EncodedPiece, vocab: Vocab, *, path: str = "",
-                      content_hash: str = "") -> dict[str, Any]:
-    """An `EncodedPiece` -> one source record (the dict layout in the module docstring).
-
-    The label is read back from the piece's prefix; features are those of the body with the
-    piece's duration.
-    """
-    body = np.asarray(piece.body, np.int32)
-    feats = features_lib.compute_features(body, vocab, piece.duration_units)
-    first = int(piece.tokens[0]) if len(piece.tokens) else PAD
-    label = vocab.config.labels[first - vocab.label_base] if vocab.kind[first] == TokenKind.LABEL else ""
-    return {
-        "tokens": body,
-        **{name: getattr(feats, name) for name in features_lib.STORED_FEATURE_NAMES},
-        "label": label,
-        "instruments": np.asarray(piece.instruments, np.int32),
-        "path": path,
-        "content_hash": content_hash,
-        "duration_s": np.float32(piece.duration_units * vocab.config.time_unit_ms / 1000.0),
-        "num_notes": np.int32(piece.num_notes),
-    }
-
-
-def parse_record(record: Mapping[str, Any], vocab: Vocab) -> Piece:
-    """Validates a source record; raises ValueError naming the record's path."""
-    path = _text(record.get("path", ""))
-    where = path or "record"
-    tokens = np.asarray(record["tokens"])
-    if tokens.ndim != 1 or len(tokens) == 0:
-        raise ValueError(f"{where}: tokens must be a non-empty 1-D array, got shape {tokens.shape}")
-    if tokens.min() < 0 or tokens.max() >= vocab.size:
-        raise ValueError(f"{where}: token ids outside the vocabulary (size {vocab.size})")
-    feats = {}
-    for name in features_lib.STORED_FEATURE_NAMES:
-        feats[name] = np.asarray(record[name], np.int32)
-        if feats[name].shape != tokens.shape:
-            raise ValueError(f"{where}: feature {name} has shape {feats[name].shape}, tokens {tokens.shape}")
-    label = _text(record.get("label", "")) or None
-    if label is not None and label not in vocab.config.labels:
-        raise ValueError(f"{where}: label {label!r} is not in the vocabulary's label table")
-    instruments = tuple(int(i) for i in np.asarray(record["instruments"]).reshape(-1))
-    if any(not 0 <= i < vocab.instruments.num_classes for i in instruments):
-        raise ValueError(f"{where}: instrument index outside 0..{vocab.instruments.num_classes - 1}")
-    tokens = tokens.astype(np.int32)
-    feats["sounding"] = features_lib.sounding_counts(tokens, vocab)
-    duration = int(feats["timing"][-1]) + int(vocab.wait_units[tokens[-1]])
-    return Piece(tokens=tokens, label=label, instruments=instruments, path=path, duration_units=duration,
-                 **feats)
-
-
-def max_prefix_len(vocab: Vocab) -> int:
-    """The longest conditioning prefix: label, every instrument, `start`."""
-    return (1 if vocab.config.labels else 0) + vocab.instruments.num_classes + 1
-
-
-# -- augmentation ----------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Augmentation:
-    """One example's draw: semitones, velocity bins, time factor and the out-of-range policy."""
-
-    shift: int = 0
-    volume: int = 0
-    stretch: float = 1.0
-    out_of_range: str = "drop"
-
-    @property
-    def is_identity(self) -> bool:
-        return self.shift == 0 and self.volume == 0 and self.stretch == 1.0
-
-
+# -- examples --------------------------------------------------------------------------------------
 def draw_augmentation(rng: np.random.Generator, config: InputConfig) -> Augmentation:
     """Draws every switched-on augmentation (always three draws, so switches do not shift the stream)."""
     shift = int(rng.integers(-config.transpose_max, config.transpose_max + 1))
@@ -275,258 +158,6 @@ def draw_augmentation(rng: np.random.Generator, config: InputConfig) -> Augmenta
     stretch = float(rng.uniform(config.stretch_min, config.stretch_max))
     return Augmentation(shift=shift if config.transpose else 0, volume=volume if config.volume else 0,
                         stretch=stretch if config.stretch else 1.0, out_of_range=config.out_of_range)
-
-
-def transpose_pitches(pitch: np.ndarray, shift: int, policy: str, vocab: Vocab):
-    """Shifts pitched notes by `shift` semitones under the out-of-range policy.
-
-    Returns (new pitch int64[N], keep bool[N]): `keep` is False for dropped notes.
-    """
-    lo, hi = vocab.config.pitch_min, vocab.config.pitch_max
-    moved = np.asarray(pitch, np.int64) + shift
-    if policy == "fold":
-        # Whole octaves back toward the range; a note that overshoots (range < 12) is then dropped.
-        moved = np.where(moved > hi, moved - 12 * -((hi - moved) // 12), moved)
-        moved = np.where(moved < lo, moved + 12 * -((moved - lo) // 12), moved)
-    return moved, (moved >= lo) & (moved <= hi)
-
-
-def piece_instruments(piece: Piece, aug: Augmentation, vocab: Vocab) -> tuple[int, ...]:
-    """Instruments of the piece after transposition (an instrument goes when all its notes drop)."""
-    if aug.shift == 0:
-        return piece.instruments
-    on = piece.tokens[vocab.kind[piece.tokens] == TokenKind.NOTE_ON]
-    _, keep = transpose_pitches(vocab.pitch[on], aug.shift, aug.out_of_range, vocab)
-    alive = np.zeros(vocab.instruments.num_classes, bool)
-    alive[vocab.instrument[on[keep]]] = True
-    alive[vocab.drums_index] = True
-    return tuple(i for i in piece.instruments if alive[i])
-
-
-def _stretch(times: np.ndarray, factor: float) -> np.ndarray:
-    if factor == 1.0:
-        return times
-    return np.floor(times * factor + 0.5).astype(np.int64)
-
-
-def _crop_notes(tokens: np.ndarray, rel: np.ndarray, sentinel: int, vocab: Vocab) -> encoding.Notes:
-    """Body tokens of a crop with their (stretched, relative >= 1) times -> notes.
-
-    A pitched note lasts from its note-on to the next event of its key; a key whose first event in
-    the crop is a release gets a note from time 0 (before the crop); a note with no later event in
-    the crop ends at `sentinel`. Velocities are bins.
-    """
-    kind = vocab.kind[tokens]
-    inst, pitch, vbin = vocab.instrument[tokens], vocab.pitch[tokens], vocab.velocity_bin_of[tokens]
-    pos = np.flatnonzero((kind == TokenKind.NOTE_ON) | (kind == TokenKind.NOTE_OFF))
-    key = inst[pos].astype(np.int64) * 128 + pitch[pos]
-    order = np.argsort(key, kind="stable")  # by key, then position (= time)
-    pos, key = pos[order], key[order]
-    is_on = kind[pos] == TokenKind.NOTE_ON
-    same_next = np.zeros(len(pos), bool)
-    same_next[:-1] = key[1:] == key[:-1]
-    first_of_key = np.ones(len(pos), bool)
-    first_of_key[1:] = ~same_next[:-1]
-    next_time = np.full(len(pos), sentinel, np.int64)
-    next_time[:-1] = np.where(same_next[:-1], rel[pos[1:]], sentinel)
-    lead_off = ~is_on & first_of_key
-    drums = np.flatnonzero(kind == TokenKind.DRUM)
-    rows = np.concatenate([pos[is_on], pos[lead_off], drums])
-    start = np.concatenate([rel[pos[is_on]], np.zeros(int(lead_off.sum()), np.int64), rel[drums]])
-    end = np.concatenate([next_time[is_on], rel[pos[lead_off]], rel[drums] + 1])
-    return encoding.Notes(inst[rows].astype(np.int32), pitch[rows].astype(np.int32),
-                          np.maximum(vbin[rows], 0).astype(np.int32), start, end)
-
-
-def _held_notes(body: np.ndarray, start: int, tokens: np.ndarray, rel: np.ndarray, sentinel: int,
-                vocab: Vocab) -> encoding.Notes:
-    """Pitched notes sounding at body position `start` that `_crop_notes` cannot see in the crop `tokens`.
-
-    A key sounds at `start` when its last event before it is an attack. Its note reaches into the crop
-    from time 0 and ends at the key's first event in the crop, a re-attack (rel time), or after the crop
-    (`sentinel`) when the crop has none; keys whose first event in the crop is a release are `_crop_notes`'
-    lead notes already. Folding can move another note onto such a key: without these notes the crop would
-    resolve that collision differently from the whole piece.
-    """
-    def key_events(ids):
-        """(positions of note-ons / -offs in `ids`, their keys instrument * 128 + pitch)."""
-        kind = vocab.kind[ids]
-        pos = np.flatnonzero((kind == TokenKind.NOTE_ON) | (kind == TokenKind.NOTE_OFF))
-        return pos, vocab.instrument[ids[pos]].astype(np.int64) * 128 + vocab.pitch[ids[pos]]
-
-    pos, key = key_events(body[:start])
-    held_key, last = np.unique(key[::-1], return_index=True)  # each key's last event before `start`
-    held = pos[::-1][last]
-    attack = vocab.kind[body[held]] == TokenKind.NOTE_ON
-    held, held_key = held[attack], held_key[attack]
-    if len(held) == 0:
-        return encoding.Notes.empty()
-    crop_pos, crop_key = key_events(tokens)
-    crop_kind = vocab.kind[tokens]
-    order = np.argsort(crop_key, kind="stable")  # by key, then position: the first event of each key first
-    crop_key, crop_pos = crop_key[order], crop_pos[order]
-    i = np.minimum(np.searchsorted(crop_key, held_key), max(len(crop_key) - 1, 0))
-    found = (crop_key[i] == held_key) if len(crop_key) else np.zeros(len(held), bool)
-    first = crop_pos[i] if len(crop_key) else np.zeros(len(held), np.int64)
-    keep = ~(found & (crop_kind[first] == TokenKind.NOTE_OFF))
-    end = np.where(found, rel[first], sentinel)[keep]
-    held = held[keep]
-    return encoding.Notes(vocab.instrument[body[held]].astype(np.int32), vocab.pitch[body[held]].astype(np.int32),
-                          np.maximum(vocab.velocity_bin_of[body[held]], 0).astype(np.int32),
-                          np.zeros(len(held), np.int64), end.astype(np.int64))
-
-
-def _notes_to_events(notes: encoding.Notes, horizon: int, vocab: Vocab) -> np.ndarray:
-    """Canonical notes -> body tokens for times 1 .. horizon - 1, waits counted from time 1.
-
-    Events follow the encoder's order (time, releases before attacks, instrument, pitch), and a
-    release is written only when its key is not re-attacked at that time (`encoding` step 6).
-    """
-    n = len(notes)
-    drums = notes.instrument == vocab.drums_index
-    key = notes.instrument.astype(np.int64) * 128 + notes.pitch
-    by_key = np.lexsort((notes.start, key))
-    reattacked = np.zeros(n, bool)
-    reattacked[by_key[:-1]] = (key[by_key[1:]] == key[by_key[:-1]]) & (
-        notes.start[by_key[1:]] == notes.end[by_key[:-1]])
-    released = ~reattacked & ~drums
-    on_ids = np.where(drums, vocab.drum(notes.pitch, notes.velocity),
-                      vocab.note_on(np.minimum(notes.instrument, vocab.num_pitched - 1), notes.velocity,
-                                    np.clip(notes.pitch, vocab.config.pitch_min, vocab.config.pitch_max)))
-    times = np.concatenate([notes.start, notes.end[released]])
-    ids = np.concatenate([on_ids, vocab.note_off(notes.instrument[released], notes.pitch[released])])
-    sort_key = np.concatenate([(1 << 15) | key, key[released]])
-    keep = (times >= 1) & (times < horizon)
-    times, ids, sort_key = times[keep], ids[keep], sort_key[keep]
-    if len(times) == 0:
-        return np.zeros(0, np.int32)
-    order = np.argsort((times << 16) | sort_key)
-    times, ids = times[order], ids[order]
-
-    # Each time step's waits go right before its first event: full `max_wait` waits, then the
-    # remainder, as the encoder writes them.
-    new_step = np.concatenate([[True], times[1:] != times[:-1]])
-    first_event = np.flatnonzero(new_step)
-    gaps = np.diff(times[first_event], prepend=1)
-    max_wait = vocab.config.max_wait
-    n_waits = -(-gaps // max_wait)
-    waits_before = np.cumsum(n_waits) - n_waits
-    out = np.empty(len(ids) + int(n_waits.sum()), np.int32)
-    out[np.arange(len(ids)) + (waits_before + n_waits)[np.cumsum(new_step) - 1]] = ids
-    step_of_wait = np.repeat(np.arange(len(gaps)), n_waits)
-    within = np.arange(len(step_of_wait)) - waits_before[step_of_wait]
-    units = np.where(within < gaps[step_of_wait] // max_wait, max_wait, gaps[step_of_wait] % max_wait)
-    out[first_event[step_of_wait] + waits_before[step_of_wait] + within] = vocab.wait(units)
-    return out
-
-
-def augment_window(piece: Piece, start: int, num_tokens: int, aug: Augmentation,
-                   vocab: Vocab) -> tuple[np.ndarray, features_lib.Features]:
-    """Augmented body tokens from position `start` (a time-step start), at most `num_tokens` of them.
-
-    Returns:
-      (tokens int32[n], features of those tokens) with n <= num_tokens; n < num_tokens only when the
-      window reaches the end of the piece (its last token is then `end`).
-    """
-    body, timing = piece.tokens, piece.timing.astype(np.int64)
-    total = len(body)
-    crop = num_tokens + num_tokens // 4 + 64
-    while True:
-        origin = int(_stretch(timing[start:start + 1], aug.stretch)[0])
-        stop = min(total, start + crop)
-        tokens = body[start:stop]
-        times = _stretch(timing[start:stop], aug.stretch)
-        rel = times - origin + 1  # the crop starts at 1; notes sounding before it start at 0
-        at_end = stop == total
-        # Inside the piece, time steps before the crop's last one are complete but the last may be
-        # cut short: keep times < horizon, and end notes still sounding after it beyond it.
-        horizon = np.iinfo(np.int64).max if at_end else int(rel[-1])
-        notes = _crop_notes(tokens, rel, int(rel[-1]) + 1, vocab)
-        if start > 0:
-            # The notes held across the crop's start: the `sounding` feature counts them, and folding can
-            # move another note onto their key (the collision must resolve as in the whole piece).
-            notes = notes.concat(_held_notes(body, start, tokens, rel, int(rel[-1]) + 1, vocab))
-        if aug.shift:
-            pitched = notes.instrument != vocab.drums_index
-            moved, keep = transpose_pitches(notes.pitch, aug.shift, aug.out_of_range, vocab)
-            notes.pitch = np.where(pitched, moved, notes.pitch).astype(np.int32)
-            keep |= ~pitched
-            notes = encoding.Notes(notes.instrument[keep], notes.pitch[keep], notes.velocity[keep],
-                                   notes.start[keep], notes.end[keep])
-        if aug.volume:
-            notes.velocity = np.clip(notes.velocity + aug.volume, 0, vocab.config.velocity_bins - 1)
-        notes = encoding.canonical_notes(notes, vocab)
-        out = _notes_to_events(notes, horizon, vocab)
-        if start > 0:
-            # The window's first time step may have lost every event (dropped notes): open the window
-            # at the next event instead of with a fragment of the wait that now precedes it.
-            lead = int(np.argmax(vocab.wait_units[out] == 0)) if len(out) else 0
-            out, origin = out[lead:], origin + int(vocab.wait_units[out[:lead]].sum())
-        if at_end:
-            out = np.append(out, np.int32(END))
-        if len(out) >= num_tokens or at_end:
-            break
-        crop *= 2
-    out = out[:num_tokens]
-    feats = features_lib.compute_features(out, vocab)
-    abs_timing = feats.timing.astype(np.int64) + origin
-    duration = int(_stretch(np.array([piece.duration_units]), aug.stretch)[0])
-    part, countdown = features_lib.part_and_countdown(abs_timing, duration, vocab)
-    held = (notes.start < 1) & (notes.end >= 1) & (notes.instrument != vocab.drums_index)
-    sounding = features_lib.sounding_counts(out, vocab, notes.instrument[held].astype(np.int64) * 128
-                                            + notes.pitch[held])
-    return out, features_lib.Features(abs_timing.astype(np.int32), feats.chord, part, countdown, sounding)
-
-
-def slice_window(piece: Piece, start: int, num_tokens: int) -> tuple[np.ndarray, features_lib.Features]:
-    """Body tokens and stored features from `start`, at most `num_tokens` (no augmentation)."""
-    sl = slice(start, start + num_tokens)
-    return piece.tokens[sl], features_lib.Features(*(getattr(piece, name)[sl]
-                                                     for name in features_lib.FEATURE_NAMES))
-
-
-def snap_to_step_start(tokens: np.ndarray, position: int, limit: int, vocab: Vocab) -> int:
-    """The first time-step start (position 0, or an event right after a wait) in
-    `position .. position + limit - 1`, else the last one in `position - limit .. position - 1`, else
-    `position` (only a piece without waits has none)."""
-    lo = max(position - limit, 0)
-    is_wait = vocab.wait_units[tokens[lo:position + limit]] > 0
-    starts = np.flatnonzero(np.concatenate([[lo == 0], is_wait[:-1] & ~is_wait[1:]])) + lo
-    after = starts[starts >= position]
-    if len(after):
-        return int(after[0])
-    return int(starts[-1]) if len(starts) else position
-
-
-# -- examples --------------------------------------------------------------------------------------
-def pack_example(prefix: np.ndarray, body: np.ndarray, feats: features_lib.Features,
-                 seq_len: int) -> dict[str, np.ndarray]:
-    """prefix int32[P] + body int32[n <= L + 1 - P] -> one example (see module docstring)."""
-    p, n = len(prefix), len(body)
-    if p > seq_len or p + n > seq_len + 1:
-        raise ValueError(f"prefix ({p}) + body ({n}) tokens do not fit seq_len {seq_len} + 1")
-    seq = np.zeros(seq_len + 1, np.int32)
-    seq[:p] = prefix
-    seq[p:p + n] = body
-    mask = np.zeros(seq_len, np.float32)
-    mask[p - 1:p - 1 + n] = 1.0
-    example = {"inputs": seq[:-1], "targets": seq[1:], "loss_mask": mask}
-    m = min(n, seq_len - p)  # body tokens that are also inputs (the last one may be a target only)
-    for name in features_lib.FEATURE_NAMES:
-        values = getattr(feats, name)
-        row = np.zeros(seq_len, np.int32)
-        row[p:p + m] = values[:m]
-        if name in ("part", "countdown") and n:
-            row[:p] = values[0]
-        example[name] = row
-    return example
-
-
-def empty_example(seq_len: int) -> dict[str, np.ndarray]:
-    """All padding, nothing scored (fills the last eval batch)."""
-    example = {name: np.zeros(seq_len, np.int32) for name in BATCH_KEYS}
-    example["loss_mask"] = np.zeros(seq_len, np.float32)
-    return example
 
 
 def train_example(piece: Piece, vocab: Vocab, config: InputConfig,
@@ -753,21 +384,18 @@ def make_train_iterator(source: Sequence, vocab: Vocab, config: InputConfig, *,
 
 
 class _EvalBatch(grain.transforms.Map):
-    """Batch number -> a batch of consecutive eval windows (picklable)."""
+    """Batch number -> a batch of eval windows (picklable)."""
 
-    def __init__(self, source, vocab: Vocab, seq_len: int, batches: list[list[tuple[int, int]]]):
+    def __init__(self, source, vocab: Vocab, seq_len: int, batches: list[list[tuple[int, int, int, int]]]):
         self.source, self.vocab, self.seq_len, self.batches = source, vocab, seq_len, batches
 
     def map(self, element):
         rows = []
-        for record_index, start in self.batches[element]:
+        for record_index, *window in self.batches[element]:
             if record_index < 0:
                 rows.append(empty_example(self.seq_len))
                 continue
-            piece = parse_record(self.source[record_index], self.vocab)
-            prefix = self.vocab.prefix(piece.label, piece.instruments)
-            body, feats = slice_window(piece, start, self.seq_len + 1 - len(prefix))
-            rows.append(pack_example(prefix, body, feats, self.seq_len))
+            rows.append(window_example(parse_record(self.source[record_index], self.vocab), window, self.seq_len))
         return {name: np.stack([row[name] for row in rows]) for name in BATCH_KEYS}
 
 
@@ -777,8 +405,9 @@ def make_eval_batches(source: Sequence, vocab: Vocab, seq_len: int, batch_size: 
                       process_count: int | None = None) -> grain.MapDataset:
     """Deterministic validation batches covering every body token of every record exactly once.
 
-    Each piece is cut into consecutive windows of L + 1 - P body tokens (P its prefix length), each
-    window with the prefix; every body token is a scored target exactly once. With `max_windows`
+    Each piece is cut into windows of L + 1 - P body tokens (P its prefix length), each with the prefix, by
+    `windows.plan_windows` at the stride of a whole window: every body token is a scored target exactly
+    once, the last window of a piece ends at its end and scores only what the others left. With `max_windows`
     (over all processes), only that many windows are kept, evenly spaced over the whole list, so a
     quick evaluation samples every part of the split rather than its first pieces. Windows are batched
     in record order; the last batch is filled with empty rows (loss_mask 0). Batches are dealt to
@@ -811,14 +440,15 @@ def make_eval_batches(source: Sequence, vocab: Vocab, seq_len: int, batch_size: 
         sizes = zip(counts.tolist(), prefixes.tolist())
     windows = []
     for i, (num_tokens, prefix_len) in enumerate(sizes):
-        windows.extend((i, s) for s in range(0, num_tokens, seq_len + 1 - prefix_len))
+        plan = plan_windows(num_tokens, prefix_len, seq_len, seq_len + 1 - prefix_len)
+        windows.extend((i, *map(int, row)) for row in plan)
     if max_windows is not None:
         if max_windows < 1:
             raise ValueError(f"max_windows must be >= 1, got {max_windows}")
         if len(windows) > max_windows:
             windows = [windows[k] for k in np.linspace(0, len(windows) - 1, max_windows).round().astype(int)]
-    windows.extend([(-1, 0)] * (-len(windows) % batch_size))
+    windows.extend([(-1, 0, 0, 0)] * (-len(windows) % batch_size))
     batches = [windows[k:k + batch_size] for k in range(0, len(windows), batch_size)]
-    batches.extend([[(-1, 0)] * batch_size] * (-len(batches) % process_count))
+    batches.extend([[(-1, 0, 0, 0)] * batch_size] * (-len(batches) % process_count))
     mine = batches[process_index::process_count]
     return grain.MapDataset.range(len(mine)).map(_EvalBatch(source, vocab, seq_len, mine))

@@ -107,7 +107,7 @@ def render_wav(midi_path: str | os.PathLike, wav_path: str | os.PathLike, soundf
 
     Args:
       midi_path: the MIDI file.
-      wav_path: output; written as `<wav_path>.partial` and renamed, so it is complete or absent.
+      wav_path: output; written under a temporary name and renamed (`outputs.atomic_path`): complete or absent.
       soundfont: .sf2/.sf3 file; None: the first found in `SOUNDFONT_DIRS`.
       sample_rate: samples per second.
       fluidsynth: the program to run; None: `fluidsynth` on $PATH.

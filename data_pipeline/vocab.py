@@ -38,6 +38,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from data_pipeline import instruments as instruments_lib
+from data_pipeline import outputs
 
 PAD, START, END = 0, 1, 2
 SPECIAL_NAMES = ("pad", "start", "end")
@@ -385,10 +386,7 @@ class Vocab:
         return vocab
 
     def save(self, path: str | os.PathLike) -> None:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.write(self.to_json())
-        os.replace(tmp, path)
+        outputs.write_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Vocab:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import sys
 from collections.abc import Callable
 
@@ -42,8 +41,8 @@ def guarded(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
             fail(f"{e} (see --help)", code=2)
         except USER_ERRORS as e:
             if isinstance(e, OSError) and e.filename and e.strerror:
-                # Outputs are written as `<path>.partial` and renamed: name the file the user asked for.
-                fail(f"{re.sub(re.escape(outputs.PARTIAL_SUFFIX) + '$', '', str(e.filename))}: {e.strerror}")
+                # Outputs are written under a temporary name and renamed: name the file the user asked for.
+                fail(f"{outputs.output_name(str(e.filename))}: {e.strerror}")
             fail(str(e) or type(e).__name__)
 
     return wrapper
@@ -137,8 +136,3 @@ def prepare_output_dir(path: str, flag: str = "--out") -> None:
     except OSError as e:
         raise UsageError(f"{flag} {path}: cannot create it ({e.strerror or e})") from None
 
-
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
-    """Writes a whole file or nothing (`data_pipeline.outputs.atomic_path`)."""
-    with outputs.atomic_path(path) as tmp, open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-        f.write(data)

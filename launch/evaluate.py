@@ -45,6 +45,7 @@ Totals are sums of bits over sums of tokens / notes / seconds. A ratio whose den
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -53,6 +54,7 @@ import time
 
 from absl import flags
 
+from data_pipeline import outputs, windows
 from launch import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "musenet-train workdir: evaluate one of its checkpoints.")
@@ -220,13 +222,11 @@ def _split_pieces(vocab, evaluation):
     pieces, skipped = [], []
     for i in range(count):
         try:
-            piece = evaluation.EvalPiece.from_record(source[i], vocab)
+            piece = windows.parse_record(source[i], vocab)
         except ValueError as e:
             skipped.append({"path": f"{_SPLIT.value}[{i}]", "reason": str(e)})
             continue
-        pieces.append(piece if piece.name else
-                      evaluation.EvalPiece(f"{_SPLIT.value}[{i}]", piece.prefix, piece.body, piece.features,
-                                           piece.duration_units))
+        pieces.append(piece if piece.name else dataclasses.replace(piece, path=f"{_SPLIT.value}[{i}]"))
     if not count:
         raise ValueError(f"{_DATA_DIR.value} {_DATASET.value}: split {_SPLIT.value!r} is empty")
     return pieces, skipped
@@ -437,7 +437,7 @@ def main(argv):
                   "context_tokens": seq_len, "stride": stride,
                   "files": [{"path": s.name, **s.metrics()} for s in scores], "skipped": skipped, "total": total,
                   "baselines": baselines, "model_vs_ngram": ratios}
-        cli.write_atomic(_OUT.value, json.dumps(result, indent=2) + "\n")
+        outputs.write_atomic(_OUT.value, json.dumps(result, indent=2) + "\n")
 
 
 def run():

@@ -29,6 +29,7 @@ import sys
 
 from absl import flags
 
+from data_pipeline import outputs
 from launch import cli
 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory of a built musenet_midi dataset.")
@@ -201,7 +202,7 @@ def main(argv):
               f"these {len(files)} pieces beside the reference's per-piece range")
         print(music_stats.format_comparison(comparison))
     if _OUT.value:
-        cli.write_atomic(_OUT.value, json.dumps(result, indent=2) + "\n")
+        outputs.write_atomic(_OUT.value, json.dumps(result, indent=2) + "\n")
 
 
 def run():

@@ -12,7 +12,7 @@ import sys
 
 from absl import flags
 
-from data_pipeline import encoding
+from data_pipeline import encoding, outputs
 from data_pipeline.vocab import Vocab, VocabConfig, normalize_label
 from launch import cli
 
@@ -43,7 +43,7 @@ def main(argv):
     else:
         text = vocab.to_text(piece.tokens)
     if _OUT.value:
-        cli.write_atomic(_OUT.value, text + "\n")
+        outputs.write_atomic(_OUT.value, text + "\n")
     else:
         sys.stdout.write(text + "\n")
 

@@ -102,7 +102,7 @@ def part_name(index: int, count: int) -> str:
 
 
 def _is_manifest(name: str) -> bool:
-    # `run_dir.write_json` writes a part as `.<name>.<random>.tmp` first: another process may list it.
+    # `run_dir.write_json` writes a part as `.<name>.<random>.partial` first: another process may list it.
     return _PART.fullmatch(name) is not None or name.startswith(".manifest.")
 
 

@@ -24,7 +24,6 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
@@ -32,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
+
+from data_pipeline import outputs
 
 _SOURCE = Path(__file__).parent / "csrc" / "sparse_attention_cpu.cc"
 _FLAGS = ("-O3", "-march=native", "-std=gnu++17", "-fPIC", "-shared", "-fno-math-errno")
@@ -90,21 +91,16 @@ def build_library() -> Path:
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
     # Several processes may build at once (multi-host tests, data-parallel launches): each compiles to its
-    # own temporary file and renames it into place atomically, so a reader never sees a partial library.
-    fd, tmp = tempfile.mkstemp(dir=lib.parent, prefix=".build-", suffix=".so")
-    os.close(fd)
-    cmd = [cxx, *_FLAGS, "-isystem", str(include), str(_SOURCE), "-o", tmp]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    # own temporary name and renames it into place, so a reader never sees a partial library.
+    with outputs.atomic_path(lib) as tmp:
+        cmd = [cxx, *_FLAGS, "-isystem", str(include), str(_SOURCE), "-o", tmp]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired:
+            raise KernelBuildError("compiling the CPU attention kernel timed out") from None
         if res.returncode != 0:
             first = next((ln for ln in res.stderr.splitlines() if "error" in ln), res.stderr.strip()[:200])
             raise KernelBuildError(f"compiling the CPU attention kernel failed: {first}")
-        os.replace(tmp, lib)
-    except subprocess.TimeoutExpired:
-        raise KernelBuildError("compiling the CPU attention kernel timed out") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return lib
 
 

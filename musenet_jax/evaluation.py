@@ -3,7 +3,7 @@
 Held-out scoring (`score_pieces`). Every body token of a piece (the tokens after `start`, `end`
 included) is scored exactly once, with as much context as a window of L (= the model's `max_len`)
 tokens allows. A piece with P prefix tokens (`[label] instrument.. start`) fits C = L + 1 - P body
-tokens in one window, laid out exactly like a training window (`input_pipeline.pack_example`):
+tokens in one window, laid out exactly like a training window (`data_pipeline.windows.pack_example`):
 
     seq = prefix (P) + body[s : s + C] + pad;  inputs = seq[:L], targets = seq[1 : L + 1]
 
@@ -45,9 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from data_pipeline import encoding
 from data_pipeline import features as features_lib
-from data_pipeline import input_pipeline as input_lib
+from data_pipeline import windows as windows_lib
 from data_pipeline.vocab import TokenKind, Vocab
 from musenet_jax import ngram
 
@@ -94,94 +93,18 @@ def unigram_bits_from_histograms(train_histogram: np.ndarray, eval_histogram: np
 
 
 # -- pieces ----------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class EvalPiece:
-    """One piece to score.
-
-    Attributes:
-      name: what the reports call it (a file path).
-      prefix: int32[P] conditioning prefix `[label] instrument.. start`.
-      body: int32[n] body tokens (after `start`, ending with `end`).
-      features: int32[n] arrays: the body's timing, chord, part, countdown and sounding (`features.py`).
-      duration_units: the piece's length in time units.
-    """
-
-    name: str
-    prefix: np.ndarray
-    body: np.ndarray
-    features: features_lib.Features
-    duration_units: int
-
-    @classmethod
-    def from_encoded(cls, piece: encoding.EncodedPiece, vocab: Vocab, name: str = "") -> EvalPiece:
-        """From `encode_midi` / `encode_notes` output; features as `record_from_piece` stores them."""
-        body = np.asarray(piece.body, np.int32)
-        feats = features_lib.compute_features(body, vocab, piece.duration_units)
-        return cls(name, np.asarray(piece.tokens[:piece.prefix_len], np.int32), body, feats,
-                   int(piece.duration_units))
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any], vocab: Vocab) -> EvalPiece:
-        """From a dataset record (`input_pipeline.parse_record`; raises ValueError if it is invalid)."""
-        piece = input_lib.parse_record(record, vocab)
-        feats = features_lib.Features(*(getattr(piece, name) for name in features_lib.FEATURE_NAMES))
-        return cls(piece.path, vocab.prefix(piece.label, piece.instruments), piece.tokens, feats,
-                   piece.duration_units)
+# The piece type and the window planner are the data pipeline's (one of each, shared with the trainer's
+# validation); their names stay importable from here.
+EvalPiece = windows_lib.Piece
+default_stride = windows_lib.default_stride
+plan_windows = windows_lib.plan_windows
+window_example = windows_lib.window_example
 
 
 def num_notes(body: np.ndarray, vocab: Vocab) -> int:
     """Attacks among the tokens: pitched note-ons plus drum onsets."""
     kind = vocab.kind[np.asarray(body)]
     return int(np.count_nonzero((kind == TokenKind.NOTE_ON) | (kind == TokenKind.DRUM)))
-
-
-# -- windows ---------------------------------------------------------------------------------------
-def default_stride(seq_len: int) -> int:
-    return max(seq_len // 2, 1)
-
-
-def plan_windows(num_body: int, prefix_len: int, seq_len: int, stride: int) -> np.ndarray:
-    """The windows that score a piece's n body tokens once each (see module docstring).
-
-    Args:
-      num_body: n, body tokens of the piece.
-      prefix_len: P, tokens of its conditioning prefix.
-      seq_len: L, the window length in tokens (prefix included).
-      stride: S, body tokens a later window moves by; 1 <= S <= L + 1 - P.
-    Returns:
-      int64[W, 3] rows (start, score_from, score_to) in body positions: the window holds body tokens
-      start .. start + L - P and scores body[score_from : score_to]. The score ranges tile 0..n.
-    """
-    capacity = seq_len + 1 - prefix_len  # C, body tokens one window holds (the last one as a target only)
-    if capacity < 1:
-        raise ValueError(f"a {prefix_len}-token prefix leaves no room in a {seq_len}-token window")
-    if not 1 <= stride <= capacity:
-        raise ValueError(f"stride must be in 1..{capacity} (L + 1 - P for L={seq_len}, P={prefix_len}), "
-                         f"got {stride}")
-    windows = [(0, 0, min(num_body, capacity))]
-    end = windows[0][2]
-    while end < num_body:
-        new_end = min(end + stride, num_body)
-        windows.append((new_end - capacity, end, new_end))
-        end = new_end
-    return np.asarray(windows, np.int64).reshape(-1, 3)
-
-
-def window_example(piece: EvalPiece, window: Sequence[int], seq_len: int) -> dict[str, np.ndarray]:
-    """One [L] row (`input_pipeline.BATCH_KEYS`) for `window` = (start, score_from, score_to).
-
-    The layout is the training pipeline's; `loss_mask` is 1 only on the targets body[score_from:score_to].
-    """
-    start, lo, hi = (int(x) for x in window)
-    p = len(piece.prefix)
-    sl = slice(start, start + seq_len + 1 - p)
-    feats = features_lib.Features(*(getattr(piece.features, name)[sl] for name in features_lib.FEATURE_NAMES))
-    example = input_lib.pack_example(piece.prefix, piece.body[sl], feats, seq_len)
-    mask = np.zeros(seq_len, np.float32)
-    # Body token k is the target at position p - 1 + (k - start).
-    mask[p - 1 + lo - start:p - 1 + hi - start] = 1.0
-    example["loss_mask"] = mask
-    return example
 
 
 # -- per-token log-probabilities ------------------------------------------------------------------
@@ -400,8 +323,8 @@ def score_pieces(scorer: Scorer | NgramScorer, pieces: Sequence[EvalPiece], *,
 
     for chunk in batches():
         rows = [window_example(pieces[i], w, seq_len) for i, w in chunk]
-        rows += [input_lib.empty_example(seq_len)] * (batch_size - len(rows))
-        out, out_nv = scorer({k: np.stack([r[k] for r in rows]) for k in input_lib.BATCH_KEYS})
+        rows += [windows_lib.empty_example(seq_len)] * (batch_size - len(rows))
+        out, out_nv = scorer({k: np.stack([r[k] for r in rows]) for k in windows_lib.BATCH_KEYS})
         for row, (i, (start, lo, hi)) in enumerate(chunk):
             p = len(pieces[i].prefix)
             sl = slice(p - 1 + lo - start, p - 1 + hi - start)

@@ -24,9 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import sys
-import tempfile
 
 import grain
 import jax
@@ -35,6 +33,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from data_pipeline import outputs
 from data_pipeline.vocab import Vocab
 from musenet_jax import checkpoints, run_dir
 from musenet_jax import model as model_lib
@@ -180,28 +179,20 @@ def export_checkpoint(workdir: str | os.PathLike, out_dir: str | os.PathLike, dt
     parent = os.path.dirname(os.path.abspath(out_dir))
     try:
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.partial-", dir=parent)
+        with outputs.atomic_path(out_dir, directory=True) as tmp:
+            # One metadata key: safetensors writes its metadata in hash-map order, which differs between
+            # processes, and the same checkpoint should give the same bytes. The step is in config.json.
+            save_file(params, os.path.join(tmp, WEIGHTS), metadata={"format": FORMAT})
+            # safetensors creates an owner-only file; an export is meant to be shared like any output.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(os.path.join(tmp, WEIGHTS), 0o666 & ~umask)
+            with open(os.path.join(tmp, CONFIG), "w") as f:
+                json.dump({"format": FORMAT, "model": out_config.to_dict(), "step": int(step), "dtype": dtype}, f,
+                          indent=2)
+            vocab.save(os.path.join(tmp, VOCAB))
     except OSError as e:
         raise ExportError(f"{out_dir}: cannot write in {parent} ({e.strerror or e})") from None
-    try:
-        # One metadata key: safetensors writes its metadata in hash-map order, which differs between
-        # processes, and the same checkpoint should give the same bytes. The step is in config.json.
-        save_file(params, os.path.join(tmp, WEIGHTS), metadata={"format": FORMAT})
-        # mkdtemp (and safetensors) create owner-only files; an export is meant to be shared like any output.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        os.chmod(os.path.join(tmp, WEIGHTS), 0o666 & ~umask)
-        with open(os.path.join(tmp, CONFIG), "w") as f:
-            json.dump({"format": FORMAT, "model": out_config.to_dict(), "step": int(step), "dtype": dtype}, f,
-                      indent=2)
-        vocab.save(os.path.join(tmp, VOCAB))
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)  # empty (checked above); rename cannot replace a directory on every platform
-        os.replace(tmp, out_dir)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
     return out_dir
 
 

@@ -432,7 +432,7 @@ def gather(indices: Iterable[int], get, *, max_tokens: int | None = None) -> Seq
 
 def read_sequences(source: Sequence[Mapping], vocab, *, indices: Iterable[int] | None = None,
                    max_tokens: int | None = None) -> Sequences:
-    """Records of a dataset source (`input_pipeline` layout) as sequences for `NgramModel.fit` (`gather`).
+    """Records of a dataset source (`data_pipeline.windows` layout) as sequences for `NgramModel.fit` (`gather`).
 
     Args:
       source: records (`datasets.data_source`); invalid ones are skipped.
@@ -440,11 +440,11 @@ def read_sequences(source: Sequence[Mapping], vocab, *, indices: Iterable[int] |
       indices: the records to read, in this order; default all, in order.
       max_tokens: the bound on the tokens read (`gather`).
     """
-    from data_pipeline import input_pipeline as input_lib  # data only; keeps this module's import light
+    from data_pipeline import windows as windows_lib  # data only; keeps this module's import light
 
     def get(i: int):
         try:
-            piece = input_lib.parse_record(source[i], vocab)
+            piece = windows_lib.parse_record(source[i], vocab)
         except ValueError:
             return None
         prefix = vocab.prefix(piece.label, piece.instruments)

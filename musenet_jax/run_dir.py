@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 
 from etils import epath
+
+from data_pipeline import outputs
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -30,17 +31,9 @@ def resolve(path: str | os.PathLike) -> epath.Path:
 
 
 def write_text(path: epath.Path, text: str) -> None:
-    """Writes `text` so that readers see the old file or the new one, never a partial one.
-
-    Locally through a temporary name and a rename; on object storage a single object write is already
-    all-or-nothing.
-    """
-    if is_remote(path):
-        path.write_text(text)
-        return
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    tmp.write_text(text)
-    os.replace(os.fspath(tmp), os.fspath(path))
+    """Writes `text` so that readers see the old file or the new one, never a partial one
+    (`data_pipeline.outputs.write_atomic`, local or on object storage)."""
+    outputs.write_atomic(path, text)
 
 
 def write_json(path: epath.Path, obj) -> None:

@@ -5,16 +5,16 @@ the primer (optional) is the body of an encoded MIDI file kept verbatim, and the
 token at a time with its KV cache (`MuseNet.decode_step`, `musenet_jax.decoding`).
 
 Windows. A piece may be much longer than the model's context L = max_len (tokens). It is written in windows
-built exactly like training windows (`data_pipeline.input_pipeline.train_example`): window w feeds, at
-positions 0..L-1, the conditioning prefix (P tokens) followed by the piece's body from token s_w on, and
-predicts one token past position L-1, so a full window holds L + 1 tokens as a training sequence does. The
-first window starts at the body's start (s_0 = P) when the prompt (prefix + primer) fits in it; otherwise,
-and whenever a window is full, the next one carries the last K = (L - P) // 2 body tokens (half of the
-window's body room), its start moved to a time-step start by `input_pipeline.snap_to_step_start` (the same
-rule training windows follow, so a window never opens in the middle of a chord). The caches are emptied
-and re-filled with the carried tokens by the same compiled step, then sampling continues. Snapping moves the
-start at most K tokens either way, so a window carries 1..2K <= L - P tokens and writes at least one new one
-(about L - P - K on average): the piece grows until it ends or reaches the cap.
+laid out as training windows are (`data_pipeline.windows`): window w feeds, at positions 0..L-1, the
+conditioning prefix (P tokens) followed by the piece's body from token s_w on, and predicts one token past
+position L-1, so a full window holds L + 1 tokens as a training sequence does. The first window starts at the
+body's start (s_0 = P) when the prompt (prefix + primer) fits in it; otherwise, and whenever a window is full,
+the next one carries the last K = (L - P) // 2 body tokens (half of the window's body room), its start moved
+to a time-step start by `snap_to_step_start` (the rule training windows follow, so a window never opens in the
+middle of a chord). The caches are emptied and re-filled with the carried tokens by the same compiled step,
+then sampling continues. Snapping moves the start at most K tokens either way, so a window carries 1..2K <= L - P
+tokens and writes at least one new one (about L - P - K on average): the piece grows until it ends or reaches
+the cap.
 
 Compilation. `_decode_window` (one `lax.while_loop` over the window's positions) is jitted once per
 (batch, piece buffer, model) shape; a Python loop calls it per window with the window start, prompt length,
@@ -26,14 +26,14 @@ caps reuse the same compiled loop. At position t the loop feeds window token t, 
 t + 1 from the piece (prefill, primer or carried tokens) or samples it and appends it to the piece. A window
 stops when every row has ended or its L positions are fed.
 
-Features. Every fed token gets the model's timing / chord / part / countdown / sounding inputs as training gives them:
-body tokens carry the piece's absolute features, exactly `data_pipeline.features.compute_features(piece,
-vocab, duration_units=D)` with D the target length in time units (timing accumulates wait units from the
+Features. Every fed token gets the model's timing / chord / part / countdown / sounding inputs as training
+gives them: body tokens carry the piece's absolute features, exactly `data_pipeline.features.compute_features(
+piece, vocab, duration_units=D)` with D the target length in time units (timing accumulates wait units from the
 piece start, chord counts attacks within the current time step, part and countdown come from timing and D,
-`part_and_countdown`, sounding counts the pitched keys the decoding state holds as sounding after the token);
-the primer's come from the whole primer. Prefix tokens get timing 0, chord 0, sounding 0 and the
-part and countdown of the window's first body token (`input_pipeline.pack_example`; in the first window
-that is what `compute_features` of the whole piece gives too). Positions restart at 0 in every window.
+sounding counts the keys the decoding state holds as sounding after the token); the primer's come from the whole
+primer. Prefix tokens get timing 0, chord 0, sounding 0 and the part and countdown of the window's first body
+token (`data_pipeline.windows.pack_example`; in the first window that is what `compute_features` of the whole
+piece gives too). Positions restart at 0 in every window.
 `decode_arrays` returns what each window fed, for checking.
 
 Constraints, by masking logits before temperature / top-k / top-p (a masked token gets probability 0; the state
@@ -98,8 +98,8 @@ import numpy as np
 from flax import nnx
 
 from data_pipeline import features as features_lib
-from data_pipeline import input_pipeline
 from data_pipeline import vocab as vocab_lib
+from data_pipeline import windows as windows_lib
 from data_pipeline.vocab import END, TokenKind, Vocab
 from musenet_jax import decode_rules, draws
 from musenet_jax.decode_rules import DEFAULT_MAX_NOTE_SECONDS, SoundingState, sounding_state
@@ -111,8 +111,7 @@ END_TOLERANCE_MS = 1000  # END may be written in the last second (at most 10% of
 MAX_TOKENS_PER_SECOND = 128
 MAX_TOKENS_LIMIT = 1 << 20  # a hard ceiling on max_tokens (hours of music) that bounds the piece buffer.
 _BODY_KINDS = (TokenKind.WAIT, TokenKind.NOTE_ON, TokenKind.NOTE_OFF, TokenKind.DRUM)
-# Traces of `_decode_window` (incremented in its Python body, which runs only when JAX traces it): tests check
-# that the windows of a piece, and later pieces of the same shapes, reuse one compilation.
+# Traces of `_decode_window` (counted in its Python body, run only when JAX traces it): compiles are few.
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
@@ -313,7 +312,7 @@ def _decode_window(graphdef, state, piece, timing, chord, voices, length, done, 
         logits, cache = nnx.merge(graphdef, state).decode_step(tok, step_feats, t, cache)
 
         # The next window token is new (sampled) when the piece does not hold it yet; its features follow
-        # from this token's (data_pipeline.features.step_features).
+        # from this token's (what `data_pipeline.features.compute_features` gives the finished piece).
         nxt = piece_index(t + 1)
         sample = ~done & (nxt >= length)
         wait = wait_units[tok]
@@ -357,7 +356,7 @@ def next_window_start(tokens: np.ndarray, prefix_len: int, keep: int, vocab: Voc
     tokens before the end, moved to a time-step start as training windows are (`snap_to_step_start`, which
     looks `keep` tokens either way, so the window carries between 1 and 2 * keep tokens)."""
     body = tokens[prefix_len:]
-    return prefix_len + input_pipeline.snap_to_step_start(body, max(len(body) - keep, 0), keep, vocab)
+    return prefix_len + windows_lib.snap_to_step_start(body, max(len(body) - keep, 0), keep, vocab)
 
 
 @dataclasses.dataclass
@@ -468,7 +467,7 @@ def _prepare(model_config, vocab: Vocab, request: Request) -> _Row:
 def piece_buffer(vocab: Vocab, max_tokens: int) -> int:
     """C: the piece buffer's size (tokens) for body caps up to `max_tokens`: the longest prefix + the cap, rounded
     up to a power of two, so that one compiled loop serves every label, instrument choice, length and nearby cap."""
-    return 1 << (input_pipeline.max_prefix_len(vocab) + max_tokens - 1).bit_length()
+    return 1 << (windows_lib.max_prefix_len(vocab) + max_tokens - 1).bit_length()
 
 
 @dataclasses.dataclass

@@ -18,7 +18,7 @@ default, which rejects them (now explicit Triton params); default tiles the targ
 rounded per target, with a clear error for bad explicit ones). Not checkable without the device: libtpu's
 Mosaic layout passes and VMEM limits, the PTX compile (tl.dot / wgmma shapes, shared memory, registers),
 numerics on hardware, speed; Mosaic GPU's own shared-memory check does run in its lowering
-(and ours, `_check_compilable`, before it, in interpret mode too).
+(and ours, `block_sparse.targets.check_compilable`, before it, in interpret mode too).
 `jax.export` accepts the TPU and Mosaic GPU kernels (serialising needs `flatbuffers`) but refuses Triton
 calls (no compatibility guarantee). The Mosaic GPU kernels' values and gradients are tested in JAX's GPU
 interpreter (a private API in JAX 0.10: `jax._src.pallas.mosaic_gpu.interpret`). On a GPU the default

@@ -47,7 +47,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from data_pipeline import archives
+from data_pipeline import archives, outputs
 from data_pipeline.datasets import HISTOGRAM_SUFFIX, PREFIX_LEN_SUFFIX, REPORT_FILE, TOKEN_COUNTS_FILE, VOCAB_FILE
 from data_pipeline.musenet_midi import convert, sources
 from data_pipeline.vocab import Vocab, VocabConfig
@@ -237,9 +237,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
         data_dir = epath.Path(self.data_dir)
         vocab.save(data_dir / VOCAB_FILE)
-        tmp = data_dir / (REPORT_FILE + ".partial")
-        tmp.write_text(summary.report_tsv())
-        tmp.rename(data_dir / REPORT_FILE)
+        outputs.write_atomic(data_dir / REPORT_FILE, summary.report_tsv())
         self.info.metadata.update({
             "source": source.description,
             "vocab_file": VOCAB_FILE,

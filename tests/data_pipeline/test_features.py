@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from data_pipeline import encoding
-from data_pipeline.features import compute_features, sounding_counts, step_features
+from data_pipeline.features import compute_features, sounding_counts
 from data_pipeline.vocab import Vocab, VocabConfig
 
 
@@ -38,17 +38,6 @@ def test_chord_index_is_clipped():
     text = "start " + " ".join(f"piano:v68:{n}4" for n in "CDEFGAB") + " end"
     f = compute_features(vocab.from_text(text), vocab)
     assert f.chord.max() == 2
-
-
-def test_step_features_match_the_batch_form(midi_fixtures):
-    vocab = Vocab()
-    piece = encoding.encode_midi(midi_fixtures / "freedoom1_D_E1M6.mid", vocab)
-    full = compute_features(piece.tokens, vocab)
-    state = (0, 0, frozenset())
-    for t, token in enumerate(piece.tokens[:400]):
-        values, state = step_features(int(token), state, piece.duration_units, vocab)
-        assert values == (full.timing[t], full.chord[t], full.part[t], full.countdown[t], full.sounding[t])
-    assert full.sounding[:400].max() >= 3
 
 
 def test_countdown_falls_to_zero_and_part_rises(midi_fixtures):

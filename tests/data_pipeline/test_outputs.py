@@ -46,3 +46,36 @@ def test_a_fifo_or_device_is_written_directly_not_replaced(tmp_path):
     assert fifo.is_fifo()
     _write(os.devnull, "discarded")  # a character device
     assert os.path.exists(os.devnull) and not os.path.isfile(os.devnull)
+
+
+def test_writers_at_once_do_not_collide_and_one_whole_file_wins(tmp_path):
+    path = tmp_path / "out.bin"
+    payloads = [bytes([i]) * 200_000 for i in range(8)]
+    threads = [threading.Thread(target=outputs.write_atomic, args=(path, data)) for data in payloads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert path.read_bytes() in payloads
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+
+
+def test_a_folder_is_filled_under_a_temporary_name_and_replaces_an_empty_one(tmp_path):
+    out = tmp_path / "export"
+    with pytest.raises(RuntimeError):
+        with outputs.atomic_path(out, directory=True) as tmp:
+            (tmp_path / tmp / "a.txt").write_text("half")
+            raise RuntimeError("the writer failed")
+    assert list(tmp_path.iterdir()) == []
+    out.mkdir()  # an empty folder at the path is replaced
+    with outputs.atomic_path(out, directory=True) as tmp:
+        assert os.path.isdir(tmp) and os.path.dirname(tmp) == str(tmp_path) and tmp != str(out)
+        (tmp_path / tmp / "a.txt").write_text("whole")
+    assert (out / "a.txt").read_text() == "whole" and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_a_temporary_name_maps_back_to_its_output_for_messages(tmp_path):
+    with outputs.atomic_path(tmp_path / "piece.mid") as tmp:
+        assert outputs.output_name(tmp) == str(tmp_path / "piece.mid")
+        open(tmp, "w").close()
+    assert outputs.output_name(str(tmp_path / "other.partial")) == str(tmp_path / "other.partial")

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from data_pipeline import datasets
+from data_pipeline import datasets, windows
 from data_pipeline.vocab import Vocab
 from musenet_jax import evaluation, export, ngram
 from tests.checkpoint_faults import damage
@@ -85,7 +85,7 @@ def test_load_checkpoint_matches_the_export(run):
     assert step == run.steps[-1] == 10 and vocab == Vocab.load(run.workdir / "vocab.json")
     exported, exported_vocab = export.load_export(run.export)
     assert exported_vocab == vocab
-    piece = evaluation.EvalPiece.from_record(datasets.data_source(run.data_dir, "directory", "train")[0], vocab)
+    piece = windows.parse_record(datasets.data_source(run.data_dir, "directory", "train")[0], vocab)
     a, b = (evaluation.score_pieces(evaluation.Scorer(m, vocab, batch_size=2), [piece])[0] for m in (model, exported))
     np.testing.assert_allclose(a.bits, b.bits, rtol=1e-6)
     # Another attention implementation over the same parameters (here the fused CPU kernel): same scores.
@@ -162,7 +162,7 @@ def test_workdir_on_a_dataset_split(run, tmp_path):
                                         "order_chosen_on": "validation split"}
     # Both baselines scored by the same windows (context 64, stride 20) of the same 3 pieces.
     model = ngram.NgramModel.fit(train.tokens, vocab.size, best)
-    pieces = [evaluation.EvalPiece.from_record(source[i], vocab) for i in range(3)]
+    pieces = [windows.parse_record(source[i], vocab) for i in range(3)]
     for name, order in (("unigram", 1), ("ngram", best)):
         scorer = evaluation.NgramScorer(model.with_order(order), vocab, seq_len=64, batch_size=5)
         expected = evaluation.total_metrics(evaluation.score_pieces(scorer, pieces, stride=20))

@@ -27,6 +27,7 @@ from musenet_jax import model as model_lib
 from musenet_jax import sharding as sharding_lib
 from musenet_jax.attention import AttentionSpec, attend
 from pallas_kernels import block_sparse_attention as bsa
+from pallas_kernels.block_sparse import targets
 
 # These tests check numbers, not speed: skip LLVM's backend optimisations, which otherwise dominate the run
 # time of this file (seconds per tiny graph on a 2-core machine).
@@ -300,7 +301,7 @@ def test_model_pallas_attention_lowers_per_shard(backend, capability, platform, 
     # warp-specialized as configured): the kernels (2 components x forward, dq, dk/dv) each run on one
     # device's shard, batch 8 / 4 x heads 4 / 2 = 4 rows, not on gathered inputs (32 rows).
     monkeypatch.setattr(jax, "default_backend", lambda: backend)  # The kernels pick their target from these.
-    monkeypatch.setattr(bsa, "_gpu_compute_capability", lambda: capability)
+    monkeypatch.setattr(targets, "gpu_compute_capability", lambda: capability)
     config = model_lib.ModelConfig.from_config_dict(
         tiny.get_config().model, token_embedding="table", vocab_size=53,
         d_model=128, num_heads=4, head_dim=64, mlp_dim=29, num_layers=2,

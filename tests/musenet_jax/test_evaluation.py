@@ -11,7 +11,7 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data_pipeline import encoding
+from data_pipeline import encoding, windows
 from data_pipeline import features as features_lib
 from data_pipeline import input_pipeline as input_lib
 from data_pipeline.vocab import TokenKind, Vocab, VocabConfig
@@ -177,7 +177,7 @@ def test_later_windows_score_tokens_with_their_window_context(model, scorer):
 def test_record_and_encoded_piece_score_the_same(scorer):
     encoded = encoding.encode_notes(make_notes(30, seed=5), VOCAB, "folk")
     record = input_lib.record_from_piece(encoded, VOCAB, path="a.mid")
-    from_record = evaluation.EvalPiece.from_record(record, VOCAB)
+    from_record = windows.parse_record(record, VOCAB)
     from_encoded = evaluation.EvalPiece.from_encoded(encoded, VOCAB, name="a.mid")
     a, b = evaluation.score_pieces(scorer, [from_record, from_encoded])
     assert a.name == b.name == "a.mid"

@@ -15,10 +15,10 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from safetensors import safe_open
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 from data_pipeline.vocab import Vocab, VocabConfig
-from musenet_jax import export
+from musenet_jax import export, sampling
 from musenet_jax import model as model_lib
 from tests.checkpoint_faults import DAMAGES, damage
 
@@ -143,6 +143,25 @@ def test_bad_exports_are_refused(workdir, tmp_path):
     (tmp_path / "corrupt" / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes()[:4096])
     with pytest.raises(export.ExportError, match="unreadable"):
         export.load_export(tmp_path / "corrupt")
+
+
+def test_an_export_from_before_the_sounding_feature_loads_and_generates(workdir, tmp_path):
+    """Exports written before `model.use_sounding` existed have neither its config fields nor its table: they
+    load as models without it, and generate."""
+    out = tmp_path / "e"
+    export.export_checkpoint(workdir, out)
+    config_json = json.loads((out / "config.json").read_text())
+    assert config_json["model"]["use_sounding"]
+    old_model = {k: v for k, v in config_json["model"].items() if k not in ("use_sounding", "sounding_size")}
+    (out / "config.json").write_text(json.dumps({**config_json, "model": old_model}))
+    weights = load_file(out / "model.safetensors")
+    old_weights = {k: v for k, v in weights.items() if "sounding" not in k}
+    assert len(old_weights) == len(weights) - 1
+    save_file(old_weights, out / "model.safetensors")
+    model, vocab = export.load_export(out)
+    assert not model.config.use_sounding and model.sounding_embed is None
+    [piece] = sampling.generate(model, vocab, label=None, instruments=vocab.instruments.names[:1], seconds=1.0)
+    assert len(piece.tokens) > piece.prefix_len
 
 
 def _cli(*args):

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels import block_sparse_attention as bsa
+from pallas_kernels.block_sparse import mosaic_gpu as mgpu
+from pallas_kernels.block_sparse import targets
 from tests.pallas_kernels.test_block_sparse_attention import check_against_reference
 
 PATTERNS = {
@@ -107,7 +109,7 @@ def test_rocm_uses_the_triton_kernels():
 def test_the_real_lowering_rejects_bad_tiles(platform, blocks, match, monkeypatch):
     # Without our own up-front check, the kernels reach Pallas's lowering, which must reject these tiles
     # (interpret mode runs them happily): evidence that the target's lowering really runs on the kernels.
-    monkeypatch.setattr(bsa, "_check_compilable", lambda *args: None)
+    monkeypatch.setattr(targets, "check_compilable", lambda *args: None)
     with pytest.raises(ValueError, match=match):
         bsa.lower_attention(*spec(96, 32, jnp.float32), platform=platform, **PATTERNS["dense"], **blocks)
 
@@ -139,7 +141,7 @@ def test_uncompilable_configurations_fail_with_a_clear_error(platform, t, h, dty
     ],
 )
 def test_default_blocks_suit_the_target(lowering, dtype, t, want):
-    assert bsa._block_size(None, bsa.DEFAULT_BLOCK_Q, t, lowering, dtype) == want
+    assert targets.block_size(None, bsa.DEFAULT_BLOCK_Q, t, lowering, dtype) == want
     assert bsa.logits_per_head(t, pattern="dense", lowering=lowering, dtype=dtype) % (want * want) == 0
 
 
@@ -191,9 +193,9 @@ def test_mosaic_gpu_forward_and_backward_lower_for_cuda(pattern, lowering):
 def test_mosaic_gpu_kernels_ask_for_approximate_math(monkeypatch, lowering):
     # exp2 / log2 / division as `ex2.approx` etc. (as FlashAttention kernels): the lowered module is bytecode,
     # so check what each of the three launches asks for.
-    params, kernel = [], bsa.plgpu.kernel
+    params, kernel = [], mgpu.plgpu.kernel
     spy = lambda body, **kw: params.append(kw["compiler_params"]) or kernel(body, **kw)
-    monkeypatch.setattr(bsa.plgpu, "kernel", spy)
+    monkeypatch.setattr(mgpu.plgpu, "kernel", spy)
     bsa.lower_attention(*spec(136, 64, jnp.bfloat16), platform="cuda", lowering=lowering, grad=True,
                         **PATTERNS["dense"])
     assert len(params) == 3 and all(p.approx_math for p in params), params
@@ -213,7 +215,7 @@ def test_mosaic_gpu_lowers_at_larger_tiles_and_head_dims(t, h, dtype, block_k, s
     # Ragged T, and tiles / head dims that are multiples of 64 but not Triton's powers of two. Each kernel
     # double-buffers its copies where two slots fit in SMEM (forward, dq, dk/dv); what it picks lowers, so
     # Mosaic GPU's own SMEM check agrees with `_mgpu_slots`.
-    assert [bsa._mgpu_slots(k, "mosaic_gpu", bsa.MGPU_BLOCK, block_k, h, dtype) for k in bsa._MGPU_KERNELS] == slots
+    assert [mgpu._mgpu_slots(k, "mosaic_gpu", mgpu.MGPU_BLOCK, block_k, h, dtype) for k in mgpu._MGPU_KERNELS] == slots
     lowered = bsa.lower_attention(*spec(t, h, dtype), platform="cuda", lowering="mosaic_gpu", grad=True,
                                   block_k=block_k, **PATTERNS["strided"])
     assert mosaic_gpu_kernel_arities(lowered) == sorted([MGPU_FWD, MGPU_DQ, MGPU_DKV] * 2)
@@ -233,9 +235,9 @@ def test_warp_specialized_mosaic_gpu_lowers_with_the_slots_it_picks(t, h, dtype,
     # Three / two warpgroups per block (consumers + producer), SMEM shared between them; the slots that
     # `_mgpu_slots` picks per kernel (forward, dq by block_q's consumers; dk/dv by block_k's) pass Mosaic GPU's
     # own SMEM check.
-    assert [k.warpgroups("mosaic_gpu_ws", block_q, block_k).consumers for k in bsa._MGPU_KERNELS] == [
-        block_q // bsa.MGPU_BLOCK, block_q // bsa.MGPU_BLOCK, block_k // bsa.MGPU_BLOCK]
-    assert [bsa._mgpu_slots(k, "mosaic_gpu_ws", block_q, block_k, h, dtype) for k in bsa._MGPU_KERNELS] == slots
+    assert [k.warpgroups("mosaic_gpu_ws", block_q, block_k).consumers for k in mgpu._MGPU_KERNELS] == [
+        block_q // mgpu.MGPU_BLOCK, block_q // mgpu.MGPU_BLOCK, block_k // mgpu.MGPU_BLOCK]
+    assert [mgpu._mgpu_slots(k, "mosaic_gpu_ws", block_q, block_k, h, dtype) for k in mgpu._MGPU_KERNELS] == slots
     lowered = bsa.lower_attention(*spec(t, h, dtype), platform="cuda", lowering="mosaic_gpu_ws", grad=True,
                                   block_q=block_q, block_k=block_k, **PATTERNS["strided"])
     assert mosaic_gpu_kernel_arities(lowered) == sorted([MGPU_FWD, MGPU_DQ, MGPU_DKV] * 2)
@@ -284,8 +286,8 @@ def test_mosaic_gpu_rejects_what_it_cannot_run(lowering, kwargs, match):
 )
 def test_default_lowering_prefers_mosaic_gpu_where_it_runs(backend, capability, dtype, h, block_q, block_k, want,
                                                            monkeypatch):
-    monkeypatch.setattr(bsa, "_gpu_compute_capability", lambda: capability)
-    assert bsa._default_lowering(backend, dtype, h, block_q, block_k) == want
+    monkeypatch.setattr(targets, "gpu_compute_capability", lambda: capability)
+    assert targets.default_lowering(backend, dtype, h, block_q, block_k) == want
 
 
 @pytest.mark.parametrize(
@@ -296,5 +298,5 @@ def test_default_lowering_prefers_mosaic_gpu_where_it_runs(backend, capability, 
 )
 def test_compiled_lowerings_per_backend(backend, capability, want, monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    monkeypatch.setattr(bsa, "_gpu_compute_capability", lambda: capability)
+    monkeypatch.setattr(targets, "gpu_compute_capability", lambda: capability)
     assert bsa.compiled_lowerings() == want

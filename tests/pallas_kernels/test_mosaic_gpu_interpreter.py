@@ -5,8 +5,8 @@ each warpgroup as a thread: a copy into a slot still being read, a slot released
 waited on in the wrong phase or a warpgroup touching its neighbour's rows shows as wrong values, an error,
 or, with its race detector on (here), a reported data race. Forward, dq and dk/dv kernels, values and
 gradients. Each case runs in a child process: the detector's state is per process, and the warp-specialized
-kernels need more XLA:CPU pool threads than CI's two cores give (`bsa._xla_cpu_threads`). Slow: ~20-40 s a
-case.
+kernels need more XLA:CPU pool threads than CI's two cores give (`block_sparse.targets.xla_cpu_threads`).
+Slow: ~20-40 s a case.
 """
 
 import os
@@ -19,6 +19,8 @@ import pytest
 
 from pallas_kernels import block_sparse_attention as bsa
 from pallas_kernels import patterns
+from pallas_kernels.block_sparse import mosaic_gpu as mgpu
+from pallas_kernels.block_sparse import plan as plan_lib
 
 PATTERNS = {
     "dense": dict(pattern="dense"),
@@ -31,12 +33,13 @@ import jax.numpy as jnp
 from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 from pallas_kernels import block_sparse_attention as bsa
+from pallas_kernels.block_sparse import mosaic_gpu as mgpu
 from tests.pallas_kernels.test_block_sparse_attention import check_against_reference
 
-bsa._mgpu_interpret_params = lambda: InterpretGPUParams(detect_races=True)
+mgpu._mgpu_interpret_params = lambda: InterpretGPUParams(detect_races=True)
 for lowering, b, t, n, blocks, slots, pattern in CASES:
     if slots:
-        bsa._mgpu_slots = lambda *args, slots=slots: slots
+        mgpu._mgpu_slots = lambda *args, slots=slots: slots
     check_against_reference(b, t, n, 64, jnp.bfloat16, lowering=lowering, **blocks, **pattern)
     assert not gpu_callbacks.get_races().races_found, ("data race", lowering, b, t, n, blocks, slots, pattern)
     print("ok", lowering, b, t, n, blocks, slots, pattern["pattern"], flush=True)
@@ -75,9 +78,9 @@ def test_warp_specialized_kernels_match_reference_without_races():
     dense = patterns.make_pattern("dense").block_layout(256, 128, 64).components[0].layout
     assert 0 < dense.kv_full.sum() < dense.kv_counts.sum()
     # Its forward's consumers take turns on the tensor cores (ping-pong); the last case's (one slot) do not.
-    fwd = bsa._MGPU_FWD.warpgroups("mosaic_gpu_ws", 128, 64)
-    assert bsa._take_turns(fwd, bsa._mgpu_slots(bsa._MGPU_FWD, "mosaic_gpu_ws", 128, 64, 64, jnp.bfloat16))
-    assert not bsa._take_turns(bsa._MGPU_FWD.warpgroups("mosaic_gpu_ws", 128, 128), 1)
+    fwd = mgpu._MGPU_FWD.warpgroups("mosaic_gpu_ws", 128, 64)
+    assert mgpu._take_turns(fwd, mgpu._mgpu_slots(mgpu._MGPU_FWD, "mosaic_gpu_ws", 128, 64, 64, jnp.bfloat16))
+    assert not mgpu._take_turns(mgpu._MGPU_FWD.warpgroups("mosaic_gpu_ws", 128, 128), 1)
     _run([
         ("mosaic_gpu_ws", 1, 256, 1, dict(block_q=128, block_k=64), None, PATTERNS["dense"]),
         ("mosaic_gpu_ws", 1, 90, 2, dict(block_q=64, block_k=128), None, PATTERNS["fixed"]),
@@ -94,4 +97,4 @@ def test_warp_specialized_interpreter_refuses_a_thread_pool_it_would_hang_in(mon
         bsa.sparse_attention(x, x, x, pattern="dense", lowering="mosaic_gpu_ws", interpret=True)
     monkeypatch.setenv("PJRT_NPROC", "8")  # What the child processes above get; plans without running.
     plans, mode = bsa._prepare(x, x, x, "dense", None, None, "both", None, None, True, "mosaic_gpu_ws")
-    assert mode == bsa._Mode("mosaic_gpu_ws", True) and plans[0].fwd.block_q == 128
+    assert mode == plan_lib.Mode("mosaic_gpu_ws", True) and plans[0].fwd.block_q == 128
