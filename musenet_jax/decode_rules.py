@@ -13,13 +13,16 @@ states the rules. The state of a piece so far (`SoundingState`) is:
 
 `sounding_state` replays tokens into this state with numpy (the sampler starts each piece from its prompt's);
 `advance` is the same transition in JAX, one token per row. `constrain` decides per key ([B, K] operations),
-then reads its decision per token id with one gather through the per-id `RuleTables.key` table and a few
-elementwise [B, V] operations; the waits' probability moves on their own [B, W] block.
+then reads its decision per column with one gather through the columns' keys (`ColumnTables.key`) and a few
+elementwise [B, U] operations; the waits' probability moves on their own [B, W] block. It reads only each
+row's columns (`Limits.columns`: the ids its body may hold, a few thousand of the 21.8k for a few
+instruments), so its cost, and the draw's after it, grows with what a row may play rather than with V.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -57,31 +60,38 @@ class RuleTables(NamedTuple):
       key: int32[V] key (instrument * 128 + pitch) of each note-on, note-off and drum id; -1 for other ids.
       wait_units: int32[V] time units each wait id advances; 0 for other ids.
       wait_ids: int32[W] the ids of `wait:1` .. `wait:W`.
-      release_ids: int32[R] the ids of every note-off (the release-mass rule reads only these columns).
     """
 
     kind: jax.Array
     key: jax.Array
     wait_units: jax.Array
     wait_ids: jax.Array
-    release_ids: jax.Array
 
 
 class Limits(NamedTuple):
-    """Each row's settings of the rules: traced, so other values reuse the compiled loop; one value for every row
-    (shapes [V] and []) or one per row ([B, V] and [B]).
+    """Each row's settings of the rules: traced, so other values reuse the compiled loop; one per row.
 
     Attributes:
-      allowed: bool[V] or bool[B, V] ids the body may hold at all (`sampling.allowed_body_tokens`).
-      duration: int32[] or int32[B] D, the target length (time units).
-      tolerance: int32[] or int32[B] END is allowed from D - tolerance on.
-      max_note_units: int32[] or int32[B] M, the longest a pitched note may sound (time units); 0 = no limit.
+      columns: int32[B, U] the ids each row's body may hold at all (`allowed_body_tokens`), ascending,
+        then PAD up to U: the logits the rules and the draw read. END and every wait are always allowed, so
+        END is column 0 and `wait:w` column w in every row.
+      duration: int32[B] D, the target length (time units).
+      tolerance: int32[B] END is allowed from D - tolerance on.
+      max_note_units: int32[B] M, the longest a pitched note may sound (time units); 0 = no limit.
     """
 
-    allowed: jax.Array
+    columns: jax.Array
     duration: jax.Array
     tolerance: jax.Array
     max_note_units: jax.Array
+
+
+class ColumnTables(NamedTuple):
+    """`RuleTables` read at each row's columns ([B, U] each; `column_tables`), once per window."""
+
+    kind: jax.Array
+    key: jax.Array
+    wait_units: jax.Array
 
 
 def num_keys(vocab: Vocab) -> int:
@@ -103,8 +113,32 @@ def rule_tables(vocab: Vocab) -> RuleTables:
     """The `RuleTables` of a vocabulary."""
     return RuleTables(jnp.asarray(vocab.kind, jnp.int32), jnp.asarray(key_table(vocab)),
                       jnp.asarray(vocab.wait_units, jnp.int32),
-                      jnp.asarray(vocab.wait(np.arange(1, vocab.config.max_wait + 1)), jnp.int32),
-                      jnp.asarray(np.flatnonzero(vocab.kind == TokenKind.NOTE_OFF), jnp.int32))
+                      jnp.asarray(vocab.wait(np.arange(1, vocab.config.max_wait + 1)), jnp.int32))
+
+
+def column_tables(columns: jax.Array, tables: RuleTables) -> ColumnTables:
+    """The tables at int32[B, U] `Limits.columns` (PAD columns read PAD's entries: no key, no wait)."""
+    return ColumnTables(*(jnp.take(table, columns) for table in (tables.kind, tables.key, tables.wait_units)))
+
+
+def allowed_body_tokens(vocab: Vocab, instruments: Sequence[int]) -> np.ndarray:
+    """bool[V]: tokens the generated body may hold (`musenet_jax.sampling` module doc), for instrument class
+    indices: END and every wait whatever the instruments (so END and `wait:w` are the first allowed ids,
+    `Limits`)."""
+    chosen = np.zeros(vocab.instruments.num_classes + 1, bool)  # index -1 (no instrument) stays False
+    chosen[list(instruments)] = True
+    kind = vocab.kind
+    notes = np.isin(kind, (TokenKind.NOTE_ON, TokenKind.NOTE_OFF, TokenKind.DRUM)) & chosen[vocab.instrument]
+    allowed = notes | (kind == TokenKind.WAIT)
+    allowed[END] = True
+    return allowed
+
+
+def column_count(vocab: Vocab, allowed: int) -> int:
+    """U: the logit columns of a window whose rows may hold at most `allowed` ids each: a power of two above it
+    (at least 256, the nucleus candidates of `draws`; a PAD column always remains), at most V + 1 rounded up to 256,
+    so that the compiled loops stay few (4096 for one pitched instrument, 8192 for two, ...)."""
+    return min(max(256, 1 << int(allowed).bit_length()), -(-(vocab.size + 1) // 256) * 256)
 
 
 def max_note_units(max_note_seconds: float | None, vocab: Vocab) -> int:
@@ -159,21 +193,18 @@ def advance(state: SoundingState, token: jax.Array, timing: jax.Array, active: j
 
 
 def constrain(logits: jax.Array, state: SoundingState, last_token: jax.Array, timing: jax.Array, limits: Limits,
-              tables: RuleTables) -> jax.Array:
+              tables: RuleTables, columns: ColumnTables) -> jax.Array:
     """Masks (-inf) the tokens the rules forbid next, and moves the mass of cut waits (`sampling` module doc).
 
     Args:
-      logits: float32[B, V] the model's next-token logits.
+      logits: float32[B, U] the model's next-token logits at each row's `limits.columns`.
       state: each row's `SoundingState` ([B, K], [B], [B]) after its piece so far.
       last_token: int32[B] the last token of each piece so far.
       timing: int32[B] the time (units) the next token sits at.
-      limits: one `Limits` for every row, or one per row.
+      limits: each row's `Limits`; columns: `column_tables(limits.columns, tables)`.
     Returns:
-      float32[B, V] logits, -inf where masked; every row keeps at least one token.
+      float32[B, U] logits, -inf where masked (PAD columns always); every row keeps at least one column.
     """
-    bsz = timing.shape[0]
-    limits = Limits(jnp.broadcast_to(limits.allowed, logits.shape),
-                    *(jnp.broadcast_to(x, (bsz,)) for x in limits[1:]))
     key_time = state.key_time
     k = key_time.shape[-1]
     t = timing[:, None]
@@ -207,37 +238,41 @@ def constrain(logits: jax.Array, state: SoundingState, last_token: jax.Array, ti
     releasable = jnp.where(forced[:, None], keys == first[:, None], releasable & ~stop)
     attackable = attackable & ~stop
 
-    # Waits. A run of waits is written as the encoding writes a rest: `wait:W` tokens, then at most one shorter
-    # one, so no wait follows a shorter wait. A wait must fit before the target and the guard (w <= room). Where
-    # the guard cuts the waits, or the target does in the ending window, the cut waits' probability moves to the
-    # longest wait that fits: the model wanted time to pass, and it passes up to the limit. (Masked and
-    # renormalised instead, that mass would go to the note-ons, which do not advance time: a burst of notes.
-    # Before the ending window the target's cut is a plain mask: the piece must go on.)
+    # Waits (columns 1..W, `Limits`). A run of waits is written as the encoding writes a rest: `wait:W` tokens,
+    # then at most one shorter one, so no wait follows a shorter wait. A wait must fit before the target and the
+    # guard (w <= room). Where the guard cuts the waits, or the target does in the ending window, the cut waits'
+    # probability moves to the longest wait that fits: the model wanted time to pass, and it passes up to the
+    # limit. (Masked and renormalised instead, that mass would go to the note-ons, which do not advance time: a
+    # burst of notes. Before the ending window the target's cut is a plain mask: the piece must go on.)
     last_wait = tables.wait_units[last_token]
-    waits_open = ((last_wait == 0) | (last_wait == tables.wait_ids.shape[0])) & ~stop[:, 0]
+    wait = columns.wait_units
+    num_waits = tables.wait_ids.shape[0]
+    waits_open = ((last_wait == 0) | (last_wait == num_waits)) & ~stop[:, 0]
     target_room = limits.duration - timing
     wait_room = jnp.minimum(target_room, guard_room)[:, None]
     closing = timing >= limits.duration - limits.tolerance
     redirect = (waits_open & ((guard_room <= target_room) | closing))[:, None]
-    lengths = tables.wait_units[tables.wait_ids][None, :]  # [1, W]
-    cut = jnp.where((redirect & (lengths == wait_room)) | (lengths > wait_room), logits[:, tables.wait_ids], -jnp.inf)
+    lengths = jnp.arange(1, num_waits + 1, dtype=jnp.int32)[None, :]  # [1, W]: wait:w sits in column w
+    wait_logits = logits[:, 1:num_waits + 1]
+    cut = jnp.where((redirect & (lengths == wait_room)) | (lengths > wait_room), wait_logits, -jnp.inf)
     rest = jax.nn.logsumexp(cut, axis=-1, keepdims=True)  # [B, 1]: the mass of the cut waits and the longest one
 
     # END: in the ending window once no pitched key sounds (every note is released before END); at the target,
     # as soon as no release is left.
     end_ok = (~forced & (ending | (closing & ~jnp.any(sounding, axis=-1))))[:, None]
 
-    # Per token [B, V]: one gather of a 2-bit code per key (bit 0: may be released, bit 1: may be attacked),
-    # then elementwise. Every row keeps a token: a free step can always attack or wait one unit, a forced one
+    # Per column [B, U]: one gather of a 2-bit code per key (bit 0: may be released, bit 1: may be attacked),
+    # then elementwise. Every row keeps a column: a free step can always attack or wait one unit, a forced one
     # releases `first` or ends.
-    kind, key, wait = tables.kind, tables.key, tables.wait_units[None, :]
+    kind = columns.kind
     code = releasable.astype(jnp.int8) | (attackable.astype(jnp.int8) << 1)
-    code = jnp.take(code, jnp.maximum(key, 0), axis=1)
+    code = jnp.take_along_axis(code, jnp.maximum(columns.key, 0), axis=1)
     attack = (kind == TokenKind.NOTE_ON) | (kind == TokenKind.DRUM)
-    need = jnp.where(kind == TokenKind.NOTE_OFF, 1, jnp.where(attack, 2, 0)).astype(jnp.int8)[None, :]
+    release = kind == TokenKind.NOTE_OFF
+    need = jnp.where(release, 1, jnp.where(attack, 2, 0)).astype(jnp.int8)
     is_wait = wait > 0
-    mask = limits.allowed & (((code & need) != 0) | (is_wait & (wait <= wait_room) & waits_open[:, None]))
-    mask = jnp.where(jnp.arange(kind.shape[0])[None, :] == END, end_ok, mask)
+    mask = ((code & need) != 0) | (is_wait & (wait <= wait_room) & waits_open[:, None])
+    mask = jnp.where(jnp.arange(wait.shape[1])[None, :] == 0, end_ok, mask)  # column 0: END
     logits = jnp.where(redirect & is_wait & (wait == wait_room), rest, logits)
 
     # Releases keep their mass. A model that wants to release a note but cannot tell which (its note-on may be
@@ -245,10 +280,8 @@ def constrain(logits: jax.Array, state: SoundingState, last_token: jax.Array, ti
     # renormalised, it went to the attacks and waits, so notes were left sounding and the texture thickened
     # (the bundled quartets: polyphony at onsets 12-20 where the music has 4); it goes to the releases the
     # rules allow, in proportion to their own probability.
-    # (The sums read the [B, R] note-off columns only: over all V ids they cost as much as the model's step.)
-    may_release = mask & (kind == TokenKind.NOTE_OFF)[None, :] & ~stop
-    ids = tables.release_ids
-    wanted = jax.nn.logsumexp(jnp.where(limits.allowed[:, ids], logits[:, ids], -jnp.inf), axis=-1, keepdims=True)
-    allowed = jax.nn.logsumexp(jnp.where(may_release[:, ids], logits[:, ids], -jnp.inf), axis=-1, keepdims=True)
+    may_release = mask & release & ~stop
+    wanted = jax.nn.logsumexp(jnp.where(release, logits, -jnp.inf), axis=-1, keepdims=True)
+    allowed = jax.nn.logsumexp(jnp.where(may_release, logits, -jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(may_release, logits + jnp.where(jnp.isfinite(allowed), wanted - allowed, 0.0), logits)
     return jnp.where(mask, logits, -jnp.inf)

@@ -259,14 +259,24 @@ class MuseNet(nnx.Module):
         table = sharding_lib.constrain(self.token_parts[...], ("vocab", None), self.config.axis_rules)
         return jnp.concatenate([table, jnp.zeros((1, table.shape[1]), table.dtype)])
 
-    def _logits(self, hidden: jax.Array) -> jax.Array:
-        """float32[..., V] next-token logits of final hidden states [..., D] (compute dtype, fp32 accumulation)."""
+    def _logits(self, hidden: jax.Array, columns: jax.Array | None = None) -> jax.Array:
+        """float32[..., V] next-token logits of final hidden states [..., D] (compute dtype, fp32 accumulation);
+        with int32[..., U] `columns` (token ids), only those: float32[..., U], equal to the [..., V] logits there."""
         cfg = self.config
         dt = cfg.compute_dtype
         if self.token_parts is not None:
             scores = jnp.einsum("...d,rd->...r", hidden, self.token_parts[...].astype(dt),
                                 preferred_element_type=jnp.float32)
-            return factored_logits(scores, cfg.token_layout)
+            if columns is None:
+                return factored_logits(scores, cfg.token_layout)
+            # The same sum of one or two part scores per id as `factored_logits` (the second part of a
+            # one-part id is the always-zero row R), read at U ids instead of laid out over V.
+            first, second, _ = token_parts(cfg.token_layout)
+            padded = jnp.concatenate([scores, jnp.zeros((*scores.shape[:-1], 1), scores.dtype)], axis=-1)
+            return (jnp.take_along_axis(padded, jnp.take(jnp.asarray(first, jnp.int32), columns), axis=-1)
+                    + jnp.take_along_axis(padded, jnp.take(jnp.asarray(second, jnp.int32), columns), axis=-1))
+        if columns is not None:
+            return jnp.take_along_axis(self._logits(hidden), columns, axis=-1)
         # The tied table is contracted as [Vp, D] directly: a `.T` would copy the whole table (every decode step).
         if self.head is not None:
             logits = jnp.einsum("...d,dv->...v", hidden, self.head[...].astype(dt), preferred_element_type=jnp.float32)
@@ -400,7 +410,7 @@ class MuseNet(nnx.Module):
         return {"stack": stack, "layers": layers}
 
     def decode_step(self, tokens: jax.Array, features: Mapping[str, jax.Array] | None, position: jax.Array,
-                    cache: dict) -> tuple[jax.Array, dict]:
+                    cache: dict, columns: jax.Array | None = None) -> tuple[jax.Array, dict]:
         """Next-token logits for one new token per row, reading and extending the cache.
 
         Args:
@@ -408,9 +418,12 @@ class MuseNet(nnx.Module):
           features: dict of int32[B] (the enabled embeddings' features of those tokens), as in __call__.
           position: int32 scalar, the tokens' position (0-based, < max_len; all rows share it).
           cache: from `init_cache(B)` or the previous step, holding positions 0..position-1.
+          columns: int32[B, U] token ids: return only the logits of these (a sampler that may draw a few
+            thousand of the V ids skips forming the rest); None: all V.
         Returns:
-          (logits float32[B, V], the cache now holding position too). Equal to `__call__`'s logits at
-          `position` for the same prefix (deterministic mode). Static shapes: usable in jit / lax loops.
+          (logits float32[B, V] (or [B, U] at `columns`), the cache now holding position too). Equal to
+          `__call__`'s logits at `position` for the same prefix (deterministic mode). Static shapes: usable in
+          jit / lax loops.
         """
         cfg = self.config
         position = jnp.asarray(position, jnp.int32)
@@ -442,7 +455,7 @@ class MuseNet(nnx.Module):
         for block, block_cache in zip(self.layers, cache["layers"], strict=True):
             x, c = block.decode_step(x, block_cache, position, cfg.max_len)
             layer_caches.append(c)
-        logits = self._logits(self.final_norm(x)[:, 0])
+        logits = self._logits(self.final_norm(x)[:, 0], columns)
         return logits, {"stack": stack_cache, "layers": tuple(layer_caches)}
 
 

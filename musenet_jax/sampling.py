@@ -81,7 +81,8 @@ notes are closed by `data_pipeline.encoding.decode_tokens`.
 
 Randomness: row i draws the token at piece index j from `fold_in(fold_in(key(seed), i), j)` (i is
 `Request.sample` in `generate_batch`), so the same seed and arguments give identical tokens, and a row does not
-depend on how many rows, or which other requests, are decoded with it.
+depend on how many rows, or which other requests, are decoded with it: each step reads only the logits of the
+ids a row may hold, in id order (`decode_rules.Limits.columns`; the batch sets only how much padding follows).
 """
 
 from __future__ import annotations
@@ -244,17 +245,6 @@ def _check_primer(primer, vocab: Vocab, chosen: list[int]) -> np.ndarray:
     return primer.astype(np.int32)
 
 
-def allowed_body_tokens(vocab: Vocab, instruments: Sequence[int]) -> np.ndarray:
-    """bool[V]: tokens the generated body may hold (see module doc), for instrument class indices."""
-    chosen = np.zeros(vocab.instruments.num_classes + 1, bool)  # index -1 (no instrument) stays False
-    chosen[list(instruments)] = True
-    kind = vocab.kind
-    notes = np.isin(kind, (TokenKind.NOTE_ON, TokenKind.NOTE_OFF, TokenKind.DRUM)) & chosen[vocab.instrument]
-    allowed = notes | (kind == TokenKind.WAIT)
-    allowed[END] = True
-    return allowed
-
-
 # --- The jitted window loop. ------------------------------------------------------------------------------
 
 
@@ -273,7 +263,7 @@ def _decode_window(graphdef, state, piece, timing, chord, voices, length, done, 
       start: int32[B] piece index of the window's first body token (P for a window that opens the body).
       prefix_len: int32[B] P, tokens of each row's conditioning prefix (piece[b, :P]).
       cap_len: int32[B] P + max_tokens, the longest each row may grow (tokens).
-      limits, rules: `decode_rules.Limits` of each row ([B, V], [B]...) and `RuleTables` of the vocabulary.
+      limits, rules: `decode_rules.Limits` of each row ([B, U], [B]...) and `RuleTables` of the vocabulary.
       temperature, top_k, top_p, row_keys: float32[B], int32[B], float32[B] and keys[B], each row's sampling.
     Returns:
       (piece, timing, chord, voices, length, done, ended, sounding) updated, and what the window fed the model: tokens
@@ -309,7 +299,7 @@ def _decode_window(graphdef, state, piece, timing, chord, voices, length, done, 
         fed_feats = {k: v.at[:, t].set(step_feats[k]) for k, v in fed_feats.items()}
         fed = jnp.where(done, fed, t + 1)
         # Merged inside the loop body so its Variables belong to this trace level (NNX checks that).
-        logits, cache = nnx.merge(graphdef, state).decode_step(tok, step_feats, t, cache)
+        logits, cache = nnx.merge(graphdef, state).decode_step(tok, step_feats, t, cache, columns=limits.columns)
 
         # The next window token is new (sampled) when the piece does not hold it yet; its features follow
         # from this token's (what `data_pipeline.features.compute_features` gives the finished piece).
@@ -321,9 +311,10 @@ def _decode_window(graphdef, state, piece, timing, chord, voices, length, done, 
 
         # Constraints for the new token (see module doc). When a row samples, `tok` is its piece's last token and
         # `sounding` the state after it.
-        logits = decode_rules.constrain(logits, sounding, tok, nxt_timing, limits, rules)
+        logits = decode_rules.constrain(logits, sounding, tok, nxt_timing, limits, rules, columns)
         keys = jax.vmap(jax.random.fold_in)(row_keys, nxt)
-        sampled = draws.draw(keys, logits / temperature[:, None], top_k, top_p)
+        drawn = draws.draw(keys, logits / temperature[:, None], top_k, top_p)  # a column
+        sampled = jnp.take_along_axis(limits.columns, drawn[:, None], axis=1)[:, 0]
 
         at = jnp.where(sample, nxt, capacity)  # rows that copy write nothing (out of bounds: dropped)
         piece = piece.at[rows, at].set(sampled, mode="drop")
@@ -341,6 +332,7 @@ def _decode_window(graphdef, state, piece, timing, chord, voices, length, done, 
         t, done = carry[0], carry[6]
         return (t < window) & ~jnp.all(done)
 
+    columns = decode_rules.column_tables(limits.columns, rules)  # read once per window
     fed_tokens = jnp.zeros((bsz, window), jnp.int32)
     fed_feats = {k: jnp.zeros((bsz, window), jnp.int32) for k in features_lib.FEATURE_NAMES}
     cache = nnx.merge(graphdef, state).init_cache(bsz)  # empty: positions restart at 0 in every window
@@ -418,7 +410,7 @@ class _Row:
     cap: int  # body tokens
     keep: int  # K, tokens a new window carries
     first: int  # piece index of the first window's body start
-    allowed: np.ndarray  # bool[V]
+    columns: np.ndarray  # int32[A] the ids the body may hold, ascending (`decode_rules.allowed_body_tokens`)
     max_note: int  # M, time units (0: off)
 
 
@@ -460,7 +452,8 @@ def _prepare(model_config, vocab: Vocab, request: Request) -> _Row:
     # The first window opens the body if the prompt fits (its last token is fed at position <= L - 1);
     # otherwise it carries the primer's last tokens, like any later window.
     first = p if len(prompt) <= window else next_window_start(prompt, p, keep, vocab)
-    return _Row(request, p, len(primer), prompt, duration, cap, keep, first, allowed_body_tokens(vocab, chosen),
+    columns = np.flatnonzero(decode_rules.allowed_body_tokens(vocab, chosen)).astype(np.int32)
+    return _Row(request, p, len(primer), prompt, duration, cap, keep, first, columns,
                 decode_rules.max_note_units(max_note_seconds, vocab))
 
 
@@ -560,8 +553,14 @@ class Decoder:
             return jnp.asarray(np.stack([getattr(slot, name) for slot in padded]))
 
         start = np.array([slot.start for slot in padded], np.int32)
+        # Each row reads the logits of its own allowed ids, in id order, then PAD: its columns do not depend on
+        # the other rows (only the PAD tail's length does), so neither do its tokens.
+        count = decode_rules.column_count(self.vocab, max(len(r.columns) for r in rows))
+        columns = np.full((batch_size, count), vocab_lib.PAD, np.int32)
+        for b, r in enumerate(rows):
+            columns[b, : len(r.columns)] = r.columns
         limits = decode_rules.Limits(
-            jnp.asarray(np.stack([r.allowed for r in rows])), jnp.asarray([r.duration for r in rows], jnp.int32),
+            jnp.asarray(columns), jnp.asarray([r.duration for r in rows], jnp.int32),
             jnp.asarray([end_tolerance_units(r.duration, self.vocab) for r in rows], jnp.int32),
             jnp.asarray([r.max_note for r in rows], jnp.int32))
         samplings = [r.request.sampling for r in rows]

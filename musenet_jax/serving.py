@@ -6,12 +6,13 @@ over the pieces of every running job at once: before each window it takes the ol
 in the rows left free (first come, first served; a job is never split, so its pieces finish together), and after
 each window it hands finished jobs their results, so a short piece does not wait for a long one and a new
 request joins at the next window instead of after the whole batch. Each window is padded to a bucket size (the
-powers of two below `max_batch`, and `max_batch`) so that the compiled decode loop exists for a few batch shapes
-only (every piece uses the buffer of the longest allowed one). When it starts from idle, or a job has just
-finished, it waits up to `batch_wait_s` for requests to fill the free rows (clients that send together, or
-send again on a result, arrive a few milliseconds apart). Between windows it publishes each piece's progress
-(seconds of music written) and stops the rows of jobs that were cancelled (DELETE, or the client left) or ran
-past `max_job_seconds`.
+powers of two below `max_batch`, and `max_batch`), and reads a power of two of logit columns
+(`decode_rules.column_count`: 4096 while its rows play one pitched instrument each, more for more), so that the
+compiled decode loop exists for a few shapes only (every piece uses the buffer of the longest allowed one).
+When it starts from idle, or a job has just finished, it waits up to `batch_wait_s` for requests to fill the
+free rows (clients that send together, or send again on a result, arrive a few milliseconds apart). Between
+windows it publishes each piece's progress (seconds of music written) and stops the rows of jobs that were
+cancelled (DELETE, or the client left) or ran past `max_job_seconds`.
 
 Bounded: at most `queue_size` jobs wait (`submit` raises `QueueFull`); the newest `keep_finished` finished jobs
 are kept (older ones are forgotten); a result holds its MIDI bytes, and its WAV once asked for.
@@ -116,7 +117,8 @@ class Scheduler:
       keep_finished: finished jobs remembered for their clients.
       audio: (fluidsynth, soundfont) to render WAV, or None.
       max_seconds: the longest piece a request may ask for; every batch uses the piece buffer of that length
-        (`sampling.piece_buffer`), so the decode loop compiles once per batch size. None: the model's limit.
+        (`sampling.piece_buffer`), so the decode loop compiles once per batch size and column count. None: the
+        model's limit.
       batch_wait_s: how long a batch that is not full waits for more requests before it starts (seconds).
     """
 
@@ -348,9 +350,11 @@ def note_list(notes: encoding.Notes, vocab: Vocab) -> list[dict]:
 
 
 def warm_up(scheduler: Scheduler, seconds: float = 0.5) -> None:
-    """Compiles the decode loop for every batch bucket now (a short piece in one row), so that the first clients
-    do not wait for it."""
+    """Compiles the decode loop for every batch bucket now (a short piece in one row), for rows of one instrument
+    and rows of all of them (the fewest and the most columns), so that the first clients do not wait for it;
+    other column counts compile when first asked for."""
     vocab = scheduler.vocab
-    request = sampling.Request(None, (vocab.instruments.names[0],), min(seconds, scheduler.max_seconds))
-    for bucket in scheduler.buckets:
-        sampling.generate_batch(scheduler.model, vocab, [request], batch_size=bucket, capacity=scheduler.capacity)
+    for instruments in ((vocab.instruments.names[0],), tuple(vocab.instruments.names)):
+        request = sampling.Request(None, instruments, min(seconds, scheduler.max_seconds))
+        for bucket in scheduler.buckets:
+            sampling.generate_batch(scheduler.model, vocab, [request], batch_size=bucket, capacity=scheduler.capacity)

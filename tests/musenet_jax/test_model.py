@@ -616,6 +616,25 @@ def test_factored_decode_step_equals_the_forward():
         np.testing.assert_allclose(step, logits[:, t], atol=1e-5)
 
 
+@pytest.mark.parametrize("factored", [True, False])
+def test_decode_step_at_columns_gives_those_logits_exactly(factored):
+    """A sampler's columns (a few ids per row, PAD-padded) read the very values of the [B, V] logits: bitwise, so
+    a row's draw does not depend on how many columns its batch reads."""
+    vocab = _factored_vocab()
+    model = _factored(vocab) if factored else make_model(make_config(vocab_size=vocab.size))
+    tokens, features = make_inputs(length=3)
+    tokens = tokens % vocab.size
+    rng = np.random.default_rng(3)
+    columns = jnp.asarray(np.stack([np.sort(rng.choice(vocab.size, 37, replace=False)) for _ in range(B)]), jnp.int32)
+    full_cache = cols_cache = model.init_cache(B)
+    for t in range(3):
+        feats = {k: v[:, t] for k, v in features.items()}
+        full, full_cache = model.decode_step(tokens[:, t], feats, t, full_cache)
+        some, cols_cache = model.decode_step(tokens[:, t], feats, t, cols_cache, columns=columns)
+        assert some.shape == (B, 37)
+        np.testing.assert_array_equal(np.asarray(some), np.take_along_axis(np.asarray(full), np.asarray(columns), 1))
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(token_layout=()), "needs model.token_layout"),
     (dict(token_layout=(7, 9, 3, 11, 3)), "not vocab_size"),
