@@ -39,7 +39,7 @@ import numpy as np
 
 from data_pipeline import encoding, rendering
 from data_pipeline.vocab import END, Vocab
-from musenet_jax import sampling
+from musenet_jax import decode_rules, sampling
 
 FINAL = ("done", "failed", "cancelled")
 
@@ -350,11 +350,16 @@ def note_list(notes: encoding.Notes, vocab: Vocab) -> list[dict]:
 
 
 def warm_up(scheduler: Scheduler, seconds: float = 0.5) -> None:
-    """Compiles the decode loop for every batch bucket now (a short piece in one row), for rows of one instrument
-    and rows of all of them (the fewest and the most columns), so that the first clients do not wait for it;
-    other column counts compile when first asked for."""
+    """Compiles the decode loop for every batch bucket and column count now (a short piece in one row), so that
+    the first clients do not wait for it (about 3 s each on a laptop CPU). The column counts are those of one,
+    two, ... every instrument (`decode_rules.column_count`; four for the default vocabulary)."""
     vocab = scheduler.vocab
-    for instruments in ((vocab.instruments.names[0],), tuple(vocab.instruments.names)):
+    names = vocab.instruments.names
+    widths = {}
+    for k in range(1, len(names) + 1):
+        allowed = decode_rules.allowed_body_tokens(vocab, range(k))
+        widths.setdefault(decode_rules.column_count(vocab, int(allowed.sum())), tuple(names[:k]))
+    for instruments in widths.values():
         request = sampling.Request(None, instruments, min(seconds, scheduler.max_seconds))
         for bucket in scheduler.buckets:
             sampling.generate_batch(scheduler.model, vocab, [request], batch_size=bucket, capacity=scheduler.capacity)

@@ -135,3 +135,19 @@ def test_the_time_limit_fails_a_job_and_old_jobs_are_forgotten(model, vocab):
         assert np.all([scheduler.view(j)["status"] == "failed" for j in later])
     finally:
         scheduler.close()
+
+
+def test_warm_up_compiles_every_shape_a_request_can_need(model, vocab):
+    """After `warm_up`, requests of any instruments, in any batch bucket, compile nothing more."""
+    scheduler = serving.Scheduler(model, vocab, max_batch=2, queue_size=4, max_seconds=2.0)
+    try:
+        serving.warm_up(scheduler)
+        before = sampling.TRACE_COUNTS["decode_window"]
+        names = vocab.instruments.names
+        for instruments in (["drums"], ["cello"], ["piano", "violin", "drums"], names[1:], names):
+            for bucket in scheduler.buckets:
+                sampling.generate_batch(model, vocab, [sampling.Request(None, tuple(instruments), 0.2)],
+                                        batch_size=bucket, capacity=scheduler.capacity)
+        assert sampling.TRACE_COUNTS["decode_window"] == before
+    finally:
+        scheduler.close()
