@@ -114,6 +114,16 @@ def factored_logits(scores: jax.Array, layout: tuple[int, ...]) -> jax.Array:
                             drums.reshape(*lead, v * vocab_lib.NUM_DRUM_NOTES), rows[..., 3:]], axis=-1)
 
 
+def factored_logits_at(scores: jax.Array, layout: tuple[int, ...], ids: jax.Array) -> jax.Array:
+    """float32[..., U]: the logits of int32[..., U] token ids from part scores [..., R], the same sums as
+    `factored_logits` (a one-part id's second part is the always-zero row R), read at U ids instead of laid
+    out over V."""
+    first, second, _ = token_parts(layout)
+    padded = jnp.concatenate([scores, jnp.zeros((*scores.shape[:-1], 1), scores.dtype)], axis=-1)
+    return (jnp.take_along_axis(padded, jnp.take(jnp.asarray(first, jnp.int32), ids), axis=-1)
+            + jnp.take_along_axis(padded, jnp.take(jnp.asarray(second, jnp.int32), ids), axis=-1))
+
+
 def factored_log_z(scores: jax.Array, layout: tuple[int, ...]) -> jax.Array:
     """logsumexp over all V ids of `factored_logits(scores, layout)`, float32[...], in O(R) per position: the
     note-on block sums over instruments of LSE_pitch(key) + LSE_velocity(loudness), the drum block
@@ -265,16 +275,10 @@ class MuseNet(nnx.Module):
         cfg = self.config
         dt = cfg.compute_dtype
         if self.token_parts is not None:
-            scores = jnp.einsum("...d,rd->...r", hidden, self.token_parts[...].astype(dt),
-                                preferred_element_type=jnp.float32)
+            scores = self._part_scores(hidden)
             if columns is None:
                 return factored_logits(scores, cfg.token_layout)
-            # The same sum of one or two part scores per id as `factored_logits` (the second part of a
-            # one-part id is the always-zero row R), read at U ids instead of laid out over V.
-            first, second, _ = token_parts(cfg.token_layout)
-            padded = jnp.concatenate([scores, jnp.zeros((*scores.shape[:-1], 1), scores.dtype)], axis=-1)
-            return (jnp.take_along_axis(padded, jnp.take(jnp.asarray(first, jnp.int32), columns), axis=-1)
-                    + jnp.take_along_axis(padded, jnp.take(jnp.asarray(second, jnp.int32), columns), axis=-1))
+            return factored_logits_at(scores, cfg.token_layout, columns)
         if columns is not None:
             return jnp.take_along_axis(self._logits(hidden), columns, axis=-1)
         # The tied table is contracted as [Vp, D] directly: a `.T` would copy the whole table (every decode step).
@@ -297,14 +301,16 @@ class MuseNet(nnx.Module):
             logits = self._logits(hidden)
             target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
             return jax.nn.logsumexp(logits, axis=-1) - target_logit
-        first, second, _ = token_parts(cfg.token_layout)
-        scores = jnp.einsum("...d,rd->...r", hidden, self.token_parts[...].astype(cfg.compute_dtype),
-                            preferred_element_type=jnp.float32)
-        padded = jnp.concatenate([scores, jnp.zeros((*scores.shape[:-1], 1), scores.dtype)], axis=-1)
+        scores = self._part_scores(hidden)
         targets = jnp.clip(targets, 0, cfg.vocab_size - 1)
-        target_logit = (jnp.take_along_axis(padded, jnp.asarray(first)[targets][..., None], axis=-1)[..., 0]
-                        + jnp.take_along_axis(padded, jnp.asarray(second)[targets][..., None], axis=-1)[..., 0])
+        target_logit = factored_logits_at(scores, cfg.token_layout, targets[..., None])[..., 0]
         return factored_log_z(scores, cfg.token_layout) - target_logit
+
+    def _part_scores(self, hidden: jax.Array) -> jax.Array:
+        """float32[..., R]: final hidden states [..., D] against the factored part table (compute dtype, fp32
+        accumulation)."""
+        return jnp.einsum("...d,rd->...r", hidden, self.token_parts[...].astype(self.config.compute_dtype),
+                          preferred_element_type=jnp.float32)
 
     def _table(self, param: nnx.Param) -> jax.Array:
         """A feature table [rows, D], whole along D (see `embed`)."""
