@@ -51,7 +51,7 @@ def _among_candidates(probs: jax.Array, mass: jax.Array, u: jax.Array, count: in
     top, ids = jax.lax.optimization_barrier(jax.lax.top_k(probs, count))
     reached = jnp.sum(jnp.cumsum(top, axis=-1) < mass, axis=-1, keepdims=True)  # count: not among them
     boundary = jnp.take_along_axis(top, jnp.minimum(reached, count - 1), axis=-1)
-    among = (reached < count) & (mass < 1.0) & ((top[:, -1:] < boundary) | (reached == count - 1))
+    among = (reached < count) & (mass < 1.0) & (top[:, -1:] < boundary)
     token = jnp.take_along_axis(ids, _inverse_cdf(jnp.where(top >= boundary, top, 0.0), u)[:, None], axis=-1)
     return among[:, 0], token[:, 0]
 

@@ -622,3 +622,15 @@ def test_draw_follows_the_nucleus_distribution_in_any_batch(top_p):
         alone = draws.draw(batch_keys[row:row + 1], logits[row:row + 1], jnp.zeros((1,), jnp.int32),
                                jnp.full((1,), top_p))
         assert int(together[row]) == int(alone[0])
+
+
+def test_tokens_tied_at_the_nucleus_boundary_all_stay_past_the_first_candidates():
+    """40 equally likely tokens and top_p 0.79: the nucleus is reached at the 32nd of the first 32 candidates,
+    but the 8 tied tokens beyond them belong to it too, so every one of the 40 is drawn."""
+    logits = np.full(1000, -np.inf, np.float32)
+    logits[100:140] = 0.0
+    n = 4000
+    draw = jax.jit(jax.vmap(lambda key: draws.draw(key[None], jnp.asarray(logits)[None], jnp.zeros((1,), jnp.int32),
+                                                   jnp.full((1,), 0.79, jnp.float32))[0]))
+    tokens = np.asarray(draw(jax.random.split(jax.random.key(3), n)))
+    assert draws._FIRST_CANDIDATES == 32 and set(tokens.tolist()) == set(range(100, 140))
