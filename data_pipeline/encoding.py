@@ -74,8 +74,11 @@ class Notes:
         return len(self.start)
 
     def sorted(self) -> Notes:
-        order = np.lexsort((self.velocity, self.end, self.pitch, self.instrument, self.start))
-        return Notes(*(getattr(self, f.name)[order] for f in dataclasses.fields(self)))
+        return self.take(np.lexsort((self.velocity, self.end, self.pitch, self.instrument, self.start)))
+
+    def take(self, rows: np.ndarray) -> Notes:
+        """The notes at `rows`: an index array or a bool[N] mask."""
+        return Notes(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
 
     def concat(self, other: Notes) -> Notes:
         return Notes(*(np.concatenate([getattr(self, f.name), getattr(other, f.name)])

@@ -113,7 +113,7 @@ def rearrange(notes: Notes, span: Span, vocab: Vocab) -> Rearranged:
     (`Span.check`)."""
     target = target_notes(notes, span, vocab)
     regen = _regenerated(target, span)
-    given_notes = Notes(*(getattr(target, f.name)[~regen] for f in dataclasses.fields(Notes)))
+    given_notes = target.take(~regen)
     before, _ = encoding.notes_to_body(target, vocab, horizon=span.start)
     context, _ = encoding.notes_to_body(given_notes, vocab, origin=span.start)
     events, last = encoding.notes_to_body(target, vocab, origin=span.start, horizon=span.end)
@@ -141,6 +141,5 @@ def restore(parts: Rearranged, span: Span, vocab: Vocab) -> Notes:
     bridge = wait_tokens(span.start - t_before, vocab)
     given, _ = encoding.decode_tokens(np.concatenate([parts.before, bridge, parts.context]), vocab)
     written, _ = encoding.decode_tokens(np.concatenate([parts.before, bridge, parts.middle]), vocab)
-    given = Notes(*(getattr(given, f.name)[~_regenerated(given, span)] for f in dataclasses.fields(Notes)))
-    written = Notes(*(getattr(written, f.name)[_regenerated(written, span)] for f in dataclasses.fields(Notes)))
-    return encoding.canonical_notes(given.concat(written), vocab)
+    # `before` and `context` hold only given notes; `written` also holds the given notes sounding in the span.
+    return encoding.canonical_notes(given.concat(written.take(_regenerated(written, span))), vocab)
