@@ -39,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
         name="default", train_split="train", eval_split="validation", window_sampling="tokens", worker_count=4,
         transpose=True, transpose_max=3, volume=True, volume_max_shift=2, stretch=True,
         stretch_min=0.95, stretch_max=1.05,
+        infill_rate=0.5, accompany_rate=0.15,  # data_pipeline.infill: half fill a span, 15 % accompany
     ))
     config.data.seq_len = seq_len
 

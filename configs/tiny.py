@@ -9,9 +9,10 @@ embedding (the 21773 ids of the default musenet10 vocabulary share 2733 part row
 (forward + backward).
 
 Expected on the bundled corpus (`bash launch/main_job.sh`, 2 idle CPU cores): ~0.32 s a step, the 1800 steps
-in about 10 minutes; validation ~5.5 bits/token where the best n-gram (5-gram) scores ~7.0 on the same tokens
-(the trainer prints both), and on the test split about 25% fewer bits/token and 20% fewer velocity-free bits/s
-than that n-gram (musenet-eval, benchmarks/quality.py).
+in about 10 minutes; validation ~5.3 bits/token where the best n-gram (5-gram) scores ~7.0 on the same tokens
+(the trainer prints both), and on the test split about 26% fewer bits/token and 21% fewer velocity-free bits/s
+than that n-gram (musenet-eval, benchmarks/quality.py); infilling a few % and accompaniment ~20% fewer bits than
+continuation on the same tokens (musenet-eval --task).
 
 Levers, measured on the bundled corpus (validation bits/token over the whole split, the same tokens for each
 row; "600 steps" runs use this config with total_steps=600):
@@ -30,6 +31,13 @@ row; "600 steps" runs use this config with total_steps=600):
 - context 512 with batch 4 (the same tokens per step), lr 2e-3: 8.15 vs 7.43 at step 200: not kept.
 - attention: every other layer dense (dense_every=2) 6.41, all dense 6.72, strided 6.43 at 600 steps: kept
   strided (the Sparse Transformer this config exercises; dense_every=2 is as good).
+- infilling mix (`data.infill_rate` / `accompany_rate`, `data_pipeline/infill.py`), 1800 steps, test split
+  bits/token by continuation; infilling and accompaniment bits per rewritten event beside continuation on the same
+  tokens (`musenet-eval --task=infill|accompany`): 0.5 / 0.15 (kept): 4.61; 2.91 vs 2.96 (-1.7%); 5.35 vs 6.70
+  (-20.2%). 0.25 / 0.1: 4.68; 3.04 vs 3.04; 5.43 vs 6.62. Off: 4.68 (validation 5.31 / 5.45 / 5.53): the task
+  sequences cost continuation nothing, they add training positions. Another layout (the span's future first, then
+  the past running on into the middle, the past unscored), 0.5 / 0.15: 4.78; 3.05 vs 3.16; 5.24 vs 6.79: larger
+  gains over a weaker continuation, worse in absolute bits: not kept.
 - not measured: fewer velocity bins (a vocabulary change), window sampling by pieces.
 """
 
@@ -60,6 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
         name="default", train_split="train", eval_split="validation", window_sampling="tokens", worker_count=0,
         transpose=False, transpose_max=3, volume=False, volume_max_shift=2, stretch=False,
         stretch_min=0.95, stretch_max=1.05,
+        infill_rate=0.5, accompany_rate=0.15,  # data_pipeline.infill: half fill a span, 15 % accompany
     ))
     config.data.seq_len = seq_len
 

@@ -81,6 +81,30 @@ def _stretch(times: np.ndarray, factor: float) -> np.ndarray:
     return np.floor(times * factor + 0.5).astype(np.int64)
 
 
+def shift_notes(notes: encoding.Notes, aug: Augmentation, vocab: Vocab) -> encoding.Notes:
+    """The transposition and volume of `aug` applied to notes whose velocities are bins, made canonical."""
+    if aug.shift:
+        pitched = notes.instrument != vocab.drums_index
+        moved, keep = transpose_pitches(notes.pitch, aug.shift, aug.out_of_range, vocab)
+        notes = dataclasses.replace(notes, pitch=np.where(pitched, moved, notes.pitch).astype(np.int32))
+        notes = notes.take(keep | ~pitched)
+    if aug.volume:
+        notes = dataclasses.replace(notes, velocity=np.clip(notes.velocity + aug.volume, 0,
+                                                            vocab.config.velocity_bins - 1))
+    return encoding.canonical_notes(notes, vocab)
+
+
+def augment_notes(notes: encoding.Notes, duration: int, aug: Augmentation,
+                  vocab: Vocab) -> tuple[encoding.Notes, int]:
+    """A whole piece's notes (MIDI velocities, as `encoding.decode_tokens` gives them) and its duration D
+    (units) under `aug`: velocities stay bin centres, times and D stretch."""
+    binned = dataclasses.replace(notes, velocity=vocab.velocity_bin(notes.velocity).astype(np.int32),
+                                 start=_stretch(notes.start, aug.stretch), end=_stretch(notes.end, aug.stretch))
+    out = shift_notes(binned, aug, vocab)
+    out = dataclasses.replace(out, velocity=vocab.bin_velocity(out.velocity).astype(np.int32))
+    return out, int(_stretch(np.array([duration]), aug.stretch)[0])
+
+
 def augment_window(piece: Piece, start: int, num_tokens: int, aug: Augmentation,
                    vocab: Vocab) -> tuple[np.ndarray, features_lib.Features]:
     """Augmented body tokens from position `start` (a time-step start), at most `num_tokens` of them.
@@ -107,16 +131,7 @@ def augment_window(piece: Piece, start: int, num_tokens: int, aug: Augmentation,
             # The notes held across the crop's start: the `sounding` feature counts them, and folding can
             # move another note onto their key (the collision must resolve as in the whole piece).
             notes = notes.concat(encoding.held_notes(body, start, tokens, rel, int(rel[-1]) + 1, vocab))
-        if aug.shift:
-            pitched = notes.instrument != vocab.drums_index
-            moved, keep = transpose_pitches(notes.pitch, aug.shift, aug.out_of_range, vocab)
-            notes.pitch = np.where(pitched, moved, notes.pitch).astype(np.int32)
-            keep |= ~pitched
-            notes = encoding.Notes(notes.instrument[keep], notes.pitch[keep], notes.velocity[keep],
-                                   notes.start[keep], notes.end[keep])
-        if aug.volume:
-            notes.velocity = np.clip(notes.velocity + aug.volume, 0, vocab.config.velocity_bins - 1)
-        notes = encoding.canonical_notes(notes, vocab)
+        notes = shift_notes(notes, aug, vocab)
         # Crop times start at 1 (notes sounding before the crop start at 0: only their releases are written).
         out, _ = encoding.notes_to_body(notes, vocab, bins=notes.velocity, origin=1, horizon=horizon)
         if start > 0:

@@ -20,6 +20,11 @@ whole. How often a piece is drawn is `InputConfig.window_sampling`:
   457 pieces, a quarter of the tokens) 'pieces' scores the chorales better and every other style
   worse than 'tokens', and its training loss falls far below the validation loss.
 
+Tasks. With `InputConfig.infill_rate` / `accompany_rate` > 0, that share of the examples is an infilling or an
+accompaniment sequence instead of a plain window (`data_pipeline.infill`: a random span of the augmented piece,
+its middle at most half the window, `before` and `context` sharing the rest); `hole` and `fill` are never
+scored. Plain windows draw exactly as without the mix when it is off.
+
 Evaluation windows (`make_eval_batches`) score every body token of every piece once, each with the
 prefix (`windows.plan_windows`, the planner `musenet-eval` uses too).
 
@@ -48,9 +53,11 @@ from typing import Any
 import grain
 import numpy as np
 
+from data_pipeline import encoding, infill
 from data_pipeline.augmentation import (  # noqa: F401 (re-exported: their names were this module's)
     OUT_OF_RANGE_POLICIES,
     Augmentation,
+    augment_notes,
     augment_window,
     piece_instruments,
     transpose_pitches,
@@ -95,6 +102,8 @@ class InputConfig:
       out_of_range: what happens to notes transposed out of the pitch range: 'drop' or 'fold'.
       volume: switch for volume; volume_max_shift: M, velocity bins (shift uniform in -M..M).
       stretch: switch for timing stretch; stretch_min, stretch_max: range of the factor (uniform).
+      infill_rate, accompany_rate: shares of the examples that are infilling / accompaniment tasks (module doc:
+        tasks; `data_pipeline.infill.TaskMix`); 0 and 0: plain windows only.
     """
 
     seq_len: int = 2048
@@ -115,6 +124,8 @@ class InputConfig:
     stretch: bool = True
     stretch_min: float = 0.95
     stretch_max: float = 1.05
+    infill_rate: float = 0.0
+    accompany_rate: float = 0.0
 
     def __post_init__(self):
         if self.seq_len < 2:
@@ -136,6 +147,11 @@ class InputConfig:
             raise ValueError(f"out_of_range must be one of {OUT_OF_RANGE_POLICIES}, got {self.out_of_range!r}")
         if not 0 < self.stretch_min <= self.stretch_max:
             raise ValueError(f"need 0 < stretch_min <= stretch_max, got {self.stretch_min}, {self.stretch_max}")
+        infill.TaskMix(infill_rate=self.infill_rate, accompany_rate=self.accompany_rate)  # checks the rates
+
+    @property
+    def task_mix(self) -> infill.TaskMix:
+        return infill.TaskMix(infill_rate=self.infill_rate, accompany_rate=self.accompany_rate)
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> InputConfig:
@@ -164,6 +180,10 @@ def train_example(piece: Piece, vocab: Vocab, config: InputConfig,
                   rng: np.random.Generator) -> dict[str, np.ndarray]:
     """A random (augmented) window of `piece`; every random draw comes from `rng`."""
     aug = draw_augmentation(rng, config)
+    if config.task_mix.active:
+        example = task_example(piece, vocab, config, aug, rng)
+        if example is not None:
+            return example
     instruments = piece_instruments(piece, aug, vocab)
     prefix = vocab.prefix(piece.label, instruments)
     num_tokens = config.seq_len + 1 - len(prefix)
@@ -174,6 +194,24 @@ def train_example(piece: Piece, vocab: Vocab, config: InputConfig,
     else:
         body, feats = augment_window(piece, start, num_tokens, aug, vocab)
     return pack_example(prefix, body, feats, config.seq_len)
+
+
+def task_example(piece: Piece, vocab: Vocab, config: InputConfig, aug: Augmentation,
+                 rng: np.random.Generator) -> dict[str, np.ndarray] | None:
+    """An infilling / accompaniment example of the augmented piece (module doc: tasks), or None when the draw
+    says a plain window (or the piece is too dense for even a one-unit span to fit)."""
+    notes, duration = encoding.decode_tokens(piece.body, vocab)
+    notes, duration = augment_notes(notes, duration, aug, vocab)
+    task = infill.draw_task(notes, duration, config.task_mix, rng, vocab)
+    if task is None:
+        return None
+    prefix = vocab.prefix(piece.label, np.unique(notes.instrument).tolist())
+    seq = infill.task_sequence(notes, duration, *task, config.seq_len + 1 - len(prefix), vocab, rng)
+    if seq is None:
+        return None
+    example = pack_example(prefix, seq.body, seq.features, config.seq_len)
+    example["loss_mask"][len(prefix) - 1 + np.flatnonzero(~seq.scored)] = 0.0  # body token k: target p - 1 + k
+    return example
 
 
 class TrainWindows(grain.transforms.MapWithIndex):
@@ -330,6 +368,9 @@ def make_train_dataset(source: Sequence, vocab: Vocab, config: InputConfig, *,
                          f"({max_prefix_len(vocab)} tokens)")
     if start_batch < 0:
         raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+    if config.task_mix.active and not vocab.config.infill:
+        raise ValueError("data.infill_rate / data.accompany_rate need a vocabulary with infilling tokens; this "
+                         "dataset's vocab.json is format v1 (before infilling): rebuild the dataset, or set both to 0")
     if config.window_sampling == "tokens" and token_counts is None:
         token_counts = count_tokens(source)
     windows = record_windows(len(source), vocab, config, token_counts)

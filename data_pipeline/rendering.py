@@ -153,7 +153,7 @@ def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
 
 # -- piano roll -------------------------------------------------------------------------------------
 def piano_roll(notes: Notes, vocab: Vocab, path: str | os.PathLike | None = None, title: str | None = None,
-               dpi: int = 100):
+               dpi: int = 100, span: tuple[int, int] | None = None):
     """Draws `notes` as a piano roll; saves a PNG if `path` is given.
 
     Pitched notes are bars (x: seconds, y: MIDI pitch), one colour per instrument class; drum hits are
@@ -166,6 +166,7 @@ def piano_roll(notes: Notes, vocab: Vocab, path: str | os.PathLike | None = None
       vocab: the vocabulary the notes belong to (instrument names, time unit, drums class).
       path: PNG file to write (atomically), or None.
       title: figure title.
+      span: (start, end) time units of a regenerated span, shaded grey with dashed edges.
     Returns:
       The matplotlib `Figure`; its legend labels are the instrument names drawn.
     """
@@ -201,6 +202,13 @@ def piano_roll(notes: Notes, vocab: Vocab, path: str | os.PathLike | None = None
                           linewidth=0)
             handles.append(Patch(color=colour, label=name))
 
+    if span is not None:
+        for ax in (pitch_ax, drum_ax):
+            if ax is not None:
+                ax.axvspan(span[0] * seconds_per_unit, span[1] * seconds_per_unit, color="0.5", alpha=0.12,
+                           linewidth=0)
+                for edge in span:
+                    ax.axvline(edge * seconds_per_unit, color="0.3", linestyle="--", linewidth=1)
     bottom = drum_ax if drum_ax is not None else pitch_ax
     bottom.set_xlabel("time (s)")
     if pitch_ax is not None:

@@ -11,13 +11,19 @@ One token is one event. With I pitched instrument classes, V velocity bins, P pi
 | note-off             | I * P      | `piano:v0:C4`       | release (volume 0)                             |
 | drum onset           | V * 128    | `drums:v68:C2`      | drum note (GM percussion key) at a velocity    |
 | instrument presence  | I + 1      | `piano` .. `drums`  | conditioning: this instrument plays            |
+| tasks                | 2 (or 0)   | `hole` `fill`       | infilling: the span's future, then the span     |
 | labels               | L          | `bach`              | conditioning: genre / composer / source        |
 
 Ids inside a block run instrument-major, then velocity bin, then pitch. Labels come last, so two
 vocabularies that differ only in their label table agree on every other id.
 
 A piece is written `[label] instrument.. start body.. end`: the conditioning prefix is the optional
-label, then one presence token per instrument that plays (in table order), then `start`. Velocity
+label, then one presence token per instrument that plays (in table order), then `start`. A piece with a
+span to regenerate (infilling, accompaniment: `data_pipeline.infill`) is written
+`[label] instrument.. start before.. hole context.. fill middle.. end`: what comes before the span, then
+`hole` and the given notes from the span's start on, then `fill` and the regenerated notes of the span.
+The task tokens came with format v2 (`infill=True`, the default); a v1 vocab.json loads with
+`infill=False`: no task block, every id as before, and its models can only continue a piece. Velocity
 bins split 1..127 into V near-equal ranges; the text form prints each bin's centre and parses any
 velocity 1..127 into its bin. Pitch names are scientific (MIDI 60 = C4, 0 = C-1), sharps only.
 
@@ -42,6 +48,7 @@ from data_pipeline import outputs
 
 PAD, START, END = 0, 1, 2
 SPECIAL_NAMES = ("pad", "start", "end")
+TASK_NAMES = ("hole", "fill")
 NUM_DRUM_NOTES = 128
 
 _NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
@@ -58,6 +65,7 @@ class TokenKind(enum.IntEnum):
     DRUM = 4
     INSTRUMENT = 5
     LABEL = 6
+    TASK = 7
 
 
 def pitch_name(pitch: int) -> str:
@@ -100,6 +108,7 @@ class VocabConfig:
       max_chord: chord-index feature values are clipped to max_chord - 1.
       sustain: `extend` (sustain pedal CC64 >= 64 holds notes until release) or `ignore`.
       drum_duration_units: length written for drum hits when decoding, in time units.
+      infill: the vocabulary has the task tokens `hole` and `fill` (format v2); False for a v1 vocab.json.
     """
 
     instrument_set: str = "musenet10"
@@ -115,6 +124,7 @@ class VocabConfig:
     max_chord: int = 64
     sustain: str = "extend"
     drum_duration_units: int = 10
+    infill: bool = True
 
     def __post_init__(self):
         instruments_lib.get_instrument_set(self.instrument_set)
@@ -131,7 +141,7 @@ class VocabConfig:
         if self.sustain not in ("extend", "ignore"):
             raise ValueError(f"sustain must be 'extend' or 'ignore', got {self.sustain!r}")
         object.__setattr__(self, "labels", tuple(self.labels))
-        reserved = set(SPECIAL_NAMES) | {"wait"} | set(
+        reserved = set(SPECIAL_NAMES) | set(TASK_NAMES) | {"wait"} | set(
             instruments_lib.get_instrument_set(self.instrument_set).names)
         seen = set()
         for label in self.labels:
@@ -164,6 +174,9 @@ class VocabConfig:
             if field.name == "labels":
                 if not isinstance(value, (list, tuple)) or not all(isinstance(x, str) for x in value):
                     raise ValueError(f"vocab config labels must be a list of strings, got {value!r}")
+            elif kind is bool:
+                if not isinstance(value, bool):
+                    raise ValueError(f"vocab config {field.name} must be true or false, got {value!r}")
             elif not isinstance(value, kind) or isinstance(value, bool):
                 raise ValueError(f"vocab config {field.name} must be {kind.__name__}, got {value!r}")
         return cls(**{k: (tuple(v) if k == "labels" else v) for k, v in d.items() if k in known})
@@ -181,7 +194,8 @@ class Vocab:
     none), `pitch` (-1 if none), `velocity_bin` (-1 if none), `wait_units` (0 unless a wait).
     """
 
-    FORMAT = "musenet-vocab-v1"
+    FORMAT = "musenet-vocab-v2"
+    OLD_FORMATS = ("musenet-vocab-v1",)  # loaded with infill=False (they predate the task tokens)
 
     def __init__(self, config: VocabConfig | None = None):
         self.config = config = config or VocabConfig()
@@ -195,7 +209,8 @@ class Vocab:
         self.off_base = self.on_base + i * v * p
         self.drum_base = self.off_base + i * p
         self.instrument_base = self.drum_base + v * NUM_DRUM_NOTES
-        self.label_base = self.instrument_base + self.instruments.num_classes
+        self.task_base = self.instrument_base + self.instruments.num_classes
+        self.label_base = self.task_base + (len(TASK_NAMES) if config.infill else 0)
         self.size = self.label_base + len(config.labels)
         self._label_index = {name: k for k, name in enumerate(config.labels)}
         self._build_velocity_tables()
@@ -241,6 +256,22 @@ class Vocab:
 
     def instrument_token(self, instrument):
         return self.instrument_base + np.asarray(instrument)
+
+    @property
+    def hole(self) -> int:
+        """The `hole` id: the given notes from the span's start follow (`data_pipeline.infill`)."""
+        return self._task(0)
+
+    @property
+    def fill(self) -> int:
+        """The `fill` id: the regenerated notes of the span follow."""
+        return self._task(1)
+
+    def _task(self, index: int) -> int:
+        if not self.config.infill:
+            raise ValueError("this vocabulary has no infilling tokens (a format v1 vocab.json, from before "
+                             "infilling): its models can only continue a piece")
+        return self.task_base + index
 
     def label_token(self, label: str) -> int:
         if label not in self._label_index:
@@ -294,16 +325,19 @@ class Vocab:
 
         ids = self.instrument_token(np.arange(self.instruments.num_classes))
         self.kind[ids], self.instrument[ids] = TokenKind.INSTRUMENT, np.arange(self.instruments.num_classes)
+        self.kind[self.task_base:self.label_base] = TokenKind.TASK
         self.kind[self.label_base:] = TokenKind.LABEL
         for table in (self.kind, self.instrument, self.pitch, self.velocity_bin_of, self.wait_units):
             table.setflags(write=False)
 
     # -- factored embedding ------------------------------------------------------------------------
-    def layout(self) -> tuple[int, int, int, int, int]:
-        """(W, I, V, P, L): the block sizes of the id layout (module doc), all a model needs to know of the
-        vocabulary to factor its token embedding (`token_parts`)."""
-        return (self.config.max_wait, self.num_pitched, self.config.velocity_bins, self.num_pitches,
-                len(self.config.labels))
+    def layout(self) -> tuple[int, ...]:
+        """(W, I, V, P, L, X): the block sizes of the id layout (module doc), all a model needs to know of the
+        vocabulary to factor its token embedding (`token_parts`); X, the task tokens, is left out when there are
+        none, so a v1 vocabulary keeps the layout its models were saved with."""
+        layout = (self.config.max_wait, self.num_pitched, self.config.velocity_bins, self.num_pitches,
+                  len(self.config.labels))
+        return layout + (len(TASK_NAMES),) if self.config.infill else layout
 
     # -- text form -------------------------------------------------------------------------------
     def id_to_text(self, token: int) -> str:
@@ -319,6 +353,8 @@ class Vocab:
             return self.instruments.names[self.instrument[token]]
         if kind == TokenKind.LABEL:
             return self.config.labels[token - self.label_base]
+        if kind == TokenKind.TASK:
+            return TASK_NAMES[token - self.task_base]
         name = self.instruments.names[self.instrument[token]]
         velocity = 0 if kind == TokenKind.NOTE_OFF else int(self.bin_velocity(self.velocity_bin_of[token]))
         return f"{name}:v{velocity}:{pitch_name(int(self.pitch[token]))}"
@@ -327,6 +363,8 @@ class Vocab:
         if text in SPECIAL_NAMES:
             return SPECIAL_NAMES.index(text)
         if ":" not in text:
+            if text in TASK_NAMES:
+                return self._task(TASK_NAMES.index(text))
             if text in self.instruments.names:
                 return int(self.instrument_token(self.instruments.index(text)))
             if text in self._label_index:
@@ -378,7 +416,11 @@ class Vocab:
         d = json.loads(text)
         if not isinstance(d, dict):
             raise ValueError(f"not a {cls.FORMAT} file (a JSON {type(d).__name__}, not an object)")
-        if d.get("format") != cls.FORMAT:
+        if d.get("format") in cls.OLD_FORMATS:
+            if "infill" in d:
+                raise ValueError(f"a {d['format']} file has no infill field")
+            d = {**d, "infill": False}
+        elif d.get("format") != cls.FORMAT:
             raise ValueError(f"not a {cls.FORMAT} file (format={d.get('format')!r})")
         vocab = cls(VocabConfig.from_dict(d))
         if "size" in d and d["size"] != vocab.size:
@@ -407,21 +449,29 @@ class Vocab:
         return f"Vocab(size={self.size}, {self.config})"
 
 
+def _layout(layout: Sequence[int]) -> tuple[int, int, int, int, int, int]:
+    """(W, I, V, P, L, X) of a `Vocab.layout()`, X = 0 for a 5-tuple (a v1 vocabulary's)."""
+    values = tuple(int(x) for x in layout)
+    if len(values) not in (5, 6):
+        raise ValueError(f"a token layout is (W, I, V, P, L) or (W, I, V, P, L, X), got {tuple(layout)!r}")
+    return values + (0,) * (6 - len(values))
+
+
 def part_blocks(layout: Sequence[int]) -> tuple[int, ...]:
     """Row counts of the part table's blocks, in `token_parts` order: whole tokens, waits, note-on keys, note-on
     loudness, note-off keys, drum keys, drum loudness."""
-    w, i, v, p, n_labels = (int(x) for x in layout)
-    return (3 + i + 1 + n_labels, w, i * p, i * v, i * p, NUM_DRUM_NOTES, v)
+    w, i, v, p, n_labels, x = _layout(layout)
+    return (3 + i + 1 + x + n_labels, w, i * p, i * v, i * p, NUM_DRUM_NOTES, v)
 
 
 def token_parts(layout: Sequence[int]) -> tuple[np.ndarray, np.ndarray, int]:
     """Each id as the sum of at most two rows of a shared part table, for the factored token embedding.
 
-    With `layout` = `Vocab.layout()` = (W, I, V, P, L) the part table has R rows, in this order:
+    With `layout` = `Vocab.layout()` = (W, I, V, P, L[, X]) the part table has R rows, in this order:
 
     | rows          | count       | used by                                                   |
     |---------------|-------------|-----------------------------------------------------------|
-    | whole tokens  | 3 + I+1 + L | specials, instrument-presence tokens, labels (one row each)|
+    | whole tokens  | 3+I+1+X+L   | specials, instrument-presence, task tokens, labels (one each)|
     | waits         | W           | `wait:N`                                                  |
     | note-on keys  | I * P       | note-on (instrument, pitch)                               |
     | note-on loud  | I * V       | note-on (instrument, velocity bin)                        |
@@ -436,15 +486,15 @@ def token_parts(layout: Sequence[int]) -> tuple[np.ndarray, np.ndarray, int]:
     Returns:
       (first int32[size], second int32[size], R) for a vocabulary of `size` ids.
     """
-    w, i, v, p, n_labels = (int(x) for x in layout)
+    w, i, v, p, n_labels, x = _layout(layout)
     wait_row, on_key_row, on_vel_row, off_key_row, drum_key_row, drum_vel_row, rows = np.cumsum(part_blocks(layout))
     none = rows
     inst, vel, pitch = np.meshgrid(np.arange(i), np.arange(v), np.arange(p), indexing="ij")  # note-on id order
     drum_vel, drum_key = np.meshgrid(np.arange(v), np.arange(NUM_DRUM_NOTES), indexing="ij")  # drum id order
     first = np.concatenate([
         np.arange(3), wait_row + np.arange(w), on_key_row + (inst * p + pitch).ravel(),
-        off_key_row + np.arange(i * p), drum_key_row + drum_key.ravel(), 3 + np.arange(i + 1 + n_labels)])
+        off_key_row + np.arange(i * p), drum_key_row + drum_key.ravel(), 3 + np.arange(i + 1 + x + n_labels)])
     second = np.concatenate([
         np.full(3 + w, none), on_vel_row + (inst * v + vel).ravel(), np.full(i * p, none),
-        drum_vel_row + drum_vel.ravel(), np.full(i + 1 + n_labels, none)])
+        drum_vel_row + drum_vel.ravel(), np.full(i + 1 + x + n_labels, none)])
     return first.astype(np.int32), second.astype(np.int32), rows

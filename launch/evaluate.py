@@ -41,6 +41,18 @@ model with the n-gram.
                                "bits_per_second_no_velocity_ratio": model / n-gram}}
 
 Totals are sums of bits over sums of tokens / notes / seconds. A ratio whose denominator is 0 is null.
+
+Infilling and accompaniment (`--task=infill|accompany`, `musenet_jax.infill_scoring`): --spans_per_piece spans of
+every piece, drawn as training draws them (the same spans for every model, seeded by --task_seed), each scored
+twice on the same tokens, the regenerated notes' events: as the middle of its infilling sequence (the model sees
+the span's future, or the given parts) and by left-to-right continuation of the piece (it sees only the past). The
+model needs the vocabulary's infilling tokens. Baselines do not apply. --out writes
+
+    {"model", "step", "task", "source", "context_tokens", "spans_per_piece", "task_seed", "skipped_spans": int,
+     "total": {"spans", "event_tokens", "infill_bits_per_event", "continuation_bits_per_event",
+               "infill_bits_per_event_no_velocity", "continuation_bits_per_event_no_velocity",
+               "infill_gain": 1 - infill / continuation, "middle_tokens", "infill_bits_per_middle_token",
+               "by_kind": {"every part" | "some parts": {the same fields but by_kind}}}}
 """
 
 from __future__ import annotations
@@ -72,6 +84,12 @@ _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here (atomica
 _ATTENTION_IMPL = flags.DEFINE_string(
     "attention_impl", None, "Score with this attention implementation (reference, xla, cpu, pallas) instead of "
     "the model's own, e.g. 'cpu' on a CPU for a model trained with 'pallas' (which CPUs only interpret, slowly).")
+
+_TASK = flags.DEFINE_enum("task", "continue", ["continue", "infill", "accompany"],
+                          "What to score: every token by continuation, or spans by infilling / accompaniment "
+                          "beside continuation on the same tokens.")
+_SPANS_PER_PIECE = flags.DEFINE_integer("spans_per_piece", 4, "Spans drawn per piece with --task=infill|accompany.")
+_TASK_SEED = flags.DEFINE_integer("task_seed", 0, "Seed of the spans drawn with --task=infill|accompany.")
 
 _BASELINES = flags.DEFINE_bool(
     "baselines", True, "Also score a unigram and the best smoothed n-gram (interpolated Kneser-Ney) on the same "
@@ -113,7 +131,20 @@ def _check_flags(argv) -> None:
     if _MIDI_DIR.value and (_DATA_DIR.value or (flags.FLAGS["dataset"].present and not _BASELINE_DATA_DIR.value)):
         raise cli.UsageError("--data_dir and --dataset go with --split, not --midi_dir (--dataset also goes with "
                              "--baseline_data_dir)")
-    _check_baseline_flags()
+    if _TASK.value != "continue":
+        baseline = [f"--{name}" for name in ("stride", "baselines", "baseline_split", "baseline_order",
+                                             "baseline_data_dir", "baseline_train", "baseline_max_tokens")
+                    if flags.FLAGS[name].present]
+        if baseline:
+            raise cli.UsageError(f"{', '.join(baseline)} do(es) not apply to --task={_TASK.value} (each span is one "
+                                 f"window; no baselines)")
+    else:
+        for flag in (_SPANS_PER_PIECE, _TASK_SEED):
+            if flags.FLAGS[flag.name].present:
+                raise cli.UsageError(f"--{flag.name} goes with --task=infill or --task=accompany")
+        _check_baseline_flags()
+    if _SPANS_PER_PIECE.value < 1:
+        raise cli.UsageError(f"--spans_per_piece must be >= 1, got {_SPANS_PER_PIECE.value}")
     if _LABEL.value is not None and not _MIDI_DIR.value:
         raise cli.UsageError("--label goes with --midi_dir (dataset records carry their own labels)")
     for flag, low in ((_BATCH_SIZE, 1), (_STRIDE, 1), (_MAX_FILES, 1)):
@@ -406,6 +437,8 @@ def main(argv):
         raise ValueError(f"nothing to score: all {len(skipped)} files were skipped")
 
     seq_len = model.config.max_len
+    if _TASK.value != "continue":
+        return _score_task(model, vocab, step, model_path, source, pieces, evaluation)
     room = seq_len + 1 - max(len(p.prefix) for p in pieces)  # body tokens a window holds
     if room < 1:
         raise ValueError(f"the model's context ({seq_len} tokens) is too short for these pieces' prefixes")
@@ -437,6 +470,41 @@ def main(argv):
                   "context_tokens": seq_len, "stride": stride,
                   "files": [{"path": s.name, **s.metrics()} for s in scores], "skipped": skipped, "total": total,
                   "baselines": baselines, "model_vs_ngram": ratios}
+        outputs.write_atomic(_OUT.value, json.dumps(result, indent=2) + "\n")
+
+
+def _score_task(model, vocab, step: int, model_path: str, source: dict, pieces, evaluation) -> None:
+    """--task=infill|accompany: the spans' bits by infilling beside continuation (module doc)."""
+    from musenet_jax import infill_scoring
+
+    if not vocab.config.infill:
+        raise ValueError(f"{model_path}: this model's vocabulary has no infilling tokens (format v1, from before "
+                         f"infilling): it can only be scored by continuation (leave out --task)")
+    t0 = time.perf_counter()
+    seq_len = model.config.max_len
+    examples, skipped = infill_scoring.span_examples(pieces, _TASK.value, vocab, seq_len,
+                                                     spans_per_piece=_SPANS_PER_PIECE.value, seed=_TASK_SEED.value)
+    if not examples:
+        raise ValueError(f"no span of these {len(pieces)} pieces fits the model's {seq_len}-token window for "
+                         f"--task={_TASK.value} ({skipped} skipped)")
+    total = infill_scoring.score_spans(evaluation.Scorer(model, vocab, batch_size=_BATCH_SIZE.value), examples)
+    print(f"scored {total['spans']} spans ({skipped} skipped) of {len(pieces)} pieces in "
+          f"{time.perf_counter() - t0:.1f} s (context {seq_len})", file=sys.stderr)
+    print(f"{_TASK.value}: {total['event_tokens']} regenerated event tokens in {total['spans']} spans")
+    print(f"  {_TASK.value:<12} {total['infill_bits_per_event']:.3f} bits/event "
+          f"({total['infill_bits_per_event_no_velocity']:.3f} without velocity)")
+    print(f"  continuation {total['continuation_bits_per_event']:.3f} bits/event "
+          f"({total['continuation_bits_per_event_no_velocity']:.3f} without velocity), the same tokens")
+    print(f"  {_TASK.value} vs continuation: {100 * -total['infill_gain']:+.1f}% bits; the whole middle "
+          f"(waits, end): {total['infill_bits_per_middle_token']:.3f} bits/token over {total['middle_tokens']} tokens")
+    for kind, part in total["by_kind"].items():
+        print(f"  {kind}: {part['spans']} spans, {part['event_tokens']} event tokens: "
+              f"{part['infill_bits_per_event']:.3f} vs {part['continuation_bits_per_event']:.3f} bits/event "
+              f"({100 * -part['infill_gain']:+.1f}%)")
+    if _OUT.value:
+        result = {"model": model_path, "step": step, "task": _TASK.value, "source": source,
+                  "context_tokens": seq_len, "spans_per_piece": _SPANS_PER_PIECE.value,
+                  "task_seed": _TASK_SEED.value, "skipped_spans": skipped, "total": total}
         outputs.write_atomic(_OUT.value, json.dumps(result, indent=2) + "\n")
 
 

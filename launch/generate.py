@@ -20,6 +20,21 @@ The kept notes are the start of every output piece, verbatim. A primer that play
 --instruments is refused (the message names them), so that the output never has instruments the user did not
 choose.
 
+Infilling and accompaniment (`musenet_jax.infilling`; the model must have been trained with the infilling mix,
+i.e. have the vocabulary's `hole` / `fill` tokens):
+
+    musenet-generate --model exports/tiny --genre bach --primer in.mid --infill_from 8 --infill_to 12 \
+        [--infill_instruments piano] --out out.mid --pianoroll out.png
+    musenet-generate --model exports/tiny --genre none --accompany melody.mid [--accompany_tracks piano] \
+        --instruments bass,drums --out out.mid
+
+--infill_from / --infill_to (seconds) regenerate the notes of the primer that start in that span (of every
+instrument, or of --infill_instruments), keeping every other note verbatim, so the output is the primer with the
+span rewritten, as long as the primer. --accompany keeps the file's parts named by --accompany_tracks (instrument
+classes of the file's tracks, default all of them) and writes --instruments under them, for the file's length.
+--seconds and --primer_seconds do not apply. A span outside the primer, an empty span, a track the file does not
+have and an instrument the given parts already play are refused in one line.
+
 Exit codes: 0 done; 2 a usage error (a missing or malformed flag, judged without the model); 1 bad input
 (an unreadable model directory or primer, a genre / instrument the model does not know, --seconds beyond the
 model's maximum) or a WAV that cannot be made. Bad input is found before anything is written; every file is
@@ -63,6 +78,14 @@ _WAV = flags.DEFINE_string("wav", None, "Also render audio to this WAV file (nee
 _SOUNDFONT = flags.DEFINE_string("soundfont", None, "SoundFont (.sf2/.sf3) for --wav; default: the first "
                                  "one found in the system's soundfont folders.")
 _PIANOROLL = flags.DEFINE_string("pianoroll", None, "Also draw a piano roll to this PNG file.")
+_INFILL_FROM = flags.DEFINE_float("infill_from", None, "Regenerate the --primer's span from this second ...")
+_INFILL_TO = flags.DEFINE_float("infill_to", None, "... to this second (with --infill_from and --primer).")
+_INFILL_INSTRUMENTS = flags.DEFINE_list("infill_instruments", None, "Regenerate only these instruments' notes in "
+                                        "the span (default: every instrument).")
+_ACCOMPANY = flags.DEFINE_string("accompany", None, "MIDI file whose parts are kept and accompanied by "
+                                 "--instruments.")
+_ACCOMPANY_TRACKS = flags.DEFINE_list("accompany_tracks", None, "The parts of --accompany to keep, by instrument "
+                                      "class (default: all of them).")
 
 NO_GENRE = "none"
 
@@ -75,14 +98,57 @@ def numbered(path: str | None, index: int, count: int) -> str | None:
     return f"{stem}-{index}{suffix}"
 
 
+def task() -> str:
+    """'infill', 'accompany' or 'continue', from the flags."""
+    if _INFILL_FROM.value is not None or _INFILL_TO.value is not None or _INFILL_INSTRUMENTS.value is not None:
+        return "infill"
+    return "accompany" if _ACCOMPANY.value is not None or _ACCOMPANY_TRACKS.value is not None else "continue"
+
+
+def check_task_flags() -> None:
+    """Usage errors of --infill_* and --accompany*."""
+    mode = task()
+    if _INFILL_FROM.value is not None and (_ACCOMPANY.value is not None or _ACCOMPANY_TRACKS.value is not None):
+        raise cli.UsageError("--infill_from and --accompany are two tasks; choose one")
+    for flag in (_SECONDS, _PRIMER_SECONDS, _MAX_TOKENS):
+        if flag.value is not None:
+            other = "infill_from" if mode == "infill" else "accompany"
+            raise cli.UsageError(f"--{flag.name} does not apply to --{other}: the piece keeps its file's length")
+    if mode == "infill" and _INSTRUMENTS.value is not None:
+        raise cli.UsageError("--instruments does not apply to --infill_from: the piece keeps the primer's "
+                             "instruments (--infill_instruments chooses which of them are regenerated)")
+    if mode == "infill":
+        missing = [f"--{f.name}" for f in (_INFILL_FROM, _INFILL_TO, _PRIMER) if f.value is None]
+        if missing:
+            raise cli.UsageError(f"infilling needs {', '.join(missing)}")
+        lo, hi = _INFILL_FROM.value, _INFILL_TO.value
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo < hi):
+            raise cli.UsageError(f"the span --infill_from {lo:g} --infill_to {hi:g} is empty or negative; "
+                                 f"need 0 <= from < to (seconds)")
+        if _INFILL_INSTRUMENTS.value is not None and not [x for x in _INFILL_INSTRUMENTS.value if x.strip()]:
+            raise cli.UsageError("--infill_instruments needs at least one instrument name")
+    else:
+        if _ACCOMPANY.value is None:
+            raise cli.UsageError("--accompany_tracks needs --accompany")
+        if _PRIMER.value is not None:
+            raise cli.UsageError("--primer does not apply to --accompany (the file to accompany is the primer)")
+        if _INSTRUMENTS.value is None or not [x for x in _INSTRUMENTS.value if x.strip()]:
+            raise cli.UsageError("--accompany needs --instruments, the parts to write")
+        if _ACCOMPANY_TRACKS.value is not None and not [x for x in _ACCOMPANY_TRACKS.value if x.strip()]:
+            raise cli.UsageError("--accompany_tracks needs at least one instrument name")
+
+
 def check_flags() -> None:
     """Usage errors: what can be judged from the flags alone, before loading anything."""
-    missing = [f"--{f.name}" for f in (_MODEL, _GENRE, _INSTRUMENTS, _SECONDS, _OUT) if f.value is None]
+    needed = (_MODEL, _GENRE, _INSTRUMENTS, _SECONDS, _OUT) if task() == "continue" else (_MODEL, _GENRE, _OUT)
+    missing = [f"--{f.name}" for f in needed if f.value is None]
     if missing:
         raise cli.UsageError(f"missing required flags: {', '.join(missing)}")
-    if not [s for s in _INSTRUMENTS.value if s.strip()]:
+    if task() != "continue":
+        check_task_flags()
+    elif not [s for s in _INSTRUMENTS.value if s.strip()]:
         raise cli.UsageError("--instruments needs at least one instrument name")
-    if not math.isfinite(_SECONDS.value) or _SECONDS.value <= 0:
+    elif not math.isfinite(_SECONDS.value) or _SECONDS.value <= 0:
         raise cli.UsageError(f"--seconds must be > 0, got {_SECONDS.value}")
     if _PRIMER_SECONDS.value is not None:
         if _PRIMER.value is None:
@@ -110,10 +176,11 @@ def check_flags() -> None:
     for path in outputs:
         if os.path.isdir(path):
             raise cli.UsageError(f"{path} is a directory; give a file name")
-    if _PRIMER.value is not None:
-        primer = os.path.realpath(_PRIMER.value)
-        if any(os.path.realpath(path) == primer for path in output_paths()):
-            raise cli.UsageError(f"--primer {_PRIMER.value} is also an output file; write the piece elsewhere")
+    for flag in (_PRIMER, _ACCOMPANY):
+        if flag.value is not None:
+            source = os.path.realpath(flag.value)
+            if any(os.path.realpath(path) == source for path in output_paths()):
+                raise cli.UsageError(f"--{flag.name} {flag.value} is also an output file; write the piece elsewhere")
 
 
 def output_paths() -> list[str]:
@@ -201,11 +268,52 @@ def read_model_config(model_dir: str):
     return config
 
 
+def read_piece(path: str, vocab: Vocab) -> tuple[encoding.Notes, int]:
+    """The notes of a whole MIDI file under the model's vocabulary, and its length (units)."""
+    notes, duration = encoding.decode_tokens(encoding.encode_midi(path, vocab).body, vocab)
+    if len(notes) == 0:
+        raise ValueError(f"{path}: no notes the model's vocabulary can hold")
+    return notes, duration
+
+
+def task_span(vocab: Vocab, notes: encoding.Notes, duration: int):
+    """(notes given to the model, the span to write, accompaniment?) for --infill_* / --accompany*, checked
+    against the file (one-line ValueErrors: a span outside it, a track it does not have, a clash)."""
+    from data_pipeline import infill
+    from musenet_jax import infilling
+
+    unit_s = vocab.config.time_unit_ms / 1000.0
+    present = [vocab.instruments.names[i] for i in np.unique(notes.instrument).tolist()]
+    if task() == "infill":
+        lo, hi = round(_INFILL_FROM.value / unit_s), round(_INFILL_TO.value / unit_s)
+        if hi > duration:
+            raise ValueError(f"the span ends at {_INFILL_TO.value:g} s, after the primer's {duration * unit_s:g} s")
+        if lo >= hi:
+            raise ValueError(f"the span {_INFILL_FROM.value:g}..{_INFILL_TO.value:g} s is shorter than one time unit")
+        chosen = None
+        if _INFILL_INSTRUMENTS.value is not None:
+            names = resolve_instruments(_INFILL_INSTRUMENTS.value, vocab)
+            absent = [n for n in names if n not in present]
+            if absent:
+                raise ValueError(f"the primer has no {', '.join(absent)} to regenerate; it plays {', '.join(present)}")
+            chosen = tuple(vocab.instruments.index(n) for n in names)
+        return notes, infill.Span(lo, hi, chosen), False
+    tracks = present if _ACCOMPANY_TRACKS.value is None else resolve_instruments(_ACCOMPANY_TRACKS.value, vocab)
+    unknown = [t for t in tracks if t not in present]
+    if unknown:
+        raise ValueError(f"{_ACCOMPANY.value} has no {', '.join(unknown)} track; its parts: {', '.join(present)}")
+    given = notes.take(np.isin(notes.instrument, [vocab.instruments.index(t) for t in tracks]))
+    write = [vocab.instruments.index(n) for n in resolve_instruments(_INSTRUMENTS.value, vocab)]
+    return given, infilling.accompaniment_span(given, duration, write, vocab), True
+
+
 def main(argv):
     if len(argv) > 1:
         raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     check_flags()
     check_outputs()
+    if task() != "continue":
+        return main_task()
     seconds, num_samples = _SECONDS.value, _NUM_SAMPLES.value
 
     vocab = read_vocab(_MODEL.value)
@@ -219,17 +327,7 @@ def main(argv):
             raise ValueError(f"the primer lasts {primer_seconds:.1f} s, not less than --seconds {seconds:g}; "
                              f"raise --seconds or pass a shorter --primer_seconds")
 
-    # Audio: a bad --soundfont is bad input (stop now); a system without fluidsynth or any soundfont only
-    # costs the WAV (the MIDI is still written, then exit 1).
-    audio_problem = None
-    if _WAV.value is not None:
-        if _SOUNDFONT.value is not None:
-            rendering.check_soundfont(_SOUNDFONT.value)
-        try:
-            rendering.resolve_audio(_SOUNDFONT.value)
-        except rendering.RenderError as e:
-            audio_problem = str(e)
-
+    audio_problem = check_audio()
     from musenet_jax import export, sampling  # only now: importing JAX takes seconds
 
     config = read_model_config(_MODEL.value)
@@ -247,22 +345,77 @@ def main(argv):
     for k, piece in enumerate(pieces, start=1):
         midi_path = numbered(_OUT.value, k, num_samples)
         notes = encoding.tokens_to_midi(piece.tokens, vocab, midi_path)
-        written = [midi_path]
-        if _PIANOROLL.value is not None:
-            png_path = numbered(_PIANOROLL.value, k, num_samples)
-            rendering.piano_roll(notes, vocab, png_path, title=os.path.basename(midi_path))
-            written.append(png_path)
-        if _WAV.value is not None and audio_problem is None:
-            wav_path = numbered(_WAV.value, k, num_samples)
-            rendering.render_wav(midi_path, wav_path, soundfont=_SOUNDFONT.value)
-            written.append(wav_path)
-        played = ",".join(vocab.instruments.names[i] for i in np.unique(notes.instrument).tolist()) or "silence"
         status = "ended" if piece.ended else "ran out of token budget (open notes closed)"
-        print(f"wrote {' + '.join(written)}: {piece.seconds:.{1 if piece.seconds >= 1 else 2}f} s, {len(notes)} "
-              f"note{'' if len(notes) == 1 else 's'}, {played}, {status}")
+        write_outputs(k, notes, vocab, audio_problem, f"{piece.seconds:.{1 if piece.seconds >= 1 else 2}f} s", status)
+    finish(audio_problem)
+
+
+def check_audio() -> str | None:
+    """Audio: a bad --soundfont is bad input (raises now); a system without fluidsynth or any soundfont only costs
+    the WAV: returns why (the MIDI is still written, then exit 1)."""
+    if _WAV.value is None:
+        return None
+    if _SOUNDFONT.value is not None:
+        rendering.check_soundfont(_SOUNDFONT.value)
+    try:
+        rendering.resolve_audio(_SOUNDFONT.value)
+    except rendering.RenderError as e:
+        return str(e)
+    return None
+
+
+def write_outputs(k: int, notes: encoding.Notes, vocab: Vocab, audio_problem: str | None, length: str, status: str,
+                  span: tuple[int, int] | None = None) -> None:
+    """Piece k's piano roll and WAV beside its MIDI (already written), and its one-line report."""
+    midi_path = numbered(_OUT.value, k, _NUM_SAMPLES.value)
+    written = [midi_path]
+    if _PIANOROLL.value is not None:
+        png_path = numbered(_PIANOROLL.value, k, _NUM_SAMPLES.value)
+        rendering.piano_roll(notes, vocab, png_path, title=os.path.basename(midi_path), span=span)
+        written.append(png_path)
+    if _WAV.value is not None and audio_problem is None:
+        wav_path = numbered(_WAV.value, k, _NUM_SAMPLES.value)
+        rendering.render_wav(midi_path, wav_path, soundfont=_SOUNDFONT.value)
+        written.append(wav_path)
+    played = ",".join(vocab.instruments.names[i] for i in np.unique(notes.instrument).tolist()) or "silence"
+    print(f"wrote {' + '.join(written)}: {length}, {len(notes)} note{'' if len(notes) == 1 else 's'}, {played}, "
+          f"{status}")
+
+
+def finish(audio_problem: str | None) -> None:
     sys.stdout.flush()
     if audio_problem is not None:
         raise rendering.RenderError(audio_problem)
+
+
+def main_task() -> None:
+    """--infill_* / --accompany*: the file with a span rewritten, or with new parts under its own."""
+    vocab = read_vocab(_MODEL.value)
+    if not vocab.config.infill:
+        raise ValueError(f"{_MODEL.value}: this model's vocabulary has no infilling tokens (format v1, from before "
+                         f"infilling): it can only continue a piece; retrain it to infill or accompany")
+    label = resolve_label(_GENRE.value, vocab)
+    notes, duration = read_piece(_PRIMER.value if task() == "infill" else _ACCOMPANY.value, vocab)
+    given, span, accompany = task_span(vocab, notes, duration)
+    audio_problem = check_audio()
+    from musenet_jax import export, infilling, sampling  # only now: importing JAX takes seconds
+
+    read_model_config(_MODEL.value)
+    model, _ = export.load_export(_MODEL.value, vocab=vocab)
+    sampling_config = sampling.SamplingConfig(temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                                              top_p=_TOP_P.value)
+    max_note_seconds = sampling.DEFAULT_MAX_NOTE_SECONDS if _MAX_NOTE_SECONDS.value is None else _MAX_NOTE_SECONDS.value
+    unit_s = vocab.config.time_unit_ms / 1000.0
+    for k in range(1, _NUM_SAMPLES.value + 1):
+        result = infilling.complete(model, vocab, given, duration, span, label=label, sampling_config=sampling_config,
+                                    seed=_SEED.value, sample=k - 1, max_note_seconds=max_note_seconds,
+                                    accompany=accompany)
+        encoding.notes_to_midi(result.notes, vocab, numbered(_OUT.value, k, _NUM_SAMPLES.value),
+                               duration_units=duration)
+        what = "accompanied" if accompany else f"span {span.start * unit_s:g}-{span.end * unit_s:g} s regenerated"
+        write_outputs(k, result.notes, vocab, audio_problem, f"{duration * unit_s:.1f} s", f"{what}: "
+                      f"{len(result.written)} new notes, {len(result.given)} kept", (span.start, span.end))
+    finish(audio_problem)
 
 
 def run():

@@ -4,7 +4,9 @@
 #   2. train the `tiny` model on CPU for a few minutes,
 #   3. report validation bits/token next to unigram and n-gram baselines on the same tokens,
 #   4. evaluate the trained model on the held-out `test` split (bits/token, /note, /second) beside the baselines,
-#   5. export its weights and generate a piece: MIDI + piano roll, and WAV when fluidsynth is installed,
+#      and its infilling / accompaniment (spans of the test pieces) beside continuation on the same tokens,
+#   5. export its weights and generate a piece: MIDI + piano roll, and WAV when fluidsynth is installed; then
+#      rewrite 10-16 s of that piece (infilling, the rest kept),
 #   6. print the piece's music statistics beside the test split's.
 # Outputs go to $OUT (default runs/main_job). Extra arguments are passed to musenet-train
 # (e.g. --config.train.total_steps=200 for a quicker run).
@@ -41,6 +43,9 @@ PY
 
 echo "== 4/6 evaluate on the held-out test split"
 musenet-eval --workdir="$OUT/tiny" --split=test --data_dir="$OUT/data" --out="$OUT/eval_test.json"
+for task in infill accompany; do
+  musenet-eval --workdir="$OUT/tiny" --split=test --data_dir="$OUT/data" --task=$task --out="$OUT/eval_$task.json"
+done
 
 echo "== 5/6 export and generate"
 rm -rf "$OUT/export"
@@ -56,6 +61,10 @@ fi
 # this small model, plain sampling at 0.9 thickens the texture (benchmarks/quality.py measures the settings).
 musenet-generate --model="$OUT/export" --genre=bach --instruments=piano --seconds=30 --seed=0 \
   --temperature=0.8 --top_p=0.9 --out="$OUT/generated/piece.mid" --pianoroll="$OUT/generated/piece.png" "${AUDIO[@]}"
+# The same piece with 10-16 s rewritten: the music before and after the span is kept, note for note.
+musenet-generate --model="$OUT/export" --genre=bach --primer="$OUT/generated/piece.mid" --infill_from=10 \
+  --infill_to=16 --seed=1 --temperature=0.8 --top_p=0.9 --out="$OUT/generated/piece-infill.mid" \
+  --pianoroll="$OUT/generated/piece-infill.png"
 
 echo "== 6/6 music statistics of the piece beside the test split's (per-piece 10th..90th percentiles)"
 musenet-stats "$OUT/generated/piece.mid" --vocab="$OUT/export/vocab.json" --reference_data_dir="$OUT/data" \
@@ -63,7 +72,8 @@ musenet-stats "$OUT/generated/piece.mid" --vocab="$OUT/export/vocab.json" --refe
   --out="$OUT/generated/stats.json"
 
 echo "checkpoints, TensorBoard logs and metrics.jsonl: $OUT/tiny"
-echo "test-split evaluation: $OUT/eval_test.json; exported weights: $OUT/export"
-echo "generated piece: $OUT/generated/ (piece.mid, piece.png$([ ${#AUDIO[@]} -gt 0 ] && echo ', piece.wav'))"
+echo "test-split evaluation: $OUT/eval_test.json (infilling: eval_infill.json, eval_accompany.json)"
+echo "exported weights: $OUT/export"
+echo "generated piece: $OUT/generated/ (piece.mid, piece.png$([ ${#AUDIO[@]} -gt 0 ] && echo ', piece.wav'); its 10-16 s rewritten: piece-infill.mid, .png)"
 echo "compose with it in a browser (the co-composer page and its JSON API, on loopback):"
 echo "  . .venv/bin/activate && musenet-serve --model=$OUT/export    # then open http://127.0.0.1:8000/"

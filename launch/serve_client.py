@@ -72,11 +72,12 @@ class Server:
         finally:
             conn.close()
 
-    def generate(self, timeout: float = 300.0, **body) -> dict:
-        """Queues a job, follows its events to the end and returns the final job JSON."""
-        status, job = self.json("POST", "/v1/generate", body)
+    def generate(self, timeout: float = 300.0, path: str = "/v1/generate", **body) -> dict:
+        """Queues a job (`path`: /v1/generate, or /v1/infill), follows its events to the end and returns the final
+        job JSON."""
+        status, job = self.json("POST", path, body)
         if status != 202:
-            raise RuntimeError(f"POST /v1/generate: HTTP {status} {job}")
+            raise RuntimeError(f"POST {path}: HTTP {status} {job}")
         events = self.events(job["id"], timeout=timeout)
         if not events or events[-1][0] not in ("done", "failed", "cancelled"):
             raise RuntimeError(f"job {job['id']}: the event stream ended without a final event")

@@ -78,12 +78,18 @@ class Limits(NamedTuple):
       duration: int32[B] D, the target length (time units).
       tolerance: int32[B] END is allowed from D - tolerance on.
       max_note_units: int32[B] M, the longest a pitched note may sound (time units); 0 = no limit.
+      free_from: int32[B, K] per key, the time (units) from which it may be attacked: 0, or when a given note
+        that holds it ends (an infilling span's notes held across its start, `musenet_jax.infilling`).
+      exact_end: bool[B] the row ends exactly at D (an infilling middle): from its start, a wait cut by the target
+        moves its probability to the wait that lands on D, as in the ending window of a piece.
     """
 
     columns: jax.Array
     duration: jax.Array
     tolerance: jax.Array
     max_note_units: jax.Array
+    free_from: jax.Array
+    exact_end: jax.Array
 
 
 class ColumnTables(NamedTuple):
@@ -214,11 +220,12 @@ def constrain(logits: jax.Array, state: SoundingState, last_token: jax.Array, ti
     # the order) and the step's order: no attack yet, a larger key than the last release. An attack needs a
     # larger key than the step's last attack and a key not attacked or released at this time (the encoding
     # writes a re-attack in a step as the note-on alone, so a release followed by an attack of one key is never
-    # written).
+    # written), nor held by a given note (`Limits.free_from`).
     sounding = key_time >= 0
     releasable = (sounding & (key_time < t) & (state.last_attack < 0)[:, None]
                   & (keys > state.last_release[:, None]))
-    attackable = (keys > state.last_attack[:, None]) & (key_time != t) & (key_time != -1 - t)
+    attackable = ((keys > state.last_attack[:, None]) & (key_time != t) & (key_time != -1 - t)
+                  & (t >= limits.free_from))
 
     # The note-length guard. `due`: notes that have sounded M units; `guard_room`: how long time may pass
     # before the next one does. Due notes are released first, in key order, so each ends exactly at M. (A
@@ -251,7 +258,7 @@ def constrain(logits: jax.Array, state: SoundingState, last_token: jax.Array, ti
     target_room = limits.duration - timing
     wait_room = jnp.minimum(target_room, guard_room)[:, None]
     closing = timing >= limits.duration - limits.tolerance
-    redirect = (waits_open & ((guard_room <= target_room) | closing))[:, None]
+    redirect = (waits_open & ((guard_room <= target_room) | closing | limits.exact_end))[:, None]
     lengths = jnp.arange(1, num_waits + 1, dtype=jnp.int32)[None, :]  # [1, W]: wait:w sits in column w
     wait_logits = logits[:, 1:num_waits + 1]
     cut = jnp.where((redirect & (lengths == wait_room)) | (lengths > wait_room), wait_logits, -jnp.inf)

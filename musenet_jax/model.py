@@ -105,7 +105,7 @@ def factored_logits(scores: jax.Array, layout: tuple[int, ...]) -> jax.Array:
     """Logits [..., V] from part scores [..., R] (`token_parts` row order): logits[id] = the sum of the scores
     of its parts. Laid out block by block with slices and broadcast adds rather than two gathers over V: on
     XLA:CPU the gathers' backward (a scatter-add into [..., R]) made a training step 4x slower."""
-    _, i, v, p, _ = layout
+    _, i, v, p = layout[:4]
     rows, waits, on_key, on_vel, off_key, drum_key, drum_vel = _part_blocks(scores, layout)
     lead = scores.shape[:-1]
     on = on_key.reshape(*lead, i, 1, p) + on_vel.reshape(*lead, i, v, 1)  # note-on ids: instrument, velocity, pitch
@@ -128,7 +128,7 @@ def factored_log_z(scores: jax.Array, layout: tuple[int, ...]) -> jax.Array:
     """logsumexp over all V ids of `factored_logits(scores, layout)`, float32[...], in O(R) per position: the
     note-on block sums over instruments of LSE_pitch(key) + LSE_velocity(loudness), the drum block
     LSE_velocity + LSE_note, so the [..., V] logits are never formed."""
-    _, i, v, p, _ = layout
+    _, i, v, p = layout[:4]
     rows, waits, on_key, on_vel, off_key, drum_key, drum_vel = _part_blocks(scores, layout)
     lead = scores.shape[:-1]
     lse = jax.nn.logsumexp

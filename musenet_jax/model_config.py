@@ -63,7 +63,7 @@ class ModelConfig:
       tie_embeddings: logits use the token embedding table (GPT-2 style) instead of a separate head.
       token_embedding: 'table' (one row per id) or 'factored' (rows shared by the parts of each id, see the
         module doc; always tied).
-      token_layout: (W, I, V, P, L) of the vocabulary (`Vocab.layout()`), needed by 'factored'.
+      token_layout: (W, I, V, P, L[, X]) of the vocabulary (`Vocab.layout()`), needed by 'factored'.
       use_bias: biases on the q/k/v/output and MLP projections.
       use_positional, use_timing, use_chord, use_part, use_countdown, use_sounding: which extra embeddings
         to add (sounding is off by default so that exports written before it load unchanged).
@@ -166,9 +166,9 @@ class ModelConfig:
         if self.token_embedding not in TOKEN_EMBEDDINGS:
             raise ValueError(f"model.token_embedding must be one of {TOKEN_EMBEDDINGS}, got {self.token_embedding!r}")
         if self.token_embedding == "factored":
-            if len(self.token_layout) != 5:
+            if len(self.token_layout) not in (5, 6):
                 raise ValueError("model.token_embedding='factored' needs model.token_layout = the vocabulary's "
-                                 f"(W, I, V, P, L) (Vocab.layout()), got {self.token_layout!r}")
+                                 f"(W, I, V, P, L[, X]) (Vocab.layout()), got {self.token_layout!r}")
             if len(token_parts(self.token_layout)[0]) != self.vocab_size:
                 raise ValueError(f"model.token_layout {tuple(self.token_layout)} gives "
                                  f"{len(token_parts(self.token_layout)[0])} ids, not vocab_size={self.vocab_size}")

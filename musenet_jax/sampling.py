@@ -79,6 +79,13 @@ Length cap: at most `max_tokens` body tokens (primer and END included; default
 `default_max_tokens(seconds)`). A piece that reaches the cap first stops without END (`ended=False`); its
 notes are closed by `data_pipeline.encoding.decode_tokens`.
 
+Infilling rows (`Request.infill`, built by `musenet_jax.infilling`): the prompt is an infilling sequence's body
+(`data_pipeline.infill`: before, `hole`, context, `fill`) with its own features (each segment's; the window loop
+stores part and countdown per token), and the row writes the middle in the same window: D is the span's length,
+the state starts silent at time 0 after `fill`, the body may hold only the span's instruments, a key held by a
+given note is not attacked before that note ends (`Limits.free_from`), and the middle ends exactly at D: END
+tolerance 0, and waits cut by D land on it at any time (`Limits.exact_end`), as in a piece's ending window.
+
 Randomness: row i draws the token at piece index j from `fold_in(fold_in(key(seed), i), j)` (i is
 `Request.sample` in `generate_batch`), so the same seed and arguments give identical tokens, and a row does not
 depend on how many rows, or which other requests, are decoded with it: each step reads only the logits of the
@@ -87,9 +94,7 @@ ids a row may hold, in id order (`decode_rules.Limits.columns`; the batch sets o
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import functools
 import math
 from collections.abc import Sequence
 
@@ -101,9 +106,10 @@ from flax import nnx
 from data_pipeline import features as features_lib
 from data_pipeline import vocab as vocab_lib
 from data_pipeline import windows as windows_lib
-from data_pipeline.vocab import END, TokenKind, Vocab
-from musenet_jax import decode_rules, draws
+from data_pipeline.vocab import TokenKind, Vocab
+from musenet_jax import decode_rules, window_loop
 from musenet_jax.decode_rules import DEFAULT_MAX_NOTE_SECONDS, SoundingState, sounding_state
+from musenet_jax.window_loop import DecodedWindow, next_window_start
 
 END_TOLERANCE_MS = 1000  # END may be written in the last second (at most 10% of the target) of the piece.
 # Default cap on body tokens per second of music. The encoding of real music needs far fewer: over 60 files of
@@ -111,9 +117,7 @@ END_TOLERANCE_MS = 1000  # END may be written in the last second (at most 10% of
 # holds about one to four minutes), so only a model that never lets time pass reaches this cap.
 MAX_TOKENS_PER_SECOND = 128
 MAX_TOKENS_LIMIT = 1 << 20  # a hard ceiling on max_tokens (hours of music) that bounds the piece buffer.
-_BODY_KINDS = (TokenKind.WAIT, TokenKind.NOTE_ON, TokenKind.NOTE_OFF, TokenKind.DRUM)
-# Traces of `_decode_window` (counted in its Python body, run only when JAX traces it): compiles are few.
-TRACE_COUNTS: collections.Counter = collections.Counter()
+BODY_KINDS = (TokenKind.WAIT, TokenKind.NOTE_ON, TokenKind.NOTE_OFF, TokenKind.DRUM)
 
 
 class GenerationError(ValueError):
@@ -229,139 +233,25 @@ def _label(vocab: Vocab, label: str | None) -> str | None:
     return name
 
 
-def _check_primer(primer, vocab: Vocab, chosen: list[int]) -> np.ndarray:
+def _check_primer(primer, vocab: Vocab, chosen: list[int] | None) -> np.ndarray:
+    """The primer's ids as int32, checked: in the vocabulary, and (unless `chosen` is None) body tokens of the
+    chosen instruments."""
     primer = np.asarray(primer if primer is not None else [], np.int64).reshape(-1)
     if len(primer) and (primer.min() < 0 or primer.max() >= vocab.size):
         raise GenerationError(f"primer has token ids outside the vocabulary (size {vocab.size})")
     kinds = vocab.kind[primer]
-    if not np.isin(kinds, _BODY_KINDS).all():
-        bad = vocab.id_to_text(int(primer[~np.isin(kinds, _BODY_KINDS)][0]))
+    body_kinds = BODY_KINDS + ((TokenKind.TASK,) if chosen is None else ())
+    if not np.isin(kinds, body_kinds).all():
+        bad = vocab.id_to_text(int(primer[~np.isin(kinds, body_kinds)][0]))
         raise GenerationError(f"primer must be body tokens only (no prefix or end), found {bad!r}")
+    if chosen is None:
+        return primer.astype(np.int32)
     used = set(vocab.instrument[primer[kinds != TokenKind.WAIT]].tolist())
     missing = sorted(used - set(chosen))
     if missing:
         names = ", ".join(vocab.instruments.names[i] for i in missing)
         raise GenerationError(f"the primer plays {names}, which is not among the chosen instruments")
     return primer.astype(np.int32)
-
-
-# --- The jitted window loop. ------------------------------------------------------------------------------
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _decode_window(graphdef, state, piece, timing, chord, voices, length, done, ended, sounding, start, prefix_len,
-                   cap_len, limits, rules, tables, temperature, top_k, top_p, row_keys):
-    """Writes one context window of every row (module doc). Everything but the shapes and the graph is traced.
-
-    Args:
-      piece: int32[B, C] each row's tokens so far (prefix, body), PAD after `length`; C = the buffer size.
-      timing, chord, voices: int32[B, C] the timing, (clipped) chord and sounding features of those tokens.
-      length: int32[B] tokens of each row so far.
-      done, ended: bool[B] rows that have stopped (END or the cap), and those that wrote END; stopped rows ride
-        along unchanged.
-      sounding: `decode_rules.SoundingState` ([B, K], [B], [B]) of each row's piece so far (all `length` tokens).
-      start: int32[B] piece index of the window's first body token (P for a window that opens the body).
-      prefix_len: int32[B] P, tokens of each row's conditioning prefix (piece[b, :P]).
-      cap_len: int32[B] P + max_tokens, the longest each row may grow (tokens).
-      limits, rules: `decode_rules.Limits` of each row ([B, U], [B]...) and `RuleTables` of the vocabulary.
-      temperature, top_k, top_p, row_keys: float32[B], int32[B], float32[B] and keys[B], each row's sampling.
-    Returns:
-      (piece, timing, chord, voices, length, done, ended, sounding) updated, and what the window fed the model: tokens
-      int32[B, L], features {name: int32[B, L]} and fed int32[B], the positions fed while the row was active.
-    """
-    TRACE_COUNTS["decode_window"] += 1
-    bsz, capacity = piece.shape
-    window = nnx.merge(graphdef, state).config.max_len  # L, static
-    wait_units, is_attack, num_parts, countdown_max, unit_ratio, max_chord = tables
-    rows = jnp.arange(bsz)
-    duration = limits.duration
-
-    def part_and_countdown(timing):
-        # data_pipeline.features.part_and_countdown, in int32 JAX.
-        d = jnp.maximum(duration, 1)
-        part = jnp.clip(num_parts * jnp.minimum(timing, d) // d, 0, num_parts - 1)
-        countdown = jnp.minimum(jnp.maximum(duration - timing, 0) * unit_ratio[0] // unit_ratio[1], countdown_max)
-        return part, countdown
-
-    def piece_index(t):
-        """int32[B]: the piece index of window token t (the prefix, then the body from `start`)."""
-        return jnp.where(t < prefix_len, t, start + t - prefix_len)
-
-    def body(carry):
-        t, piece, timing, chord, voices, length, done, ended, sounding, fed_tokens, fed_feats, fed, cache = carry
-        g = jnp.minimum(piece_index(t), capacity - 1)  # a stopped row may run past its buffer: read, ignored
-        tok, tok_timing, tok_chord = piece[rows, g], timing[rows, g], chord[rows, g]
-        # Prefix tokens get the part and countdown of the window's first body token, as training windows do.
-        part, countdown = part_and_countdown(jnp.where(t < prefix_len, timing[rows, start], tok_timing))
-        step_feats = {"timing": tok_timing, "chord": tok_chord, "part": part, "countdown": countdown,
-                      "sounding": voices[rows, g]}
-        fed_tokens = fed_tokens.at[:, t].set(tok)
-        fed_feats = {k: v.at[:, t].set(step_feats[k]) for k, v in fed_feats.items()}
-        fed = jnp.where(done, fed, t + 1)
-        # Merged inside the loop body so its Variables belong to this trace level (NNX checks that).
-        logits, cache = nnx.merge(graphdef, state).decode_step(tok, step_feats, t, cache, columns=limits.columns)
-
-        # The next window token is new (sampled) when the piece does not hold it yet; its features follow
-        # from this token's (what `data_pipeline.features.compute_features` gives the finished piece).
-        nxt = piece_index(t + 1)
-        sample = ~done & (nxt >= length)
-        wait = wait_units[tok]
-        nxt_timing = tok_timing + wait
-        nxt_chord = jnp.where(wait > 0, 0, jnp.minimum(tok_chord + is_attack[tok].astype(jnp.int32), max_chord - 1))
-
-        # Constraints for the new token (see module doc). When a row samples, `tok` is its piece's last token and
-        # `sounding` the state after it.
-        logits = decode_rules.constrain(logits, sounding, tok, nxt_timing, limits, rules, columns)
-        keys = jax.vmap(jax.random.fold_in)(row_keys, nxt)
-        drawn = draws.draw(keys, logits / temperature[:, None], top_k, top_p)  # a column
-        sampled = jnp.take_along_axis(limits.columns, drawn[:, None], axis=1)[:, 0]
-
-        at = jnp.where(sample, nxt, capacity)  # rows that copy write nothing (out of bounds: dropped)
-        piece = piece.at[rows, at].set(sampled, mode="drop")
-        timing = timing.at[rows, at].set(nxt_timing, mode="drop")
-        chord = chord.at[rows, at].set(nxt_chord, mode="drop")
-        sounding = decode_rules.advance(sounding, sampled, nxt_timing, sample, rules)
-        voices = voices.at[rows, at].set(jnp.sum(sounding.key_time >= 0, axis=-1, dtype=jnp.int32), mode="drop")
-        length = jnp.where(sample, length + 1, length)
-        ends_now = sample & (sampled == END)
-        ended = ended | ends_now
-        done = done | ends_now | (length >= cap_len)
-        return t + 1, piece, timing, chord, voices, length, done, ended, sounding, fed_tokens, fed_feats, fed, cache
-
-    def cond(carry):
-        t, done = carry[0], carry[6]
-        return (t < window) & ~jnp.all(done)
-
-    columns = decode_rules.column_tables(limits.columns, rules)  # read once per window
-    fed_tokens = jnp.zeros((bsz, window), jnp.int32)
-    fed_feats = {k: jnp.zeros((bsz, window), jnp.int32) for k in features_lib.FEATURE_NAMES}
-    cache = nnx.merge(graphdef, state).init_cache(bsz)  # empty: positions restart at 0 in every window
-    carry = (jnp.int32(0), piece, timing, chord, voices, length, done, ended, sounding, fed_tokens, fed_feats,
-             jnp.zeros((bsz,), jnp.int32), cache)
-    carry = jax.lax.while_loop(cond, body, carry)
-    _, piece, timing, chord, voices, length, done, ended, sounding, fed_tokens, fed_feats, fed, _ = carry
-    return piece, timing, chord, voices, length, done, ended, sounding, fed_tokens, fed_feats, fed
-
-
-def next_window_start(tokens: np.ndarray, prefix_len: int, keep: int, vocab: Vocab) -> int:
-    """Piece index where the next window's body starts, for a row's tokens int[T] so far: about `keep` body
-    tokens before the end, moved to a time-step start as training windows are (`snap_to_step_start`, which
-    looks `keep` tokens either way, so the window carries between 1 and 2 * keep tokens)."""
-    body = tokens[prefix_len:]
-    return prefix_len + windows_lib.snap_to_step_start(body, max(len(body) - keep, 0), keep, vocab)
-
-
-@dataclasses.dataclass
-class DecodedWindow:
-    """What one window fed the model: its body start (piece index) int32[B], tokens int32[B, L], features
-    {name: int32[B, L]} at positions 0..L-1, and fed int32[B], the positions fed while the row was active
-    (the rest is meaningless); and the rows' `decode_rules.SoundingState` ([B, K], [B], [B]) after it."""
-
-    start: np.ndarray
-    tokens: np.ndarray
-    features: dict
-    fed: np.ndarray
-    sounding: SoundingState
 
 
 @dataclasses.dataclass
@@ -396,6 +286,27 @@ class Request:
     sample: int = 0
     max_tokens: int | None = None
     max_note_seconds: float | None = DEFAULT_MAX_NOTE_SECONDS
+    infill: InfillPrompt | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class InfillPrompt:
+    """A span to write after an infilling prompt instead of a continuation (`musenet_jax.infilling` makes it with
+    `data_pipeline.infill.infill_sequence`). The request's `seconds` is the span's length and its instruments those
+    of the prefix (the whole piece's); its `max_tokens` must keep the prompt and the middle in one window.
+
+    Attributes:
+      body: int32[T] the prompt's body, before + hole + context + fill.
+      features: the `data_pipeline.features.Features` of those tokens (each segment's, `data_pipeline.infill`).
+      write: the instrument classes the middle may play.
+      free_from: int32[K] per key (`decode_rules.num_keys`), the time in the span (units) from which it may be
+        attacked: when a given note held across the span's start ends (0: free).
+    """
+
+    body: np.ndarray
+    features: features_lib.Features
+    write: tuple[int, ...]
+    free_from: np.ndarray
 
 
 @dataclasses.dataclass
@@ -412,6 +323,10 @@ class _Row:
     first: int  # piece index of the first window's body start
     columns: np.ndarray  # int32[A] the ids the body may hold, ascending (`decode_rules.allowed_body_tokens`)
     max_note: int  # M, time units (0: off)
+    feats: dict  # {name: int32[P + primer]} the prompt's features
+    state: SoundingState  # the rules' state after the prompt
+    tolerance: int  # END is allowed from D - tolerance on
+    free_from: np.ndarray  # int32[K] `decode_rules.Limits.free_from`
 
 
 def _prepare(model_config, vocab: Vocab, request: Request) -> _Row:
@@ -423,7 +338,9 @@ def _prepare(model_config, vocab: Vocab, request: Request) -> _Row:
         raise GenerationError("sampling must be a SamplingConfig")
     chosen = _instrument_indices(vocab, request.instruments)
     label = _label(vocab, request.label)
-    limit = max_seconds(cfg, vocab)
+    # An infilling middle is a span of a piece: its features count from the span's start, so the piece's own length
+    # is not bounded by the model's horizons (the prompt's far past saturates them, as in training on long pieces).
+    limit = max_seconds(cfg, vocab) if request.infill is None else math.inf
     if not (math.isfinite(seconds) and 0 < seconds <= limit):
         raise GenerationError(f"seconds must be in (0, {limit:g}] for this model, got {seconds:g}")
     max_tokens, max_note_seconds = request.max_tokens, request.max_note_seconds
@@ -433,7 +350,15 @@ def _prepare(model_config, vocab: Vocab, request: Request) -> _Row:
                               f"1..{MAX_TOKENS_LIMIT}, got {max_tokens}")
     if max_note_seconds is not None and not (math.isfinite(max_note_seconds) and max_note_seconds >= 0):
         raise GenerationError(f"max_note_seconds must be >= 0 (0 or None: no limit), got {max_note_seconds:g}")
-    primer = _check_primer(request.primer, vocab, chosen)
+    infill = request.infill
+    if infill is not None:
+        if request.primer is not None:
+            raise GenerationError("an infilling request has its prompt, not a primer")
+        if not vocab.config.infill:
+            raise GenerationError("this model's vocabulary has no infilling tokens (format v1, from before "
+                                  "infilling): it can only continue a piece")
+    primer = _check_primer(request.primer if infill is None else infill.body, vocab,
+                           chosen if infill is None else None)
     prefix = vocab.prefix(label, chosen)
     window, p = cfg.max_len, len(prefix)
     keep = carried_tokens(window, p)
@@ -445,16 +370,28 @@ def _prepare(model_config, vocab: Vocab, request: Request) -> _Row:
                               f"(max_tokens) to generate; raise max_tokens or use a shorter primer")
     duration = max(1, round(seconds * 1000.0 / vocab.config.time_unit_ms))
     primer_units = int(vocab.wait_units[primer].sum())
-    if primer_units >= duration:
+    if infill is None and primer_units >= duration:
         raise GenerationError(f"the primer lasts {primer_units * vocab.config.time_unit_ms / 1000:g} s, "
                               f"not less than the requested {seconds:g} s")
     prompt = np.concatenate([prefix, primer]).astype(np.int32)
     # The first window opens the body if the prompt fits (its last token is fed at position <= L - 1);
     # otherwise it carries the primer's last tokens, like any later window.
     first = p if len(prompt) <= window else next_window_start(prompt, p, keep, vocab)
-    columns = np.flatnonzero(decode_rules.allowed_body_tokens(vocab, chosen)).astype(np.int32)
-    return _Row(request, p, len(primer), prompt, duration, cap, keep, first, columns,
-                decode_rules.max_note_units(max_note_seconds, vocab))
+    columns = np.flatnonzero(decode_rules.allowed_body_tokens(vocab, chosen if infill is None else infill.write))
+    max_note = decode_rules.max_note_units(max_note_seconds, vocab)
+    if infill is None:
+        feats = features_lib.compute_features(prompt, vocab, duration_units=duration).as_dict()
+        return _Row(request, p, len(primer), prompt, duration, cap, keep, first, columns.astype(np.int32), max_note,
+                    feats, sounding_state(prompt, vocab), end_tolerance_units(duration, vocab),
+                    np.zeros(decode_rules.num_keys(vocab), np.int32))
+    # An infilling prompt: its features are its segments' (the prefix's are zeros: it reads the body's first part
+    # and countdown), the middle starts from silence at time 0 and ends exactly at D, in this one window.
+    if cap + p > window + 1:
+        raise GenerationError(f"an infilling prompt and its middle must fit one {window}-token window")
+    feats = {k: np.concatenate([np.zeros(p, np.int32), np.asarray(v, np.int32)])
+             for k, v in infill.features.as_dict().items()}
+    return _Row(request, p, len(primer), prompt, duration, cap, keep, first, columns.astype(np.int32), max_note,
+                feats, sounding_state(np.zeros(0, np.int32), vocab), 0, np.asarray(infill.free_from, np.int32))
 
 
 def piece_buffer(vocab: Vocab, max_tokens: int) -> int:
@@ -469,8 +406,7 @@ class Slot:
 
     Attributes:
       row: the checked request.
-      tokens, timing, chord, voices: int32[C] the piece (prefix, body; PAD after `length`) and the timing, chord
-        and sounding features of its tokens.
+      tokens: int32[C] the piece (prefix, body; PAD after `length`); feats: {name: int32[C]} its tokens' features.
       length: tokens so far; start: piece index of the next window's first body token.
       sounding: `decode_rules.SoundingState` ([K], [], []) of the piece so far.
       done: the row has stopped (END, the cap, or stopped by its caller); ended: it wrote END.
@@ -479,9 +415,7 @@ class Slot:
 
     row: _Row
     tokens: np.ndarray
-    timing: np.ndarray
-    chord: np.ndarray
-    voices: np.ndarray
+    feats: dict
     length: int
     start: int
     sounding: SoundingState
@@ -522,12 +456,17 @@ class Decoder:
         if need > self.capacity:
             raise GenerationError(f"the piece needs a buffer of {need} tokens, this decoder holds {self.capacity}")
         n = len(row.prompt)
-        feats = features_lib.compute_features(row.prompt, self.vocab, duration_units=row.duration)
-        arrays = [np.zeros(self.capacity, np.int32) for _ in range(4)]
-        for array, values in zip(arrays, (row.prompt, feats.timing, feats.chord, feats.sounding), strict=True):
-            array[:n] = values
+        tokens = np.zeros(self.capacity, np.int32)
+        tokens[:n] = row.prompt
+        feats = {k: np.zeros(self.capacity, np.int32) for k in features_lib.FEATURE_NAMES}
+        for k, values in feats.items():
+            values[:n] = row.feats[k]
+        if n < self.capacity:  # a window opening at the next token gives its prefix that token's part and countdown
+            nxt = int(row.feats["timing"][-1]) + int(self.vocab.wait_units[row.prompt[-1]])
+            part, countdown = features_lib.part_and_countdown([nxt], row.duration, self.vocab)
+            feats["part"][n], feats["countdown"][n] = part[0], countdown[0]
         # Every row starts from its prompt's state; it then follows the row's piece across the windows.
-        return Slot(row, *arrays, n, row.first, sounding_state(row.prompt, self.vocab))
+        return Slot(row, tokens, feats, n, row.first, row.state)
 
     def seconds(self, slot: Slot) -> float:
         """Music in the slot's piece so far (primer included), in seconds."""
@@ -549,9 +488,6 @@ class Decoder:
         rows = [slot.row for slot in padded]
         done = np.array([slot.done for slot in slots] + [True] * (batch_size - n))  # padding rides along stopped
 
-        def stack(name):
-            return jnp.asarray(np.stack([getattr(slot, name) for slot in padded]))
-
         start = np.array([slot.start for slot in padded], np.int32)
         # Each row reads the logits of its own allowed ids, in id order, then PAD: its columns do not depend on
         # the other rows (only the PAD tail's length does), so neither do its tokens.
@@ -561,14 +497,16 @@ class Decoder:
             columns[b, : len(r.columns)] = r.columns
         limits = decode_rules.Limits(
             jnp.asarray(columns), jnp.asarray([r.duration for r in rows], jnp.int32),
-            jnp.asarray([end_tolerance_units(r.duration, self.vocab) for r in rows], jnp.int32),
-            jnp.asarray([r.max_note for r in rows], jnp.int32))
+            jnp.asarray([r.tolerance for r in rows], jnp.int32), jnp.asarray([r.max_note for r in rows], jnp.int32),
+            jnp.asarray(np.stack([r.free_from for r in rows])),
+            jnp.asarray([r.request.infill is not None for r in rows]))
         samplings = [r.request.sampling for r in rows]
         row_keys = jnp.stack([jax.random.fold_in(jax.random.key(r.request.seed), r.request.sample) for r in rows])
         sounding = SoundingState(*(jnp.asarray(np.stack(x).astype(np.int32))
                                    for x in zip(*(slot.sounding for slot in padded), strict=True)))
-        out = _decode_window(
-            self.graphdef, self.state, stack("tokens"), stack("timing"), stack("chord"), stack("voices"),
+        out = window_loop.decode_window(
+            self.graphdef, self.state, jnp.asarray(np.stack([slot.tokens for slot in padded])),
+            {k: jnp.asarray(np.stack([slot.feats[k] for slot in padded])) for k in features_lib.FEATURE_NAMES},
             jnp.asarray([slot.length for slot in padded], jnp.int32), jnp.asarray(done),
             jnp.asarray([slot.ended for slot in padded]), sounding, jnp.asarray(start),
             jnp.asarray([r.prefix_len for r in rows], jnp.int32),
@@ -576,12 +514,11 @@ class Decoder:
             jnp.asarray([x.temperature for x in samplings], jnp.float32),
             jnp.asarray([x.top_k for x in samplings], jnp.int32),
             jnp.asarray([x.top_p for x in samplings], jnp.float32), row_keys)
-        tokens, timing, chord, voices, length, done_out, ended, sounding, fed_tokens, fed_feats, fed = (
-            jax.device_get(out))
+        tokens, feats, length, done_out, ended, sounding, fed_tokens, fed_feats, fed = jax.device_get(out)
         for b, slot in enumerate(slots):
             if slot.done:
                 continue
-            slot.tokens, slot.timing, slot.chord, slot.voices = tokens[b], timing[b], chord[b], voices[b]
+            slot.tokens, slot.feats = tokens[b], {k: v[b] for k, v in feats.items()}
             slot.length, slot.done, slot.ended = int(length[b]), bool(done_out[b]), bool(ended[b])
             slot.sounding = SoundingState(*(np.asarray(x[b]) for x in sounding))
             slot.windows += int(fed[b] > 0)

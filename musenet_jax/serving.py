@@ -14,6 +14,10 @@ free rows (clients that send together, or send again on a result, arrive a few m
 windows it publishes each piece's progress (seconds of music written) and stops the rows of jobs that were
 cancelled (DELETE, or the client left) or ran past `max_job_seconds`.
 
+A job may instead be infilling tasks (`infilling.InfillTask`, one per sample): each row decodes its task's chunks,
+one window each; when a chunk's row stops, the task takes its piece and the row's next chunk joins the next window
+as a new slot, so infilling rows are batched with the others. Their progress is the seconds of span written.
+
 Bounded: at most `queue_size` jobs wait (`submit` raises `QueueFull`); the newest `keep_finished` finished jobs
 are kept (older ones are forgotten); a result holds its MIDI bytes, and its WAV once asked for.
 
@@ -37,9 +41,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from data_pipeline import encoding, rendering
+from data_pipeline import encoding, infill, rendering
 from data_pipeline.vocab import END, Vocab
-from musenet_jax import decode_rules, sampling
+from musenet_jax import decode_rules, infilling, sampling, window_loop
 
 FINAL = ("done", "failed", "cancelled")
 
@@ -55,7 +59,8 @@ class QueueFull(Exception):
 @dataclasses.dataclass
 class Result:
     """One finished piece: body tokens int32[T] (given primer + generated, no END), how many were given, its length
-    (seconds), whether it ended (END) rather than being stopped, its notes and MIDI bytes, WAV bytes once made."""
+    (seconds), whether it ended (END) rather than being stopped, its notes and MIDI bytes, WAV bytes once made, and
+    for an infilling task the span it rewrote ((start, end) seconds)."""
 
     tokens: np.ndarray
     primer_tokens: int
@@ -64,14 +69,17 @@ class Result:
     notes: list[dict]
     midi: bytes
     wav: bytes | None = None
+    span: tuple[float, float] | None = None
 
 
 class Job:
     """One request of `num_samples` pieces; its state changes only under the scheduler's lock."""
 
-    def __init__(self, requests: Sequence[sampling.Request], target_seconds: float, settings: dict):
+    def __init__(self, requests: Sequence[sampling.Request], target_seconds: float, settings: dict,
+                 tasks: Sequence[infilling.InfillTask] | None = None):
         self.id = uuid.uuid4().hex
-        self.requests = list(requests)
+        self.tasks = None if tasks is None else list(tasks)  # infilling: requests are their first chunks
+        self.requests = list(requests) if tasks is None else [t.next_request() for t in self.tasks]
         self.target_seconds = target_seconds
         self.settings = settings  # the request as understood, echoed to the client
         self.status = "queued"
@@ -147,16 +155,18 @@ class Scheduler:
         self._thread.start()
 
     # -- the clients' side ------------------------------------------------------------------------------
-    def submit(self, requests: Sequence[sampling.Request], target_seconds: float, settings: dict) -> Job:
-        """Queues a job of checked requests (`sampling.check_request`); raises QueueFull."""
-        if not 1 <= len(requests) <= self.max_batch:
+    def submit(self, requests: Sequence[sampling.Request], target_seconds: float, settings: dict,
+               tasks: Sequence[infilling.InfillTask] | None = None) -> Job:
+        """Queues a job of checked requests (`sampling.check_request`), or of infilling tasks (the requests are then
+        their chunks'); raises QueueFull."""
+        job = Job(requests, target_seconds, settings, tasks)
+        if not 1 <= len(job.requests) <= self.max_batch:
             raise ValueError(f"num_samples must be in 1..{self.max_batch}")
-        job = Job(requests, target_seconds, settings)
         with self._cv:
             if self._closed:
                 raise QueueFull(60)
             if len(self._waiting) >= self.queue_size:
-                rows_ahead = sum(len(j.requests) for j in self._waiting) + len(requests)
+                rows_ahead = sum(len(j.requests) for j in self._waiting) + len(job.requests)
                 raise QueueFull(max(1, round((1 + rows_ahead / self.max_batch) * self._seconds_per_job)))
             self._jobs[job.id] = job
             self._waiting.append(job)
@@ -207,7 +217,7 @@ class Scheduler:
             by_rows = {str(k): v for k, v in sorted(self.windows_by_rows.items())}
             return {"queued": len(self._waiting), "jobs": dict(self.counts), "max_batch": self.max_batch,
                     "buckets": self.buckets, "windows_by_rows": by_rows,
-                    "compiled_decode_loops": sampling.TRACE_COUNTS["decode_window"]}
+                    "compiled_decode_loops": window_loop.TRACE_COUNTS["decode_window"]}
 
     def close(self) -> None:
         """Cancels every job (decoding ones stop at their next window) and stops the worker."""
@@ -271,6 +281,7 @@ class Scheduler:
                 continue
             try:
                 self._window(decoder, running)
+                self._next_chunks(decoder, running)
                 fill = self._deliver(running)
             except Exception as e:  # a bug, not bad input (requests are checked at submit): keep serving
                 traceback.print_exc(file=sys.stderr)
@@ -296,7 +307,8 @@ class Scheduler:
         now = time.monotonic()
         with self._cv:
             for job, slots in running:
-                job.progress = [decoder.seconds(slot) for slot in slots]
+                job.progress = ([decoder.seconds(slot) for slot in slots] if job.tasks is None
+                                else [task.seconds_written for task in job.tasks])
                 if now - job.started > self.max_job_seconds:
                     job.timed_out = True
                 if job.cancel_requested or job.timed_out:
@@ -305,17 +317,38 @@ class Scheduler:
         for job, _ in running:
             job.notify()
 
+    def _next_chunks(self, decoder: sampling.Decoder, running: list) -> None:
+        """Infilling rows whose chunk has stopped: their task takes the piece, and the next chunk takes the row (a
+        task that fails ends its job, failed, with the task's one-line reason)."""
+        for job, slots in running:
+            if job.tasks is None or job.cancel_requested or job.timed_out or job.status in FINAL:
+                continue
+            try:
+                for i, (task, slot) in enumerate(zip(job.tasks, slots, strict=True)):
+                    if slot.done and not task.done:
+                        task.accept(decoder.piece(slot))
+                        request = task.next_request()
+                        if request is not None:
+                            slots[i] = decoder.add(request)
+            except sampling.GenerationError as e:
+                for slot in slots:
+                    slot.done = True
+                job.error = str(e)
+
     def _deliver(self, running: list) -> bool:
         """Finishes the jobs whose rows have all stopped (removed from `running`); True if any did."""
         finished = [(job, slots) for job, slots in running if all(slot.done for slot in slots)]
         for job, slots in finished:
             running.remove((job, slots))
-            stopped = job.cancel_requested or job.timed_out
-            results = [] if stopped else [self._result(slot) for slot in slots]
+            stopped = job.cancel_requested or job.timed_out or job.error is not None
+            results = [] if stopped else ([self._result(slot) for slot in slots] if job.tasks is None
+                                          else [self._task_result(task) for task in job.tasks])
             with self._cv:
                 self.counts["rows"] += len(slots)
                 if job.cancel_requested:
                     self._finish(job, "cancelled")
+                elif job.error is not None:
+                    self._finish(job, "failed", job.error)
                 elif job.timed_out:
                     self._finish(job, "failed", f"the job ran past the server's limit of {self.max_job_seconds:g} s")
                 else:
@@ -337,6 +370,21 @@ class Scheduler:
                 midi = f.read()
         return Result(body.astype(np.int32), piece.primer_len, piece.seconds, piece.ended,
                       note_list(notes, self.vocab), midi)
+
+    def _task_result(self, task: infilling.InfillTask) -> Result:
+        done = task.result()
+        vocab, unit_s = self.vocab, self.vocab.config.time_unit_ms / 1000.0
+        body, _ = encoding.notes_to_body(done.notes, vocab)
+        with tempfile.TemporaryDirectory(prefix="musenet-serve-") as tmp:
+            path = os.path.join(tmp, "piece.mid")
+            encoding.notes_to_midi(done.notes, vocab, path, duration_units=done.duration_units)
+            with open(path, "rb") as f:
+                midi = f.read()
+        # The piece keeps its length: a closing rest the encoding does not write is restored by the waits.
+        rest = done.duration_units - int(vocab.wait_units[body].sum())
+        body = np.concatenate([body, infill.wait_tokens(rest, vocab)]).astype(np.int32)
+        return Result(body, 0, done.duration_units * unit_s, True, note_list(done.notes, vocab), midi,
+                      span=(task.span.start * unit_s, task.span.end * unit_s))
 
 
 def note_list(notes: encoding.Notes, vocab: Vocab) -> list[dict]:

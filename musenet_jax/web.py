@@ -1,12 +1,15 @@
 """The HTTP face of `musenet_jax.serving`: a JSON API over the scheduler, and the co-composer page.
 
 Routes (the OpenAPI document at /v1/openapi.json describes the API):
-- `GET /v1/model`: labels, instruments, limits, model size, context, step, openings, whether WAV is served.
+- `GET /v1/model`: labels, instruments, limits, model size, context, step, openings, whether WAV is served, whether
+  the model can infill.
 - `POST /v1/generate` (JSON, `parse_generate`): 202 and a job; `GET /v1/jobs/{id}`: its state and, once done,
   its results; `GET /v1/jobs/{id}/events`: server-sent events (`progress` ..., then `done` / `failed` /
   `cancelled` with the job); `GET /v1/jobs/{id}/samples/{i}.mid` / `.wav`; `DELETE /v1/jobs/{id}`.
   A client that leaves an event stream before its job is final cancels the job (its rows stop at the next
   window); jobs nobody streams are bounded by the scheduler's time limit.
+- `POST /v1/infill` (JSON, `parse_infill`): a result's piece with a span rewritten (`musenet_jax.infilling`), as a
+  job like generate's; each result also says its `span` (seconds).
 - `GET /v1/stats`: the scheduler's counters. `GET /`: the page; `/static/...`: its files (package data).
 
 Safety: every /v1 call needs `Authorization: Bearer <token>` when the app has a token (the server requires one
@@ -41,11 +44,11 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from data_pipeline import encoding
+from data_pipeline import encoding, infill
 from data_pipeline.midi_io import MidiError
 from data_pipeline.musenet_midi.sources import CORPUS_ZIP
 from data_pipeline.vocab import Vocab
-from musenet_jax import sampling, serving
+from musenet_jax import infilling, sampling, serving
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 # The page's scripts are ES modules, which browsers run only when served with a JavaScript type. StaticFiles
@@ -58,6 +61,8 @@ KEEPALIVE_S = 15.0  # an event stream sends a comment this often, so proxies and
 _SAMPLE_NAME = re.compile(r"^(\d{1,3})\.(mid|wav)$")
 _FIELDS = {"label", "instruments", "seconds", "temperature", "top_p", "top_k", "seed", "num_samples",
            "primer_midi", "primer_seconds", "opening", "continue_from"}
+_INFILL_FIELDS = {"label", "tokens", "from_seconds", "to_seconds", "instruments", "temperature", "top_p", "top_k",
+                  "seed", "num_samples"}
 
 
 class BadRequest(HTTPException):
@@ -137,9 +142,7 @@ def parse_generate(body, vocab: Vocab, model_config, limits: Limits, openings: d
     unknown = sorted(set(body) - _FIELDS)
     if unknown:
         raise BadRequest(f"unknown field {unknown[0]!r}; fields: {', '.join(sorted(_FIELDS))}")
-    label = body.get("label")
-    if label is not None and not isinstance(label, str):
-        raise BadRequest("label must be a string or null")
+    label = _label_field(body)
     instruments = body.get("instruments")
     if (not isinstance(instruments, list) or not instruments or len(instruments) > 64
             or not all(isinstance(x, str) for x in instruments)):
@@ -149,25 +152,7 @@ def parse_generate(body, vocab: Vocab, model_config, limits: Limits, openings: d
         raise BadRequest("seconds is required")
     if not 0 < seconds <= limits.max_seconds:
         raise BadRequest(f"seconds must be in (0, {limits.max_seconds:g}] on this server, got {seconds:g}")
-    num_samples = _number(body, "num_samples", 1, integer=True)
-    if not 1 <= num_samples <= limits.max_num_samples:
-        raise BadRequest(f"num_samples must be in 1..{limits.max_num_samples}, got {num_samples}")
-    seed = _number(body, "seed", integer=True)
-    if seed is None:
-        seed = random.SystemRandom().randrange(1 << 31)
-    if not 0 <= seed < 1 << 31:
-        raise BadRequest(f"seed must be in 0..{(1 << 31) - 1}")
-    temperature = _number(body, "temperature", 1.0)
-    top_p = _number(body, "top_p", 1.0)
-    top_k = _number(body, "top_k", 0, integer=True)
-    if not 0 < temperature <= 100:
-        raise BadRequest(f"temperature must be in (0, 100], got {temperature:g}")
-    if not 0 <= top_k <= vocab.size:
-        raise BadRequest(f"top_k must be in 0..{vocab.size} (0: off), got {top_k}")
-    try:
-        config = sampling.SamplingConfig(float(temperature), int(top_k), float(top_p))
-    except sampling.GenerationError as e:
-        raise BadRequest(str(e)) from None
+    config, seed, num_samples, drawn = _sampling_fields(body, vocab, limits)
 
     primer, given = None, [k for k in ("primer_midi", "opening", "continue_from") if body.get(k) is not None]
     if len(given) > 1:
@@ -200,8 +185,7 @@ def parse_generate(body, vocab: Vocab, model_config, limits: Limits, openings: d
                 or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab.size for t in tokens)):
             raise BadRequest(f"continue_from must be a result's tokens: 1..{cap} token ids in 0..{vocab.size - 1}")
         primer = tokens
-    settings = {"label": label, "instruments": names, "seconds": seconds, "temperature": temperature,
-                "top_p": top_p, "top_k": top_k, "seed": seed, "num_samples": num_samples,
+    settings = {"label": label, "instruments": names, "seconds": seconds, **drawn,
                 "primer": given[0] if given else None, "primer_seconds": primer_seconds}
     if given == ["opening"]:
         settings["opening"] = body["opening"]
@@ -213,6 +197,91 @@ def parse_generate(body, vocab: Vocab, model_config, limits: Limits, openings: d
     except sampling.GenerationError as e:
         raise BadRequest(str(e)) from None
     return requests, float(seconds), settings
+
+
+def _label_field(body: dict) -> str | None:
+    label = body.get("label")
+    if label is not None and not isinstance(label, str):
+        raise BadRequest("label must be a string or null")
+    return label
+
+
+def _sampling_fields(body: dict, vocab: Vocab, limits: Limits) -> tuple[sampling.SamplingConfig, int, int, dict]:
+    """(sampling config, seed, num_samples, the settings as understood) of a request body; BadRequest if bad."""
+    num_samples = _number(body, "num_samples", 1, integer=True)
+    if not 1 <= num_samples <= limits.max_num_samples:
+        raise BadRequest(f"num_samples must be in 1..{limits.max_num_samples}, got {num_samples}")
+    seed = _number(body, "seed", integer=True)
+    if seed is None:
+        seed = random.SystemRandom().randrange(1 << 31)
+    if not 0 <= seed < 1 << 31:
+        raise BadRequest(f"seed must be in 0..{(1 << 31) - 1}")
+    temperature = _number(body, "temperature", 1.0)
+    top_p = _number(body, "top_p", 1.0)
+    top_k = _number(body, "top_k", 0, integer=True)
+    if not 0 < temperature <= 100:
+        raise BadRequest(f"temperature must be in (0, 100], got {temperature:g}")
+    if not 0 <= top_k <= vocab.size:
+        raise BadRequest(f"top_k must be in 0..{vocab.size} (0: off), got {top_k}")
+    try:
+        config = sampling.SamplingConfig(float(temperature), int(top_k), float(top_p))
+    except sampling.GenerationError as e:
+        raise BadRequest(str(e)) from None
+    return config, seed, num_samples, {"temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
+                                       "num_samples": num_samples}
+
+
+def parse_infill(body, vocab: Vocab, model_config, limits: Limits) -> tuple[list, float, dict]:
+    """A /v1/infill body -> (one `infilling.InfillTask` per sample, the span's seconds, the settings understood).
+
+    The body names a result's piece (`tokens`, its body tokens), the span (`from_seconds`, `to_seconds`) and
+    optionally the `instruments` to regenerate in it (default: every one); the rest is as for /v1/generate.
+    Raises BadRequest (400, one line) for anything the infiller would refuse.
+    """
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    unknown = sorted(set(body) - _INFILL_FIELDS)
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}; fields: {', '.join(sorted(_INFILL_FIELDS))}")
+    if not vocab.config.infill:
+        raise BadRequest("this model's vocabulary has no infilling tokens (format v1, from before infilling): it can "
+                         "only continue a piece")
+    label = _label_field(body)
+    tokens = body.get("tokens")
+    cap = sampling.default_max_tokens(limits.max_seconds, model_config)
+    if (not isinstance(tokens, list) or not tokens or len(tokens) > cap
+            or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab.size for t in tokens)):
+        raise BadRequest(f"tokens must be a result's tokens: 1..{cap} token ids in 0..{vocab.size - 1}")
+    tokens = np.asarray(tokens, np.int64)
+    if not np.isin(vocab.kind[tokens], sampling.BODY_KINDS).all():
+        raise BadRequest("tokens must be a piece's body (waits and notes), as a result gives them")
+    notes, duration = encoding.decode_tokens(tokens, vocab)
+    unit_s = vocab.config.time_unit_ms / 1000.0
+    lo, hi = _number(body, "from_seconds"), _number(body, "to_seconds")
+    if lo is None or hi is None:
+        raise BadRequest("from_seconds and to_seconds are required")
+    if not 0 <= lo < hi:
+        raise BadRequest(f"the span {lo:g}..{hi:g} s is empty or negative")
+    if hi > duration * unit_s + 1e-9:
+        raise BadRequest(f"the span ends at {hi:g} s, after the piece's {duration * unit_s:g} s")
+    span = infill.Span(round(lo / unit_s), round(hi / unit_s))
+    names = body.get("instruments")
+    if names is not None:
+        present = {vocab.instruments.names[i] for i in np.unique(notes.instrument).tolist()}
+        if (not isinstance(names, list) or not names or len(names) > 64
+                or not all(isinstance(x, str) and x.strip() in present for x in names)):
+            raise BadRequest(f"instruments must be a non-empty list of the piece's instruments "
+                             f"({', '.join(sorted(present)) or 'none'}) or null")
+        span = infill.Span(span.start, span.end, tuple(sorted({vocab.instruments.index(x.strip()) for x in names})))
+    config, seed, num_samples, drawn = _sampling_fields(body, vocab, limits)
+    try:
+        tasks = [infilling.InfillTask(model_config.max_len, vocab, notes, duration, span, label=label,
+                                      sampling_config=config, seed=seed, sample=i) for i in range(num_samples)]
+        sampling.check_request(model_config, vocab, tasks[0].next_request())  # asking again gives the same chunk
+    except sampling.GenerationError as e:
+        raise BadRequest(str(e)) from None
+    settings = {"label": label, "from_seconds": lo, "to_seconds": hi, "instruments": names, **drawn}
+    return tasks, (span.end - span.start) * unit_s, settings
 
 
 def _opening(midi: bytes, vocab: Vocab, seconds: float | None, instruments: list[str]) -> list[int]:
@@ -246,7 +315,7 @@ def create_app(scheduler: serving.Scheduler, *, model_info: dict, limits: Limits
         view = scheduler.view(job)
         base = f"/v1/jobs/{job.id}"
         view["results"] = [{"index": i, "tokens": r.tokens.tolist(), "primer_tokens": r.primer_tokens,
-                            "seconds": r.seconds, "ended": r.ended, "notes": r.notes,
+                            "seconds": r.seconds, "ended": r.ended, "notes": r.notes, "span": r.span,
                             "midi_url": f"{base}/samples/{i}.mid",
                             "wav_url": f"{base}/samples/{i}.wav" if scheduler.audio else None}
                            for i, r in enumerate(view["results"])]
@@ -257,28 +326,39 @@ def create_app(scheduler: serving.Scheduler, *, model_info: dict, limits: Limits
         return JSONResponse({
             "labels": list(vocab.config.labels), "instruments": list(vocab.instruments.names), **model_info,
             "limits": dataclasses.asdict(limits), "audio": scheduler.audio is not None,
-            "time_unit_ms": vocab.config.time_unit_ms,
+            "time_unit_ms": vocab.config.time_unit_ms, "infill": vocab.config.infill,
             "openings": [{"name": o.name, "label": o.label, "instruments": list(o.instruments),
                           "seconds": o.seconds} for o in openings.values()]})
 
-    async def generate(request: Request):
+    async def queue(request: Request, max_bytes: int, parse) -> JSONResponse:
+        """A JSON body read (at most `max_bytes`), parsed off the event loop (reading MIDI and checking primers is
+        CPU work) into the scheduler's arguments, and queued: 202 and the job's address."""
         if "json" not in request.headers.get("content-type", ""):
             raise BadRequest("send the request as JSON (Content-Type: application/json)", 415)
-        raw = await _read_body(request, 4 * (limits.max_upload_bytes // 3 + 2) + 65536)
+        raw = await _read_body(request, max_bytes)
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BadRequest(f"malformed JSON: {str(e).splitlines()[0][:120]}") from None
-        # Reading MIDI and checking primers is CPU work: off the event loop.
-        requests, seconds, settings = await asyncio.to_thread(parse_generate, body, vocab, model_config, limits,
-                                                              openings)
+        submit = await asyncio.to_thread(parse, body)
         try:
-            job = scheduler.submit(requests, seconds, settings)
+            job = scheduler.submit(*submit)
         except serving.QueueFull as e:
             return JSONResponse({"error": str(e)}, status_code=429, headers={"Retry-After": str(e.retry_after)})
-        return JSONResponse({"id": job.id, "status": job.status, "seed": settings["seed"],
+        return JSONResponse({"id": job.id, "status": job.status, "seed": job.settings["seed"],
                              "urls": {"self": f"/v1/jobs/{job.id}", "events": f"/v1/jobs/{job.id}/events"}},
                             status_code=202)
+
+    async def generate(request: Request):
+        return await queue(request, 4 * (limits.max_upload_bytes // 3 + 2) + 65536,
+                           lambda body: parse_generate(body, vocab, model_config, limits, openings))
+
+    async def infill_span(request: Request):
+        def parse(body):
+            tasks, seconds, settings = parse_infill(body, vocab, model_config, limits)
+            return [], seconds, settings, tasks
+
+        return await queue(request, 8 * sampling.default_max_tokens(limits.max_seconds, model_config) + 65536, parse)
 
     async def get_job(request: Request):
         return JSONResponse(job_json(job_or_404(request)))
@@ -366,6 +446,7 @@ def create_app(scheduler: serving.Scheduler, *, model_info: dict, limits: Limits
         Route("/v1/openapi.json", openapi),
         Route("/v1/stats", stats),
         Route("/v1/generate", generate, methods=["POST"]),
+        Route("/v1/infill", infill_span, methods=["POST"]),
         Route("/v1/jobs/{job_id}", get_job),
         Route("/v1/jobs/{job_id}", delete_job, methods=["DELETE"]),
         Route("/v1/jobs/{job_id}/events", events),
@@ -431,11 +512,22 @@ def openapi_document(limits: Limits) -> dict:
                            "opening": {"type": ["string", "null"], "description": "a /v1/model opening name"},
                            "continue_from": {"type": ["array", "null"], "items": {"type": "integer"},
                                              "description": "an earlier result's tokens, to continue it"}}}
+    infill_schema = {"type": "object", "additionalProperties": False,
+                     "required": ["tokens", "from_seconds", "to_seconds"], "properties": {
+                         "tokens": {"type": "array", "items": {"type": "integer"},
+                                    "description": "a result's tokens: the piece whose span is rewritten"},
+                         "from_seconds": {"type": "number", "minimum": 0},
+                         "to_seconds": {"type": "number", "description": "the span's end, within the piece"},
+                         "instruments": {"type": ["array", "null"], "items": {"type": "string"},
+                                         "description": "the piece's instruments to regenerate (null: all)"},
+                         **{k: generate_schema["properties"][k] for k in ("label", "temperature", "top_p", "top_k",
+                                                                           "seed", "num_samples")}}}
     result = {"type": "object", "properties": {
         "index": {"type": "integer"}, "tokens": {"type": "array", "items": {"type": "integer"}},
         "primer_tokens": {"type": "integer"}, "seconds": {"type": "number"}, "ended": {"type": "boolean"},
         "notes": {"type": "array", "items": {"type": "object"}}, "midi_url": {"type": "string"},
-        "wav_url": {"type": ["string", "null"]}}}
+        "wav_url": {"type": ["string", "null"]},
+        "span": {"type": ["array", "null"], "items": {"type": "number"}, "description": "an infill's (from, to) s"}}}
     job = {"type": "object", "properties": {
         "id": {"type": "string"}, "status": {"enum": ["queued", "running", *serving.FINAL]},
         "error": {"type": ["string", "null"]}, "progress": {"type": "array", "items": {"type": "number"}},
@@ -444,7 +536,7 @@ def openapi_document(limits: Limits) -> dict:
     job_param = [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}]
     return {
         "openapi": "3.1.0", "info": {"title": "musenet-serve", "version": "1"},
-        "components": {"schemas": {"Generate": generate_schema, "Job": job},
+        "components": {"schemas": {"Generate": generate_schema, "Infill": infill_schema, "Job": job},
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
         "security": [{"bearer": []}],
         "paths": {
@@ -454,6 +546,12 @@ def openapi_document(limits: Limits) -> dict:
                 "summary": "queue a job of num_samples pieces",
                 "requestBody": {"required": True, "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/Generate"}}}},
+                "responses": {"202": {"description": "queued"}, "400": error, "401": error, "413": error,
+                              "415": error, "429": error}}},
+            "/v1/infill": {"post": {
+                "summary": "queue a job of num_samples rewrites of a span of a result's piece",
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/Infill"}}}},
                 "responses": {"202": {"description": "queued"}, "400": error, "401": error, "413": error,
                               "415": error, "429": error}}},
             "/v1/jobs/{job_id}": {

@@ -47,8 +47,8 @@ def expected_param_count(c: model_lib.ModelConfig) -> int:
     block = attention + mlp + 2 * 2 * d  # two LayerNorms (scale, bias)
     head = 0 if c.tie_embeddings else d * vp
     # The factored table's rows, counted from the layout as `data_pipeline.vocab.token_parts` documents them.
-    w, i, v, p, n_labels = VOCAB.layout()
-    tokens = (3 + i + 1 + n_labels + w + 2 * i * p + i * v + 128 + v if c.token_embedding == "factored" else vp)
+    w, i, v, p, n_labels, x = VOCAB.layout()
+    tokens = (3 + i + 1 + x + n_labels + w + 2 * i * p + i * v + 128 + v if c.token_embedding == "factored" else vp)
     return tokens * d + tables * d + c.num_layers * block + 2 * d + head
 
 

@@ -156,12 +156,12 @@ async function pollJob(url, onProgress, signal) {
 }
 
 // One generation request. Returns a handle at once ({cancel, done: Promise of the final job}).
-export function startJob(body, { onQueued, onProgress }) {
+export function startJob(body, path, { onQueued, onProgress }) {
   const controller = new AbortController();
   let jobId = null;
   let cancelled = false;
   const done = (async () => {
-    const started = await api("/v1/generate", { method: "POST", body, signal: controller.signal });
+    const started = await api(path, { method: "POST", body, signal: controller.signal });
     jobId = started.id;
     onQueued(started);
     if (cancelled) api(`/v1/jobs/${jobId}`, { method: "DELETE" }).catch(() => {});

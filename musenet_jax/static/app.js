@@ -2,7 +2,8 @@
 //
 // Simple mode: one request of four candidates, each drawn as a piano roll, playable, downloadable.
 // Step-by-step mode: a tree of takes kept in the page; extending a take sends its tokens back as
-// `continue_from`, and the chosen candidate becomes a child of that take.
+// `continue_from`, and the chosen candidate becomes a child of that take. A span of a take can be rewritten
+// (/v1/infill: the music before and after it kept); a kept rewrite is a child take of the same length.
 //
 // The page's modules: dom.js (helpers, the error line), api.js (the API, token, jobs and their event stream),
 // settings.js (the model and the settings form), midi.js (reading an uploaded MIDI file), synth.js (playback),
@@ -11,8 +12,8 @@
 import { api } from "./api.js";
 import { generateInto } from "./cards.js";
 import { $, clearError, el, fmtSeconds, showError, slug } from "./dom.js";
-import { applyOpeningChoice, maxSeconds, readNumber, readUpload, samplingSettings, showModel, startSettings,
-  state } from "./settings.js";
+import { applyOpeningChoice, drawSettings, maxSeconds, readNumber, readUpload, samplingSettings, showModel,
+  startSettings, state } from "./settings.js";
 import { audio, stopPlayback } from "./synth.js";
 import { addTake, refreshRoot, renderCurrent, renderTree, resetTree, tree } from "./tree.js";
 
@@ -86,6 +87,7 @@ async function onExtend(event) {
     return;
   }
   tree.busy = true;
+  $("#regenerate").disabled = true;
   const heading = el("h2", { class: "candidates-title",
     text: `Continuations of ${parent.name} (${fmtSeconds(parent.seconds)} → ${fmtSeconds(body.seconds)})` });
   try {
@@ -93,14 +95,55 @@ async function onExtend(event) {
       body, container: $("#advanced-results"), legend: $("#advanced-legend"), status: $("#extend-status"),
       button: $("#extend"), cancelButton: $("#extend-cancel"), given: parent.seconds, heading,
       filenameOf: (result, job) => `musenet-${slug(body.label || "any")}-seed${job.seed}-${result.index + 1}.mid`,
-      extrasOf: (result, job) => [el("button", { type: "button", class: "button keep",
-        text: "Keep this take", "aria-label": `Keep candidate ${result.index + 1}`,
-        onclick: () => keepTake(parent, result, { seed: job.seed, label: body.label }) })],
+      extrasOf: keepButton(parent, body.label),
     });
   } finally {
     tree.busy = false;
     renderCurrent();
   }
+}
+
+// A span of the current take rewritten: the candidates keep the take's length, and a kept one becomes its child.
+async function onRegenerate(event) {
+  event.preventDefault();
+  clearError();
+  const parent = tree.current;
+  let body;
+  try {
+    const from = readNumber($("#span-from"), { name: "Regenerate from", min: 0, max: parent.seconds });
+    const to = readNumber($("#span-to"), { name: "Regenerate to", min: 0, max: parent.seconds });
+    if (!(to - from >= 0.1)) throw new Error("The span must last at least 0.1 s: set 'to' after 'from'.");
+    const part = $("#span-parts").value;
+    body = { ...drawSettings(), tokens: parent.tokens, from_seconds: from, to_seconds: to,
+      instruments: part ? [part] : null };
+  } catch (e) {
+    showError(e.message);
+    return;
+  }
+  tree.busy = true;
+  $("#extend").disabled = true;
+  const what = body.instruments ? `the ${body.instruments[0]} of ` : "";
+  const heading = el("h2", { class: "candidates-title", text: `Rewrites of ${what}${parent.name}, `
+    + `${fmtSeconds(body.from_seconds)} to ${fmtSeconds(body.to_seconds)}` });
+  try {
+    await generateInto({
+      body, container: $("#advanced-results"), legend: $("#advanced-legend"), status: $("#span-status"),
+      button: $("#regenerate"), cancelButton: $("#span-cancel"), given: 0, heading, path: "/v1/infill",
+      target: body.to_seconds - body.from_seconds,
+      filenameOf: (result, job) => `musenet-${slug(body.label || "any")}-seed${job.seed}-${result.index + 1}.mid`,
+      extrasOf: keepButton(parent, body.label),
+    });
+  } finally {
+    tree.busy = false;
+    renderCurrent();
+  }
+}
+
+// A candidate's "Keep this take" button: the kept candidate becomes a child of `parent`.
+function keepButton(parent, label) {
+  return (result, job) => [el("button", { type: "button", class: "button keep", text: "Keep this take",
+    "aria-label": `Keep candidate ${result.index + 1}`,
+    onclick: () => keepTake(parent, result, { seed: job.seed, label }) })];
 }
 
 function keepTake(parent, result, info) {
@@ -185,6 +228,7 @@ function init() {
   $("#settings").addEventListener("submit", (event) => event.preventDefault());
   $("#simple-form").addEventListener("submit", onGenerate);
   $("#extend-form").addEventListener("submit", onExtend);
+  $("#span-form").addEventListener("submit", onRegenerate);
   $("#new-piece").addEventListener("click", onNewPiece);
   document.addEventListener("keydown", (event) => {
     if (event.key === "Escape" && audio.playing) stopPlayback();

@@ -36,7 +36,8 @@ function fillCard(card, result, { given, filename, extra = [] }) {
   // A piece that did not end by itself was stopped at the server's token cap: say so, as it may stop abruptly.
   meta.textContent = `${fmtSeconds(result.seconds)} · ${result.notes.length} notes${result.ended ? "" : " · cut"}`;
   meta.title = result.ended ? "" : "Stopped at the most tokens a piece may have; it may end abruptly";
-  const roll = new Roll({ notes: result.notes, seconds: result.seconds, given,
+  const roll = new Roll({ notes: result.notes, seconds: result.seconds, given: result.span ? 0 : given,
+    span: result.span,
     label: `Piano roll of ${name}: ${instruments.map(prettyLabel).join(", ") || "no notes"}` });
   card.querySelector(".card-body").replaceChildren(roll.el);
   const actions = card.querySelector(".card-actions");
@@ -58,20 +59,20 @@ function failCard(card, message) {
 
 // Runs one request into a set of cards; resolves to the results (or null if it failed or was cancelled).
 export async function generateInto({ body, container, legend, status, button, cancelButton, given, filenameOf,
-  extrasOf, heading }) {
+  extrasOf, heading, path = "/v1/generate", target = body.seconds }) {
   clearError();
   stopPlayback();
   const count = body.num_samples;
-  const cards = Array.from({ length: count }, (_, i) => candidateCard(i, body.seconds));
+  const cards = Array.from({ length: count }, (_, i) => candidateCard(i, target));
   container.replaceChildren(...(heading ? [heading] : []), ...cards);
   container.dataset.state = "running";
   legend.replaceChildren();
   button.disabled = true;
   status.textContent = "Sending…";
-  const job = startJob(body, {
+  const job = startJob(body, path, {
     onQueued: (started) => { status.textContent = `Queued · seed ${started.seed}`; },
     onProgress: (update) => {
-      const total = update.target_seconds || body.seconds;
+      const total = update.target_seconds || target;
       (update.progress || []).forEach((done, i) => cards[i] && cards[i].setProgress(done, total));
       status.textContent = "Writing music…";
     },

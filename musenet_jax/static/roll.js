@@ -34,10 +34,12 @@ function drumRow(pitch) {
 export class Roll {
   // notes: the API's note objects; seconds: the piece's length; given: seconds at the start that were
   // given (an opening or an earlier take), shaded so that the new part stands out.
-  constructor({ notes, seconds, given = 0, height = 170, label = "Piano roll" }) {
+  // span: [from, to] seconds of a rewritten stretch (an infilled take), shaded between dashed lines.
+  constructor({ notes, seconds, given = 0, span = null, height = 170, label = "Piano roll" }) {
     this.notes = notes || [];
     this.seconds = Math.max(seconds || 0, ...this.notes.map((n) => n.end), 0.5);
     this.given = given;
+    this.span = span;
     this.height = height;
     this.canvas = el("canvas", { class: "roll-canvas", role: "img", "aria-label": label });
     this.cursor = el("div", { class: "roll-cursor", hidden: true });
@@ -134,6 +136,20 @@ export class Roll {
     }
     g.textAlign = "left";
 
+    if (this.span) {
+      const [a, b] = this.span.map((t) => x(Math.min(t, this.seconds)));
+      g.fillStyle = "rgba(242,193,78,0.08)";
+      g.fillRect(a, top, b - a, height - axis - top);
+      g.strokeStyle = "rgba(242,193,78,0.7)";
+      g.setLineDash([4, 3]);
+      for (const gx of [a, b]) {
+        g.beginPath();
+        g.moveTo(Math.round(gx) + 0.5, top);
+        g.lineTo(Math.round(gx) + 0.5, height - axis);
+        g.stroke();
+      }
+      g.setLineDash([]);
+    }
     if (this.given > 0) {
       const gx = x(Math.min(this.given, this.seconds));
       g.fillStyle = "rgba(255,255,255,0.045)";

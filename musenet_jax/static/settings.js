@@ -91,10 +91,14 @@ export function readNumber(input, { name, min = -Infinity, max = Infinity, integ
 export function samplingSettings() {
   const instruments = selectedInstruments();
   if (!instruments.length) throw new Error("Choose at least one instrument.");
+  return { ...drawSettings(), instruments };
+}
+
+// The style and the sampling settings alone (a span's rewrite keeps the take's instruments).
+export function drawSettings() {
   const style = $("#style").value;
   return {
     label: style === "none" ? null : style,
-    instruments,
     temperature: Number($("#temperature").value),
     top_p: readNumber($("#top-p"), { name: "Top-p", min: 0.01, max: 1 }),
     top_k: readNumber($("#top-k"), { name: "Top-k", min: 0, integer: true }),

@@ -52,7 +52,9 @@ export function renderTree() {
   const item = (node) => {
     const isCurrent = node === tree.current;
     const onPath = nodePath(tree.current).includes(node);
-    const delta = node.parent === null ? "" : `+${fmtSeconds(node.seconds - tree.nodes.get(node.parent).seconds)}`;
+    const delta = node.parent === null ? "" : node.span
+      ? `↻ ${(Math.round(node.span[0] * 10) / 10).toFixed(1)}–${fmtSeconds(node.span[1])}`
+      : `+${fmtSeconds(node.seconds - tree.nodes.get(node.parent).seconds)}`;
     const button = el("button", { type: "button", class: `node${isCurrent ? " current" : ""}${onPath ? " on-path"
       : ""}`, "aria-current": isCurrent ? "true" : null, dataset: { node: String(node.id) },
     title: node.parent === null ? node.name : `${node.name}: ${fmtSeconds(node.seconds)} (seed ${node.seed}, `
@@ -82,6 +84,8 @@ export function renderCurrent() {
   if (!node) return;
   const room = maxSeconds() - node.seconds;
   $("#extend").disabled = tree.busy || room < 0.5;
+  $("#regenerate").disabled = tree.busy;
+  showSpanForm(node);
   if (room < 0.5 && !tree.busy) {
     $("#extend-status").textContent = `This take is as long as the model allows (${fmtSeconds(maxSeconds())}).`;
   }
@@ -98,8 +102,8 @@ export function renderCurrent() {
   $("#current-legend").replaceChildren();
   if (node.notes && (node.notes.length || node.parent !== null)) {
     const parent = node.parent === null ? null : tree.nodes.get(node.parent);
-    const roll = new Roll({ notes: node.notes, seconds: node.seconds, given: parent ? parent.seconds : 0,
-      height: 200, label: `Piano roll of ${node.name}` });
+    const roll = new Roll({ notes: node.notes, seconds: node.seconds, given: parent && !node.span ? parent.seconds
+      : 0, span: node.span, height: 200, label: `Piano roll of ${node.name}` });
     view.replaceChildren(roll.el);
     renderLegend($("#current-legend"), node.notes.map((n) => n.instrument), instrumentOrder());
     actions.append(playButton(roll, node.notes, node.seconds, node.name));
@@ -120,6 +124,28 @@ export function renderCurrent() {
   }
 }
 
+// The span form: offered for a take with music when the model can infill (/v1/model `infill`: a model from
+// before infilling cannot). Its parts are the take's instruments; its times stay inside the take.
+let spanFormFor = null;
+
+function showSpanForm(node) {
+  const form = $("#span-form");
+  form.hidden = !(state.model && state.model.infill && node.tokens && node.tokens.length && node.seconds >= 0.5);
+  if (form.hidden || spanFormFor === node) return;
+  spanFormFor = node;
+  const parts = [...new Set(node.notes.map((n) => n.instrument))].sort(
+    (a, b) => instrumentOrder().indexOf(a) - instrumentOrder().indexOf(b));
+  $("#span-parts").replaceChildren(el("option", { value: "", text: "All parts" }),
+    ...parts.map((p) => el("option", { value: p, text: `Only ${p}` })));
+  const from = $("#span-from");
+  const to = $("#span-to");
+  from.max = to.max = String(node.seconds);
+  if (Number(to.value) > node.seconds || Number(from.value) >= Number(to.value)) {
+    to.value = String(Math.floor(node.seconds * 2) / 2);
+    from.value = String(Math.max(0, Number(to.value) - 2));
+  }
+}
+
 function selectNode(node) {
   if (tree.current === node) return;
   stopPlayback();
@@ -134,7 +160,7 @@ export function addTake(parent, result, { seed, label }) {
   tree.taken += 1;
   const node = { id, parent: parent.id, children: [], name: `Take ${tree.taken}`, seconds: result.seconds,
     notes: result.notes, tokens: result.tokens, midiUrl: result.midi_url, wavUrl: result.wav_url,
-    seed, sample: result.index, ended: result.ended };
+    seed, sample: result.index, ended: result.ended, span: result.span || null };
   node.filename = `musenet-${slug(label || "any")}-take${tree.taken}-${Math.round(result.seconds)}s.mid`;
   tree.nodes.set(id, node);
   parent.children.push(node);

@@ -617,3 +617,47 @@ def test_start_batch_resumes_the_global_stream_on_another_process_count(records,
         it = ip.make_train_iterator(records, vocab, _config(batch_size=4 // process_count, num_epochs=1),
                                     process_index=0, process_count=process_count, start_batch=1)
         assert len(list(it)) == examples // 4 - 1
+
+
+def test_task_examples_are_infilling_sequences_with_the_sentinels_unscored(pieces, vocab):
+    """With the mix on, about its share of the examples are infilling / accompaniment sequences (`hole` ... `fill`
+    ... `end`), laid out like windows (prefix, then the sequence, padding) with `hole` and `fill` never scored and
+    the features of `data_pipeline.infill`; the rest are the windows the mix-free stream gives."""
+    config = _config(infill_rate=0.4, accompany_rate=0.2, transpose=True, volume=True, stretch=True)
+    plain = _config(transpose=True, volume=True, stretch=True)
+    tasks, same = 0, 0
+    for index in range(120):
+        piece = pieces[index % len(pieces)]
+        example = ip.train_example(piece, vocab, config, np.random.default_rng((0, index)))
+        seq = np.concatenate([example["inputs"], example["targets"][-1:]])
+        assert len(example["inputs"]) == SEQ_LEN
+        if vocab.hole not in seq:
+            continue
+        tasks += 1
+        hole, fill = int(np.flatnonzero(seq == vocab.hole)[0]), int(np.flatnonzero(seq == vocab.fill)[0])
+        assert hole < fill and (seq == vocab.hole).sum() == (seq == vocab.fill).sum() == 1
+        assert START in seq[:hole]  # the prefix (and `before`) come first
+        assert example["loss_mask"][hole - 1] == example["loss_mask"][fill - 1] == 0  # never targets
+        ends = np.flatnonzero(seq == END)
+        assert len(ends) == 1 and ends[0] > fill and example["loss_mask"][ends[0] - 1] == 1
+        assert example["timing"][hole] == 0 and example["timing"][fill] == 0 and example["sounding"][fill] == 0
+        mid = slice(fill + 1, ends[0])
+        assert np.all(np.isin(vocab.kind[seq[mid]], (TokenKind.WAIT, TokenKind.NOTE_ON, TokenKind.NOTE_OFF,
+                                                     TokenKind.DRUM)))
+        assert np.all(np.diff(example["timing"][fill:ends[0]]) >= 0)  # the middle's time restarts at S
+    assert 0.4 * 120 <= tasks <= 0.8 * 120
+    # Mix off: the stream is exactly the mix-free one (the task draws are not made at all).
+    for index in range(5):
+        a = ip.train_example(pieces[index], vocab, plain, np.random.default_rng((0, index)))
+        b = ip.train_example(pieces[index], vocab, _config(transpose=True, volume=True, stretch=True,
+                                                           infill_rate=0.0), np.random.default_rng((0, index)))
+        same += all(np.array_equal(a[k], b[k]) for k in a)
+    assert same == 5
+
+
+def test_the_mix_needs_a_vocabulary_with_infilling_tokens(records):
+    old = Vocab(dataclasses.replace(NARROW, infill=False))
+    with pytest.raises(ValueError, match=r"format v1.*rebuild the dataset, or set both to 0"):
+        ip.make_train_dataset(records, old, _config(infill_rate=0.3))
+    with pytest.raises(ValueError, match=r"infill_rate \+ accompany_rate must be <= 1"):
+        _config(infill_rate=0.7, accompany_rate=0.4)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
 import pytest
 
 from data_pipeline import instruments
+from data_pipeline import vocab as vocab_lib
 from data_pipeline.vocab import (
     END,
     PAD,
@@ -24,7 +26,7 @@ from data_pipeline.vocab import (
 def test_default_layout_sizes():
     vocab = Vocab()
     i, v, p, w = 9, 16, 128, 128
-    assert vocab.size == 3 + w + i * v * p + i * p + v * 128 + 10
+    assert vocab.size == 3 + w + i * v * p + i * p + v * 128 + 10 + 2  # + hole, fill
     assert (PAD, START, END) == (0, 1, 2)
     counts = np.bincount(vocab.kind, minlength=7)
     assert counts[TokenKind.NOTE_ON] == i * v * p
@@ -98,7 +100,7 @@ def test_vocab_json_round_trip(tmp_path):
     again = Vocab.load(tmp_path / "vocab.json")
     assert again == vocab and again.size == vocab.size
     (tmp_path / "bad.json").write_text('{"format": "something-else"}')
-    with pytest.raises(ValueError, match="musenet-vocab-v1"):
+    with pytest.raises(ValueError, match="musenet-vocab-v2"):
         Vocab.load(tmp_path / "bad.json")
 
 
@@ -140,3 +142,41 @@ def test_prefix_order():
     assert vocab.to_text(vocab.prefix(None, [])) == "start"
     with pytest.raises(ValueError, match="unknown label"):
         vocab.prefix("mozart", [0])
+
+
+def test_task_tokens_sit_before_the_labels_and_read_as_text():
+    vocab = Vocab(VocabConfig(labels=("bach", "mozart")))
+    assert vocab.label_base == vocab.task_base + 2 == vocab.instrument_base + vocab.instruments.num_classes + 2
+    assert vocab.to_text([vocab.hole, vocab.fill]) == "hole fill"
+    assert list(vocab.from_text("hole fill bach")) == [vocab.hole, vocab.fill, vocab.label_token("bach")]
+    assert vocab.kind[vocab.hole] == vocab.kind[vocab.fill] == TokenKind.TASK
+    assert vocab.layout()[-1] == 2
+    with pytest.raises(ValueError, match="reserved"):
+        VocabConfig(labels=("hole",))
+
+
+def test_a_v1_vocab_json_loads_without_task_tokens_and_keeps_its_ids(tmp_path):
+    """A vocab.json written before infilling (format v1, no `infill` field) gives the ids it gave then: no task
+    block, labels right after the instruments, the 5-entry layout its models were saved with."""
+    new = Vocab(VocabConfig(labels=("bach", "freedoom")))
+    old_json = json.loads(new.to_json())
+    del old_json["infill"]
+    old_json["format"], old_json["size"] = "musenet-vocab-v1", new.size - 2
+    (tmp_path / "vocab.json").write_text(json.dumps(old_json))
+    old = Vocab.load(tmp_path / "vocab.json")
+    assert not old.config.infill and old.size == new.size - 2
+    assert old.label_base == old.task_base == new.task_base
+    assert old.label_token("freedoom") == new.label_token("freedoom") - 2
+    assert len(old.layout()) == 5 and TokenKind.TASK not in set(old.kind.tolist())
+    assert len(vocab_lib.token_parts(old.layout())[0]) == old.size
+    with pytest.raises(ValueError, match=r"no infilling tokens.*only continue"):
+        assert old.hole
+    with pytest.raises(ValueError, match="no infilling tokens"):
+        old.text_to_id("fill")
+    old_json["infill"] = False  # v1 files never had the field
+    (tmp_path / "bad.json").write_text(json.dumps(old_json))
+    with pytest.raises(ValueError, match="no infill field"):
+        Vocab.load(tmp_path / "bad.json")
+    # It saves as v2 with infill false and loads back the same.
+    old.save(tmp_path / "again.json")
+    assert Vocab.load(tmp_path / "again.json") == old

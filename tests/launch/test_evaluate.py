@@ -229,6 +229,45 @@ def test_a_damaged_checkpoint_is_one_line_and_step_chooses_another(run, tmp_path
     assert json.loads((tmp_path / "out.json").read_text())["step"] == 5
 
 
+@pytest.mark.parametrize("task", ["infill", "accompany"])
+def test_task_scores_spans_by_infilling_beside_continuation(run, tmp_path, task):
+    """--task=infill|accompany: the JSON's totals are `infill_scoring`'s on the same pieces and spans."""
+    from musenet_jax import export, infill_scoring
+
+    out = tmp_path / "task.json"
+    res = musenet_eval("--model", run.export, "--split", "train", "--data_dir", run.data_dir, "--dataset",
+                       "directory", "--max_files", 6, "--task", task, "--spans_per_piece", 2, "--task_seed", 5,
+                       "--out", out)
+    assert res.returncode == 0, res.stderr
+    result = json.loads(out.read_text())
+    assert (result["task"], result["spans_per_piece"], result["task_seed"]) == (task, 2, 5)
+    model, vocab = export.load_export(run.export)
+    source = datasets.data_source(run.data_dir, "directory", "train")
+    pieces = [windows.parse_record(source[i], vocab) for i in range(6)]
+    examples, skipped = infill_scoring.span_examples(pieces, task, vocab, 64, spans_per_piece=2, seed=5)
+    expected = infill_scoring.score_spans(evaluation.Scorer(model, vocab, batch_size=8), examples)
+    assert result["skipped_spans"] == skipped and result["total"]["spans"] == len(examples) > 0
+    for key in ("event_tokens", "infill_bits_per_event", "continuation_bits_per_event", "middle_tokens"):
+        assert result["total"][key] == pytest.approx(expected[key], rel=1e-6), key
+    assert f"{task} vs continuation:" in res.stdout
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--task", "infill", "--stride", 8), "--stride do(es) not apply to --task=infill"),
+    (("--task", "accompany", "--baselines=false"), "--baselines do(es) not apply to --task=accompany"),
+    (("--spans_per_piece", 3), "--spans_per_piece goes with --task=infill or --task=accompany"),
+    (("--task", "infill", "--spans_per_piece", 0), "--spans_per_piece must be >= 1"),
+    (("--task", "fill"), "value should be one of <continue|infill|accompany>"),
+])
+def test_task_flag_errors_are_one_line(run, tmp_path, extra, message):
+    res = musenet_eval("--model", run.export, "--split", "train", "--data_dir", run.data_dir, "--dataset",
+                       "directory", *extra, "--out", tmp_path / "x.json")
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], res.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.e2e
 @pytest.mark.parametrize("case", ["no_args", "both_models", "missing_model_dir", "no_checkpoints", "split_only",

@@ -244,3 +244,115 @@ def test_bad_input_is_one_line_and_writes_nothing(case, export_dir, broken_expor
     res = generate(*args)
     assert_one_line_error(res, code, *(f.format(**where) for f in fragments))
     assert set(tmp_path.rglob("*")) == before  # no output, no temporary file
+
+
+# -- infilling and accompaniment ---------------------------------------------------------------------------------
+@pytest.fixture
+def v1_export(export_dir, tmp_path):
+    """The export as a model from before infilling would have written it: a format v1 vocab.json (no task tokens),
+    the 5-entry token layout and a part table without the two task rows."""
+    from safetensors.numpy import load_file, save_file
+
+    from data_pipeline import vocab as vocab_lib
+
+    old = tmp_path / "v1_export"
+    shutil.copytree(export_dir, old)
+    vocab = json.loads((old / "vocab.json").read_text())
+    del vocab["infill"]
+    vocab["format"], vocab["size"] = "musenet-vocab-v1", vocab["size"] - 2
+    (old / "vocab.json").write_text(json.dumps(vocab))
+    config = json.loads((old / "config.json").read_text())
+    layout = config["model"]["token_layout"]
+    rows = vocab_lib.token_parts(layout)[2]
+    task_rows = 3 + layout[1] + 1 + np.arange(2)  # after the specials and the instrument-presence rows
+    config["model"]["token_layout"], config["model"]["vocab_size"] = layout[:5], vocab["size"]
+    (old / "config.json").write_text(json.dumps(config))
+    params = load_file(old / "model.safetensors")
+    params = {k: np.delete(v, task_rows, axis=0) if v.shape[:1] == (rows,) else v for k, v in params.items()}
+    save_file(params, old / "model.safetensors", metadata={"format": "musenet-export-v1"})
+    return old
+
+
+def test_a_model_from_before_infilling_still_continues_and_refuses_to_infill(v1_export, midi_fixtures, tmp_path):
+    res = generate("--model", v1_export, "--genre", "classical", "--instruments", "piano", "--seconds", 1,
+                   "--temperature", 0.2, "--out", tmp_path / "old.mid")
+    assert res.returncode == 0, res.stderr
+    res = generate("--model", v1_export, "--genre", "classical", "--primer", midi_fixtures / PRIMER,
+                   "--infill_from", 1, "--infill_to", 2, "--out", tmp_path / "infill.mid")
+    assert_one_line_error(res, 1, "no infilling tokens (format v1", "it can only continue a piece")
+    assert not (tmp_path / "infill.mid").exists()
+
+
+def test_infill_rewrites_the_span_and_keeps_the_rest_verbatim(export_dir, midi_fixtures, tmp_path):
+    vocab = Vocab.load(os.path.join(export_dir, "vocab.json"))
+    out = tmp_path / "infill.mid"
+    res = generate("--model", export_dir, "--genre", "classical", "--primer", midi_fixtures / PRIMER,
+                   "--infill_from", 2.5, "--infill_to", 4.5, "--temperature", 0.8, "--seed", 3, "--out", out,
+                   "--pianoroll", tmp_path / "infill.png")
+    assert res.returncode == 0, res.stderr
+    assert "span 2.5-4.5 s regenerated" in res.stdout and (tmp_path / "infill.png").read_bytes()[:8] == PNG_SIGNATURE
+    source, result = read_notes(midi_fixtures / PRIMER, vocab), read_notes(out, vocab)
+
+    def rows(notes, keep):
+        return sorted(zip(*(getattr(notes, f)[keep].tolist() for f in ("instrument", "pitch", "start", "end")),
+                          strict=True))
+
+    inside = (result.start >= 250) & (result.start < 450)
+    # Outside the span the piece is the primer's, note for note (a note held across its start too).
+    assert rows(result, ~inside) == rows(source, ~((source.start >= 250) & (source.start < 450)))
+    assert np.all(result.end[inside] <= 450)  # the written notes end by the span's end: none hangs
+    assert int(encoding.decode_tokens(encoding.encode_midi(out, vocab).body, vocab)[1]) == int(
+        encoding.decode_tokens(encoding.encode_midi(midi_fixtures / PRIMER, vocab).body, vocab)[1])
+
+
+def test_accompany_keeps_the_chosen_tracks_and_adds_the_new_parts(export_dir, midi_fixtures, tmp_path):
+    vocab = Vocab.load(os.path.join(export_dir, "vocab.json"))
+    source = midi_fixtures / "freedoom1_D_E1M9.mid"  # bass, guitar, drums
+    out = tmp_path / "acc.mid"
+    res = generate("--model", export_dir, "--genre", "freedoom", "--accompany", source, "--accompany_tracks",
+                   "bass,drums", "--instruments", "piano", "--temperature", 1.0, "--out", out)
+    assert res.returncode == 0, res.stderr
+    original, result = read_notes(source, vocab), read_notes(out, vocab)
+    kept = np.isin(original.instrument, [vocab.instruments.index("bass"), vocab.drums_index])
+    piano = result.instrument == vocab.instruments.index("piano")
+    assert set(result.instrument[~piano].tolist()) <= {vocab.instruments.index("bass"), vocab.drums_index}
+    assert len(result) - piano.sum() == kept.sum()  # the kept parts, every note; the guitar is gone
+    assert "accompanied" in res.stdout
+
+
+TASK_BAD_INPUTS = {
+    # name: (flags replacing the infill defaults, exit code, fragments of the one-line message)
+    "span_after_primer": ({"--infill_to": 500}, 1, ("the span ends at 500 s, after the primer's",)),
+    "empty_span": ({"--infill_from": 2, "--infill_to": 2}, 2, ("is empty or negative",)),
+    "negative_span": ({"--infill_from": -1}, 2, ("is empty or negative",)),
+    "span_without_end": ({"--infill_to": None}, 2, ("infilling needs --infill_to",)),
+    "span_without_primer": ({"--primer": None}, 2, ("infilling needs --primer",)),
+    "span_with_seconds": ({"--seconds": 3}, 2, ("--seconds does not apply to --infill_from",)),
+    "span_with_instruments": ({"--instruments": "piano"}, 2, ("--instruments does not apply to --infill_from",)),
+    "unknown_infill_instrument": ({"--infill_instruments": "kazoo"}, 1, ("unknown instrument 'kazoo'",)),
+    "absent_infill_instrument": ({"--infill_instruments": "drums"}, 1, ("the primer has no drums", "plays piano")),
+    "corrupt_primer": ({"--primer": "{tmp}/corrupt.mid"}, 1, ("corrupt.mid: unknown MIDI format",)),
+    "unknown_track": ({"--infill_from": None, "--infill_to": None, "--primer": None,
+                       "--accompany": "{fixtures}/freedoom1_D_E1M9.mid", "--accompany_tracks": "violin",
+                       "--instruments": "piano"}, 1, ("has no violin track", "its parts: bass, guitar, drums")),
+    "track_clash": ({"--infill_from": None, "--infill_to": None, "--primer": None,
+                     "--accompany": "{fixtures}/" + PRIMER, "--instruments": "piano"}, 1, ("already play piano",)),
+    "accompany_nothing": ({"--infill_from": None, "--infill_to": None, "--primer": None,
+                           "--accompany": "{fixtures}/" + PRIMER}, 2, ("--accompany needs --instruments",)),
+    "two_tasks": ({"--accompany": "{fixtures}/" + PRIMER}, 2, ("two tasks; choose one",)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TASK_BAD_INPUTS))
+def test_task_bad_input_is_one_line_and_writes_nothing(case, export_dir, midi_fixtures, tmp_path):
+    changes, code, fragments = TASK_BAD_INPUTS[case]
+    (tmp_path / "corrupt.mid").write_bytes(b"MThd\x00\x00\x00\x06garbage")
+    flags = {"--model": export_dir, "--genre": "classical", "--primer": f"{midi_fixtures}/{PRIMER}",
+             "--infill_from": 1, "--infill_to": 2, "--out": f"{tmp_path}/out.mid", "--pianoroll": f"{tmp_path}/o.png"}
+    flags.update(changes)
+    where = {"tmp": tmp_path, "fixtures": midi_fixtures}
+    args = [x for k, v in flags.items() if v is not None for x in (k, str(v).format(**where))]
+    before = set(tmp_path.rglob("*"))
+    res = generate(*args)
+    assert_one_line_error(res, code, *(f.format(**where) for f in fragments))
+    assert set(tmp_path.rglob("*")) == before

@@ -556,8 +556,8 @@ def _explicit_table(model, vocab):
     from data_pipeline.vocab import TokenKind
 
     parts = np.asarray(model.token_parts[...], np.float64)
-    w, i, v, p, n_labels = vocab.layout()
-    whole, on_key = 3 + i + 1 + n_labels, 3 + i + 1 + n_labels + w
+    w, i, v, p, n_labels, x = vocab.layout()
+    whole, on_key = 3 + i + 1 + x + n_labels, 3 + i + 1 + x + n_labels + w
     on_vel, off_key = on_key + i * p, on_key + i * p + i * v
     drum_key = off_key + i * p
     drum_vel = drum_key + 128

@@ -26,7 +26,7 @@ from flax import nnx
 
 from data_pipeline import encoding, features, input_pipeline
 from data_pipeline.vocab import END, TokenKind, Vocab, VocabConfig
-from musenet_jax import decode_rules, draws, sampling
+from musenet_jax import decode_rules, draws, sampling, window_loop
 from musenet_jax import model as model_lib
 
 BATCH, MAX_LEN, SECONDS = 3, 96, 0.5
@@ -159,7 +159,7 @@ def test_each_row_reads_its_own_columns_end_and_waits_first(vocab):
 
 def test_a_bad_request_fails_the_batch_before_decoding(short_model, vocab):
     good = sampling.Request("bach", ("piano",), 1.0, max_tokens=SHORT_CAP)
-    traces = sampling.TRACE_COUNTS["decode_window"]
+    traces = window_loop.TRACE_COUNTS["decode_window"]
     with pytest.raises(sampling.GenerationError, match="unknown instrument"):
         sampling.generate_batch(short_model, vocab, [good, dataclasses.replace(good, instruments=("kazoo",))])
     with pytest.raises(sampling.GenerationError, match="no requests"):
@@ -168,7 +168,7 @@ def test_a_bad_request_fails_the_batch_before_decoding(short_model, vocab):
         sampling.generate_batch(short_model, vocab, [good, good], batch_size=1)
     with pytest.raises(sampling.GenerationError, match="seconds must be in"):
         sampling.check_request(short_model.config, vocab, dataclasses.replace(good, seconds=-1.0))
-    assert sampling.TRACE_COUNTS["decode_window"] == traces
+    assert window_loop.TRACE_COUNTS["decode_window"] == traces
 
 
 def test_greedy_filters_ignore_the_seed(model, vocab):
@@ -235,11 +235,11 @@ def test_windows_are_training_windows_compiled_once(short_model, vocab):
     """A piece of many windows: each window is fed exactly as a training window of the final piece, the same
     seed gives the same tokens, and the window loop is traced at most once for all its windows (and not again
     for other settings of the same shapes: batch size and column count)."""
-    before = sampling.TRACE_COUNTS["decode_window"]
+    before = window_loop.TRACE_COUNTS["decode_window"]
     kwargs = dict(label=None, instruments=["piano", "violin"], seconds=1.5, num_samples=BATCH, seed=11,
                   sampling=HOT, max_tokens=SHORT_CAP)
     out = sampling.decode_arrays(short_model, vocab, **kwargs)
-    assert sampling.TRACE_COUNTS["decode_window"] - before <= 1
+    assert window_loop.TRACE_COUNTS["decode_window"] - before <= 1
     assert len(out.windows) >= 3
     check_windows(out, vocab, SHORT_LEN)
     check_rules(out, vocab)  # a random model's pieces are well-formed too
@@ -248,15 +248,15 @@ def test_windows_are_training_windows_compiled_once(short_model, vocab):
 
     again = sampling.decode_arrays(short_model, vocab, **kwargs)
     np.testing.assert_array_equal(again.tokens, out.tokens)
-    traced = sampling.TRACE_COUNTS["decode_window"]
+    traced = window_loop.TRACE_COUNTS["decode_window"]
     other = {**kwargs, "label": "jazz_fusion", "instruments": ["cello"], "seconds": 2.5, "seed": 12,
              "sampling": sampling.SamplingConfig(2.0, top_k=20)}
     check_windows(sampling.decode_arrays(short_model, vocab, **other), vocab, SHORT_LEN)
-    assert sampling.TRACE_COUNTS["decode_window"] == traced
+    assert window_loop.TRACE_COUNTS["decode_window"] == traced
     # Drums may hold more ids than the 256 columns of a pitched instrument or two: at most one more loop (512
     # columns; none if an earlier test compiled it).
     check_windows(sampling.decode_arrays(short_model, vocab, **{**other, "instruments": ["drums"]}), vocab, SHORT_LEN)
-    assert sampling.TRACE_COUNTS["decode_window"] <= traced + 1
+    assert window_loop.TRACE_COUNTS["decode_window"] <= traced + 1
 
 
 def test_long_pieces_end_near_the_target(short_model, vocab):

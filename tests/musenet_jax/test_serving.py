@@ -13,7 +13,7 @@ from flax import nnx
 
 from data_pipeline.vocab import Vocab, VocabConfig
 from musenet_jax import model as model_lib
-from musenet_jax import sampling, serving
+from musenet_jax import sampling, serving, window_loop
 
 
 @pytest.fixture(scope="module")
@@ -142,12 +142,12 @@ def test_warm_up_compiles_every_shape_a_request_can_need(model, vocab):
     scheduler = serving.Scheduler(model, vocab, max_batch=2, queue_size=4, max_seconds=2.0)
     try:
         serving.warm_up(scheduler)
-        before = sampling.TRACE_COUNTS["decode_window"]
+        before = window_loop.TRACE_COUNTS["decode_window"]
         names = vocab.instruments.names
         for instruments in (["drums"], ["cello"], ["piano", "violin", "drums"], names[1:], names):
             for bucket in scheduler.buckets:
                 sampling.generate_batch(model, vocab, [sampling.Request(None, tuple(instruments), 0.2)],
                                         batch_size=bucket, capacity=scheduler.capacity)
-        assert sampling.TRACE_COUNTS["decode_window"] == before
+        assert window_loop.TRACE_COUNTS["decode_window"] == before
     finally:
         scheduler.close()

@@ -44,7 +44,7 @@ def test_model_describes_labels_instruments_limits_and_openings(server, trained_
     status, info = server.json("GET", "/v1/model")
     assert status == 200
     assert info["labels"] == list(vocab.config.labels) == ["classical", "freedoom"]
-    assert info["instruments"] == list(vocab.instruments.names)
+    assert info["instruments"] == list(vocab.instruments.names) and info["infill"] is True
     assert info["step"] == trained_run.steps[-1]
     assert info["model"]["context_tokens"] == 64 and info["model"]["parameters"] > 0
     assert info["limits"]["max_num_samples"] == 4 and 0 < info["limits"]["max_seconds"] <= 240
@@ -120,6 +120,56 @@ def test_primer_upload_opening_and_continuation_are_kept_verbatim(server, midi_f
     [short] = job["results"]
     assert short["primer_tokens"] == len(cut) < result["primer_tokens"]
     assert short["tokens"][: len(cut)] == cut.tolist()
+
+
+def test_infill_rewrites_a_span_of_a_result_and_keeps_the_rest(server, vocab):
+    """POST /v1/infill on a generated piece: each result is the piece with the span rewritten, the notes outside it
+    the piece's own, the written ones inside it, its length unchanged; the same seed gives the same rewrite."""
+    piece = server.generate(label="freedoom", instruments=["bass", "drums"], seconds=3.0, seed=21,
+                            temperature=0.8)["results"][0]
+    body = {"tokens": piece["tokens"], "from_seconds": 1.0, "to_seconds": 2.0, "label": "freedoom", "seed": 5,
+            "num_samples": 2, "temperature": 1.0}
+    job = server.generate(path="/v1/infill", **body)
+    assert job["status"] == "done" and len(job["results"]) == 2, job
+    assert job["settings"]["from_seconds"] == 1.0 and job["target_seconds"] == 1.0
+
+    def outside(notes):
+        return sorted((n["instrument"], n["pitch"], n["start"], n["end"]) for n in notes
+                      if not 1.0 <= n["start"] < 2.0)
+
+    for result in job["results"]:
+        assert result["span"] == [1.0, 2.0] and result["seconds"] == pytest.approx(piece["seconds"])
+        assert outside(result["notes"]) == outside(piece["notes"])
+        inside = [n for n in result["notes"] if 1.0 <= n["start"] < 2.0]
+        assert all(n["end"] <= 2.0 + 1e-6 for n in inside if not n["drum"])
+        assert {n["instrument"] for n in inside} <= {"bass", "drums"}
+        notes, duration = encoding.decode_tokens(np.asarray(result["tokens"]), vocab)
+        assert len(notes) == len(result["notes"]) and duration * vocab.config.time_unit_ms / 1000 == pytest.approx(
+            piece["seconds"])
+        status, _, midi = server.request("GET", result["midi_url"])
+        assert status == 200 and midi[:4] == b"MThd"
+    again = server.generate(path="/v1/infill", **body)
+    assert [r["tokens"] for r in again["results"]] == [r["tokens"] for r in job["results"]]
+    # One part only: the drums stay as they were.
+    drums = server.generate(path="/v1/infill", **{**body, "instruments": ["bass"], "num_samples": 1})
+    [result] = drums["results"]
+    assert sorted((n["pitch"], n["start"]) for n in result["notes"] if n["drum"]) == sorted(
+        (n["pitch"], n["start"]) for n in piece["notes"] if n["drum"])
+    bad = [
+        ({**body, "to_seconds": 99.0}, "after the piece's"),
+        ({**body, "from_seconds": 2.0}, "empty or negative"),
+        ({**body, "from_seconds": None}, "from_seconds and to_seconds are required"),
+        ({**body, "instruments": ["violin"]}, "instruments must be a non-empty list of the piece's instruments"),
+        ({**body, "tokens": [1, 2, "x"]}, "tokens must be a result's tokens"),
+        ({**body, "tokens": [vocab.hole, 5]}, "tokens must be a piece's body"),
+        ({**body, "label": "polka"}, "unknown label 'polka'"),
+        ({**body, "opening": "x"}, "unknown field 'opening'"),
+        ({**body, "num_samples": 9}, "num_samples must be in 1..4"),
+    ]
+    for payload, fragment in bad:
+        got, _, data = server.request("POST", "/v1/infill", payload)
+        one_line_error(got, data, 400, fragment)
+    assert not [line for line in server.output if "Traceback" in line], server.output
 
 
 def test_sixteen_concurrent_clients_are_batched_and_all_served(server):

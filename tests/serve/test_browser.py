@@ -4,7 +4,8 @@ Selenium, against a real musenet-serve over the small test export (tests/serve/c
 Simple mode: four candidates with progress bars, then four piano rolls; one plays (its cursor moves, it stops by
 itself and on a click); one downloads as MIDI that the project's reader parses. Step-by-step mode: extend twice,
 pick a take each time, go back to the first take, branch from it, download the branch; the tree shows both
-branches and the downloaded branch continues the first take. Errors are one line in the page.
+branches and the downloaded branch continues the first take; rewrite a span of a take and keep the rewrite. Errors
+are one line in the page.
 
 A screenshot of each mode is saved under $MUSENET_TEST_ARTEFACTS (default: the test's tmp_path).
 """
@@ -374,6 +375,57 @@ def test_step_by_step_mode_extends_picks_branches_and_downloads(browser, server,
 
     assert page_error(driver) is None
     screenshot(driver, artefacts / "browser-step-by-step-mode.png")
+    assert not script_errors(driver)
+
+
+def test_step_by_step_mode_rewrites_a_span_of_a_take(browser, server, vocab, artefacts, midi_fixtures):
+    """A take's span rewritten: four candidates of the same length, the music outside the span kept; the kept one
+    is a child take marked with its span, and it can be extended like any take."""
+    driver = browser.driver
+    open_page(browser, server, "advanced")
+    choose_settings(driver, "classical", ["piano"])
+    Select(driver.find_element(By.ID, "opening")).select_by_value("upload")
+    driver.find_element(By.ID, "upload").send_keys(str(midi_fixtures / PRIMER))
+    set_value(driver.find_element(By.ID, "primer-seconds"), 3)
+    root = f"My file: {PRIMER}"
+    wait_for(driver, lambda d: tree_shape(d)["lengths"].get(root) == "3.0 s", 10, "the uploaded opening")
+    assert driver.find_element(By.ID, "span-form").get_attribute("hidden") is not None  # nothing to rewrite yet
+    extend_and_keep(driver, SECONDS, 0)  # Take 1: three seconds of Bach and two more
+    take1 = job_result(server, driver.find_element(By.CSS_SELECTOR, "#current-actions a[download$='.mid']")
+                       .get_attribute("href").removeprefix(server.url))
+
+    form = driver.find_element(By.ID, "span-form")
+    assert form.is_displayed()
+    parts = [o.get_attribute("value") for o in form.find_elements(By.CSS_SELECTOR, "#span-parts option")]
+    assert parts[0] == "" and set(parts[1:]) == {n["instrument"] for n in take1["notes"]}
+    set_value(driver.find_element(By.ID, "span-from"), 1)
+    set_value(driver.find_element(By.ID, "span-to"), 2.5)
+    driver.find_element(By.ID, "regenerate").click()
+    cards = finished_cards(driver, "advanced-results", 4)
+    heading = driver.find_element(By.CSS_SELECTOR, "#advanced-results .candidates-title").text
+    assert heading == "Rewrites of Take 1, 1.0 s to 2.5 s"
+    cards[1].find_element(By.CSS_SELECTOR, "button.keep").click()
+    wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#advanced-results .kept-note"), 10, "the kept take")
+    tree = tree_shape(driver)
+    assert tree["shape"] == {root: ["Take 1"], "Take 1": ["Take 2"], "Take 2": []} and tree["current"] == "Take 2"
+    assert tree["lengths"]["Take 2"] == tree["lengths"]["Take 1"]
+    delta = driver.find_element(By.CSS_SELECTOR, "#tree button.node[data-node='2'] .node-delta").text
+    assert delta == "↻ 1.0–2.5 s"
+    take2 = job_result(server, driver.find_element(By.CSS_SELECTOR, "#current-actions a[download$='.mid']")
+                       .get_attribute("href").removeprefix(server.url))
+
+    def outside(result):
+        return sorted((n["instrument"], n["pitch"], n["start"], n["end"]) for n in result["notes"]
+                      if not 1.0 <= n["start"] < 2.5)
+
+    assert take2["span"] == [1.0, 2.5] and outside(take2) == outside(take1)
+    assert take2["seconds"] == pytest.approx(take1["seconds"])
+    box = driver.find_element(By.CSS_SELECTOR, ".current-box")
+    wait_for_roll(driver, box)
+    assert page_error(driver) is None
+    screenshot(driver, artefacts / "browser-span-rewrite.png")
+    extend_and_keep(driver, SECONDS, 0)  # the rewritten take goes on like any other
+    assert tree_shape(driver)["shape"]["Take 2"] == ["Take 3"]
     assert not script_errors(driver)
 
 
