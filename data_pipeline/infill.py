@@ -83,11 +83,13 @@ class Span:
 
 @dataclasses.dataclass(frozen=True)
 class Rearranged:
-    """A piece as `rearrange` writes it (module doc): int32 bodies before [Tb], context [Tc], middle [Tm]."""
+    """A piece as `rearrange` writes it (module doc): int32 bodies before [Tb], context [Tc], middle [Tm], and
+    `held`, the given pitched notes sounding across S (`held_at`): context's sounding notes when it opens."""
 
     before: np.ndarray
     context: np.ndarray
     middle: np.ndarray
+    held: Notes
 
 
 def wait_tokens(units: int, vocab: Vocab) -> np.ndarray:
@@ -111,8 +113,9 @@ def drop_later(notes: Notes, span: Span) -> Notes:
     return notes.take(~(mine & (notes.start >= span.end)))
 
 
-def _body_until(notes: Notes, vocab: Vocab, *, origin: int, until: int, horizon: int | None = None) -> np.ndarray:
-    """The events of canonical notes from `origin` (before `horizon`), then waits up to `until`."""
+def body_until(notes: Notes, vocab: Vocab, *, origin: int, until: int, horizon: int | None = None) -> np.ndarray:
+    """The events of canonical notes from `origin` (before `horizon`), then waits up to `until`: a body that lasts
+    exactly `until - origin` units, its closing rest written as the encoding writes a rest."""
     events, last = encoding.notes_to_body(notes, vocab, origin=origin, horizon=horizon)
     return np.concatenate([events, wait_tokens(until - origin - (last if len(events) else 0), vocab)])
 
@@ -122,10 +125,12 @@ def rearrange(notes: Notes, span: Span, vocab: Vocab) -> Rearranged:
     (`Span.check`)."""
     target = target_notes(notes, span, vocab)
     regen = span.regenerated(target)
-    before = _body_until(target, vocab, origin=0, until=span.start, horizon=span.start)
-    context, _ = encoding.notes_to_body(target.take(~regen), vocab, origin=span.start)
-    middle = _body_until(target.take(regen), vocab, origin=span.start, until=span.end)
-    return Rearranged(before.astype(np.int32), context.astype(np.int32), middle.astype(np.int32))
+    given = target.take(~regen)
+    before = body_until(target, vocab, origin=0, until=span.start, horizon=span.start)
+    context, _ = encoding.notes_to_body(given, vocab, origin=span.start)
+    middle = body_until(target.take(regen), vocab, origin=span.start, until=span.end)
+    return Rearranged(before.astype(np.int32), context.astype(np.int32), middle.astype(np.int32),
+                      held_at(given, span.start, vocab))
 
 
 def restore(parts: Rearranged, span: Span, vocab: Vocab) -> Notes:
@@ -176,20 +181,16 @@ def _step_starts(tokens: np.ndarray, vocab: Vocab) -> np.ndarray:
     return np.flatnonzero(np.concatenate([[True], is_wait[:-1] & ~is_wait[1:]]))
 
 
-def infill_sequence(notes: Notes, span: Span, duration: int, vocab: Vocab, *, before_tokens: int,
+def infill_sequence(parts: Rearranged, span: Span, duration: int, vocab: Vocab, *, before_tokens: int,
                     context_tokens: int, with_middle: bool = True) -> InfillSequence:
-    """The sequence of `notes` with `span` to regenerate (module doc), cropped to fit a context.
+    """The sequence of a piece's `rearrange(notes, span)` (module doc), cropped to fit a context.
 
     Args:
-      notes: the piece's notes (the span's notes included when `with_middle`); duration: its length D (units).
+      parts: the piece rearranged around `span`; duration: the piece's length D (units).
       before_tokens: at most this many tokens of `before`, its tail, opening at a time step's start.
       context_tokens: at most this many tokens of `context`, its head.
       with_middle: write the middle and `end` (training, scoring); False stops at `fill` (a sampler's prompt).
     """
-    target = target_notes(notes, span, vocab)
-    regen = span.regenerated(target)
-    given = target.take(~regen)
-    parts = rearrange(notes, span, vocab)
     s, e = span.start, span.end
     before_feats = features_lib.compute_features(parts.before, vocab, duration_units=duration)
     opens = _step_starts(parts.before, vocab) if len(parts.before) else np.zeros(1, np.int64)
@@ -197,7 +198,7 @@ def infill_sequence(notes: Notes, span: Span, duration: int, vocab: Vocab, *, be
     first = int(cut[0]) if len(cut) else len(parts.before)
     segments = [(parts.before[first:], _slice(before_feats, first, None))]
     hole = np.concatenate([[vocab.hole], parts.context[:max(context_tokens, 0)]]).astype(np.int32)
-    segments.append((hole, _segment_features(hole, vocab, duration - s, held_at(given, s, vocab))))
+    segments.append((hole, _segment_features(hole, vocab, duration - s, parts.held)))
     tail = [vocab.fill] + (list(parts.middle) + [END] if with_middle else [])
     fill = np.asarray(tail, np.int32)
     segments.append((fill, _segment_features(fill, vocab, e - s, Notes.empty())))
@@ -294,9 +295,9 @@ def task_sequence(notes: Notes, duration: int, span: Span, accompany: bool, room
     fitted = fit_span(notes, span, accompany, room, vocab)
     if fitted is None:
         return None
-    notes, span, parts = fitted
+    _, span, parts = fitted
     free = room - len(parts.middle) - 3  # hole, fill, end
     before = min(len(parts.before), int(free * share))
     context = min(len(parts.context), free - before)
     before = min(len(parts.before), free - context)
-    return infill_sequence(notes, span, duration, vocab, before_tokens=before, context_tokens=context)
+    return infill_sequence(parts, span, duration, vocab, before_tokens=before, context_tokens=context)

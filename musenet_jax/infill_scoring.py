@@ -55,10 +55,10 @@ def _events_at(tokens: np.ndarray, timing: np.ndarray, vocab: Vocab) -> np.ndarr
     return np.where(is_event, (timing.astype(np.int64) << 20) | tokens, -1)
 
 
-def span_example(piece: windows_lib.Piece, span: infill.Span, accompany: bool, vocab: Vocab,
-                 seq_len: int) -> SpanExample | None:
-    """The two rows of one span of a piece (module doc), or None when it does not fit a window."""
-    notes, duration = encoding.decode_tokens(piece.body, vocab)
+def span_example(piece: windows_lib.Piece, notes: encoding.Notes, duration: int, span: infill.Span,
+                 accompany: bool, vocab: Vocab, seq_len: int) -> SpanExample | None:
+    """The two rows of one span of a piece (its notes and length D decoded from its body; module doc), or None
+    when it does not fit a window."""
     prefix = vocab.prefix(piece.label, np.unique(notes.instrument).tolist())
     room = seq_len + 1 - len(prefix)
     fitted = infill.fit_span(notes, span, accompany, room, vocab)
@@ -69,7 +69,7 @@ def span_example(piece: windows_lib.Piece, span: infill.Span, accompany: bool, v
     free = room - len(parts.middle) - 3
     before = min(len(parts.before), free // 2)
     context = min(len(parts.context), free - before)
-    seq = infill.infill_sequence(target, span, duration, vocab, before_tokens=free - context,
+    seq = infill.infill_sequence(parts, span, duration, vocab, before_tokens=free - context,
                                  context_tokens=context)
     middle = np.arange(len(seq.body)) >= seq.prompt_len
     codes = np.where(middle, _events_at(seq.body, seq.features.timing + span.start, vocab), -1)
@@ -119,7 +119,7 @@ def span_examples(pieces: Sequence[windows_lib.Piece], task: str, vocab: Vocab, 
             if drawn is None or drawn[1] != (task == "accompany"):
                 skipped += 1  # a piece of one part has nothing to accompany
                 continue
-            example = span_example(piece, *drawn, vocab, seq_len)
+            example = span_example(piece, notes, duration, *drawn, vocab, seq_len)
             if example is None:
                 skipped += 1
             else:

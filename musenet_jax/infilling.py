@@ -56,19 +56,6 @@ class InfillResult:
     chunks: int
 
 
-def _chunk_end(notes: Notes, start: int, end: int, longest: int, room: int, vocab: Vocab,
-               instruments: tuple[int, ...]) -> int:
-    """The end of the chunk from `start`: at most `longest` units, shortened (halved) while the source's own notes
-    of the span there would take more than `room` tokens."""
-    stop = min(end, start + longest)
-    while stop - start > 1:
-        middle = infill.rearrange(notes, infill.Span(start, stop, instruments), vocab).middle
-        if len(middle) + 1 <= room:
-            break
-        stop = start + (stop - start) // 2
-    return stop
-
-
 def _written_notes(middle: np.ndarray, ended: bool, start: int, vocab: Vocab) -> tuple[Notes, int]:
     """The notes of a chunk's middle tokens (relative times) placed at `start`, and the time the chunk reached. A
     middle cut by its window keeps its complete time steps: the events after its last wait are dropped and the
@@ -135,18 +122,20 @@ class InfillTask:
         if self.done:
             return None
         vocab, t, write = self.vocab, self.time, self.span.instruments
-        stop = _chunk_end(self.target, t, self.span.end, self.longest, self.room // 2, vocab, write)
+        # The chunk: at most `longest`, halved while the source's own notes there would fill over half a window.
+        fitted = infill.fit_span(self.target, infill.Span(t, min(self.span.end, t + self.longest), write), False,
+                                 self.room, vocab)
+        stop = fitted[1].end if fitted is not None else t + 1
         chunk = infill.Span(t, stop, write)
         so_far = encoding.canonical_notes(self.given.concat(self.written), vocab)
         parts = infill.rearrange(so_far, chunk, vocab)
         quarter = (self.room - 3) // 4
         before = min(len(parts.before), quarter)
         context = min(len(parts.context), 2 * quarter - before)
-        seq = infill.infill_sequence(so_far, chunk, self.duration, vocab, before_tokens=before,
+        seq = infill.infill_sequence(parts, chunk, self.duration, vocab, before_tokens=before,
                                      context_tokens=context, with_middle=False)
         free_from = np.zeros(decode_rules.num_keys(vocab), np.int32)
-        held = infill.held_at(so_far, t, vocab)
-        held = held.take(np.isin(held.instrument, write) & (held.end > t))
+        held = parts.held.take(np.isin(parts.held.instrument, write) & (parts.held.end > t))
         free_from[held.instrument.astype(np.int64) * 128 + held.pitch] = held.end - t
         self._pending = (len(seq.body), stop)
         return sampling.Request(

@@ -374,15 +374,13 @@ class Scheduler:
     def _task_result(self, task: infilling.InfillTask) -> Result:
         done = task.result()
         vocab, unit_s = self.vocab, self.vocab.config.time_unit_ms / 1000.0
-        body, _ = encoding.notes_to_body(done.notes, vocab)
+        # The piece keeps its length: its closing rest, which the encoding does not write, is written as waits.
+        body = infill.body_until(done.notes, vocab, origin=0, until=done.duration_units).astype(np.int32)
         with tempfile.TemporaryDirectory(prefix="musenet-serve-") as tmp:
             path = os.path.join(tmp, "piece.mid")
             encoding.notes_to_midi(done.notes, vocab, path, duration_units=done.duration_units)
             with open(path, "rb") as f:
                 midi = f.read()
-        # The piece keeps its length: a closing rest the encoding does not write is restored by the waits.
-        rest = done.duration_units - int(vocab.wait_units[body].sum())
-        body = np.concatenate([body, infill.wait_tokens(rest, vocab)]).astype(np.int32)
         return Result(body, 0, done.duration_units * unit_s, True, note_list(done.notes, vocab), midi,
                       span=(task.span.start * unit_s, task.span.end * unit_s))
 

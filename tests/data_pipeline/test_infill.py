@@ -109,7 +109,7 @@ def test_a_note_held_across_the_span_stays_given_and_one_crossing_its_end_is_cut
     np.testing.assert_array_equal(_tokens(infill.restore(parts, span, VOCAB)), _tokens(target))
 
     # The sequence: timing restarts at S for context and middle; the notes held across S sound in context.
-    seq = infill.infill_sequence(notes, span, 70, VOCAB, before_tokens=100, context_tokens=100)
+    seq = infill.infill_sequence(parts, span, 70, VOCAB, before_tokens=100, context_tokens=100)
     text = VOCAB.to_text(seq.body).split()
     hole, fill = text.index("hole"), text.index("fill")
     assert text[seq.prompt_len - 1] == "fill" and text[-1] == "end" and fill == seq.prompt_len - 1
