@@ -112,7 +112,8 @@ def main(argv):
         piece = windows.parse_record(source[index], vocab)
         notes, duration = encoding.decode_tokens(piece.body, vocab)
         rng = np.random.default_rng((_SEED.value, index))
-        span, _ = infill.draw_task(notes, duration, infill.TaskMix(infill_rate=1.0), rng, vocab)
+        span, _ = infill.draw_task(notes.instrument, duration, infill.TaskMix(infill_rate=1.0), rng,
+                                      vocab)
         tasks = [("infill", span, False)]
         parts = np.unique(notes.instrument).tolist()
         if len(parts) > 1:

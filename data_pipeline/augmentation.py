@@ -81,6 +81,11 @@ def _stretch(times: np.ndarray, factor: float) -> np.ndarray:
     return np.floor(times * factor + 0.5).astype(np.int64)
 
 
+def stretched_units(units: int, aug: Augmentation) -> int:
+    """A length in time units (a piece's D) under the augmentation's timing stretch."""
+    return int(_stretch(np.array([units]), aug.stretch)[0])
+
+
 def shift_notes(notes: encoding.Notes, aug: Augmentation, vocab: Vocab) -> encoding.Notes:
     """The transposition and volume of `aug` applied to notes whose velocities are bins, made canonical."""
     if aug.shift:
@@ -102,7 +107,7 @@ def augment_notes(notes: encoding.Notes, duration: int, aug: Augmentation,
                                  start=_stretch(notes.start, aug.stretch), end=_stretch(notes.end, aug.stretch))
     out = shift_notes(binned, aug, vocab)
     out = dataclasses.replace(out, velocity=vocab.bin_velocity(out.velocity).astype(np.int32))
-    return out, int(_stretch(np.array([duration]), aug.stretch)[0])
+    return out, stretched_units(duration, aug)
 
 
 def augment_window(piece: Piece, start: int, num_tokens: int, aug: Augmentation,
@@ -147,7 +152,7 @@ def augment_window(piece: Piece, start: int, num_tokens: int, aug: Augmentation,
     out = out[:num_tokens]
     feats = features_lib.compute_features(out, vocab)
     abs_timing = feats.timing.astype(np.int64) + origin
-    duration = int(_stretch(np.array([piece.duration_units]), aug.stretch)[0])
+    duration = stretched_units(piece.duration_units, aug)
     part, countdown = features_lib.part_and_countdown(abs_timing, duration, vocab)
     held = (notes.start < 1) & (notes.end >= 1) & (notes.instrument != vocab.drums_index)
     sounding = features_lib.sounding_counts(out, vocab, notes.instrument[held].astype(np.int64) * 128

@@ -249,15 +249,16 @@ class TaskMix:
         return self.infill_rate + self.accompany_rate > 0
 
 
-def draw_task(notes: Notes, duration: int, mix: TaskMix, rng: np.random.Generator,
+def draw_task(instruments, duration: int, mix: TaskMix, rng: np.random.Generator,
               vocab: Vocab) -> tuple[Span, bool] | None:
-    """A random task for a piece's notes: (span, accompaniment?), or None for a plain window. Always makes the
-    same draws, so the stream of a piece does not depend on which task it got."""
+    """A random task for a piece that plays `instruments` (class indices) for `duration` units: (span,
+    accompaniment?), or None for a plain window. Always makes the same draws, so the stream of a piece does not
+    depend on which task it got; needs no notes, so a caller decodes a piece only for a task."""
     u, share, pick, subset = rng.random(), rng.random(), rng.integers(1 << 30), rng.random(64)
-    instruments = np.unique(notes.instrument)
+    instruments = np.unique(np.asarray(instruments, np.int64))
     unit_s = vocab.config.time_unit_ms / 1000.0
     accompany = mix.infill_rate <= u < mix.infill_rate + mix.accompany_rate
-    if u >= mix.infill_rate + mix.accompany_rate or duration < 2 or len(notes) == 0:
+    if u >= mix.infill_rate + mix.accompany_rate or duration < 2 or len(instruments) == 0:
         return None
     if accompany and len(instruments) < 2:
         accompany = False  # one part: nothing to accompany, regenerate a span of it instead

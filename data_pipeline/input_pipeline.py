@@ -60,6 +60,7 @@ from data_pipeline.augmentation import (  # noqa: F401 (re-exported: their names
     augment_notes,
     augment_window,
     piece_instruments,
+    stretched_units,
     transpose_pitches,
 )
 from data_pipeline.vocab import Vocab
@@ -199,13 +200,14 @@ def train_example(piece: Piece, vocab: Vocab, config: InputConfig,
 def task_example(piece: Piece, vocab: Vocab, config: InputConfig, aug: Augmentation,
                  rng: np.random.Generator) -> dict[str, np.ndarray] | None:
     """An infilling / accompaniment example of the augmented piece (module doc: tasks), or None when the draw
-    says a plain window (or the piece is too dense for even a one-unit span to fit)."""
-    notes, duration = encoding.decode_tokens(piece.body, vocab)
-    notes, duration = augment_notes(notes, duration, aug, vocab)
-    task = infill.draw_task(notes, duration, config.task_mix, rng, vocab)
+    says a plain window (or the piece is too dense for even a one-unit span to fit). The piece is decoded only for a
+    task: the draw needs only its (augmented) instruments and length."""
+    instruments = piece_instruments(piece, aug, vocab)
+    task = infill.draw_task(instruments, stretched_units(piece.duration_units, aug), config.task_mix, rng, vocab)
     if task is None:
         return None
-    prefix = vocab.prefix(piece.label, np.unique(notes.instrument).tolist())
+    notes, duration = augment_notes(*encoding.decode_tokens(piece.body, vocab), aug, vocab)
+    prefix = vocab.prefix(piece.label, instruments)
     seq = infill.task_sequence(notes, duration, *task, config.seq_len + 1 - len(prefix), vocab, rng)
     if seq is None:
         return None

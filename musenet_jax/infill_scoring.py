@@ -115,7 +115,7 @@ def span_examples(pieces: Sequence[windows_lib.Piece], task: str, vocab: Vocab, 
         rng = np.random.default_rng((seed, index))
         notes, duration = encoding.decode_tokens(piece.body, vocab)
         for _ in range(spans_per_piece):
-            drawn = infill.draw_task(notes, duration, mix, rng, vocab)
+            drawn = infill.draw_task(notes.instrument, duration, mix, rng, vocab)
             if drawn is None or drawn[1] != (task == "accompany"):
                 skipped += 1  # a piece of one part has nothing to accompany
                 continue

@@ -130,7 +130,7 @@ def test_sequences_decode_to_their_parts_and_their_features_are_each_segments(na
     mix = infill.TaskMix(infill_rate=0.5, accompany_rate=0.5)
     seen = set()
     for _ in range(12):
-        task = infill.draw_task(notes, duration, mix, rng, VOCAB)
+        task = infill.draw_task(notes.instrument, duration, mix, rng, VOCAB)
         assert task is not None
         span, accompany = task
         seen.add(accompany)
@@ -158,11 +158,11 @@ def test_task_draws_are_plain_windows_outside_the_mix_and_fixed_in_count():
     plain = infill.TaskMix()
     assert not plain.active
     rng = np.random.default_rng(0)
-    assert all(infill.draw_task(notes, duration, plain, rng, VOCAB) is None for _ in range(20))
+    assert all(infill.draw_task(notes.instrument, duration, plain, rng, VOCAB) is None for _ in range(20))
     # The same number of draws whatever the task: the next draw after any task is the same.
     a, b = np.random.default_rng(1), np.random.default_rng(1)
-    infill.draw_task(notes, duration, infill.TaskMix(infill_rate=1.0), a, VOCAB)
-    infill.draw_task(notes, duration, plain, b, VOCAB)
+    infill.draw_task(notes.instrument, duration, infill.TaskMix(infill_rate=1.0), a, VOCAB)
+    infill.draw_task(notes.instrument, duration, plain, b, VOCAB)
     assert a.random() == b.random()
     with pytest.raises(ValueError, match="<= 1"):
         infill.TaskMix(infill_rate=0.7, accompany_rate=0.5)
