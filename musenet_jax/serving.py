@@ -333,7 +333,8 @@ class Scheduler:
             except sampling.GenerationError as e:
                 for slot in slots:
                     slot.done = True
-                job.error = str(e)
+                with self._cv:  # clients read the job under the lock
+                    job.error = str(e)
 
     def _deliver(self, running: list) -> bool:
         """Finishes the jobs whose rows have all stopped (removed from `running`); True if any did."""
@@ -363,11 +364,7 @@ class Scheduler:
         body = piece.tokens[piece.prefix_len:]
         body = body[:-1] if len(body) and body[-1] == END else body
         notes, duration = encoding.decode_tokens(body, self.vocab)
-        with tempfile.TemporaryDirectory(prefix="musenet-serve-") as tmp:
-            path = os.path.join(tmp, "piece.mid")
-            encoding.notes_to_midi(notes, self.vocab, path, duration_units=duration)
-            with open(path, "rb") as f:
-                midi = f.read()
+        midi = midi_bytes(notes, self.vocab, duration)
         return Result(body.astype(np.int32), piece.primer_len, piece.seconds, piece.ended,
                       note_list(notes, self.vocab), midi)
 
@@ -376,13 +373,18 @@ class Scheduler:
         vocab, unit_s = self.vocab, self.vocab.config.time_unit_ms / 1000.0
         # The piece keeps its length: its closing rest, which the encoding does not write, is written as waits.
         body = infill.body_until(done.notes, vocab, origin=0, until=done.duration_units).astype(np.int32)
-        with tempfile.TemporaryDirectory(prefix="musenet-serve-") as tmp:
-            path = os.path.join(tmp, "piece.mid")
-            encoding.notes_to_midi(done.notes, vocab, path, duration_units=done.duration_units)
-            with open(path, "rb") as f:
-                midi = f.read()
-        return Result(body, 0, done.duration_units * unit_s, True, note_list(done.notes, vocab), midi,
+        return Result(body, 0, done.duration_units * unit_s, True, note_list(done.notes, vocab),
+                      midi_bytes(done.notes, vocab, done.duration_units),
                       span=(task.span.start * unit_s, task.span.end * unit_s))
+
+
+def midi_bytes(notes: encoding.Notes, vocab: Vocab, duration_units: int) -> bytes:
+    """A piece's MIDI file, as bytes (`encoding.notes_to_midi`, lasting `duration_units`)."""
+    with tempfile.TemporaryDirectory(prefix="musenet-serve-") as tmp:
+        path = os.path.join(tmp, "piece.mid")
+        encoding.notes_to_midi(notes, vocab, path, duration_units=duration_units)
+        with open(path, "rb") as f:
+            return f.read()
 
 
 def note_list(notes: encoding.Notes, vocab: Vocab) -> list[dict]:

@@ -179,12 +179,7 @@ def parse_generate(body, vocab: Vocab, model_config, limits: Limits, openings: d
         if primer_seconds is not None:
             primer = _opening(opening.midi, vocab, min(primer_seconds, OPENING_SECONDS), names)
     elif given == ["continue_from"]:
-        tokens = body["continue_from"]
-        cap = sampling.default_max_tokens(limits.max_seconds, model_config)
-        if (not isinstance(tokens, list) or not tokens or len(tokens) > cap
-                or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab.size for t in tokens)):
-            raise BadRequest(f"continue_from must be a result's tokens: 1..{cap} token ids in 0..{vocab.size - 1}")
-        primer = tokens
+        primer = _result_tokens(body, "continue_from", vocab, model_config, limits)
     settings = {"label": label, "instruments": names, "seconds": seconds, **drawn,
                 "primer": given[0] if given else None, "primer_seconds": primer_seconds}
     if given == ["opening"]:
@@ -197,6 +192,16 @@ def parse_generate(body, vocab: Vocab, model_config, limits: Limits, openings: d
     except sampling.GenerationError as e:
         raise BadRequest(str(e)) from None
     return requests, float(seconds), settings
+
+
+def _result_tokens(body: dict, key: str, vocab: Vocab, model_config, limits: Limits) -> list[int]:
+    """body[key], checked as a result's tokens: 1..cap ids of the vocabulary (cap: the longest piece's tokens)."""
+    tokens = body.get(key)
+    cap = sampling.default_max_tokens(limits.max_seconds, model_config)
+    if (not isinstance(tokens, list) or not tokens or len(tokens) > cap
+            or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab.size for t in tokens)):
+        raise BadRequest(f"{key} must be a result's tokens: 1..{cap} token ids in 0..{vocab.size - 1}")
+    return tokens
 
 
 def _label_field(body: dict) -> str | None:
@@ -247,12 +252,7 @@ def parse_infill(body, vocab: Vocab, model_config, limits: Limits) -> tuple[list
         raise BadRequest("this model's vocabulary has no infilling tokens (format v1, from before infilling): it can "
                          "only continue a piece")
     label = _label_field(body)
-    tokens = body.get("tokens")
-    cap = sampling.default_max_tokens(limits.max_seconds, model_config)
-    if (not isinstance(tokens, list) or not tokens or len(tokens) > cap
-            or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab.size for t in tokens)):
-        raise BadRequest(f"tokens must be a result's tokens: 1..{cap} token ids in 0..{vocab.size - 1}")
-    tokens = np.asarray(tokens, np.int64)
+    tokens = np.asarray(_result_tokens(body, "tokens", vocab, model_config, limits), np.int64)
     if not np.isin(vocab.kind[tokens], sampling.BODY_KINDS).all():
         raise BadRequest("tokens must be a piece's body (waits and notes), as a result gives them")
     notes, duration = encoding.decode_tokens(tokens, vocab)
