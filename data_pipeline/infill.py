@@ -107,6 +107,17 @@ def target_notes(notes: Notes, span: Span, vocab: Vocab) -> Notes:
     return encoding.canonical_notes(dataclasses.replace(notes, end=end), vocab)
 
 
+def accompaniment_span(notes: Notes, duration: int, instruments, vocab: Vocab) -> Span:
+    """The span that writes `instruments` (class indices) under the given notes: [0, D); `SpanError` (one line)
+    when the given notes already play one of them."""
+    clash = sorted(set(instruments) & set(np.unique(notes.instrument).tolist()))
+    if clash:
+        names = ", ".join(vocab.instruments.names[i] for i in clash)
+        raise SpanError(f"the given parts already play {names}: choose other instruments to add, or leave those "
+                        f"parts out of the given ones")
+    return Span(0, duration, tuple(sorted(set(instruments))))
+
+
 def drop_later(notes: Notes, span: Span) -> Notes:
     """The notes without those of the span's instruments that start at or after its end (accompaniment)."""
     mine = np.ones(len(notes), bool) if span.instruments is None else np.isin(notes.instrument, span.instruments)

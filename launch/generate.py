@@ -52,7 +52,7 @@ import tempfile
 import numpy as np
 from absl import flags
 
-from data_pipeline import encoding, rendering
+from data_pipeline import encoding, infill, rendering
 from data_pipeline.vocab import Vocab, normalize_label
 from launch import cli
 
@@ -279,9 +279,6 @@ def read_piece(path: str, vocab: Vocab) -> tuple[encoding.Notes, int]:
 def task_span(vocab: Vocab, notes: encoding.Notes, duration: int):
     """(notes given to the model, the span to write, accompaniment?) for --infill_* / --accompany*, checked
     against the file (one-line ValueErrors: a span outside it, a track it does not have, a clash)."""
-    from data_pipeline import infill
-    from musenet_jax import infilling
-
     unit_s = vocab.config.time_unit_ms / 1000.0
     present = [vocab.instruments.names[i] for i in np.unique(notes.instrument).tolist()]
     if task() == "infill":
@@ -304,7 +301,7 @@ def task_span(vocab: Vocab, notes: encoding.Notes, duration: int):
         raise ValueError(f"{_ACCOMPANY.value} has no {', '.join(unknown)} track; its parts: {', '.join(present)}")
     given = notes.take(np.isin(notes.instrument, [vocab.instruments.index(t) for t in tracks]))
     write = [vocab.instruments.index(n) for n in resolve_instruments(_INSTRUMENTS.value, vocab)]
-    return given, infilling.accompaniment_span(given, duration, write, vocab), True
+    return given, infill.accompaniment_span(given, duration, write, vocab), True
 
 
 def main(argv):

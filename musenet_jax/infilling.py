@@ -24,7 +24,6 @@ Accompaniment is the span [0, D) of the given parts with J the parts to write (`
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -188,15 +187,3 @@ def complete(model, vocab: Vocab, notes: Notes, duration: int, span: infill.Span
     while (request := task.next_request()) is not None:
         task.accept(sampling.generate_batch(model, vocab, [request])[0])
     return task.result()
-
-
-def accompaniment_span(notes: Notes, duration: int, instruments: Sequence[int], vocab: Vocab) -> infill.Span:
-    """The span that writes `instruments` under the given notes: [0, D), refused (one line) when the given notes
-    already play one of them."""
-    clash = sorted(set(instruments) & set(np.unique(notes.instrument).tolist()))
-    if clash:
-        names = ", ".join(vocab.instruments.names[i] for i in clash)
-        raise GenerationError(f"the given parts already play {names}: choose other instruments to add, or leave "
-                              f"those parts out of the given ones")
-    return infill.Span(0, duration, tuple(sorted(set(instruments))))
-

@@ -107,13 +107,13 @@ def test_accompaniment_writes_only_the_new_parts_under_the_given_ones(model, voc
     notes, _ = _piece("bach_bwv1.6.mid", vocab)
     short = notes.take(notes.start < 600)
     write = (vocab.instruments.index("bass"), vocab.drums_index)
-    span = infilling.accompaniment_span(short, 600, write, vocab)
+    span = infill.accompaniment_span(short, 600, write, vocab)
     result = infilling.complete(model, vocab, short, 600, span, label="bach", sampling_config=HOT, seed=2,
                                 accompany=True)
     _check(result, short, 600, span, vocab)
     assert result.chunks >= 1
-    with pytest.raises(sampling.GenerationError, match="already play piano"):
-        infilling.accompaniment_span(short, 600, (vocab.instruments.index("piano"),), vocab)
+    with pytest.raises(infill.SpanError, match="already play piano"):
+        infill.accompaniment_span(short, 600, (vocab.instruments.index("piano"),), vocab)
 
 
 @pytest.mark.parametrize("span, message", [
